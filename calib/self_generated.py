@@ -1,0 +1,54 @@
+"""Data-free calibration: sequences sampled from the dense model itself.
+
+Each sequence starts from a token drawn uniformly from the vocabulary and continues by plain
+sampling (temperature 1, no top-k/top-p) with end-of-sequence suppressed until ``seq_len``, the
+data-free recipe of LLM-QAT (Liu et al., 2023). It needs the whole model in memory, so it is meant
+for models that fit; larger models should calibrate on text.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def generate_self_calibration(
+    model_folder: Path,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Sample ``n_samples`` sequences of ``seq_len`` tokens from the model, shape (n, T), int64 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).to(device).eval()
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    first_tokens = torch.randint(0, vocab_size, (n_samples, 1), generator=generator)  # (n, 1)
+    sequences = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, n_samples, batch_size):
+            prompt = first_tokens[start : start + batch_size].to(device)  # (b, 1)
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,
+                pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id,
+            )
+            sequences.append(out[:, :seq_len].cpu())  # (b, T)
+            logger.info("self-calibration: %d/%d sequences", min(start + batch_size, n_samples), n_samples)
+    del model
+    return torch.cat(sequences)  # (n, T)

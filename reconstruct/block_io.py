@@ -1,0 +1,92 @@
+"""Materialise one block's weights from the checkpoint, and release them again.
+
+The skeleton's parameters live on the ``meta`` device. Loading a block swaps in real tensors
+for that block only; releasing swaps meta tensors back, so memory never holds more than one block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reconstruct.checkpoint import CheckpointReader
+
+
+def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    module_path, _, leaf = dotted.rpartition(".")
+    return (root.get_submodule(module_path) if module_path else root), leaf
+
+
+def load_module_weights(
+    module: nn.Module,
+    prefix: str,
+    reader: CheckpointReader,
+    key_map: dict[str, str],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, torch.dtype]:
+    """Fill ``module``'s parameters and persistent buffers from the checkpoint.
+
+    Args:
+        module: a block (or any sub-tree) of the skeleton.
+        prefix: its state-dict prefix in the full model, e.g. ``"model.layers.3."``.
+        reader: the checkpoint.
+        key_map: full-model key → checkpoint key.
+        device: where the weights go.
+        dtype: floating-point parameters are cast to this compute dtype.
+
+    Returns:
+        The dtype each tensor has in the checkpoint (local name → dtype), to write it back alike.
+    """
+    stored_dtypes: dict[str, torch.dtype] = {}
+    for local_name, current in module.state_dict(keep_vars=True).items():
+        full_name = prefix + local_name
+        if full_name not in key_map:
+            if isinstance(current, nn.Parameter) or current.is_meta:
+                raise ValueError(f"checkpoint has no tensor for {full_name}; the checkpoint does not match its config")
+            continue  # a buffer computed at init (kept as is)
+        tensor = reader.read(key_map[full_name])
+        stored_dtypes[local_name] = tensor.dtype
+        owner, leaf = _owner(module, local_name)
+        if tensor.shape != current.shape:
+            raise ValueError(f"{full_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(current.shape)}")
+        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        value = tensor.to(device=device, dtype=target_dtype, copy=True)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+    for buffer_owner in module.modules():  # non-persistent buffers (rotary inv_freq) follow the module
+        for name, buffer in buffer_owner._buffers.items():
+            if buffer is not None and buffer.device != device and not buffer.is_meta:
+                buffer_owner._buffers[name] = buffer.to(device)
+    return stored_dtypes
+
+
+def release_module_weights(module: nn.Module) -> None:
+    """Swap every parameter back to the meta device, freeing its memory; buffers go to CPU."""
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None:
+                submodule._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=False
+                )
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None and not buffer.is_meta:
+                submodule._buffers[name] = buffer.to("cpu")
+
+
+def module_tensors_for_output(
+    module: nn.Module, prefix: str, stored_dtypes: dict[str, torch.dtype]
+) -> dict[str, torch.Tensor]:
+    """The block's persistent tensors as CPU tensors named for the output checkpoint.
+
+    Tensors keep the dtype they had in the input checkpoint; tensors that did not exist there
+    (biases added by reconstruction) take the dtype of the block's weights.
+    """
+    default_dtype = next(iter(stored_dtypes.values()), None)
+    tensors: dict[str, torch.Tensor] = {}
+    for local_name, value in module.state_dict().items():
+        dtype = stored_dtypes.get(local_name, default_dtype if value.is_floating_point() else value.dtype)
+        tensors[prefix + local_name] = value.detach().to("cpu", dtype).contiguous()
+    return tensors

@@ -1,0 +1,264 @@
+"""The streaming engine: one loop over the blocks, for every architecture.
+
+For each block: load it from the checkpoint shards, compute the dense targets, collect pruner
+statistics on the pruned stream, prune, reconstruct, propagate the pruned stream, write the block,
+checkpoint the streams, free the block. See docs/architecture.md for the data flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calib.activations import ActivationStream
+from calib.capture import BlockKwargs, block_output, capture_block_inputs
+from pruners import get_pruner
+from reconstruct.architecture import BlockLayout, weight_as_out_in
+from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
+from reconstruct.block_io import load_module_weights, module_tensors_for_output, release_module_weights
+from reconstruct.config import JobConfig
+from reconstruct.job_state import JobState
+from reconstruct.loaded_model import LoadedModel, load_model
+from reconstruct.output import REPORT_NAME, copy_side_files, shard_name, write_config, write_index
+from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
+from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockReport:
+    """What happened to one block; stored in the manifest and in ``reconstruct.json``."""
+
+    index: int
+    sparsity: dict[str, float] = field(default_factory=dict)  # linear → fraction of zeros
+    mse_before: float | None = None  # pruned block on pruned stream vs dense targets, before reconstruction
+    mse_after: float | None = None  # same, after reconstruction and merge
+    trainable_params: int = 0
+    block_params: int = 0
+    recon_steps: int = 0
+    added_biases: list[str] = field(default_factory=list)
+    densified_fraction: float = 0.0  # lora only: share of pruned weights that became non-zero
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def run_stream(
+    forward, source: ActivationStream, micro_batch: int, destination: ActivationStream | None = None,
+    compare_with: ActivationStream | None = None,
+) -> float | None:
+    """Run ``forward`` over every micro-batch of ``source``.
+
+    Outputs go to ``destination`` (may be ``source`` itself: samples are independent). If
+    ``compare_with`` is given, returns the mean squared error of the outputs against it.
+    """
+    squared_error, count = 0.0, 0
+    for start in range(0, source.n_samples, micro_batch):
+        rows = slice(start, min(start + micro_batch, source.n_samples))
+        output = forward(source.read(rows))  # (b, T, H)
+        if compare_with is not None:
+            diff = output.float() - compare_with.read(rows).float()
+            squared_error += diff.pow(2).sum().item()
+            count += diff.numel()
+        if destination is not None:
+            destination.write(rows, output)
+    return squared_error / count if compare_with is not None else None
+
+
+def prune_layer(module: nn.Module, pruner, stats, pattern) -> torch.Tensor:
+    """Prune one linear in place and return its keep mask, shape (out, in)."""
+    weight = weight_as_out_in(module).detach().float().clone()  # (out, in)
+    new_weight, keep_mask = pruner.prune(weight, stats, pattern)
+    assert not new_weight[~keep_mask].any(), "pruner returned non-zero pruned weights"
+    with torch.no_grad():
+        target = weight_as_out_in(module)  # a view: writing it writes the parameter
+        target.copy_(new_weight.to(target.dtype))
+    return keep_mask
+
+
+class BlockPipeline:
+    """Prune and reconstruct one block at a time; knows nothing about files."""
+
+    def __init__(self, job: JobConfig, layout: BlockLayout, kwargs: BlockKwargs, device: torch.device):
+        self.job = job
+        self.layout = layout
+        self.kwargs = kwargs
+        self.device = device
+        prune = job.prune
+        self.pruner = get_pruner(prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp)
+        self.sequential_groups: list[list[str]] | None = None
+
+    def forward_fn(self, block: nn.Module):
+        """``x (b, T, H) → block(x) (b, T, H)`` with the captured keyword arguments."""
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            return block_output(block(hidden, **self.kwargs.for_batch(hidden.shape[0])))
+
+        return forward
+
+    def groups(self, block: nn.Module, linears: dict[str, nn.Module], sparse: ActivationStream) -> list[list[str]]:
+        """Sub-layer groups to prune in order (one group with every linear unless --sequential)."""
+        if not self.job.prune.sequential:
+            return [list(linears)]
+        if self.sequential_groups is None:
+            record: list = []
+            with torch.no_grad(), recording_linear_inputs(linears, record):
+                self.forward_fn(block)(sparse.read(slice(0, 1)))
+            self.sequential_groups = group_by_shared_input(record)
+            logger.info("sub-layer order: %s", self.sequential_groups)
+        return self.sequential_groups
+
+    def process(self, index: int, block: nn.Module, sparse: ActivationStream, dense: ActivationStream) -> BlockReport:
+        """Prune and reconstruct ``block``; advance both streams past it.
+
+        On entry ``sparse`` holds the pruned model's inputs to this block and ``dense`` the dense
+        model's; on return they hold the outputs of the pruned (reconstructed) and dense block.
+        """
+        started = time.perf_counter()
+        micro_batch = self.job.micro_batch
+        forward = self.forward_fn(block)
+        linears = {name: block.get_submodule(name) for name in self.layout.linear_names}
+        report = BlockReport(index=index, block_params=sum(p.numel() for p in block.parameters()))
+
+        run_stream(forward, dense, micro_batch, destination=dense)  # dense targets, in place
+
+        keep_masks: dict[str, torch.Tensor] = {}
+        for group in self.groups(block, linears, sparse):
+            stats = self._collect_statistics(forward, {name: linears[name] for name in group}, sparse)
+            for name in group:
+                keep_masks[name] = prune_layer(linears[name], self.pruner, stats.get(name), self.job.prune.pattern)
+            del stats
+
+        recon = self.job.recon
+        if recon is not None and recon.method != "none":
+            self._reconstruct(block, linears, keep_masks, forward, sparse, dense, index, report)
+
+        report.mse_after = run_stream(forward, sparse, micro_batch, destination=sparse, compare_with=dense)
+        if report.mse_before is None:
+            report.mse_before = report.mse_after
+        for name, module in linears.items():
+            weight = weight_as_out_in(module)
+            report.sparsity[name] = float((weight == 0).sum().item() / weight.numel())
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _collect_statistics(self, forward, group: dict[str, nn.Module], sparse: ActivationStream) -> dict:
+        if not self.pruner.needs_calibration:
+            return {}
+        stats = {
+            name: self.pruner.new_stats(weight_as_out_in(module).shape[1], self.device) for name, module in group.items()
+        }
+        with feeding_statistics(group, stats):
+            run_stream(forward, sparse, self.job.micro_batch)
+        return stats
+
+    def _reconstruct(self, block, linears, keep_masks, forward, sparse, dense, index, report: BlockReport) -> None:
+        from reconstruct.methods import attach_method, evaluate_mse, train_reconstruction
+
+        recon = self.job.recon
+        handle = attach_method(
+            recon.method, block, linears, keep_masks,
+            rank=recon.rank, alpha=recon.alpha, bias_linears=self.bias_linears(linears),
+        )
+        result = train_reconstruction(
+            forward, handle.trainable_parameters(), sparse, dense, recon, seed=self.job.calib.seed * 100_003 + index
+        )
+        merge = handle.merge(allow_dense_merge=recon.allow_dense_merge)
+        for module in block.parameters():
+            module.requires_grad_(False)
+        report.mse_before = result.mse_before
+        report.trainable_params = handle.num_trainable
+        report.recon_steps = result.steps
+        report.added_biases = sorted(handle.added_biases)
+        report.densified_fraction = getattr(merge, "densified_fraction", 0.0)
+
+    def bias_linears(self, linears: dict[str, nn.Module]) -> set[str]:
+        """Linears that may carry a bias in the output: those with one, and those a config flag enables."""
+        enabled = {name for names in self.layout.bias_flags.values() for name in names}
+        return {name for name, module in linears.items() if module.bias is not None or name in enabled}
+
+
+def run_job(job: JobConfig) -> dict:
+    """Run (or resume) a job end to end; returns the report written to ``reconstruct.json``."""
+    started = time.perf_counter()
+    loaded = load_model(job.model, job.device, job.dtype)
+    with JobState.open(job, loaded) as state:
+        if state.finished:
+            logger.info("%s already holds this finished job; nothing to do", job.out)
+            return state.report()
+        report = _run_blocks(job, loaded, state)
+        report["seconds_this_session"] = time.perf_counter() - started
+        return report
+
+
+def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
+    layout = loaded.layout
+    tokens = state.calibration_tokens(loaded)  # (n, T)
+    n_samples, seq_len = tokens.shape
+    hidden = loaded.hidden_size
+    stream_args = dict(dtype=loaded.dtype, device=loaded.device, tier=state.offload_tier(loaded, n_samples * seq_len))
+    sparse = ActivationStream(n_samples, seq_len, hidden, disk_path=state.stream_path("sparse"), **stream_args)
+    dense = ActivationStream(n_samples, seq_len, hidden, disk_path=state.stream_path("dense"), **stream_args)
+
+    kwargs = capture_kwargs_and_inputs(loaded, tokens, job.micro_batch, sparse)
+    start_block = state.restore_streams(sparse, dense)
+    if start_block == 0:
+        dense.copy_from(sparse)
+    pipeline = BlockPipeline(job, layout, kwargs, loaded.device)
+    n_shards = layout.n_blocks + 1
+
+    progress = tqdm(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
+                    total=layout.n_blocks, disable=None)
+    for index in progress:
+        block = loaded.blocks[index]
+        prefix = layout.block_prefix(index)
+        stored_dtypes = load_module_weights(block, prefix, loaded.reader, loaded.key_map, loaded.device, loaded.dtype)
+        block_report = pipeline.process(index, block, sparse, dense)
+        tensors = module_tensors_for_output(block, prefix, stored_dtypes)
+        release_module_weights(block)
+        digest = save_safetensors_atomic(job.out / shard_name(index, n_shards), tensors, {"format": "pt"})
+        state.block_done(index, shard_name(index, n_shards), digest, asdict(block_report), sparse, dense)
+        logger.info(
+            "block %d/%d: sparsity %.3f, mse %.3g → %.3g, %.1fs", index + 1, layout.n_blocks,
+            sum(block_report.sparsity.values()) / max(len(block_report.sparsity), 1),
+            block_report.mse_before or 0.0, block_report.mse_after or 0.0, block_report.seconds,
+        )
+    return assemble_output(job, loaded, state, n_shards)
+
+
+def capture_kwargs_and_inputs(loaded: LoadedModel, tokens: torch.Tensor, micro_batch: int,
+                              sparse: ActivationStream) -> BlockKwargs:
+    """Materialise the modules outside the blocks, capture block-0 inputs into ``sparse``, free them."""
+    outside = loaded.load_outside_blocks()
+    try:
+        by_size = capture_block_inputs(loaded.model, loaded.blocks[0], tokens, micro_batch, sparse.write, loaded.device)
+        single = capture_block_inputs(loaded.model, loaded.blocks[0], tokens[:1], 1, lambda rows, x: None, loaded.device)
+    finally:
+        for module in outside:
+            release_module_weights(module)
+    by_size.update(single)
+    return BlockKwargs(by_size)
+
+
+def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shards: int) -> dict:
+    """Write the tensors outside the blocks, config, tokenizer, index and report; mark the job finished."""
+    out = job.out
+    rest_name = shard_name(n_shards - 1, n_shards)
+    rest = loaded.read_outside_block_tensors()
+    save_safetensors_atomic(out / rest_name, rest, {"format": "pt"})
+    weight_map = dict(state.block_weight_map())
+    weight_map.update({name: rest_name for name in rest})
+    total_bytes = state.block_bytes() + sum(t.numel() * t.element_size() for t in rest.values())
+    copy_side_files(loaded.folder, out)
+    write_config(loaded.folder, out, state.bias_flags_to_enable(loaded.layout))
+    write_index(out, weight_map, total_bytes)
+    report = state.final_report(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(loaded.device))
+    atomic_write_json(out / REPORT_NAME, report)
+    state.finish()
+    return report

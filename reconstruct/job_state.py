@@ -1,0 +1,263 @@
+"""A job's state in ``--out``: lock, manifest, calibration tokens, activation checkpoints.
+
+Everything the engine writes besides block shards goes through here, so the resume rules live in
+one place: the manifest is saved last after every step, checkpoints are new files (never
+overwritten in place), and a changed job is refused before anything is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import reconstruct
+from calib.activations import ActivationStream
+from calib.self_generated import generate_self_calibration
+from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
+from reconstruct.atomic import save_safetensors_atomic, sha256_file
+from reconstruct.config import JobConfig
+from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
+from reconstruct.loaded_model import LoadedModel
+from reconstruct.lock import JobLock
+from reconstruct.manifest import Manifest, verify_block_files, verify_stream_checkpoint
+from reconstruct.output import STATE_DIR, check_out_dir
+from reconstruct.runtime import dtype_name
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration-tokens.safetensors"
+AUTO_HOST_SHARE = 0.5  # the activation cache may use this share of available host memory
+AUTO_DEVICE_SHARE = 0.3  # ... and this share of free GPU memory
+
+
+def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
+    """Everything that determines the output bytes; resume refuses a job whose fingerprint differs."""
+    calib = job.calib
+    source = calib.source
+    if source != SELF and Path(source).expanduser().is_file():
+        source_id = {"file": Path(source).name, "sha256": hash_text_source(Path(source).expanduser())}
+    else:
+        source_id = {"name": source}
+    prune = job.prune
+    return {
+        "model_files": fingerprint_model_files(loaded.folder),
+        "model_type": loaded.config.model_type,
+        "pruner": prune.pruner,
+        "pattern": asdict(prune.pattern),
+        "sequential": prune.sequential,
+        "sparsegpt": {"blocksize": prune.blocksize, "percdamp": prune.percdamp} if prune.pruner == "sparsegpt" else None,
+        "method": asdict(job.recon) if job.recon is not None else None,
+        "calibration": {"source": source_id, "n_samples": calib.n_samples, "seq_len": calib.seq_len},
+        "seed": calib.seed,
+        "dtype": dtype_name(loaded.dtype),
+        "device_type": loaded.device.type,
+        "micro_batch": job.micro_batch,
+        "versions": {"reconstruct": reconstruct.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+class JobState:
+    """The resumable state of one job in its output folder."""
+
+    def __init__(self, job: JobConfig, manifest: Manifest):
+        self.job = job
+        self.out = job.out
+        self.manifest = manifest
+        self.state_dir = self.out / STATE_DIR
+        self.session_started = time.monotonic()
+
+    @classmethod
+    @contextmanager
+    def open(cls, job: JobConfig, loaded: LoadedModel):
+        """Lock ``--out``, then load and check its manifest, or start a new one."""
+        check_out_dir(job.out)
+        job.out.mkdir(parents=True, exist_ok=True)
+        with JobLock(job.out):
+            fingerprint = job_fingerprint(job, loaded)
+            manifest = Manifest.load(job.out)
+            if manifest is not None and job.force:
+                logger.warning("--force: discarding the job in %s and starting over", job.out)
+                manifest = None
+            if manifest is None:
+                manifest = Manifest.new(fingerprint, loaded.layout.n_blocks)
+                manifest.save(job.out)
+            else:
+                manifest.check_same_job(fingerprint, job.out)
+                if verify_block_files(manifest, job.out):
+                    manifest.finished = False
+            yield cls(job, manifest)
+
+    @property
+    def finished(self) -> bool:
+        """True when the folder already holds this job's complete output."""
+        return self.manifest.finished
+
+    def report(self) -> dict:
+        """The report of a finished job, as written to ``reconstruct.json``."""
+        path = self.out / "reconstruct.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    # --------------------------------------------------------------- calibration and streams
+    def calibration_tokens(self, loaded: LoadedModel) -> torch.Tensor:
+        """The (n, T) calibration token ids: read back on resume, else built and saved."""
+        path = self.state_dir / CALIBRATION_FILE
+        if path.is_file():
+            tokens = _load_checked(path)
+            if tokens is not None:
+                return tokens
+            logger.warning("%s is damaged; building the calibration tokens again", path)
+        calib = self.job.calib
+        if calib.source == SELF:
+            logger.info("sampling %d × %d calibration tokens from the dense model", calib.n_samples, calib.seq_len)
+            tokens = generate_self_calibration(
+                loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype
+            )
+        else:
+            ids = tokenize_text(read_text(calib.source), loaded.tokenizer())
+            tokens = sample_windows(ids, calib.n_samples, calib.seq_len, calib.seed)
+        self.state_dir.mkdir(exist_ok=True)
+        tokens = tokens.contiguous()
+        save_safetensors_atomic(path, {"tokens": tokens}, {"tokens_sha256": _tensor_digest(tokens)})
+        return tokens
+
+    def stream_path(self, name: str) -> Path:
+        """Working file of a disk-tier activation stream."""
+        return self.state_dir / f"stream-{name}.bin"
+
+    def offload_tier(self, loaded: LoadedModel, n_tokens: int) -> str:
+        """The activation-cache tier: ``--offload`` unless ``auto``, else the fastest that fits."""
+        if self.job.offload != "auto":
+            return self.job.offload
+        stream_bytes = 2 * n_tokens * loaded.hidden_size * torch.finfo(loaded.dtype).bits // 8
+        if loaded.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(loaded.device)
+            if stream_bytes <= AUTO_DEVICE_SHARE * free:
+                return "device"
+        if stream_bytes <= AUTO_HOST_SHARE * psutil.virtual_memory().available:
+            return "cpu"
+        return "disk"
+
+    def restore_streams(self, sparse: ActivationStream, dense: ActivationStream) -> int:
+        """Load the latest intact activation checkpoint; return the first block still to compute."""
+        manifest = self.manifest
+        if not verify_stream_checkpoint(manifest, self.out):
+            return 0
+        after = int(manifest.stream_checkpoint["after_block"])
+        if any(record.status != "done" for record in manifest.blocks[: after + 1]):
+            logger.warning("a block before the activation checkpoint must be recomputed: starting from block 0")
+            return 0
+        tensors = load_file(self.out / manifest.stream_checkpoint["file"])
+        sparse.load(tensors["sparse"])
+        dense.load(tensors["dense"])
+        logger.info("resuming after block %d of %d", after + 1, manifest.n_blocks)
+        return after + 1
+
+    # --------------------------------------------------------------- progress
+    def block_done(self, index: int, file: str, digest: str, report: dict,
+                   sparse: ActivationStream, dense: ActivationStream) -> None:
+        """Record a written block; checkpoint the streams when due; save the manifest last."""
+        manifest = self.manifest
+        manifest.mark_block_done(index, file, digest, report)
+        last = index == manifest.n_blocks - 1
+        if not last and (index + 1) % self.job.checkpoint_every == 0:
+            self._checkpoint_streams(index, sparse, dense)
+        self._save()
+
+    def _checkpoint_streams(self, index: int, sparse: ActivationStream, dense: ActivationStream) -> None:
+        name = f"{STATE_DIR}/streams-after-{index:05d}.safetensors"
+        digest = save_safetensors_atomic(self.out / name, {"sparse": sparse.to_cpu(), "dense": dense.to_cpu()})
+        previous = self.manifest.stream_checkpoint
+        self.manifest.set_stream_checkpoint(index, name, digest)
+        self._save()  # the manifest points at the new file before the old one goes
+        if previous and previous["file"] != name:
+            (self.out / previous["file"]).unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        now = time.monotonic()
+        self.manifest.elapsed_seconds += now - self.session_started
+        self.session_started = now
+        self.manifest.save(self.out)
+
+    # --------------------------------------------------------------- output
+    def block_weight_map(self) -> dict[str, str]:
+        """Tensor name → shard file for every written block (read from the shard headers)."""
+        weight_map = {}
+        for record in self.manifest.blocks:
+            for name in _safetensors_header(self.out / record.file):
+                weight_map[name] = record.file
+        return weight_map
+
+    def block_bytes(self) -> int:
+        """Total tensor bytes of the written blocks."""
+        total = 0
+        for record in self.manifest.blocks:
+            for entry in _safetensors_header(self.out / record.file).values():
+                start, end = entry["data_offsets"]
+                total += end - start
+        return total
+
+    def bias_flags_to_enable(self, layout) -> dict[str, bool]:
+        """Config flags to switch on because reconstruction gave these linears a bias."""
+        added = {name for record in self.manifest.blocks for name in record.stats.get("added_biases", [])}
+        return {flag: True for flag, names in layout.bias_flags.items() if added & set(names)}
+
+    def final_report(self, peak_rss_mb: float, peak_gpu_mb: float | None) -> dict:
+        """The content of ``reconstruct.json``."""
+        blocks = [record.stats for record in self.manifest.blocks]
+        sparsities = [value for block in blocks for value in block.get("sparsity", {}).values()]
+        return {
+            "job": self.manifest.fingerprint,
+            "blocks": blocks,
+            "mean_linear_sparsity": sum(sparsities) / max(len(sparsities), 1),
+            "elapsed_seconds": self.manifest.elapsed_seconds + time.monotonic() - self.session_started,
+            "peak_rss_mb": peak_rss_mb,
+            "peak_gpu_mb": peak_gpu_mb,
+            "host_memory_total_mb": psutil.virtual_memory().total / 2**20,
+        }
+
+    def finish(self) -> None:
+        """Mark the job finished and drop the activation checkpoints (they are large)."""
+        self.manifest.finished = True
+        checkpoint = self.manifest.stream_checkpoint
+        self.manifest.stream_checkpoint = None
+        self._save()
+        if checkpoint:
+            (self.out / checkpoint["file"]).unlink(missing_ok=True)
+        for name in ("sparse", "dense"):
+            self.stream_path(name).unlink(missing_ok=True)
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+def _load_checked(path: Path) -> torch.Tensor | None:
+    """Calibration tokens saved with their digest; None if the file is damaged."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            expected = (handle.metadata() or {}).get("tokens_sha256")
+            tokens = handle.get_tensor("tokens")
+    except Exception:  # truncated or garbled file: rebuild it
+        return None
+    return tokens if expected == _tensor_digest(tokens) else None
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header

@@ -1,0 +1,52 @@
+"""The output folder: one safetensors shard per block, the untouched tensors, index, config, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from reconstruct.atomic import atomic_write_bytes, atomic_write_json
+from reconstruct.manifest import MANIFEST_NAME
+
+INDEX_NAME = "model.safetensors.index.json"
+REPORT_NAME = "reconstruct.json"
+STATE_DIR = ".reconstruct"  # resume state: activation checkpoints, calibration tokens
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+SKIPPED_FILES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json"}
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that exists and holds something other than a reconstruct job."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ValueError(
+            f"--out {out} is not empty and holds no reconstruct job; choose an empty or new folder "
+            "(nothing there was changed)"
+        )
+
+
+def shard_name(index: int, n_shards: int) -> str:
+    """HF-style shard file name; shard ``n_shards - 1`` holds the tensors outside the blocks."""
+    return f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """Copy tokenizer and generation files (everything but weights, index and config)."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.name not in SKIPPED_FILES:
+            shutil.copyfile(path, out / path.name)
+
+
+def write_config(source: Path, out: Path, enabled_flags: dict[str, bool]) -> None:
+    """Copy ``config.json``, switching on the bias flags reconstruction needed."""
+    config = json.loads((source / "config.json").read_text())
+    config.update(enabled_flags)
+    atomic_write_json(out / "config.json", config)
+
+
+def write_index(out: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """Write ``model.safetensors.index.json``: the file that makes the folder a loadable model."""
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_bytes(out / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())

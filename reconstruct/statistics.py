@@ -1,0 +1,67 @@
+"""Forward hooks that feed each linear's inputs to its pruner statistics."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def feeding_statistics(linears: dict[str, nn.Module], stats: dict[str, object]):
+    """While active, every forward of ``linears[name]`` calls ``stats[name].add_batch(input)``.
+
+    Hooks are removed on exit, also when the forward raises.
+    """
+    handles = []
+    try:
+        for name, layer_stats in stats.items():
+            module = linears[name]
+
+            def hook(module, args, output, layer_stats=layer_stats):
+                layer_stats.add_batch(args[0].detach())  # (b, T, in)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def recording_linear_inputs(linears: dict[str, nn.Module], record: list[tuple[str, int, tuple]]):
+    """While active, append ``(name, data_ptr, shape)`` of each linear's input in call order."""
+    handles = []
+    try:
+        for name, module in linears.items():
+
+            def hook(module, args, name=name):
+                record.append((name, args[0].data_ptr(), tuple(args[0].shape)))
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def group_by_shared_input(record: list[tuple[str, int, tuple]]) -> list[list[str]]:
+    """Sub-layer groups in execution order: consecutive linears that read the same tensor.
+
+    For LLaMA this yields [[q, k, v], [o], [gate, up], [down]]; for OPT [[q, k, v], [out], [fc1], [fc2]]:
+    the sequential order SparseGPT uses, found without a per-model table.
+    """
+    groups: list[list[str]] = []
+    previous_key = None
+    seen: set[str] = set()
+    for name, pointer, shape in record:
+        if name in seen:
+            continue
+        seen.add(name)
+        key = (pointer, shape)
+        if groups and key == previous_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous_key = key
+    return groups
