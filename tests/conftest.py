@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random causal LMs built from transformers configs, saved as safetensors.
+
+Every architecture the engine must stream has one row in ``TINY_CONFIGS``; tests parametrize over
+that table instead of copying per-model code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
+VOCAB_SIZE = 512
+HIDDEN = 64
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256, tie_word_embeddings=True,
+    ),
+    "opt": lambda: OPTConfig(
+        hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB_SIZE,
+        word_embed_proj_dim=HIDDEN, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    ),
+    "gpt2": lambda: GPT2Config(
+        n_embd=HIDDEN, n_layer=3, n_head=4, vocab_size=VOCAB_SIZE, n_positions=256, bos_token_id=1, eos_token_id=2,
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256, sliding_window=None,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256,
+    ),
+}
+CORE_ARCHITECTURES = ("llama", "opt", "gpt2")
+
+
+def build_word_tokenizer(text_path: Path, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the most frequent words of a text file (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Counter(re.findall(r"\S+", text_path.read_text(encoding="utf-8")[:400_000]))
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for word, _ in words.most_common(vocab_size - len(specials)):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """Build the tiny ``arch`` model with random weights and save it (safetensors + tokenizer)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]())
+    with torch.no_grad():  # random biases and norms, so tests see them change or stay
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(folder)
+    build_word_tokenizer(WIKITEXT_VALID, VOCAB_SIZE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(arch)`` → folder of a saved tiny model (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = save_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def calib_file() -> Path:
+    """The WikiText-2 validation text (local)."""
+    assert WIKITEXT_VALID.is_file(), f"missing {WIKITEXT_VALID}"
+    return WIKITEXT_VALID

@@ -1,0 +1,212 @@
+"""Every pruner × every pattern: exact counts, exact zeros, and each method's own scoring rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruners import PRUNER_NAMES, SparsityPattern, get_pruner, select_keep_mask
+
+PATTERNS = {
+    "row50": SparsityPattern(sparsity=0.5, scope="row"),
+    "row70": SparsityPattern(sparsity=0.7, scope="row"),
+    "layer50": SparsityPattern(sparsity=0.5, scope="layer"),
+    "layer70": SparsityPattern(sparsity=0.7, scope="layer"),
+    "2:4": SparsityPattern.parse("2:4", None),
+    "4:8": SparsityPattern.parse("4:8", None),
+    "1:4": SparsityPattern.parse("1:4", None),
+    "row0": SparsityPattern(sparsity=0.0, scope="row"),
+    "layer0": SparsityPattern(sparsity=0.0, scope="layer"),
+}
+
+
+def correlated_problem(out=64, inp=128, tokens=512, seed=0):
+    """A weight and inputs whose features are correlated and differ in scale (like LLM activations)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, inp, generator=g)  # (out, in)
+    spectrum = torch.linspace(1.0, 0.05, inp).unsqueeze(1)  # (in, 1): a few strong directions
+    mix = torch.randn(inp, inp, generator=g) * spectrum  # (in, in)
+    scale = torch.exp(torch.randn(inp, generator=g))  # per-feature scale, log-normal
+    x = (torch.randn(tokens, inp, generator=g) @ mix) * scale  # (T, in)
+    return weight, x
+
+
+def run_pruner(name, weight, x, pattern, **options):
+    pruner = get_pruner(name, **options)
+    stats = pruner.new_stats(weight.shape[1], torch.device("cpu"))
+    if stats is not None:
+        stats.add_batch(x)
+    return pruner.prune(weight.clone(), stats, pattern)
+
+
+def assert_exact(keep, pattern):
+    out, inp = keep.shape
+    if pattern.kind == "nm":
+        assert torch.all(keep.reshape(out, inp // pattern.m, pattern.m).sum(-1) == pattern.n)
+    elif pattern.scope == "row":
+        assert torch.all((~keep).sum(1) == int(inp * pattern.sparsity))
+    else:
+        assert int((~keep).sum()) == int(out * inp * pattern.sparsity)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (24, 200)], ids=["64x128", "24x200"])
+@pytest.mark.parametrize("pattern_name", list(PATTERNS))
+@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+def test_exact_pattern_and_zeros(pruner_name, pattern_name, shape):
+    pattern = PATTERNS[pattern_name]
+    weight, x = correlated_problem(*shape, tokens=256)
+    new_weight, keep = run_pruner(pruner_name, weight, x, pattern, blocksize=32)
+    assert new_weight.shape == keep.shape == weight.shape
+    assert new_weight.dtype == torch.float32 and keep.dtype == torch.bool
+    assert_exact(keep, pattern)
+    assert torch.all(new_weight[~keep] == 0)
+    assert torch.isfinite(new_weight).all()
+    if pruner_name != "sparsegpt" or pattern.sparsity == 0.0:  # only SparseGPT updates kept weights
+        assert torch.equal(new_weight[keep], weight[keep])
+
+
+@pytest.mark.parametrize("pattern_name", ["row50", "layer70", "2:4"])
+@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+def test_deterministic(pruner_name, pattern_name):
+    weight, x = correlated_problem(32, 64, tokens=128)
+    w1, k1 = run_pruner(pruner_name, weight, x, PATTERNS[pattern_name])
+    w2, k2 = run_pruner(pruner_name, weight, x, PATTERNS[pattern_name])
+    assert torch.equal(k1, k2) and torch.equal(w1, w2)
+
+
+@pytest.mark.parametrize("pattern_name", ["row50", "row70", "layer50", "2:4", "1:4"])
+def test_magnitude_keeps_largest(pattern_name):
+    pattern = PATTERNS[pattern_name]
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    new_weight, keep = get_pruner("magnitude").prune(weight.clone(), None, pattern)
+    assert torch.equal(keep, select_keep_mask(weight.abs(), pattern))
+    mag = weight.abs()
+    if pattern.kind == "nm":
+        groups, kgroups = mag.reshape(16, -1, pattern.m), keep.reshape(16, -1, pattern.m)
+        assert torch.all(groups.masked_fill(~kgroups, 1e9).amin(-1) >= groups.masked_fill(kgroups, -1).amax(-1))
+    elif pattern.scope == "row":
+        assert torch.all(mag.masked_fill(~keep, 1e9).amin(1) >= mag.masked_fill(keep, -1).amax(1))
+    else:
+        assert mag[keep].min() >= mag[~keep].max()
+
+
+def test_magnitude_needs_no_calibration():
+    pruner = get_pruner("magnitude")
+    assert pruner.needs_calibration is False
+    assert pruner.new_stats(8, torch.device("cpu")) is None
+    assert get_pruner("wanda").needs_calibration and get_pruner("sparsegpt").needs_calibration
+
+
+@pytest.mark.parametrize("pattern_name", ["row50", "row70", "layer50", "2:4", "4:8"])
+def test_wanda_matches_direct_formula(pattern_name):
+    pattern = PATTERNS[pattern_name]
+    weight, x = correlated_problem(32, 64, tokens=200, seed=5)
+    _, keep = run_pruner("wanda", weight, x, pattern)
+    x64 = x.double()
+    scores = weight.double().abs() * x64.pow(2).sum(0).sqrt()  # |W_ij| * ||X_j||_2
+    assert torch.equal(keep, select_keep_mask(scores, pattern))
+    # Mean instead of sum (the reference's scaler_row) gives the same mask.
+    assert torch.equal(keep, select_keep_mask(weight.abs() * x.pow(2).mean(0).sqrt(), pattern))
+
+
+def test_wanda_follows_input_norms_not_weights():
+    """Equal weights, inputs with growing column norms: Wanda prunes the low-norm columns, magnitude can't tell."""
+    out, inp = 8, 16
+    weight = torch.ones(out, inp)
+    x = torch.randn(64, inp, generator=torch.Generator().manual_seed(6)).sign() * torch.arange(1, inp + 1)
+    _, keep = run_pruner("wanda", weight, x, PATTERNS["row50"])
+    assert torch.equal(keep, (torch.arange(inp) >= inp // 2).expand(out, inp))
+    # Big weights on low-norm inputs can still lose against small weights on high-norm inputs.
+    weight = torch.cat([torch.full((out, inp // 2), 2.0), torch.full((out, inp // 2), 1.0)], dim=1)
+    x = torch.cat([torch.full((64, inp // 2), 0.1), torch.full((64, inp // 2), 1.0)], dim=1)
+    _, keep_w = run_pruner("wanda", weight, x, PATTERNS["row50"])
+    _, keep_m = run_pruner("magnitude", weight, x, PATTERNS["row50"])
+    assert keep_w[:, inp // 2 :].all() and not keep_w[:, : inp // 2].any()
+    assert keep_m[:, : inp // 2].all() and not keep_m[:, inp // 2 :].any()
+
+
+def _recon_error(weight, new_weight, x):
+    return torch.linalg.matrix_norm(x @ weight.T - x @ new_weight.T).item()  # ||X W^T - X W'^T||_F
+
+
+@pytest.mark.parametrize("pattern_name", ["row50", "row70", "layer50", "2:4", "4:8"])
+def test_sparsegpt_reconstructs_better(pattern_name):
+    pattern = PATTERNS[pattern_name]
+    weight, x = correlated_problem(64, 128, tokens=512, seed=7)
+    errors = {name: _recon_error(weight, run_pruner(name, weight, x, pattern)[0], x) for name in PRUNER_NAMES}
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+    assert errors["sparsegpt"] < 0.95 * errors["wanda"], errors
+
+
+@pytest.mark.parametrize("blocksize", [1, 16, 48, 128, 1000])
+def test_sparsegpt_blocksize_keeps_exact_pattern(blocksize):
+    weight, x = correlated_problem(16, 96, tokens=128, seed=8)
+    for pattern in (PATTERNS["row70"], PATTERNS["layer50"]):
+        new_weight, keep = run_pruner("sparsegpt", weight, x, pattern, blocksize=blocksize)
+        assert_exact(keep, pattern)
+        assert torch.all(new_weight[~keep] == 0)
+
+
+def test_sparsegpt_full_block_equals_lazy_blocks():
+    """Lazy batched updates are an exact reformulation: blocksize changes rounding, not the result (N:M)."""
+    weight, x = correlated_problem(16, 64, tokens=256, seed=9)
+    w_a, k_a = run_pruner("sparsegpt", weight, x, PATTERNS["2:4"], blocksize=8)
+    w_b, k_b = run_pruner("sparsegpt", weight, x, PATTERNS["2:4"], blocksize=64)
+    assert torch.equal(k_a, k_b)
+    torch.testing.assert_close(w_a, w_b, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_nm_blocksize_must_be_multiple_of_m():
+    weight, x = correlated_problem(8, 64, tokens=64)
+    with pytest.raises(ValueError, match="--blocksize 6 must be a multiple of M=4"):
+        run_pruner("sparsegpt", weight, x, PATTERNS["2:4"], blocksize=6)
+
+
+@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+def test_nm_indivisible_in_features_raises(pruner_name):
+    weight, x = correlated_problem(8, 30, tokens=64)
+    with pytest.raises(ValueError, match=r"--pattern 2:4.*30 input features"):
+        run_pruner(pruner_name, weight, x, PATTERNS["2:4"])
+
+
+@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+def test_accepts_non_float32_weight(pruner_name):
+    weight, x = correlated_problem(8, 32, tokens=64)
+    new_weight, keep = run_pruner(pruner_name, weight.to(torch.bfloat16), x.to(torch.bfloat16), PATTERNS["2:4"])
+    assert new_weight.dtype == torch.float32
+    assert torch.all(new_weight[~keep] == 0)
+
+
+def _reference_sparsegpt(weight, x, pattern, percdamp=0.01):
+    """Textbook OBS sweep in float64, one block, inverting H[i:, i:] afresh at every column."""
+    w = weight.double().clone()  # (out, in)
+    out, inp = w.shape
+    h = 2 * x.double().T @ x.double() / x.shape[0]  # (in, in)
+    h += percdamp * h.diagonal().mean() * torch.eye(inp, dtype=torch.float64)
+    inv_tail = [torch.linalg.inv(h[i:, i:]) for i in range(inp)]  # H_F^-1 for F = columns i..
+    d2 = torch.stack([inv_tail[i][0, 0] for i in range(inp)])  # (in,)
+    if pattern.kind == "nm":
+        keep = torch.ones(out, inp, dtype=torch.bool)
+    else:
+        keep = select_keep_mask(w**2 / d2, pattern)
+    for i in range(inp):
+        if pattern.kind == "nm" and i % pattern.m == 0:
+            g = slice(i, i + pattern.m)
+            keep[:, g] = select_keep_mask(w[:, g] ** 2 / d2[g], pattern)
+        q = w[:, i] * keep[:, i]
+        err = (w[:, i] - q) / inv_tail[i][0, 0]  # (out,)
+        w[:, i:] -= err.unsqueeze(1) * inv_tail[i][0].unsqueeze(0)
+        w[:, i] = q
+    return w.float(), keep
+
+
+@pytest.mark.parametrize("pattern_name", ["row50", "layer70", "2:4", "1:4"])
+def test_sparsegpt_matches_textbook_obs(pattern_name):
+    """Cholesky rows of H^-1 and lazy block updates reproduce the explicit per-column OBS solution."""
+    pattern = PATTERNS[pattern_name]
+    weight, x = correlated_problem(16, 32, tokens=256, seed=10)
+    blocksize = 32 if pattern.kind != "nm" else 8  # N:M masks do not depend on the block size
+    new_weight, keep = run_pruner("sparsegpt", weight, x, pattern, blocksize=blocksize)
+    ref_weight, ref_keep = _reference_sparsegpt(weight, x, pattern)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(new_weight, ref_weight, rtol=1e-3, atol=1e-3)
