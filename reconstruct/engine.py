@@ -23,6 +23,7 @@ from reconstruct.architecture import BlockLayout, weight_as_out_in
 from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
 from reconstruct.block_io import load_module_weights, module_tensors_for_output, release_module_weights
 from reconstruct.config import JobConfig
+from reconstruct.faults import crash_point
 from reconstruct.job_state import JobState
 from reconstruct.loaded_model import LoadedModel, load_model
 from reconstruct.output import REPORT_NAME, copy_side_files, shard_name, write_config, write_index
@@ -93,6 +94,7 @@ class BlockPipeline:
         prune = job.prune
         self.pruner = get_pruner(prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp)
         self.sequential_groups: list[list[str]] | None = None
+        self.current_index = -1
 
     def forward_fn(self, block: nn.Module):
         """``x (b, T, H) → block(x) (b, T, H)`` with the captured keyword arguments."""
@@ -121,6 +123,7 @@ class BlockPipeline:
         model's; on return they hold the outputs of the pruned (reconstructed) and dense block.
         """
         started = time.perf_counter()
+        self.current_index = index
         micro_batch = self.job.micro_batch
         forward = self.forward_fn(block)
         linears = {name: block.get_submodule(name) for name in self.layout.linear_names}
@@ -156,6 +159,7 @@ class BlockPipeline:
         }
         with feeding_statistics(group, stats):
             run_stream(forward, sparse, self.job.micro_batch)
+        crash_point(f"statistics:{self.current_index}")
         return stats
 
     def _reconstruct(self, block, linears, keep_masks, forward, sparse, dense, index, report: BlockReport) -> None:
@@ -169,6 +173,7 @@ class BlockPipeline:
         result = train_reconstruction(
             forward, handle.trainable_parameters(), sparse, dense, recon, seed=self.job.calib.seed * 100_003 + index
         )
+        crash_point(f"reconstruction:{index}")
         merge = handle.merge(allow_dense_merge=recon.allow_dense_merge)
         for module in block.parameters():
             module.requires_grad_(False)

@@ -26,7 +26,7 @@ import reconstruct
 from calib.activations import ActivationStream
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
-from reconstruct.atomic import save_safetensors_atomic, sha256_file
+from reconstruct.atomic import remove_stale_temp_files, save_safetensors_atomic
 from reconstruct.config import JobConfig
 from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
 from reconstruct.loaded_model import LoadedModel
@@ -86,6 +86,7 @@ class JobState:
         check_out_dir(job.out)
         job.out.mkdir(parents=True, exist_ok=True)
         with JobLock(job.out):
+            remove_stale_temp_files(job.out)  # left by a process killed mid-write
             fingerprint = job_fingerprint(job, loaded)
             manifest = Manifest.load(job.out)
             if manifest is not None and job.force:
