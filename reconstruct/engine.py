@@ -224,6 +224,7 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         block = loaded.blocks[index]
         prefix = layout.block_prefix(index)
         stored_dtypes = load_module_weights(block, prefix, loaded.reader, loaded.key_map, loaded.device, loaded.dtype)
+        loaded.reader.close()  # unmap the shards: mapped pages of earlier blocks must not stay resident
         block_report = pipeline.process(index, block, sparse, dense)
         tensors = module_tensors_for_output(block, prefix, stored_dtypes)
         release_module_weights(block)
