@@ -26,6 +26,7 @@ from reconstruct.config import JobConfig
 from reconstruct.faults import crash_point
 from reconstruct.job_state import JobState
 from reconstruct.loaded_model import LoadedModel, load_model
+from reconstruct.methods import attach_method, train_reconstruction
 from reconstruct.output import REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
@@ -163,15 +164,15 @@ class BlockPipeline:
         return stats
 
     def _reconstruct(self, block, linears, keep_masks, forward, sparse, dense, index, report: BlockReport) -> None:
-        from reconstruct.methods import attach_method, evaluate_mse, train_reconstruction
-
         recon = self.job.recon
+        block_seed = self.job.calib.seed * 100_003 + index  # per block: resume needs no global RNG state
         handle = attach_method(
             recon.method, block, linears, keep_masks,
-            rank=recon.rank, alpha=recon.alpha, bias_linears=self.bias_linears(linears),
+            rank=recon.rank, alpha=recon.alpha, bias_linears=self.bias_linears(linears), seed=block_seed,
         )
         result = train_reconstruction(
-            forward, handle.trainable_parameters(), sparse, dense, recon, seed=self.job.calib.seed * 100_003 + index
+            forward, handle.trainable_parameters(), sparse, dense, recon, seed=block_seed,
+            eval_micro_batch=self.job.micro_batch, measure_after=False,
         )
         crash_point(f"reconstruction:{index}")
         merge = handle.merge(allow_dense_merge=recon.allow_dense_merge)

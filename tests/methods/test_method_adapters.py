@@ -1,0 +1,288 @@
+"""Unit tests of the pieces: adapter wrappers, float32 masters, the spec, the training loop's helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from reconstruct.methods import METHOD_NAMES, ReconSpec, attach_method, evaluate_mse, train_reconstruction
+from reconstruct.methods.adapters import LowRankLinear, init_lora_a, weight_out_in
+from reconstruct.methods.attach import layer_seed
+from reconstruct.methods.bias_norm import MasterParam, find_norms
+from reconstruct.methods.train import _SampleOrder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Stream:
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.n_samples = tensor.shape[0]
+
+    def read(self, indices):
+        return self.tensor[indices]
+
+
+def pruned_layer(kind: str, out_f: int = 12, in_f: int = 8, seed: int = 0):
+    """An nn.Linear or Conv1D with half its weights zeroed, and its (out, in) keep mask."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_f, out_f) if kind == "linear" else Conv1D(out_f, in_f)
+    keep = torch.rand(out_f, in_f) > 0.5
+    with torch.no_grad():
+        weight_out_in(layer).mul_(keep)
+    layer.requires_grad_(False)
+    return layer, keep
+
+
+def randomise(wrapper: LowRankLinear) -> None:
+    with torch.no_grad():
+        wrapper.lora_B.normal_()
+
+
+LAYERS = ("linear", "conv1d")
+KINDS = ("masklora", "scalelora", "lora")
+
+
+@pytest.mark.parametrize("layer_kind", LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_adapter_is_the_identity(kind: str, layer_kind: str) -> None:
+    layer, keep = pruned_layer(layer_kind)
+    wrapper = LowRankLinear(layer, keep, kind=kind, rank=4, alpha=8.0, seed=0)
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(wrapper(x), layer(x))
+    assert wrapper.lora_A.dtype == wrapper.lora_B.dtype == torch.float32
+    assert wrapper.weight is layer.weight and wrapper.bias is layer.bias
+
+
+@pytest.mark.parametrize("layer_kind", LAYERS)
+def test_adapter_forms(layer_kind: str) -> None:
+    layer, keep = pruned_layer(layer_kind)
+    weight = weight_out_in(layer).clone()
+    effective = {}
+    for kind in KINDS:
+        wrapper = LowRankLinear(layer, keep, kind=kind, rank=4, alpha=8.0, seed=0)
+        randomise(wrapper)
+        ba = wrapper.lora_B @ wrapper.lora_A
+        ba = ba if kind == "scalelora" else 2.0 * ba  # scalelora has no alpha / r scaling
+        effective[kind] = (wrapper.effective_weight().detach(), ba)
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(wrapper(x), x @ effective[kind][0].T + layer.bias)
+    w_lora, ba = effective["lora"]
+    torch.testing.assert_close(w_lora, weight + ba)
+    w_mask, ba = effective["masklora"]
+    torch.testing.assert_close(w_mask, weight + keep * ba)
+    assert torch.all(w_mask[~keep] == 0)
+    w_scale, ba = effective["scalelora"]
+    torch.testing.assert_close(w_scale, weight * ba)
+    assert torch.all(w_scale[~keep] == 0)
+
+
+@pytest.mark.parametrize("layer_kind", LAYERS)
+@pytest.mark.parametrize("kind", ("masklora", "scalelora"))
+def test_commit_writes_the_layer_in_its_own_orientation(kind: str, layer_kind: str) -> None:
+    layer, keep = pruned_layer(layer_kind)
+    parameter = layer.weight
+    wrapper = LowRankLinear(layer, keep, kind=kind, rank=4, alpha=8.0, seed=0)
+    randomise(wrapper)
+    x = torch.randn(4, 8)
+    expected = wrapper(x).detach()
+    wrapper.commit(wrapper.merged_weight())
+    assert layer.weight is parameter
+    torch.testing.assert_close(layer(x), expected)
+    assert torch.equal(weight_out_in(layer) != 0, keep & (weight_out_in(layer) != 0))
+
+
+def test_kept_weight_that_cancels_stays_nonzero() -> None:
+    layer, keep = pruned_layer("linear")
+    wrapper = LowRankLinear(layer, keep, kind="masklora", rank=1, alpha=1.0, seed=0)
+    row, col = map(int, torch.nonzero(keep)[0])
+    with torch.no_grad():  # make delta == -W at one kept position and nowhere else
+        wrapper.lora_A.zero_()
+        wrapper.lora_A[0, col] = 1.0
+        wrapper.lora_B.zero_()
+        wrapper.lora_B[row, 0] = -layer.weight[row, col]
+    assert wrapper.effective_weight()[row, col] == 0
+    merged = wrapper.merged_weight()
+    assert merged[row, col] != 0 and abs(float(merged[row, col])) < 1e-30
+    assert torch.equal(merged != 0, layer.weight != 0)
+
+
+def test_adapter_init_is_peft_like_and_seeded() -> None:
+    a = init_lora_a(16, 576, seed=3)
+    assert a.shape == (16, 576) and float(a.abs().max()) <= 1 / math.sqrt(576)
+    assert torch.equal(a, init_lora_a(16, 576, seed=3))
+    assert not torch.equal(a, init_lora_a(16, 576, seed=4))
+    assert layer_seed(0, "mlp.up_proj") != layer_seed(0, "mlp.down_proj")
+    assert layer_seed(7, "mlp.up_proj") == layer_seed(7, "mlp.up_proj")
+
+
+def test_master_param_trains_in_float32_and_restores_in_place() -> None:
+    norm = nn.LayerNorm(8).to(torch.bfloat16)
+    order = list(norm._parameters)
+    weight = norm.weight
+    masters = [MasterParam(norm, a, a, order=order) for a in ("weight", "bias")]
+    assert all(m.master.dtype == torch.float32 for m in masters)
+    out = norm(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert masters[0].master.grad is not None and masters[0].master.grad.dtype == torch.float32
+    with torch.no_grad():
+        masters[0].master.add_(0.5)
+    for m in masters:
+        m.restore(m.value())
+    assert norm.weight is weight and list(norm._parameters) == order
+    assert torch.all(norm.weight == 1.5)
+    assert isinstance(norm.weight, nn.Parameter) and "weight" not in norm.__dict__
+
+
+def test_new_bias_is_zero_initialised_and_removed_on_discard() -> None:
+    linear = nn.Linear(8, 4, bias=False)
+    linear.requires_grad_(False)
+    x = torch.randn(3, 8)
+    expected = linear(x)
+    master = MasterParam(linear, "bias", "bias", new_bias_of=linear.weight)
+    assert master.is_new and master.master.shape == (4,)
+    torch.testing.assert_close(linear(x), expected)
+    master.restore(None)
+    assert linear.bias is None and list(linear._parameters) == ["weight", "bias"]
+
+
+def test_find_norms_is_generic() -> None:
+    class RMSNormLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    block = nn.Module()
+    block.ln = nn.LayerNorm(4)
+    block.rms = RMSNormLike()
+    block.plain = nn.LayerNorm(4, elementwise_affine=False)
+    block.proj = nn.Linear(4, 4)
+    assert list(find_norms(block)) == ["ln", "rms"]
+
+
+def test_spec_defaults_and_validation() -> None:
+    spec = ReconSpec()
+    assert spec.method == "bias-ln" and spec.lr == 5e-4 and spec.rank == 16 and spec.alpha == 32.0
+    assert spec.steps > 0 and spec.batch_size >= spec.micro_batch >= 1 and spec.weight_decay == 0.0
+    assert METHOD_NAMES == ("none", "bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
+    with pytest.raises(ValueError, match="--method must be one of"):
+        ReconSpec(method="dora")
+    with pytest.raises(ValueError, match="--allow-dense-merge"):
+        ReconSpec(method="lora")
+    assert ReconSpec(method="lora", allow_dense_merge=True).allow_dense_merge
+    for bad in (dict(steps=-1), dict(lr=0.0), dict(rank=0), dict(batch_size=0), dict(micro_batch=0)):
+        with pytest.raises(ValueError):
+            ReconSpec(**bad)
+
+
+def _block_with(layer: nn.Module) -> nn.Module:
+    block = nn.Module()
+    block.proj = layer
+    return block
+
+
+def test_attach_rejects_bad_inputs() -> None:
+    layer, keep = pruned_layer("linear")
+    block = _block_with(layer)
+    linears = {"proj": layer}
+    with pytest.raises(ValueError, match="--method"):
+        attach_method("dora", block, linears, {"proj": keep}, rank=4, alpha=8.0, bias_linears=set())
+    with pytest.raises(ValueError, match="no keep mask"):
+        attach_method("masklora", block, linears, {}, rank=4, alpha=8.0, bias_linears=set())
+    with pytest.raises(ValueError, match="shape"):
+        attach_method("masklora", block, linears, {"proj": keep.t()}, rank=4, alpha=8.0, bias_linears=set())
+    with pytest.raises(ValueError, match="outside the keep mask"):
+        attach_method("masklora", block, linears, {"proj": ~keep}, rank=4, alpha=8.0, bias_linears=set())
+    with pytest.raises(ValueError, match="not among"):
+        attach_method("bias", block, linears, {"proj": keep}, rank=4, alpha=8.0, bias_linears={"other"})
+    assert block.proj is layer
+
+
+def test_handle_counts_and_closes() -> None:
+    layer, keep = pruned_layer("conv1d")
+    block = _block_with(layer)
+    handle = attach_method("scalelora", block, {"proj": layer}, {"proj": keep}, rank=4, alpha=8.0,
+                           bias_linears=set())
+    assert isinstance(block.proj, LowRankLinear)
+    assert handle.num_trainable == 4 * 8 + 12 * 4
+    report = handle.merge()
+    assert block.proj is layer and report.merged_tensors == ["proj.weight"]
+    with pytest.raises(RuntimeError, match="already merged"):
+        handle.merge()
+
+
+def test_training_without_steps_or_params_changes_nothing() -> None:
+    layer, keep = pruned_layer("linear", out_f=8)
+    x = torch.randn(6, 3, 8)
+    y = x + 0.1
+    block = _block_with(layer)
+    handle = attach_method("bias", block, {"proj": layer}, {"proj": keep}, rank=4, alpha=8.0, bias_linears=set())
+    bias_before = handle.trainable_parameters()[0].detach().clone()
+    spec = ReconSpec(method="bias", steps=0)
+    result = train_reconstruction(block.proj, handle.trainable_parameters(), Stream(x), Stream(y), spec, seed=0)
+    assert result.steps == 0 and result.mse_after == result.mse_before
+    assert torch.equal(handle.trainable_parameters()[0], bias_before)
+    result = train_reconstruction(block.proj, [], Stream(x), Stream(y), ReconSpec(method="bias"), seed=0)
+    assert result.steps == 0
+
+
+def test_training_fits_a_bias_and_batches_are_accumulated() -> None:
+    layer, keep = pruned_layer("linear", out_f=8)
+    x = torch.randn(10, 3, 8)
+    with torch.no_grad():
+        y = layer(x) + torch.linspace(-1, 1, 8)  # the best bias is known
+    results = []
+    for micro in (1, 3, 10):
+        block = _block_with(pruned_layer("linear", out_f=8)[0])
+        handle = attach_method("bias", block, {"proj": block.proj}, {"proj": keep}, rank=4, alpha=8.0,
+                               bias_linears=set())
+        spec = ReconSpec(method="bias", steps=200, lr=2e-2, batch_size=10, micro_batch=micro)
+        results.append(train_reconstruction(block.proj, handle.trainable_parameters(), Stream(x), Stream(y),
+                                            spec, seed=0))
+    assert results[0].mse_after < 1e-3 * results[0].mse_before
+    # gradient accumulation over micro-batches gives the full-batch result, up to float rounding
+    assert results[1].mse_after == pytest.approx(results[0].mse_after, rel=1e-3, abs=1e-7)
+    assert results[2].mse_after == pytest.approx(results[0].mse_after, rel=1e-3, abs=1e-7)
+
+
+def test_evaluate_mse_is_the_plain_mean() -> None:
+    x = torch.randn(7, 3, 4)
+    y = torch.randn(7, 3, 4)
+    mse = evaluate_mse(lambda h: 2 * h, Stream(x), Stream(y), micro_batch=3)
+    assert mse == pytest.approx(float(((2 * x - y) ** 2).mean()), rel=1e-6)
+
+
+def test_sample_order_is_seeded_and_covers_every_sample_each_epoch() -> None:
+    order = _SampleOrder(10, seed=5)
+    batches = [order.take(4) for _ in range(5)]  # 20 draws = two epochs
+    again = _SampleOrder(10, seed=5)
+    assert all(torch.equal(b, again.take(4)) for b in batches)
+    drawn = torch.cat(batches)
+    assert len(set(drawn[:8].tolist())) == 8  # batches inside one epoch never repeat a sample
+    assert torch.bincount(drawn, minlength=10).tolist() == [2] * 10
+    assert all(torch.equal(b, torch.sort(b).values) for b in batches)
+
+
+def test_training_accepts_inference_mode_activations_and_shows_progress() -> None:
+    layer, keep = pruned_layer("linear", out_f=8)
+    with torch.inference_mode():
+        x = torch.randn(4, 3, 8)
+        y = layer(x) + 1.0
+    block = _block_with(layer)
+    handle = attach_method("bias", block, {"proj": layer}, {"proj": keep}, rank=4, alpha=8.0, bias_linears=set())
+    spec = ReconSpec(method="bias", steps=5, lr=1e-2, batch_size=2)
+    with torch.no_grad():  # the engine may hold no_grad; training turns gradients back on
+        result = train_reconstruction(block.proj, handle.trainable_parameters(), Stream(x), Stream(y), spec,
+                                      seed=0, progress=True)
+    assert result.mse_after < result.mse_before
