@@ -98,3 +98,64 @@ def calib_file() -> Path:
     """The WikiText-2 validation text (local)."""
     assert WIKITEXT_VALID.is_file(), f"missing {WIKITEXT_VALID}"
     return WIKITEXT_VALID
+
+
+# --------------------------------------------------------------------------- engine-job helpers
+# Shared by test_engine_output.py and test_streaming_reference.py: a small calibration text, the
+# block-list path per architecture (written down here, independently of the engine's discovery),
+# and a session cache of finished in-process jobs so several tests can inspect one output.
+
+SMALL_CALIB_CHARS = 50_000  # enough text for 8 × 32-token windows; tokenizing all of valid.txt costs ~1 s a job
+BLOCK_LISTS = {
+    "llama": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+}
+
+
+@pytest.fixture(scope="session")
+def small_calib_file(tmp_path_factory) -> Path:
+    """The first ~50 kB of the WikiText-2 validation text, cut at a line end."""
+    text = WIKITEXT_VALID.read_text(encoding="utf-8")[:SMALL_CALIB_CHARS]
+    path = tmp_path_factory.mktemp("calib") / "valid-head.txt"
+    path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    return path
+
+
+def make_job(model: Path, out: Path, pruner: str, pattern: str = "unstructured", sparsity: float | None = None,
+             scope: str = "row", calib: Path | str = WIKITEXT_VALID, n_samples: int = 8, seq_len: int = 32,
+             seed: int = 0, micro_batch: int = 4, recon=None):
+    """A ``JobConfig`` for an in-process CPU run of the engine."""
+    from pruners.pattern import SparsityPattern
+    from reconstruct.config import CalibSpec, JobConfig, PruneSpec
+
+    return JobConfig(
+        model=str(model),
+        out=Path(out),
+        prune=PruneSpec(pruner=pruner, pattern=SparsityPattern.parse(pattern, sparsity, scope)),
+        calib=CalibSpec(source=str(calib), n_samples=n_samples, seq_len=seq_len, seed=seed),
+        recon=recon,
+        device="cpu",
+        micro_batch=micro_batch,
+    )
+
+
+@pytest.fixture(scope="session")
+def finished_job(tiny_model_dir, small_calib_file, tmp_path_factory):
+    """``finished_job(arch, pruner, pattern, sparsity, scope)`` → ``(job, report)``, run once per session."""
+    from reconstruct.engine import run_job
+
+    cache: dict[tuple, tuple] = {}
+
+    def run(arch: str, pruner: str, pattern: str = "unstructured", sparsity: float | None = None, scope: str = "row"):
+        key = (arch, pruner, pattern, sparsity, scope)
+        if key not in cache:
+            name = "-".join(str(part) for part in key).replace(":", "of")
+            job = make_job(tiny_model_dir(arch), tmp_path_factory.mktemp(f"job-{name}") / "out", pruner,
+                           pattern, sparsity, scope, calib=small_calib_file)
+            cache[key] = (job, run_job(job))
+        return cache[key]
+
+    return run

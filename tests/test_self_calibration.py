@@ -1,0 +1,81 @@
+"""``--calib self``: calibration sequences sampled from the dense model, seeded, no data needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import VOCAB_SIZE, make_job
+from reconstruct.engine import run_job
+
+N_SAMPLES, SEQ_LEN = 4, 16
+TOKENS_FILE = Path(".reconstruct") / "calibration-tokens.safetensors"
+
+
+def saved_tokens(out: Path) -> torch.Tensor:
+    return load_file(out / TOKENS_FILE)["tokens"]
+
+
+def block_shards(out: Path) -> dict[str, bytes]:
+    """Bytes of every block shard (all shards but the last, which holds the tensors outside the blocks)."""
+    files = sorted(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    return {name: (out / name).read_bytes() for name in files[:-1]}
+
+
+@pytest.fixture(scope="module")
+def self_calibrated(tiny_model_dir, tmp_path_factory):
+    """Three llama jobs on ``--calib self``: seed 0 in-process, seed 0 through the CLI, seed 1 in-process."""
+    model = tiny_model_dir("llama")
+    root = tmp_path_factory.mktemp("self-calib")
+    outs = {"seed0": root / "seed0", "seed0-cli": root / "seed0-cli", "seed1": root / "seed1"}
+
+    torch.manual_seed(123)  # the global RNG state must not matter
+    run_job(make_job(model, outs["seed0"], "wanda", calib="self", n_samples=N_SAMPLES, seq_len=SEQ_LEN, seed=0))
+    torch.manual_seed(456)
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(model), "--out", str(outs["seed0-cli"]), "--pruner", "wanda", "--calib", "self",
+        "--n-samples", str(N_SAMPLES), "--seq-len", str(SEQ_LEN), "--seed", "0", "--micro-batch", "4",
+        "--device", "cpu", "--method", "none",
+    ])
+    assert result.exit_code == 0, result.output
+    run_job(make_job(model, outs["seed1"], "wanda", calib="self", n_samples=N_SAMPLES, seq_len=SEQ_LEN, seed=1))
+    return outs
+
+
+def test_saved_tokens_have_shape_n_by_t_and_valid_ids(self_calibrated):
+    for out in self_calibrated.values():
+        tokens = saved_tokens(out)
+        assert tokens.shape == (N_SAMPLES, SEQ_LEN)
+        assert tokens.dtype == torch.int64
+        assert int(tokens.min()) >= 0 and int(tokens.max()) < VOCAB_SIZE
+        assert len({tuple(row.tolist()) for row in tokens}) == N_SAMPLES  # sampled, not one repeated sequence
+
+
+def test_same_seed_gives_same_tokens_and_output_other_seed_differs(self_calibrated):
+    first, again, other = (saved_tokens(self_calibrated[k]) for k in ("seed0", "seed0-cli", "seed1"))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert block_shards(self_calibrated["seed0"]) == block_shards(self_calibrated["seed0-cli"])
+    assert block_shards(self_calibrated["seed0"]) != block_shards(self_calibrated["seed1"])
+
+
+def test_self_calibrated_job_completes(self_calibrated):
+    from transformers import AutoModelForCausalLM
+
+    for out in self_calibrated.values():
+        report = json.loads((out / "reconstruct.json").read_text())
+        assert report["job"]["calibration"]["source"] == {"name": "self"}
+        assert report["job"]["calibration"]["n_samples"] == N_SAMPLES
+        assert len(report["blocks"]) == 3
+        assert report["mean_linear_sparsity"] == pytest.approx(0.5)
+        assert json.loads((out / "reconstruct-manifest.json").read_text())["finished"] is True
+    model = AutoModelForCausalLM.from_pretrained(self_calibrated["seed0"]).eval()
+    with torch.no_grad():
+        logits = model(input_ids=saved_tokens(self_calibrated["seed0"])).logits  # (n, T, V)
+    assert torch.isfinite(logits).all()
