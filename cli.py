@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import sys
@@ -110,6 +111,8 @@ def run(
     alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha; the update is scaled by alpha/rank.")] = 32.0,
     recon_batch: Annotated[Optional[int], typer.Option(min=1, help="Calibration samples per optimizer step.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay.")] = None,
+    granularity: Annotated[str, typer.Option(help="What reconstruction matches: 'block', 'sublayer' (attention and MLP separately) or 'linear'.")] = "block",
+    target: Annotated[str, typer.Option(help="Reconstruction target: 'dense' = dense block on the dense stream (PERP), 'local' = dense block on the pruned stream.")] = "dense",
     allow_dense_merge: Annotated[bool, typer.Option(help="--method lora only: accept that merging refills pruned weights.")] = False,
     calib: Annotated[str, typer.Option(help="Calibration text: 'self' (sampled from the model, no data needed), wikitext2, c4, ptb, or a .txt/.jsonl file.")] = "self",
     n_samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 128,
@@ -121,43 +124,91 @@ def run(
     micro_batch: Annotated[int, typer.Option(min=1, help="Samples per block forward.")] = 8,
     offload: Annotated[Offload, typer.Option(help="Where the activation cache lives.")] = Offload.auto,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Checkpoint the activation streams every k blocks.")] = 1,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB (default: the GPU's free memory).")] = None,
+    host_memory: Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB (default: available memory).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: derived from model and settings).")] = None,
     force: Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Prune every linear layer of every block, reconstruct, and write a loadable model folder."""
+    options = dict(locals())  # every flag by name: build_job and the memory budget read them
     _setup_logging(verbose)
 
     def build_and_run():
-        from pruners.pattern import SparsityPattern
-        from reconstruct.config import CalibSpec, JobConfig, PruneSpec
         from reconstruct.engine import run_job
-        from reconstruct.methods import ReconSpec
 
-        spec = SparsityPattern.parse(pattern, sparsity, mask_scope)
-        chosen = method.value
-        if chosen == "auto":
-            chosen = "masklora" if spec.sparsity >= MASKLORA_FROM_SPARSITY else "bias-ln"
-            logger.info("--method auto chose %s for sparsity %.2f", chosen, spec.sparsity)
-        overrides = {k: v for k, v in dict(steps=recon_steps, lr=lr, batch_size=recon_batch, weight_decay=weight_decay).items() if v is not None}
-        recon = ReconSpec(method=chosen, rank=rank, alpha=alpha, allow_dense_merge=allow_dense_merge, **overrides)
-        job = JobConfig(
-            model=model,
-            out=out or _default_out(model, pruner.value, pattern, sparsity),
-            prune=PruneSpec(pruner=pruner.value, pattern=spec, sequential=sequential),
-            calib=CalibSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed),
-            recon=recon,
-            device=device,
-            dtype=dtype.value,
-            micro_batch=micro_batch,
-            offload=offload.value,
-            checkpoint_every=checkpoint_every,
-            force=force,
-        )
-        report = run_job(job)
+        job = build_job(options)
+        report = run_job(job, _memory_budget(options))
         typer.echo(f"wrote {job.out} (mean linear sparsity {report.get('mean_linear_sparsity', 0):.4f})")
 
     _guarded(build_and_run)
+
+
+def build_job(options: dict):
+    """The JobConfig for the flags of ``run`` (``options``: its parameters by name)."""
+    from pruners.pattern import SparsityPattern
+    from reconstruct.config import CalibSpec, JobConfig, PruneSpec
+    from reconstruct.methods import ReconSpec
+
+    o = options
+    spec = SparsityPattern.parse(o["pattern"], o["sparsity"], o["mask_scope"])
+    chosen = o["method"].value
+    if chosen == "auto":
+        chosen = "masklora" if spec.sparsity >= MASKLORA_FROM_SPARSITY else "bias-ln"
+        logger.info("--method auto chose %s for sparsity %.2f", chosen, spec.sparsity)
+    overrides = dict(steps=o["recon_steps"], lr=o["lr"], batch_size=o["recon_batch"], weight_decay=o["weight_decay"])
+    recon = ReconSpec(
+        method=chosen, rank=o["rank"], alpha=o["alpha"], allow_dense_merge=o["allow_dense_merge"],
+        granularity=o["granularity"], target=o["target"], **{k: v for k, v in overrides.items() if v is not None},
+    )
+    return JobConfig(
+        model=o["model"],
+        out=o["out"] or _default_out(o["model"], o["pruner"].value, o["pattern"], o["sparsity"]),
+        prune=PruneSpec(pruner=o["pruner"].value, pattern=spec, sequential=o["sequential"]),
+        calib=CalibSpec(source=o["calib"], n_samples=o["n_samples"], seq_len=o["seq_len"], seed=o["seed"]),
+        recon=recon,
+        device=o["device"],
+        dtype=o["dtype"].value,
+        micro_batch=o["micro_batch"],
+        offload=o["offload"].value,
+        checkpoint_every=o["checkpoint_every"],
+        force=o["force"],
+    )
+
+
+def _memory_budget(options: dict):
+    from reconstruct.planner import MemoryBudget, parse_bytes
+
+    gpu, host = options["gpu_memory"], options["host_memory"]
+    return MemoryBudget(
+        device_bytes=parse_bytes(gpu, "--gpu-memory") if gpu is not None else None,
+        host_bytes=parse_bytes(host, "--host-memory") if host is not None else None,
+    )
+
+
+def plan(
+    config: Annotated[Optional[Path], typer.Option(help="Plan from this config.json alone (no weights needed); default: --model's config.")] = None,
+    **options,
+) -> None:
+    """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work."""
+    _setup_logging(options["verbose"])
+
+    def show():
+        from reconstruct.planner import plan_from_config
+
+        job = build_job({"out": None, "force": False, **options})
+        memory_plan = plan_from_config(job, config, _memory_budget(options))
+        typer.echo(memory_plan.format())
+
+    _guarded(show)
+
+
+# `plan` takes every flag of `run` (same names, types and help) except those about the output folder.
+plan.__signature__ = inspect.Signature(
+    [inspect.signature(plan, eval_str=True).parameters["config"]]
+    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items() if name not in ("out", "force")]
+)
+app.command("plan")(plan)
 
 
 @app.command("eval")

@@ -7,6 +7,7 @@ checkpoint the streams, free the block. See docs/architecture.md for the data fl
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,10 @@ from reconstruct.config import JobConfig
 from reconstruct.faults import crash_point
 from reconstruct.job_state import JobState
 from reconstruct.loaded_model import LoadedModel, load_model
-from reconstruct.methods import attach_method, train_reconstruction
+from reconstruct.methods import attach_method, evaluate_mse, train_reconstruction
+from reconstruct.objective import UnitObjective, discover_units
 from reconstruct.output import REPORT_NAME, copy_side_files, shard_name, write_config, write_index
+from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
@@ -84,6 +87,11 @@ def prune_layer(module: nn.Module, pruner, stats, pattern) -> torch.Tensor:
     return keep_mask
 
 
+def uses_unit_objective(recon) -> bool:
+    """True when reconstruction matches sub-layers/linears or local targets (needs a dense block copy)."""
+    return recon.granularity != "block" or recon.target != "dense"
+
+
 class BlockPipeline:
     """Prune and reconstruct one block at a time; knows nothing about files."""
 
@@ -94,28 +102,32 @@ class BlockPipeline:
         self.device = device
         prune = job.prune
         self.pruner = get_pruner(prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp)
-        self.sequential_groups: list[list[str]] | None = None
+        self.linear_call_order: list[list[str]] | None = None
         self.current_index = -1
 
+    def run_block(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``module(hidden)`` for a block-shaped module, with the captured keyword arguments."""
+        return block_output(module(hidden, **self.kwargs.for_batch(hidden.shape[0])))
+
     def forward_fn(self, block: nn.Module):
-        """``x (b, T, H) → block(x) (b, T, H)`` with the captured keyword arguments."""
+        """``x (b, T, H) → block(x) (b, T, H)``."""
+        return lambda hidden: self.run_block(block, hidden)
 
-        def forward(hidden: torch.Tensor) -> torch.Tensor:
-            return block_output(block(hidden, **self.kwargs.for_batch(hidden.shape[0])))
-
-        return forward
+    def call_order(self, block: nn.Module, linears: dict[str, nn.Module], sparse: ActivationStream) -> list[list[str]]:
+        """The block's linears grouped by shared input, in execution order (found once, on block 0)."""
+        if self.linear_call_order is None:
+            record: list = []
+            with torch.no_grad(), recording_linear_inputs(linears, record):
+                self.run_block(block, sparse.read(slice(0, 1)))
+            self.linear_call_order = group_by_shared_input(record)
+            logger.info("sub-layer order: %s", self.linear_call_order)
+        return self.linear_call_order
 
     def groups(self, block: nn.Module, linears: dict[str, nn.Module], sparse: ActivationStream) -> list[list[str]]:
         """Sub-layer groups to prune in order (one group with every linear unless --sequential)."""
         if not self.job.prune.sequential:
             return [list(linears)]
-        if self.sequential_groups is None:
-            record: list = []
-            with torch.no_grad(), recording_linear_inputs(linears, record):
-                self.forward_fn(block)(sparse.read(slice(0, 1)))
-            self.sequential_groups = group_by_shared_input(record)
-            logger.info("sub-layer order: %s", self.sequential_groups)
-        return self.sequential_groups
+        return self.call_order(block, linears, sparse)
 
     def process(self, index: int, block: nn.Module, sparse: ActivationStream, dense: ActivationStream) -> BlockReport:
         """Prune and reconstruct ``block``; advance both streams past it.
@@ -129,8 +141,13 @@ class BlockPipeline:
         forward = self.forward_fn(block)
         linears = {name: block.get_submodule(name) for name in self.layout.linear_names}
         report = BlockReport(index=index, block_params=sum(p.numel() for p in block.parameters()))
-
-        run_stream(forward, dense, micro_batch, destination=dense)  # dense targets, in place
+        recon = self.job.recon
+        reconstructing = recon is not None and recon.method != "none"
+        # Unit objectives (sub-layer/linear granularity, local targets) need the dense block's
+        # inputs during training, so the dense stream advances only afterwards, with a dense copy.
+        dense_copy = copy.deepcopy(block) if reconstructing and uses_unit_objective(recon) else None
+        if dense_copy is None:
+            run_stream(forward, dense, micro_batch, destination=dense)  # dense targets, in place
 
         keep_masks: dict[str, torch.Tensor] = {}
         for group in self.groups(block, linears, sparse):
@@ -139,9 +156,11 @@ class BlockPipeline:
                 keep_masks[name] = prune_layer(linears[name], self.pruner, stats.get(name), self.job.prune.pattern)
             del stats
 
-        recon = self.job.recon
-        if recon is not None and recon.method != "none":
-            self._reconstruct(block, linears, keep_masks, forward, sparse, dense, index, report)
+        if reconstructing:
+            self._reconstruct(block, linears, keep_masks, sparse, dense, dense_copy, index, report)
+        if dense_copy is not None:
+            run_stream(self.forward_fn(dense_copy), dense, micro_batch, destination=dense)
+            del dense_copy
 
         report.mse_after = run_stream(forward, sparse, micro_batch, destination=sparse, compare_with=dense)
         if report.mse_before is None:
@@ -163,22 +182,32 @@ class BlockPipeline:
         crash_point(f"statistics:{self.current_index}")
         return stats
 
-    def _reconstruct(self, block, linears, keep_masks, forward, sparse, dense, index, report: BlockReport) -> None:
+    def _reconstruct(self, block, linears, keep_masks, sparse, dense, dense_copy, index, report: BlockReport) -> None:
+        """Train the method's parameters, merge them, and record what happened."""
         recon = self.job.recon
         block_seed = self.job.calib.seed * 100_003 + index  # per block: resume needs no global RNG state
+        if dense_copy is None:  # PERP's objective: block(x_sparse) ≈ y_dense, the dense stream
+            train_forward, targets = self.forward_fn(block), dense
+        else:
+            whole = UnitObjective(block, dense_copy, discover_units("block", []), self.run_block, sparse, dense, "dense")
+            report.mse_before = evaluate_mse(whole.forward, sparse, whole, self.job.micro_batch)
+            units = discover_units(recon.granularity, self.call_order(block, linears, sparse))
+            objective = UnitObjective(block, dense_copy, units, self.run_block, sparse, dense, recon.target)
+            train_forward, targets = objective.forward, objective
         handle = attach_method(
             recon.method, block, linears, keep_masks,
             rank=recon.rank, alpha=recon.alpha, bias_linears=self.bias_linears(linears), seed=block_seed,
         )
         result = train_reconstruction(
-            forward, handle.trainable_parameters(), sparse, dense, recon, seed=block_seed,
+            train_forward, handle.trainable_parameters(), sparse, targets, recon, seed=block_seed,
             eval_micro_batch=self.job.micro_batch, measure_after=False,
         )
         crash_point(f"reconstruction:{index}")
         merge = handle.merge(allow_dense_merge=recon.allow_dense_merge)
-        for module in block.parameters():
-            module.requires_grad_(False)
-        report.mse_before = result.mse_before
+        for param in block.parameters():
+            param.requires_grad_(False)
+        if report.mse_before is None:
+            report.mse_before = result.mse_before
         report.trainable_params = handle.num_trainable
         report.recon_steps = result.steps
         report.added_biases = sorted(handle.added_biases)
@@ -190,10 +219,17 @@ class BlockPipeline:
         return {name for name, module in linears.items() if module.bias is not None or name in enabled}
 
 
-def run_job(job: JobConfig) -> dict:
-    """Run (or resume) a job end to end; returns the report written to ``reconstruct.json``."""
+def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
+    """Run (or resume) a job end to end; returns the report written to ``reconstruct.json``.
+
+    First the memory plan (``reconstruct.planner``) is logged; a job whose plan exceeds ``budget``
+    (``--gpu-memory``/``--host-memory``, default: this machine's free memory) is refused with a
+    ValueError naming the flags to change, and ``--offload auto`` becomes the tier the plan chose.
+    """
     started = time.perf_counter()
+    unpool_large_allocations()
     loaded = load_model(job.model, job.device, job.dtype)
+    job = check_memory_plan(job, loaded, budget)
     with JobState.open(job, loaded) as state:
         if state.finished:
             logger.info("%s already holds this finished job; nothing to do", job.out)
@@ -201,6 +237,27 @@ def run_job(job: JobConfig) -> dict:
         report = _run_blocks(job, loaded, state)
         report["seconds_this_session"] = time.perf_counter() - started
         return report
+
+
+def unpool_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every host allocation of ``threshold`` bytes or more with its own mmap (glibc only).
+
+    glibc starts with a 128 KiB mmap threshold and raises it, up to 32 MiB, each time such a chunk
+    is freed. After the first block is freed, every tensor below 32 MiB (weights, activations,
+    statistics) comes from the heap, where blocks of ever-shifting sizes fragment it and peak RSS
+    creeps up block after block (1.16 GB at 2 blocks, 2.04 GB at 16 in bench/memory.py). A fixed
+    threshold (set through mallopt, which also stops the adjustment) returns each freed tensor to
+    the OS at once, so host memory stays flat with depth. Elsewhere this is a no-op.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        logger.debug("mallopt unavailable; large allocations stay pooled")
 
 
 def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import struct
 import time
 from contextlib import contextmanager
@@ -87,12 +88,22 @@ class JobState:
         job.out.mkdir(parents=True, exist_ok=True)
         with JobLock(job.out):
             remove_stale_temp_files(job.out)  # left by a process killed mid-write
+            remove_stale_temp_files(job.out / STATE_DIR)  # ... e.g. an activation checkpoint's
             fingerprint = job_fingerprint(job, loaded)
-            manifest = Manifest.load(job.out)
+            try:
+                manifest = Manifest.load(job.out)
+            except ValueError:  # damaged: its message says --force starts over, so let it
+                if not job.force:
+                    raise
+                logger.warning("--force: the manifest in %s is damaged; starting over", job.out)
+                manifest = None
             if manifest is not None and job.force:
                 logger.warning("--force: discarding the job in %s and starting over", job.out)
                 manifest = None
             if manifest is None:
+                # A new job must not inherit state files (calibration tokens, checkpoints) from the
+                # one --force discarded: they would be read back as this job's own.
+                shutil.rmtree(job.out / STATE_DIR, ignore_errors=True)
                 manifest = Manifest.new(fingerprint, loaded.layout.n_blocks)
                 manifest.save(job.out)
             else:
@@ -154,6 +165,9 @@ class JobState:
     def restore_streams(self, sparse: ActivationStream, dense: ActivationStream) -> int:
         """Load the latest intact activation checkpoint; return the first block still to compute."""
         manifest = self.manifest
+        if manifest.first_unfinished_block() == manifest.n_blocks:
+            logger.info("all %d blocks are done; writing the rest of the output", manifest.n_blocks)
+            return manifest.n_blocks  # killed while finishing: the streams are not needed
         if not verify_stream_checkpoint(manifest, self.out):
             return 0
         after = int(manifest.stream_checkpoint["after_block"])

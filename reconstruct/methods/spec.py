@@ -45,6 +45,8 @@ class ReconSpec:
     weight_decay: float = 0.0  # AdamW decoupled weight decay (PERP: 0)
     micro_batch: int = 1  # samples per forward/backward slice; gradients accumulate to batch_size
     allow_dense_merge: bool = False  # lora only: accept that merging fills the pruned positions
+    granularity: str = "block"  # what is matched: "block", "sublayer" (attention, MLP) or "linear"
+    target: str = "dense"  # "dense": block_dense(x_dense) (PERP); "local": block_dense(x_sparse)
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -65,3 +67,7 @@ class ReconSpec:
             raise ValueError(f"reconstruction micro-batch must be >= 1; got {self.micro_batch}")
         if self.weight_decay < 0:
             raise ValueError(f"weight decay must be >= 0; got {self.weight_decay}")
+        if self.granularity not in ("block", "sublayer", "linear"):
+            raise ValueError(f"--granularity must be one of block, sublayer, linear; got {self.granularity!r}")
+        if self.target not in ("dense", "local"):
+            raise ValueError(f"--target must be one of dense, local; got {self.target!r}")

@@ -1,0 +1,157 @@
+"""``reconstruct status DIR``: a job's progress and settings, read from its output folder.
+
+Reads only the manifest and the lock file; never loads the model, never takes the lock, never
+writes. Safe to run while the job is running.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from reconstruct.lock import LOCK_NAME, pid_alive
+from reconstruct.manifest import DONE, MANIFEST_NAME, BlockRecord, Manifest
+
+
+def describe_job(out: Path) -> str:
+    """A few lines of plain text about the job in ``out``.
+
+    Shows the state (finished / in progress / not started, and whether a live process holds the
+    lock), blocks done / total, elapsed working time and an estimate of the time left (mean seconds
+    of the done blocks × blocks left), the settings from the job's fingerprint (pruner, pattern,
+    method, calibration, seed, dtype), and the mean sparsity and reconstruction MSE of done blocks.
+
+    Args:
+        out: A job's output folder (``--out`` of ``reconstruct run``).
+
+    Returns:
+        The text, lines joined with ``"\\n"``, no trailing newline.
+
+    Raises:
+        ValueError: if ``out`` holds no manifest, or the manifest is unreadable or damaged.
+    """
+    out = Path(out)
+    manifest = Manifest.load(out)
+    if manifest is None:
+        raise ValueError(f"{out} holds no reconstruct job (no {MANIFEST_NAME})")
+    done = [record for record in manifest.blocks if record.status == DONE]
+    settings = manifest.fingerprint
+    lines = [
+        f"job:        {out}",
+        f"state:      {_state(manifest, done, lock_holder(out))}",
+        f"blocks:     {len(done)} / {manifest.n_blocks} done",
+        f"elapsed:    {format_duration(manifest.elapsed_seconds)} (last saved {manifest.updated or '?'})",
+        f"time left:  {_time_left(manifest, done)}",
+        f"model:      {settings.get('model_type', '?')}",
+        f"pruner:     {settings.get('pruner', '?')}, pattern {_pattern(settings.get('pattern'))}",
+        f"method:     {_method(settings.get('method'))}",
+        f"calib:      {_calibration(settings.get('calibration'))}",
+        f"seed:       {settings.get('seed', '?')}, dtype {settings.get('dtype', '?')}",
+    ]
+    if done:
+        lines.append(f"quality:    {_quality(done)}")
+    return "\n".join(lines)
+
+
+def lock_holder(out: Path) -> int | None:
+    """Pid of the live process on this host named by ``out``'s lock file, or ``None``.
+
+    The lock file outlives a process killed with ``kill -9``; a pid that no longer exists means
+    nobody is running the job. (A reused pid can make a dead job look alive; the next
+    ``reconstruct run`` judges that by the kernel lock, not by the pid.)
+    """
+    try:
+        info = json.loads((Path(out) / LOCK_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    if info.get("host") not in (None, socket.gethostname()):
+        return None  # another host's process: cannot be checked from here
+    return pid if pid_alive(pid) else None
+
+
+def format_duration(seconds: float) -> str:
+    """``42`` → ``"42s"``, ``185`` → ``"3m 05s"``, ``7380`` → ``"2h 03m"``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def _state(manifest: Manifest, done: list[BlockRecord], holder: int | None) -> str:
+    running = f"running: pid {holder} holds the lock" if holder is not None else None
+    if manifest.finished:
+        return "finished" + (f" ({running})" if running else "")
+    if running:
+        return f"in progress ({running})"
+    if not done:
+        return "not started (no process holds the lock; rerun the same command to start)"
+    return "in progress, interrupted (no process holds the lock; rerun the same command to resume)"
+
+
+def _time_left(manifest: Manifest, done: list[BlockRecord]) -> str:
+    if manifest.finished:
+        return "none (finished)"
+    remaining = manifest.n_blocks - len(done)
+    timed = [float(r.stats["seconds"]) for r in done if isinstance(r.stats.get("seconds"), (int, float))]
+    if not timed:
+        return f"unknown until a block finishes ({_blocks(remaining)} to go)"
+    mean = sum(timed) / len(timed)
+    return f"about {format_duration(mean * remaining)} ({_blocks(remaining)} × {mean:.1f}s mean per block)"
+
+
+def _blocks(count: int) -> str:
+    return f"{count} block" if count == 1 else f"{count} blocks"
+
+
+def _pattern(pattern) -> str:
+    if not isinstance(pattern, dict):
+        return "?"
+    if pattern.get("kind") == "nm":
+        return f"{pattern.get('n')}:{pattern.get('m')}"
+    sparsity = pattern.get("sparsity")
+    share = f"{sparsity:.0%}" if isinstance(sparsity, (int, float)) else "?"
+    return f"unstructured {share} per {pattern.get('scope', 'row')}"
+
+
+def _method(method) -> str:
+    if not isinstance(method, dict):
+        return "none"
+    name = method.get("method", "?")
+    if name == "none":
+        return "none"
+    details = [f"{method.get('steps', '?')} steps", f"lr {method.get('lr', '?')}"]
+    if "lora" in name:
+        details.append(f"rank {method.get('rank', '?')}")
+    return f"{name} ({', '.join(details)})"
+
+
+def _calibration(calibration) -> str:
+    if not isinstance(calibration, dict):
+        return "?"
+    source = calibration.get("source") or {}
+    name = source.get("file") or source.get("name") or "?"
+    return f"{name}, {calibration.get('n_samples', '?')} × {calibration.get('seq_len', '?')} tokens"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _quality(done: list[BlockRecord]) -> str:
+    sparsity = _mean([float(v) for r in done for v in (r.stats.get("sparsity") or {}).values()])
+    before = _mean([float(r.stats["mse_before"]) for r in done if r.stats.get("mse_before") is not None])
+    after = _mean([float(r.stats["mse_after"]) for r in done if r.stats.get("mse_after") is not None])
+    parts = [f"mean sparsity {sparsity:.4f}" if sparsity is not None else "mean sparsity ?"]
+    if before is not None and after is not None:
+        parts.append(f"mean mse {before:.3g} → {after:.3g} (before → after reconstruction)")
+    return ", ".join(parts)
