@@ -29,9 +29,11 @@ from reconstruct.job_state import JobState
 from reconstruct.loaded_model import LoadedModel, load_model
 from reconstruct.methods import attach_method, evaluate_mse, train_reconstruction
 from reconstruct.objective import UnitObjective, discover_units
-from reconstruct.output import REPORT_NAME, copy_side_files, shard_name, write_config, write_index
+from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
+from reconstruct.report import finish_report, refresh_finished_report
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
+from reconstruct.validation import validate_job
 from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
 logger = logging.getLogger(__name__)
@@ -229,11 +231,12 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
     started = time.perf_counter()
     unpool_large_allocations()
     loaded = load_model(job.model, job.device, job.dtype)
+    validate_job(job, loaded)
     job = check_memory_plan(job, loaded, budget)
     with JobState.open(job, loaded) as state:
         if state.finished:
             logger.info("%s already holds this finished job; nothing to do", job.out)
-            return state.report()
+            return {**refresh_finished_report(job, state), "already_finished": True}
         report = _run_blocks(job, loaded, state)
         report["seconds_this_session"] = time.perf_counter() - started
         return report
@@ -262,6 +265,10 @@ def unpool_large_allocations(threshold: int = 1 << 20) -> None:
 
 def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     layout = loaded.layout
+    n_shards = layout.n_blocks + 1
+    if state.manifest.first_unfinished_block() == layout.n_blocks:  # killed while finishing
+        logger.info("all %d blocks are done; writing the rest of the output", layout.n_blocks)
+        return assemble_output(job, loaded, state, n_shards)
     tokens = state.calibration_tokens(loaded)  # (n, T)
     n_samples, seq_len = tokens.shape
     hidden = loaded.hidden_size
@@ -274,7 +281,6 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     if start_block == 0:
         dense.copy_from(sparse)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device)
-    n_shards = layout.n_blocks + 1
 
     progress = tqdm(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
                     total=layout.n_blocks, disable=None)
@@ -323,6 +329,7 @@ def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shar
     write_config(loaded.folder, out, state.bias_flags_to_enable(loaded.layout))
     write_index(out, weight_map, total_bytes)
     report = state.final_report(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(loaded.device))
+    report = finish_report(job, report)  # --eval, then report.md / report.png
     atomic_write_json(out / REPORT_NAME, report)
-    state.finish()
+    state.finish([rest_name, INDEX_NAME, "config.json", REPORT_NAME])
     return report

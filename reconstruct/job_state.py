@@ -27,7 +27,7 @@ import reconstruct
 from calib.activations import ActivationStream
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
-from reconstruct.atomic import remove_stale_temp_files, save_safetensors_atomic
+from reconstruct.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
 from reconstruct.config import JobConfig
 from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
 from reconstruct.loaded_model import LoadedModel
@@ -83,34 +83,59 @@ class JobState:
     @classmethod
     @contextmanager
     def open(cls, job: JobConfig, loaded: LoadedModel):
-        """Lock ``--out``, then load and check its manifest, or start a new one."""
+        """Lock ``--out``, then load and check its manifest, or start a new one.
+
+        A new job that fails on bad input before finishing its first block leaves nothing behind,
+        so the corrected command starts cleanly instead of being refused as a different job.
+        """
         check_out_dir(job.out)
+        created_folder = not job.out.exists()
         job.out.mkdir(parents=True, exist_ok=True)
-        with JobLock(job.out):
-            remove_stale_temp_files(job.out)  # left by a process killed mid-write
-            remove_stale_temp_files(job.out / STATE_DIR)  # ... e.g. an activation checkpoint's
-            fingerprint = job_fingerprint(job, loaded)
-            try:
-                manifest = Manifest.load(job.out)
-            except ValueError:  # damaged: its message says --force starts over, so let it
-                if not job.force:
+        started_new = False
+        try:
+            with JobLock(job.out):
+                remove_stale_temp_files(job.out)  # left by a process killed mid-write
+                remove_stale_temp_files(job.out / STATE_DIR)  # ... e.g. an activation checkpoint's
+                manifest = cls._load_or_start(job, job_fingerprint(job, loaded), loaded.layout.n_blocks)
+                started_new = manifest.first_unfinished_block() == 0 and manifest.stream_checkpoint is None
+                try:
+                    yield cls(job, manifest)
+                except ValueError:
+                    if started_new and manifest.first_unfinished_block() == 0:
+                        Manifest.path(job.out).unlink(missing_ok=True)
+                        shutil.rmtree(job.out / STATE_DIR, ignore_errors=True)
                     raise
-                logger.warning("--force: the manifest in %s is damaged; starting over", job.out)
-                manifest = None
-            if manifest is not None and job.force:
-                logger.warning("--force: discarding the job in %s and starting over", job.out)
-                manifest = None
-            if manifest is None:
-                # A new job must not inherit state files (calibration tokens, checkpoints) from the
-                # one --force discarded: they would be read back as this job's own.
-                shutil.rmtree(job.out / STATE_DIR, ignore_errors=True)
-                manifest = Manifest.new(fingerprint, loaded.layout.n_blocks)
-                manifest.save(job.out)
-            else:
-                manifest.check_same_job(fingerprint, job.out)
-                if verify_block_files(manifest, job.out):
-                    manifest.finished = False
-            yield cls(job, manifest)
+        except ValueError:
+            if created_folder and started_new and not any(job.out.iterdir()):
+                job.out.rmdir()
+            raise
+
+    @staticmethod
+    def _load_or_start(job: JobConfig, fingerprint: dict, n_blocks: int) -> Manifest:
+        try:
+            manifest = Manifest.load(job.out)
+        except ValueError:  # damaged: its message says --force starts over, so let it
+            if not job.force:
+                raise
+            logger.warning("--force: the manifest in %s is damaged; starting over", job.out)
+            manifest = None
+        if manifest is not None and job.force:
+            logger.warning("--force: discarding the job in %s and starting over", job.out)
+            manifest = None
+        if manifest is None:
+            # A new job must not inherit state files (calibration tokens, checkpoints) from the
+            # one --force discarded: they would be read back as this job's own.
+            shutil.rmtree(job.out / STATE_DIR, ignore_errors=True)
+            manifest = Manifest.new(fingerprint, n_blocks)
+            manifest.save(job.out)
+            return manifest
+        manifest.check_same_job(fingerprint, job.out)
+        if verify_block_files(manifest, job.out):
+            manifest.finished = False
+        if manifest.finished and not _outputs_intact(manifest, job.out):
+            logger.warning("%s: finished output files are missing or changed; writing them again", job.out)
+            manifest.finished = False
+        return manifest
 
     @property
     def finished(self) -> bool:
@@ -121,6 +146,13 @@ class JobState:
         """The report of a finished job, as written to ``reconstruct.json``."""
         path = self.out / "reconstruct.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_report(self, report: dict) -> None:
+        """Rewrite a finished job's ``reconstruct.json`` (an evaluation added later) and record its new hash."""
+        atomic_write_json(self.out / "reconstruct.json", report)
+        if "reconstruct.json" in self.manifest.outputs:
+            self.manifest.outputs["reconstruct.json"] = sha256_file(self.out / "reconstruct.json")
+            self._save()
 
     # --------------------------------------------------------------- calibration and streams
     def calibration_tokens(self, loaded: LoadedModel) -> torch.Tensor:
@@ -165,9 +197,6 @@ class JobState:
     def restore_streams(self, sparse: ActivationStream, dense: ActivationStream) -> int:
         """Load the latest intact activation checkpoint; return the first block still to compute."""
         manifest = self.manifest
-        if manifest.first_unfinished_block() == manifest.n_blocks:
-            logger.info("all %d blocks are done; writing the rest of the output", manifest.n_blocks)
-            return manifest.n_blocks  # killed while finishing: the streams are not needed
         if not verify_stream_checkpoint(manifest, self.out):
             return 0
         after = int(manifest.stream_checkpoint["after_block"])
@@ -243,8 +272,9 @@ class JobState:
             "host_memory_total_mb": psutil.virtual_memory().total / 2**20,
         }
 
-    def finish(self) -> None:
-        """Mark the job finished and drop the activation checkpoints (they are large)."""
+    def finish(self, output_files: list[str]) -> None:
+        """Mark the job finished, recording the hashes of ``output_files``; drop the checkpoints."""
+        self.manifest.outputs = {name: sha256_file(self.out / name) for name in output_files}
         self.manifest.finished = True
         checkpoint = self.manifest.stream_checkpoint
         self.manifest.stream_checkpoint = None
@@ -253,6 +283,15 @@ class JobState:
             (self.out / checkpoint["file"]).unlink(missing_ok=True)
         for name in ("sparse", "dense"):
             self.stream_path(name).unlink(missing_ok=True)
+
+
+def _outputs_intact(manifest: Manifest, out: Path) -> bool:
+    """True when every recorded non-block output file exists with its recorded hash."""
+    for name, digest in manifest.outputs.items():
+        path = out / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:

@@ -90,6 +90,7 @@ class Manifest:
     created: str = ""  # ISO-8601 UTC
     updated: str = ""  # ISO-8601 UTC, at the last save
     elapsed_seconds: float = 0.0  # working time summed over sessions; the engine adds to it
+    outputs: dict[str, str] = field(default_factory=dict)  # finished job: non-block output file → sha256
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -168,6 +169,7 @@ class Manifest:
             "created": self.created,
             "updated": self.updated,
             "elapsed_seconds": self.elapsed_seconds,
+            "outputs": self.outputs,
         }
 
     @classmethod
@@ -203,6 +205,7 @@ class Manifest:
             created=str(data["created"]),
             updated=str(data["updated"]),
             elapsed_seconds=float(data["elapsed_seconds"]),
+            outputs=dict(data.get("outputs") or {}),
         )
         return manifest
 

@@ -6,7 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from reconstruct.atomic import atomic_write_bytes, atomic_write_json
+from reconstruct.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_json
+from reconstruct.lock import LOCK_NAME
 from reconstruct.manifest import MANIFEST_NAME
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -20,11 +21,17 @@ def check_out_dir(out: Path) -> None:
     """Refuse an ``--out`` that exists and holds something other than a reconstruct job."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+    foreign = [path for path in out.iterdir() if not is_own_leftover(path.name)] if out.is_dir() else []
+    if foreign and not (out / MANIFEST_NAME).is_file():
         raise ValueError(
             f"--out {out} is not empty and holds no reconstruct job; choose an empty or new folder "
             "(nothing there was changed)"
         )
+
+
+def is_own_leftover(name: str) -> bool:
+    """Files a killed run may leave before its first manifest: lock, state folder, temp files."""
+    return name == LOCK_NAME or name.startswith(LOCK_NAME + ".") or name == STATE_DIR or name.endswith(TEMP_SUFFIX)
 
 
 def shard_name(index: int, n_shards: int) -> str:

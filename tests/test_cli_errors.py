@@ -152,13 +152,7 @@ def test_resume_with_different_arguments_is_refused(tiny_model_dir, calib_file, 
     assert snapshot(out) == before
 
 
-# --------------------------------------------------------------------------- bugs found (xfail, strict)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --seq-len beyond a learned position table (GPT-2 n_positions / OPT max_position_embeddings) "
-    "is not validated: IndexError traceback from the embedding in calib/capture.py, exit 1, and --out is "
-    "left with a manifest",
-)
+# --------------------------------------------------------------------------- input refused once the model is known
 def test_seq_len_longer_than_the_position_table_is_a_clear_error(tiny_model_dir, calib_file, tmp_path):
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir("gpt2")), "--out", str(out), "--calib", str(calib_file),
@@ -167,13 +161,6 @@ def test_seq_len_longer_than_the_position_table_is_a_clear_error(tiny_model_dir,
     assert "--seq-len" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: some bad input is detected only after JobState.open has created --out and saved a manifest "
-    "(a missing --calib file in job_state.calibration_tokens; an N:M that does not tile the layers in the "
-    "pruner, at block 0), so the refused run leaves a job in --out and the corrected rerun is refused as "
-    "'a different job' unless --force",
-)
 @pytest.mark.parametrize(
     "bad, good, words",
     [
