@@ -1,49 +1,103 @@
-import sys, time, copy, json, torch
-sys.path.insert(0, "/work/main")
-torch.set_num_threads(1)
+"""How reconstruction settings trade block error for time, on one real block (picks the defaults).
+
+Takes block K of a model, feeds it the dense model's activations for the calibration windows,
+prunes it with Wanda, then reconstructs copies of it with each method and each (steps, batch, lr)
+setting, printing one JSON line per run: the ratio of the block MSE after/before and the seconds.
+
+    python bench/recon_defaults.py --calib ../shared/data/wikitext-2/valid.txt --block 5 --sparsity 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from calib.text_sources import read_text, tokenize_text, sample_windows
-from calib.capture import capture_block_inputs, BlockKwargs, block_output
+
 from calib.activations import ActivationStream
-from pruners import get_pruner, SparsityPattern
-from reconstruct.methods import ReconSpec, attach_method, train_reconstruction, evaluate_mse
+from calib.capture import BlockKwargs, block_output, capture_block_inputs
+from calib.text_sources import read_text, sample_windows, tokenize_text
+from pruners import SparsityPattern, get_pruner
+from reconstruct.architecture import find_block_list, is_prunable_linear, weight_as_out_in
+from reconstruct.methods import ReconSpec, attach_method, evaluate_mse, train_reconstruction
+from reconstruct.model_source import resolve_model
 from reconstruct.statistics import feeding_statistics
-from reconstruct.architecture import weight_as_out_in
-folder = "/root/.cache/reconstruct/smollm2-135m"
-m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-tok = AutoTokenizer.from_pretrained(folder)
-ids = tokenize_text(read_text("/work/shared/data/wikitext-2/valid.txt"), tok)
-tokens = sample_windows(ids, 16, 256, 0)
-K = int(sys.argv[1]); sparsity = float(sys.argv[2])
-s = ActivationStream(16, 256, 576, torch.float32, torch.device("cpu"), "cpu")
-bysize = capture_block_inputs(m, m.model.layers[0], tokens, 8, s.write, torch.device("cpu"))
-bysize.update(capture_block_inputs(m, m.model.layers[0], tokens[:1], 1, lambda r,x: None, torch.device("cpu")))
-kw = BlockKwargs(bysize)
-def fwd(block): return lambda x: block_output(block(x, **kw.for_batch(x.shape[0])))
-with torch.no_grad():
-    for i in range(K):
-        for st in range(0,16,8): s.write(slice(st,st+8), fwd(m.model.layers[i])(s.read(slice(st,st+8))))
-block0 = m.model.layers[K]
-d = ActivationStream(16, 256, 576, torch.float32, torch.device("cpu"), "cpu")
-with torch.no_grad():
-    for st in range(0,16,8): d.write(slice(st,st+8), fwd(block0)(s.read(slice(st,st+8))))
-pruner = get_pruner("wanda"); pat = SparsityPattern.parse("unstructured", sparsity)
-names = [n for n, mod in block0.named_modules() if isinstance(mod, torch.nn.Linear)]
-stats = {n: pruner.new_stats(block0.get_submodule(n).weight.shape[1], "cpu") for n in names}
-with torch.no_grad(), feeding_statistics({n: block0.get_submodule(n) for n in names}, stats):
-    for st in range(0,16,8): fwd(block0)(s.read(slice(st,st+8)))
-masks = {}
-for n in names:
-    mod = block0.get_submodule(n); w, k = pruner.prune(mod.weight.detach().float().clone(), stats[n], pat)
-    with torch.no_grad(): mod.weight.copy_(w)
-    masks[n] = k
-base = evaluate_mse(fwd(block0), s, d, 8)
-print("K", K, "sparsity", sparsity, "mse pruned", base, flush=True)
-for method, steps, batch, lr in [(a,b,c,e) for a in sys.argv[3].split(",") for (b,c,e) in [(20,1,5e-4),(20,1,2e-3),(64,2,5e-4),(64,2,2e-3),(64,2,5e-3),(128,4,2e-3)]]:
-    blk = copy.deepcopy(block0)
-    lin = {n: blk.get_submodule(n) for n in names}
-    h = attach_method(method, blk, lin, masks, rank=16, alpha=32, bias_linears=set(names), seed=0)
-    t = time.time()
-    spec = ReconSpec(method=method, steps=steps, batch_size=batch, micro_batch=batch, lr=lr)
-    r = train_reconstruction(fwd(blk), h.trainable_parameters(), s, d, spec, seed=0, eval_micro_batch=8)
-    print(json.dumps(dict(method=method, steps=steps, batch=batch, lr=lr, ratio=r.mse_after/base, secs=round(time.time()-t,1))), flush=True)
+
+SETTINGS = [(20, 1, 5e-4), (20, 1, 2e-3), (64, 2, 5e-4), (64, 2, 2e-3), (64, 2, 5e-3), (128, 4, 2e-3)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--block", type=int, default=5)
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--methods", default="bias-ln,masklora,scalelora")
+    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+
+    folder = resolve_model(args.model)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokens = sample_windows(tokenize_text(read_text(args.calib), AutoTokenizer.from_pretrained(folder)),
+                            args.n_samples, args.seq_len, 0)  # (n, T)
+    _, blocks = find_block_list(model)
+    hidden = model.config.hidden_size
+    inputs = ActivationStream(args.n_samples, args.seq_len, hidden, torch.float32, cpu, "cpu")
+    by_size = capture_block_inputs(model, blocks[0], tokens, 8, inputs.write, cpu)
+    by_size.update(capture_block_inputs(model, blocks[0], tokens[:1], 1, lambda rows, x: None, cpu))
+    kwargs = BlockKwargs(by_size)
+
+    def forward(block):
+        return lambda x: block_output(block(x, **kwargs.for_batch(x.shape[0])))
+
+    def run_over(block, source, destination=None):
+        with torch.no_grad():
+            for start in range(0, args.n_samples, 8):
+                rows = slice(start, start + 8)
+                out = forward(block)(source.read(rows))
+                if destination is not None:
+                    destination.write(rows, out)
+
+    for index in range(args.block):  # dense activations into block K
+        run_over(blocks[index], inputs, inputs)
+    block = blocks[args.block]
+    targets = ActivationStream(args.n_samples, args.seq_len, hidden, torch.float32, cpu, "cpu")
+    run_over(block, inputs, targets)
+
+    linears = {name: module for name, module in block.named_modules() if is_prunable_linear(module)}
+    pruner, pattern = get_pruner("wanda"), SparsityPattern.parse("unstructured", args.sparsity)
+    stats = {name: pruner.new_stats(weight_as_out_in(m).shape[1], cpu) for name, m in linears.items()}
+    with feeding_statistics(linears, stats):
+        run_over(block, inputs)
+    keep_masks = {}
+    for name, module in linears.items():
+        weight, keep_masks[name] = pruner.prune(weight_as_out_in(module).detach().float().clone(), stats[name], pattern)
+        with torch.no_grad():
+            weight_as_out_in(module).copy_(weight)
+    pruned_mse = evaluate_mse(forward(block), inputs, targets, 8)
+    print(json.dumps({"block": args.block, "sparsity": args.sparsity, "pruned_mse": pruned_mse}), flush=True)
+
+    for method in args.methods.split(","):
+        for steps, batch, lr in SETTINGS:
+            trial = copy.deepcopy(block)
+            trial_linears = {name: trial.get_submodule(name) for name in linears}
+            handle = attach_method(method, trial, trial_linears, keep_masks, rank=16, alpha=32,
+                                   bias_linears=set(linears), seed=0)
+            spec = ReconSpec(method=method, steps=steps, batch_size=batch, micro_batch=batch, lr=lr)
+            started = time.perf_counter()
+            result = train_reconstruction(forward(trial), handle.trainable_parameters(), inputs, targets, spec,
+                                          seed=0, eval_micro_batch=8)
+            print(json.dumps({"method": method, "steps": steps, "batch": batch, "lr": lr,
+                              "mse_ratio": result.mse_after / pruned_mse,
+                              "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
