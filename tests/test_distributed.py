@@ -1,0 +1,283 @@
+"""Data-parallel runs (``reconstruct.distributed``): 2 gloo processes on the CPU equal one process.
+
+One module-scoped fixture runs every single-process reference in this process, then spawns 2
+worker processes once (``torch.multiprocessing``, a gloo group over TCP) that run the same jobs
+with the calibration samples split between them. Rank 1 records, with a Python audit hook, every
+file-system write it makes under the jobs' folders: there must be none. One more test goes through
+the command line (``--nproc 2`` relaunching itself through torchrun).
+
+Tiny LLaMA (3 blocks), 8 × 32 calibration tokens, micro-batch 4: each rank's 4 samples are exactly
+one single-process micro-batch, so statistics are the same sums in the same order and pruning-only
+runs come out bit-identical. Reconstruction splits each global batch differently between the ranks
+(float summation order), so its weights match to a tolerance.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_job
+from reconstruct import distributed
+from reconstruct.methods import ReconSpec
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+RECON = dict(steps=4, batch_size=4, micro_batch=2, lr=1e-3)
+JOBS = {  # name → (pruner, reconstruction)
+    "magnitude": ("magnitude", None),
+    "wanda": ("wanda", None),
+    "sparsegpt": ("sparsegpt", None),
+    "bias-ln": ("wanda", ReconSpec(method="bias-ln", **RECON)),
+    "masklora": ("sparsegpt", ReconSpec(method="masklora", rank=4, **RECON)),
+}
+RESUMED = "masklora"  # the job the resume tests interrupt at block 1 and finish
+INTERRUPT_AT = "reconstruction:1"
+WRITE_EVENTS = {"os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "os.link", "os.symlink",
+                "os.chmod", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+class Interrupted(Exception):
+    """Stands in for a kill at a crash point (the state on disk is the same: writes are atomic)."""
+
+
+def _interrupting(point: str):
+    def crash_point(name: str) -> None:
+        if name == point:
+            raise Interrupted(name)
+
+    return crash_point
+
+
+def _run(job, interrupt: str | None = None) -> int:
+    """``run_job``; returns the block it started from (0 = fresh). ``interrupt`` stops it at that crash point."""
+    from unittest import mock
+
+    from reconstruct import engine
+    from reconstruct.job_state import JobState
+
+    starts: list[int] = []
+    restore = JobState.restore_streams
+
+    def spy(self, sparse, dense):
+        starts.append(restore(self, sparse, dense))
+        return starts[-1]
+
+    with mock.patch.object(JobState, "restore_streams", spy):
+        if interrupt is None:
+            engine.run_job(job)
+        else:
+            with mock.patch.object(engine, "crash_point", _interrupting(interrupt)), pytest.raises(Interrupted):
+                engine.run_job(job)
+    return starts[0]
+
+
+def _audit_writes(root: Path, log: list):
+    """An audit hook appending ``(event, path)`` for every write-like call on a path under ``root``."""
+    root = str(root)
+
+    def under(value) -> bool:
+        return isinstance(value, (str, bytes, os.PathLike)) and os.fsdecode(os.path.abspath(value)).startswith(root)
+
+    def hook(event, args):
+        if event == "open" and len(args) >= 3 and under(args[0]):
+            mode, flags = args[1] or "", args[2] or 0
+            if any(c in mode for c in "wax+") or flags & WRITE_FLAGS:
+                log.append((event, os.fsdecode(args[0])))
+        elif event in WRITE_EVENTS and args and any(under(a) for a in args[:2]):
+            log.append((event, [os.fsdecode(a) for a in args[:2] if under(a)]))
+
+    return hook
+
+
+def _worker(rank: int, port: int, tasks: list, results: Path) -> None:
+    """One of the 2 ranks: run every task (name, job, interrupt, resume-expected) in one gloo group."""
+    torch.set_num_threads(1)
+    os.environ["TQDM_DISABLE"] = "1"
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    writes: list = []
+    if rank != 0:
+        sys.addaudithook(_audit_writes(results.parent / "dist", writes))
+    starts = {}
+    for name, job, interrupt in tasks:
+        starts[f"{name}:{interrupt}"] = _run(job, interrupt)
+    (results / f"rank{rank}.json").write_text(json.dumps({"writes": writes, "starts": starts}))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _job(model: Path, out: Path, calib: Path, name: str):
+    pruner, recon = JOBS[name]
+    return make_job(model, out, pruner, calib=calib, micro_batch=4, recon=recon)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, small_calib_file, tmp_path_factory):
+    """Single-process references, then one spawn of 2 ranks running the same jobs; returns paths and logs."""
+    model, root = tiny_model_dir("llama"), tmp_path_factory.mktemp("distributed")
+    single, dist_root, results = root / "single", root / "dist", root / "results"
+    results.mkdir()
+    for name in JOBS:
+        assert _run(_job(model, single / name, small_calib_file, name)) == 0
+    # resume with another world size: 1 process stops at block 1, 2 finish ...
+    assert _run(_job(model, dist_root / "resume-1to2", small_calib_file, RESUMED), INTERRUPT_AT) == 0
+    tasks = [(name, _job(model, dist_root / name, small_calib_file, name), None) for name in JOBS]
+    resume = _job(model, dist_root / "resume-2to2", small_calib_file, RESUMED)
+    tasks += [
+        ("resume-2to2", resume, INTERRUPT_AT), ("resume-2to2", resume, None),
+        ("resume-1to2", _job(model, dist_root / "resume-1to2", small_calib_file, RESUMED), None),
+        ("resume-2to1", _job(model, dist_root / "resume-2to1", small_calib_file, RESUMED), INTERRUPT_AT),
+    ]
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), tasks, results), nprocs=WORLD, join=True)
+    # ... and 2 processes stop at block 1, 1 finishes
+    resumed_alone = _run(_job(model, dist_root / "resume-2to1", small_calib_file, RESUMED))
+    ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {"single": single, "dist": dist_root, "ranks": ranks, "resumed_alone": resumed_alone}
+
+
+def _blocks(out: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(out.glob("model-*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _files(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*")}
+
+
+def _assert_same_model(got: Path, want: Path, exact: bool) -> None:
+    a, b = _blocks(got), _blocks(want)
+    assert a.keys() == b.keys() and a
+    for name in b:
+        assert torch.equal(a[name] == 0, b[name] == 0), f"{name}: keep mask differs from the single-process run"
+        if exact:
+            assert torch.equal(a[name], b[name]), f"{name}: differs from the single-process run"
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------- 2 processes = 1 process
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
+def test_pruning_masks_equal_single_process(runs, name):
+    _assert_same_model(runs["dist"] / name, runs["single"] / name, exact=True)
+
+
+@pytest.mark.parametrize("name", ["bias-ln", "masklora"])
+def test_reconstruction_equals_single_process_within_tolerance(runs, name):
+    _assert_same_model(runs["dist"] / name, runs["single"] / name, exact=False)
+    got = json.loads((runs["dist"] / name / "reconstruct.json").read_text())
+    want = json.loads((runs["single"] / name / "reconstruct.json").read_text())
+    assert got["world_size"] == WORLD and want["world_size"] == 1
+    for mine, theirs in zip(got["blocks"], want["blocks"]):
+        assert mine["mse_after"] == pytest.approx(theirs["mse_after"], rel=1e-3)  # all-reduced over both shards
+        assert mine["mse_after"] < mine["mse_before"]
+
+
+def test_only_rank_zero_writes(runs):
+    assert runs["ranks"][1]["writes"] == []  # rank 1: no open-for-write, rename, mkdir, ... under the outputs
+    for name in JOBS:
+        assert _files(runs["dist"] / name) == _files(runs["single"] / name), name
+
+
+# --------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("case", ["resume-2to2", "resume-1to2", "resume-2to1"])
+def test_resume_in_distributed_mode(runs, case):
+    starts = runs["ranks"][0]["starts"]
+    if case == "resume-2to2":
+        assert (starts[f"{case}:{INTERRUPT_AT}"], starts[f"{case}:None"]) == (0, 1)  # interrupted, then resumed
+        assert runs["ranks"][1]["starts"][f"{case}:None"] == 1
+    elif case == "resume-1to2":
+        assert starts[f"{case}:None"] == 1  # one process's checkpoint, two processes resume
+    else:
+        assert runs["resumed_alone"] == 1  # two processes' gathered checkpoint, one process resumes
+    _assert_same_model(runs["dist"] / case, runs["single"] / RESUMED, exact=False)
+    assert _files(runs["dist"] / case) == _files(runs["single"] / RESUMED)
+
+
+# --------------------------------------------------------------------------- command line
+def test_nproc_relaunches_through_torchrun(runs, tiny_model_dir, small_calib_file, tmp_path):
+    """``run --nproc 2``: the same job as the in-process bias-ln reference, through torchrun."""
+    out = tmp_path / "out"
+    spec = JOBS["bias-ln"][1]
+    args = [
+        "run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file), "--out", str(out),
+        "--n-samples", "8", "--seq-len", "32", "--device", "cpu", "--micro-batch", "4", "--pruner", "wanda",
+        "--method", "bias-ln", "--recon-steps", str(spec.steps), "--recon-batch", str(spec.batch_size),
+        "--lr", str(spec.lr), "--nproc", str(WORLD),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "reconstruct", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1  # rank 0 alone reports
+    assert "[rank 0]" in done.stderr and "[rank 1] INFO" not in done.stderr  # rank 1 logs warnings only
+    assert json.loads((out / "reconstruct.json").read_text())["world_size"] == WORLD
+    # the CLI's ReconSpec trains one sample per slice (micro_batch 1), the reference 2: same math, other order
+    _assert_same_model(out, runs["single"] / "bias-ln", exact=False)
+    assert _files(out) == _files(runs["single"] / "bias-ln")
+
+
+# --------------------------------------------------------------------------- helpers, one process
+def test_split_is_contiguous_and_covers_every_sample(monkeypatch):
+    for size in (1, 2, 3):
+        shards = []
+        for rank in range(size):
+            monkeypatch.setattr(distributed, "world", lambda rank=rank: distributed.World(rank, size))
+            shards.append(distributed.split_samples(8))
+        assert [(s.start, s.stop) for s in shards] == list(shards[0].bounds)
+        assert shards[0].start == 0 and shards[-1].stop == 8
+        assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+        assert max(s.size for s in shards) - min(s.size for s in shards) <= 1
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 3))
+    with pytest.raises(ValueError, match="--n-samples 2 is fewer than the 3 processes"):
+        distributed.split_samples(2)
+
+
+def test_helpers_are_no_ops_in_one_process():
+    assert distributed.world() == distributed.World(0, 1) and distributed.is_main()
+    assert distributed.all_reduce_sum(1.5, 2) == (1.5, 2)
+    assert distributed.from_main(lambda: "x") == "x"
+    assert distributed.local_shard(5) == distributed.Shard(0, 5, 5, ((0, 5),))
+    rows = torch.randn(5, 3)
+    assert torch.equal(distributed.gather_rows(rows), rows)
+    assert distributed.scatter_rows(rows, distributed.local_shard(5), (3,), rows.dtype) is rows
+
+    def refuse():
+        raise ValueError("--gpu-memory: too small")
+
+    with pytest.raises(ValueError, match="--gpu-memory"):
+        distributed.agree(refuse)
+
+
+def test_command_line_for_torchrun_drops_nproc_and_keeps_changed_flags():
+    import inspect
+
+    import cli
+
+    options = {name: p.default for name, p in inspect.signature(cli.run, eval_str=True).parameters.items()}
+    options.update(nproc=4, pruner=cli.PrunerName.sparsegpt, sequential=True, eval_data="t.txt", lr=0.001,
+                   out=Path("o"), verbose=True)
+    assert cli._command_line(options) == [
+        "run", "--pruner", "sparsegpt", "--lr", "0.001", "--sequential", "--out", "o", "--eval", "t.txt", "--verbose",
+    ]
