@@ -94,7 +94,7 @@ def test_status_of_crashed_half_done_job(half_done):
     assert field(text, "blocks") == "2 / 3 done"
     assert field(text, "time left").startswith("about ") and "1 block ×" in text
     assert field(text, "pruner") == "sparsegpt, pattern unstructured 50% per row"
-    assert field(text, "method") == "bias-ln (4 steps, lr 0.0005)"
+    assert field(text, "method") == "bias-ln (4 steps, lr 0.005)"
     assert field(text, "calib") == "valid-head.txt, 8 × 32 tokens"
     assert field(text, "seed") == "0, dtype float32"
     assert field(text, "quality").startswith("mean sparsity 0.5000, mean mse ")
