@@ -6,6 +6,7 @@ import errno
 import inspect
 import json
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -29,6 +30,12 @@ class PrunerName(str, Enum):
     magnitude = "magnitude"
     wanda = "wanda"
     sparsegpt = "sparsegpt"
+    loraprune = "loraprune"
+
+
+class CycleSchedule(str, Enum):
+    cubic = "cubic"
+    linear = "linear"
 
 
 class MethodName(str, Enum):
@@ -57,12 +64,15 @@ class Dtype(str, Enum):
 
 
 MASKLORA_FROM_SPARSITY = 0.6  # --method auto: bias-ln below this sparsity, masklora at or above
+EVAL_FLAGS = ("eval_data", "eval_seq_len", "eval_windows")  # run's end-of-job evaluation: not for plan or sweep cells
 
 
 def _setup_logging(verbose: bool) -> None:
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under torchrun
+    quiet = rank not in (None, "0") and not verbose  # ranks other than 0 log warnings only, unless -v
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
@@ -94,6 +104,8 @@ def _guarded(action):
 def _default_out(model: str, pruner: str, pattern: str, sparsity: float | None) -> Path:
     stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
     shape = pattern.replace(":", "of") if pattern != "unstructured" else f"s{sparsity if sparsity is not None else 0.5:g}"
+    if pattern in ("heads", "channels"):
+        shape = f"{pattern}{sparsity if sparsity is not None else 0.5:g}"
     return Path(f"{stem}-{pruner}-{shape}")
 
 
@@ -101,8 +113,8 @@ def _default_out(model: str, pruner: str, pattern: str, sparsity: float | None) 
 def run(
     model: Annotated[str, typer.Option(help="Local HF folder, .gguf file, hub id or alias (opt-30b, smollm2-135m).")] = DEFAULT_MODEL,
     pruner: Annotated[PrunerName, typer.Option(help="How weights are scored.")] = PrunerName.wanda,
-    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights removed, in [0, 1). Default 0.5; implied by N:M.")] = None,
-    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M (N kept of every M along the input), e.g. 2:4.")] = "unstructured",
+    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights removed, in [0, 1) (heads/channels: of heads/channels removed per block). Default 0.5; implied by N:M.")] = None,
+    pattern: Annotated[str, typer.Option(help="'unstructured', N:M (N kept of every M along the input, e.g. 2:4), 'heads' (whole attention heads) or 'channels' (MLP intermediate channels); heads/channels: --sparsity is the fraction of them removed per block, rounded to whole heads (0.2222 of 9 = 2).")] = "unstructured",
     mask_scope: Annotated[str, typer.Option(help="Unstructured: equal sparsity per output 'row' or per 'layer'.")] = "row",
     method: Annotated[MethodName, typer.Option(help="Reconstruction: auto = bias-ln below 60% sparsity, masklora at or above.")] = MethodName.auto,
     recon_steps: Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block (method default if omitted).")] = None,
@@ -119,6 +131,11 @@ def run(
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and reconstruction.")] = 0,
     sequential: Annotated[bool, typer.Option(help="Prune sub-layer groups in order (q/k/v, o, up/gate, down), re-collecting statistics between them.")] = False,
+    cycles: Annotated[int, typer.Option(min=1, help="Reach the pattern in this many prune -> reconstruct cycles per block (statistics re-collected each cycle; earlier zeros stay zero).")] = 1,
+    cycle_schedule: Annotated[CycleSchedule, typer.Option(help="How the sparsity grows over --cycles: cubic (LoRAPrune's, front-loaded) or linear.")] = CycleSchedule.cubic,
+    loraprune_steps: Annotated[int, typer.Option(min=1, help="--pruner loraprune: LoRA warm-up steps per block (per cycle) that accumulate the importance.")] = 20,
+    loraprune_rank: Annotated[int, typer.Option(min=1, help="--pruner loraprune: rank of the warm-up adapters (alpha = 2 x rank).")] = 8,
+    loraprune_lr: Annotated[float, typer.Option(min=0.0, help="--pruner loraprune: AdamW learning rate of the warm-up.")] = 2e-2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")] = Dtype.auto,
     micro_batch: Annotated[int, typer.Option(min=1, help="Samples per block forward.")] = 8,
@@ -128,26 +145,55 @@ def run(
     host_memory: Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB (default: available memory).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: derived from model and settings).")] = None,
     force: Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")] = False,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.")] = None,
+    eval_seq_len: Annotated[int, typer.Option(min=2, help="--eval: tokens per window.")] = 2048,
+    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.")] = None,
+    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Prune every linear layer of every block, reconstruct, and write a loadable model folder."""
+    """Prune every linear layer of every block, reconstruct, and write a loadable model folder (+ report.md, report.png)."""
     options = dict(locals())  # every flag by name: build_job and the memory budget read them
     _setup_logging(verbose)
 
     def build_and_run():
+        from reconstruct import distributed
         from reconstruct.engine import run_job
 
         job = build_job(options)
+        if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
+            raise typer.Exit(distributed.relaunch(nproc, _command_line(options)))
         report = run_job(job, _memory_budget(options))
-        typer.echo(f"wrote {job.out} (mean linear sparsity {report.get('mean_linear_sparsity', 0):.4f})")
+        if not distributed.is_main():
+            return  # rank 0 reports
+        evaluated = report.get("evaluation")
+        score = f", perplexity {evaluated['perplexity']:.3f}" if evaluated else ""
+        typer.echo(f"wrote {job.out} (mean linear sparsity {report.get('mean_linear_sparsity', 0):.4f}{score}; see report.md)")
 
     _guarded(build_and_run)
+
+
+def _command_line(options: dict) -> list[str]:
+    """``run`` and its flags that differ from their defaults, ``--nproc`` left out (what torchrun starts)."""
+    args = ["run"]
+    for name, param in inspect.signature(run, eval_str=True).parameters.items():
+        value = options.get(name)
+        if name == "nproc" or value is None or value == param.default:
+            continue
+        info = next((m for m in getattr(param.annotation, "__metadata__", ()) if hasattr(m, "param_decls")), None)
+        decls = (info.default, *(info.param_decls or ())) if info is not None else ()  # Option("--eval", ...)
+        flag = next((d.split("/")[0] for d in decls if isinstance(d, str) and d.startswith("--")),
+                    "--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, str(value.value if isinstance(value, Enum) else value)]
+    return args
 
 
 def build_job(options: dict):
     """The JobConfig for the flags of ``run`` (``options``: its parameters by name)."""
     from pruners.pattern import SparsityPattern
-    from reconstruct.config import CalibSpec, JobConfig, PruneSpec
+    from reconstruct.config import CalibSpec, EvalSpec, JobConfig, PruneSpec
     from reconstruct.methods import ReconSpec
 
     o = options
@@ -164,7 +210,11 @@ def build_job(options: dict):
     return JobConfig(
         model=o["model"],
         out=o["out"] or _default_out(o["model"], o["pruner"].value, o["pattern"], o["sparsity"]),
-        prune=PruneSpec(pruner=o["pruner"].value, pattern=spec, sequential=o["sequential"]),
+        prune=PruneSpec(
+            pruner=o["pruner"].value, pattern=spec, sequential=o["sequential"], cycles=o.get("cycles", 1),
+            cycle_schedule=_choice(o.get("cycle_schedule", "cubic")), loraprune_steps=o.get("loraprune_steps", 20),
+            loraprune_rank=o.get("loraprune_rank", 8), loraprune_lr=o.get("loraprune_lr", 2e-2),
+        ),
         calib=CalibSpec(source=o["calib"], n_samples=o["n_samples"], seq_len=o["seq_len"], seed=o["seed"]),
         recon=recon,
         device=o["device"],
@@ -173,7 +223,13 @@ def build_job(options: dict):
         offload=o["offload"].value,
         checkpoint_every=o["checkpoint_every"],
         force=o["force"],
+        evaluation=EvalSpec(o["eval_data"], o["eval_seq_len"], o["eval_windows"]) if o.get("eval_data") else None,
     )
+
+
+def _choice(value) -> str:
+    """An Enum option's string (options built by hand may hold the plain string)."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def _memory_budget(options: dict):
@@ -206,7 +262,7 @@ def plan(
 # `plan` takes every flag of `run` (same names, types and help) except those about the output folder.
 plan.__signature__ = inspect.Signature(
     [inspect.signature(plan, eval_str=True).parameters["config"]]
-    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items() if name not in ("out", "force")]
+    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items() if name not in ("out", "force", *EVAL_FLAGS)]
 )
 app.command("plan")(plan)
 
@@ -214,20 +270,32 @@ app.command("plan")(plan)
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model folder, .gguf, alias or hub id.")] = DEFAULT_MODEL,
-    data: Annotated[str, typer.Option(help="Test text: a .txt/.jsonl file or wikitext2, c4, ptb.")] = "wikitext2",
+    data: Annotated[Optional[str], typer.Option(help="Perplexity test text: a .txt/.jsonl file or wikitext2, c4, ptb (default wikitext2 when no --tasks).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: piqa is built in (with --task-data); others need lm-eval-harness installed.")] = None,
+    task_data: Annotated[Optional[Path], typer.Option(help="Folder holding piqa/valid.jsonl and piqa/valid-labels.lst (or the piqa folder itself).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="--tasks: score only the first N questions of each task.")] = None,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window (windows do not overlap).")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows (or task sequences) per forward.")] = 1,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the model one block at a time (default: only when it does not fit in memory).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype.")] = Dtype.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Perplexity on non-overlapping windows of a test text (prints JSON)."""
+    """Perplexity on non-overlapping windows of a test text, and zero-shot task accuracy (prints JSON)."""
     _setup_logging(verbose)
 
     def evaluate_model():
         from reconstruct.evaluate import perplexity
+        from reconstruct.zero_shot import evaluate_tasks
 
-        result = perplexity(model, data, seq_len=seq_len, max_windows=max_windows, device=device, dtype=dtype.value)
+        task_names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
+        common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream)
+        result: dict = {}
+        if data is not None or not task_names:
+            result = perplexity(model, data or "wikitext2", seq_len=seq_len, max_windows=max_windows, **common)
+        if task_names:
+            result["tasks"] = evaluate_tasks(model, task_names, task_data, limit, **common)
         typer.echo(json.dumps(result))
 
     _guarded(evaluate_model)
@@ -241,6 +309,71 @@ def status(out: Annotated[Path, typer.Argument(help="A job's output folder.")]) 
         from reconstruct.job_status import describe_job
 
         typer.echo(describe_job(out))
+
+    _guarded(show)
+
+
+def sweep(
+    eval_data: Annotated[str, typer.Option(help="Perplexity test text for every cell (.txt/.jsonl file or wikitext2, c4, ptb).")],
+    out: Annotated[Path, typer.Option(help="Sweep folder: cells go to OUT/<cell>, results to OUT/sweep.{md,csv,png}.")],
+    pruner: Annotated[str, typer.Option(help="Pruners, comma-separated: magnitude, wanda, sparsegpt.")] = "wanda",
+    sparsity: Annotated[str, typer.Option(help="Sparsities for the unstructured pattern, comma-separated, e.g. 0.5,0.6,0.7.")] = "0.5",
+    pattern: Annotated[str, typer.Option(help="Patterns, comma-separated: unstructured and/or N:M such as 2:4 (N:M implies its sparsity).")] = "unstructured",
+    method: Annotated[str, typer.Option(help="Reconstruction methods, comma-separated, e.g. none,bias-ln,masklora.")] = "none,bias-ln,masklora",
+    eval_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per evaluation window.")] = 2048,
+    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
+    **options,
+) -> None:
+    """Run a grid of pruner × pattern × sparsity × method (each cell a resumable job), evaluate each, and tabulate."""
+    _setup_logging(options["verbose"])
+
+    def run_grid():
+        from reconstruct.config import EvalSpec
+        from reconstruct.sweep import SweepSpec, flags_from_options, run_sweep
+
+        def values(text: str) -> tuple[str, ...]:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+
+        try:
+            sparsities = tuple(float(value) for value in values(sparsity))
+        except ValueError:
+            raise ValueError(f"--sparsity must be comma-separated numbers such as 0.5,0.6; got {sparsity!r}") from None
+        run_defaults = {name: p.default for name, p in inspect.signature(run, eval_str=True).parameters.items()}
+        spec = SweepSpec(
+            out=out, pruners=values(pruner), patterns=values(pattern), sparsities=sparsities, methods=values(method),
+            evaluation=EvalSpec(eval_data, eval_seq_len, eval_windows),
+            run_flags=flags_from_options(options, run_defaults),
+        )
+        rows = run_sweep(spec, options["mask_scope"])
+        typer.echo(f"wrote {out / 'sweep.md'}, sweep.csv and sweep.png ({len(rows)} cells)")
+
+    _guarded(run_grid)
+
+
+# `sweep` takes the flags of `run` that every cell shares (model, calibration, device, ...); the grid's
+# own lists replace --pruner/--sparsity/--pattern/--method, and --out/--eval are the sweep's.
+_SWEEP_OWN = [p for p in inspect.signature(sweep, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+sweep.__signature__ = inspect.Signature(
+    _SWEEP_OWN
+    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items()
+       if name not in ("pruner", "sparsity", "pattern", "method", "out", "force", *EVAL_FLAGS)]
+)
+app.command("sweep")(sweep)
+
+
+@app.command("inspect")
+def inspect_model_folder(
+    folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (pruned or dense).")],
+    nm: Annotated[Optional[str], typer.Option(help="Check N:M compliance, e.g. 2:4: at most N non-zeros in every M weights along the input.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Sparsity per layer and per block of a model folder, read tensor by tensor; N:M compliance with --nm."""
+
+    def show():
+        from reconstruct.inspect_model import format_table, inspect_folder
+
+        result = inspect_folder(folder, nm)
+        typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
     _guarded(show)
 

@@ -1,4 +1,4 @@
-"""Mask makers (magnitude, Wanda, SparseGPT), the one mask-selection routine, calibration statistics."""
+"""Mask makers (magnitude, Wanda, SparseGPT, LoRAPrune), the one mask-selection routine, calibration statistics."""
 
 from pruners.base import Pruner
 from pruners.masks import select_keep_mask

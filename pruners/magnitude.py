@@ -25,8 +25,15 @@ class MagnitudePruner(Pruner):
     needs_calibration: ClassVar[bool] = False
 
     @torch.no_grad()
-    def prune(self, weight: Tensor, stats: LayerStats | None, pattern: SparsityPattern) -> tuple[Tensor, Tensor]:
+    def prune(
+        self, weight: Tensor, stats: LayerStats | None, pattern: SparsityPattern, within: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Prune ``weight`` by magnitude; ``stats`` is ignored. See :meth:`Pruner.prune`."""
         w = prepare_weight(weight, pattern)  # (out, in)
-        keep_mask = select_keep_mask(magnitude_scores(w), pattern)  # (out, in)
+        keep_mask = select_keep_mask(magnitude_scores(w), pattern, within)  # (out, in)
         return apply_keep_mask(w, keep_mask), keep_mask
+
+    @torch.no_grad()
+    def importance(self, weight: Tensor, stats: LayerStats | None) -> Tensor:
+        """``|W|``, ``(out, in)``. See :meth:`Pruner.importance`."""
+        return magnitude_scores(weight.detach().float())

@@ -8,6 +8,10 @@ Every pruner turns its importance scores into a mask here, so the counting rules
 
 Lower score = pruned first. Ties are broken by a stable sort: among equal scores the weight with the
 lower (flattened) index is pruned first, so equal inputs give equal masks on every call and device.
+
+Nesting (``within``): iterative pruning (``--cycles``) passes the previous keep mask; weights outside
+it are pruned first, whatever their score, so the new mask is a subset of the old one. The pattern's
+counts stay exact; a previous mask that already prunes more than the pattern allows is an error.
 """
 
 from __future__ import annotations
@@ -111,28 +115,59 @@ def _check_kind(pattern: SparsityPattern) -> None:
         raise ValueError(f"--pattern must be 'unstructured' or N:M such as 2:4, got kind {pattern.kind!r}")
 
 
-def select_keep_mask(scores: Tensor, pattern: SparsityPattern) -> Tensor:
+def restrict_scores(scores: Tensor, within: Tensor | None) -> Tensor:
+    """Scores with every position outside ``within`` set to ``-inf`` (pruned first); ``scores`` if None.
+
+    Args:
+        scores: ``(out, in)`` importance.
+        within: ``(out, in)`` bool previous keep mask, or None.
+    """
+    if within is None:
+        return scores
+    if tuple(within.shape) != tuple(scores.shape):
+        raise ValueError(f"previous keep mask has shape {tuple(within.shape)}, the scores {tuple(scores.shape)}")
+    lowest = torch.tensor(float("-inf"), dtype=torch.float32, device=scores.device)
+    return torch.where(within.to(device=scores.device, dtype=torch.bool), scores.float(), lowest)
+
+
+def check_nested(keep_mask: Tensor, within: Tensor | None, pattern: SparsityPattern) -> Tensor:
+    """Return ``keep_mask`` after checking it is a subset of ``within`` (when given)."""
+    if within is not None and bool((keep_mask & ~within.to(device=keep_mask.device, dtype=torch.bool)).any()):
+        raise ValueError(
+            f"--pattern {pattern.label} keeps weights that an earlier pruning cycle removed: the earlier "
+            "mask is sparser than this pattern allows (use a schedule that only grows the sparsity)"
+        )
+    return keep_mask
+
+
+def select_keep_mask(scores: Tensor, pattern: SparsityPattern, within: Tensor | None = None) -> Tensor:
     """Turn importance scores into a ``keep_mask`` that meets ``pattern`` exactly.
 
     Args:
         scores: ``(out, in)`` importance, higher = more important (any real dtype).
         pattern: unstructured (scope ``"row"`` or ``"layer"``) or N:M along the input dimension.
+        within: optional ``(out, in)`` bool keep mask of an earlier pruning step; the result is a
+            subset of it (weights outside it are pruned first).
 
     Returns:
         ``(out, in)`` bool ``keep_mask``, True = the weight survives.
 
     Raises:
-        ValueError: N:M with ``in`` not a multiple of ``m``; scores not 2-D or containing NaN.
+        ValueError: N:M with ``in`` not a multiple of ``m``; scores not 2-D or containing NaN;
+            ``within`` already prunes more than the pattern allows.
     """
     _check_scores(scores)
     _check_kind(pattern)
+    scores = restrict_scores(scores, within)
     out_features, in_features = scores.shape
     if pattern.kind == N_OF_M:
         check_nm_divisible(in_features, pattern, out_features)
-        return keep_mask_n_of_m(scores, pattern.n, pattern.m)
-    if pattern.scope == "row":
-        return keep_mask_prune_lowest(scores, num_pruned(in_features, pattern.sparsity), per_row=True)
-    return keep_mask_prune_lowest(scores, num_pruned(out_features * in_features, pattern.sparsity), per_row=False)
+        keep = keep_mask_n_of_m(scores, pattern.n, pattern.m)
+    elif pattern.scope == "row":
+        keep = keep_mask_prune_lowest(scores, num_pruned(in_features, pattern.sparsity), per_row=True)
+    else:
+        keep = keep_mask_prune_lowest(scores, num_pruned(out_features * in_features, pattern.sparsity), per_row=False)
+    return check_nested(keep, within, pattern)
 
 
 def block_prune_count(pattern: SparsityPattern, rows: int, col_start: int, col_end: int) -> int:

@@ -1,4 +1,10 @@
-"""The sparsity pattern a pruner must produce: unstructured (per row or per layer) or N:M."""
+"""The sparsity pattern a pruner must produce: unstructured (per row or per layer), N:M, or structured.
+
+Structured patterns remove whole groups of weights across several linears of a block
+(see :mod:`pruners.structured`): ``heads`` (attention heads: q/k/v rows and o columns) and
+``channels`` (MLP intermediate channels: up/gate rows and down columns). Their ``sparsity`` is the
+fraction of heads or channels removed per block, not of each linear's weights.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,11 @@ from dataclasses import dataclass
 
 UNSTRUCTURED = "unstructured"
 N_OF_M = "nm"
+HEADS = "heads"
+CHANNELS = "channels"
+STRUCTURED = (HEADS, CHANNELS)
 MASK_SCOPES = ("row", "layer")
+PATTERN_CHOICES = "'unstructured', N:M such as 2:4, 'heads' or 'channels'"
 
 
 @dataclass(frozen=True)
@@ -18,26 +28,32 @@ class SparsityPattern:
     consecutive weights along the input dimension (2:4 keeps 2 of 4, i.e. 50% sparsity).
     """
 
-    kind: str = UNSTRUCTURED  # "unstructured" or "nm"
-    sparsity: float = 0.5  # fraction of weights set to zero
+    kind: str = UNSTRUCTURED  # "unstructured", "nm", "heads" or "channels"
+    sparsity: float = 0.5  # fraction of weights set to zero (structured: of heads / channels removed)
     n: int | None = None  # kept weights per group (N:M only)
     m: int | None = None  # group size along the input dimension (N:M only)
     scope: str = "row"  # unstructured only: equal sparsity per output row, or per whole layer
 
     @property
+    def structured(self) -> bool:
+        """True for ``heads`` and ``channels``: whole groups across several linears are removed."""
+        return self.kind in STRUCTURED
+
+    @property
     def label(self) -> str:
-        """Short human form: ``unstructured-50%`` or ``2:4``."""
+        """Short human form: ``unstructured 50%``, ``2:4``, ``heads 22%`` or ``channels 20%``."""
         if self.kind == N_OF_M:
             return f"{self.n}:{self.m}"
-        return f"unstructured {self.sparsity:.0%}"
+        return f"{self.kind} {self.sparsity:.0%}"
 
     @classmethod
     def parse(cls, pattern: str, sparsity: float | None, scope: str = "row") -> "SparsityPattern":
         """Build a pattern from the CLI's ``--pattern`` and ``--sparsity``.
 
         Args:
-            pattern: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
-            sparsity: fraction in [0, 1); for N:M it may be omitted (it is ``1 - N/M``).
+            pattern: ``"unstructured"``, ``"N:M"`` such as ``"2:4"``, ``"heads"`` or ``"channels"``.
+            sparsity: fraction in [0, 1); for N:M it may be omitted (it is ``1 - N/M``); for heads and
+                channels it is the fraction of heads / channels removed in every block (default 0.5).
             scope: ``"row"`` (every output row has the same sparsity) or ``"layer"``.
 
         Raises:
@@ -49,9 +65,11 @@ class SparsityPattern:
             raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
         if pattern == UNSTRUCTURED:
             return cls(kind=UNSTRUCTURED, sparsity=0.5 if sparsity is None else float(sparsity), scope=scope)
+        if pattern in STRUCTURED:
+            return cls(kind=pattern, sparsity=0.5 if sparsity is None else float(sparsity), scope="row")
         match = re.fullmatch(r"(\d+):(\d+)", pattern.strip())
         if not match:
-            raise ValueError(f"--pattern must be 'unstructured' or N:M such as 2:4, got {pattern!r}")
+            raise ValueError(f"--pattern must be {PATTERN_CHOICES}, got {pattern!r}")
         n, m = int(match.group(1)), int(match.group(2))
         if not (1 <= n < m):
             raise ValueError(f"--pattern {pattern}: N:M needs 1 <= N < M (N weights kept of every M)")

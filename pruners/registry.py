@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pruners.base import Pruner
+from pruners.loraprune import LoRAPrunePruner
 from pruners.magnitude import MagnitudePruner
 from pruners.sparsegpt import SparseGPTPruner
 from pruners.wanda import WandaPruner
@@ -11,6 +12,7 @@ _PRUNERS: dict[str, type[Pruner]] = {
     MagnitudePruner.name: MagnitudePruner,
     WandaPruner.name: WandaPruner,
     SparseGPTPruner.name: SparseGPTPruner,
+    LoRAPrunePruner.name: LoRAPrunePruner,
 }
 PRUNER_NAMES: tuple[str, ...] = tuple(_PRUNERS)
 
@@ -20,6 +22,7 @@ PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
     MagnitudePruner.name: (),
     WandaPruner.name: (),
     SparseGPTPruner.name: ("blocksize", "percdamp"),
+    LoRAPrunePruner.name: ("loraprune_steps", "loraprune_rank", "loraprune_lr"),
 }
 _KNOWN_OPTIONS = frozenset(opt for opts in PRUNER_OPTIONS.values() for opt in opts)
 
@@ -28,9 +31,11 @@ def get_pruner(name: str, **options: object) -> Pruner:
     """Build a pruner by name.
 
     Args:
-        name: one of :data:`PRUNER_NAMES` (``magnitude``, ``wanda``, ``sparsegpt``).
+        name: one of :data:`PRUNER_NAMES` (``magnitude``, ``wanda``, ``sparsegpt``, ``loraprune``).
         **options: pruner options; SparseGPT takes ``blocksize`` (default 128) and ``percdamp``
-            (default 0.01). Options meant for another pruner are ignored; a None value means default.
+            (default 0.01); LoRAPrune ``loraprune_steps`` (20), ``loraprune_rank`` (8) and
+            ``loraprune_lr`` (2e-2). Options meant for another pruner are ignored; a None value means
+            default.
 
     Raises:
         ValueError: an unknown name, an option no pruner knows, or an option out of range.

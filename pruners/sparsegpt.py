@@ -7,6 +7,14 @@ The counts per block come from :mod:`pruners.masks`, so the final mask meets the
 
 The Hessian scale differs from the reference (which divides by sequences, not tokens); the damping
 is relative and the update uses ratios of ``H^-1`` entries, so the result does not depend on it.
+
+Later cycles of iterative pruning (``--cycles``, ``within`` given) choose the whole layer's mask at
+once, nested in the previous one, from the OBS saliency ``w^2 / d^2`` of the weights as they are
+(the adaptive per-block choice cannot promise nesting: its per-block counts are not monotone in the
+sparsity); the sweep with its error compensation then runs with that fixed mask.
+
+Structured patterns score with the OBS saliency ``w_ij^2 / [H^-1]_jj`` and no weight update
+(:meth:`SparseGPTPruner.importance`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from torch import Tensor
 
 from pruners.base import Pruner, apply_keep_mask, prepare_weight, require_stats
 from pruners.hessian import damped_inverse_cholesky, hessian_from_sums
-from pruners.masks import keep_mask_n_of_m, num_pruned, select_block_keep_mask
+from pruners.masks import keep_mask_n_of_m, num_pruned, select_block_keep_mask, select_keep_mask
 from pruners.pattern import N_OF_M, SparsityPattern
 from pruners.stats import GramStats, LayerStats
 
@@ -46,6 +54,7 @@ def sparsegpt_prune(
     hinv: Tensor,
     pattern: SparsityPattern,
     blocksize: int = DEFAULT_BLOCKSIZE,
+    fixed_keep_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The blocked OBS sweep, given the inverse-Hessian factor.
 
@@ -54,12 +63,15 @@ def sparsegpt_prune(
         hinv: ``(in, in)`` upper Cholesky factor of the damped ``H^-1``.
         pattern: the sparsity pattern; for N:M, ``blocksize`` must be a multiple of ``m``.
         blocksize: columns per block.
+        fixed_keep_mask: optional ``(out, in)`` bool mask chosen beforehand; the sweep then only
+            compensates (no adaptive selection).
 
     Returns:
         ``(weight, keep_mask)``, both ``(out, in)``; pruned weights are exactly zero.
     """
     out_features, in_features = weight.shape
-    nm = pattern.kind == N_OF_M
+    fixed = fixed_keep_mask is not None
+    nm = pattern.kind == N_OF_M and not fixed
     keep_mask = torch.ones(out_features, in_features, dtype=torch.bool, device=weight.device)  # (out, in)
     for i1 in range(0, in_features, blocksize):
         i2 = min(i1 + blocksize, in_features)
@@ -67,7 +79,9 @@ def sparsegpt_prune(
         err1 = torch.zeros_like(w1)  # (out, b)
         hinv1 = hinv[i1:i2, i1:i2]  # (b, b)
         d = hinv1.diagonal()  # (b,)
-        if nm:
+        if fixed:
+            keep1 = fixed_keep_mask[:, i1:i2].to(device=w1.device, dtype=torch.bool)  # (out, b)
+        elif nm:
             keep1 = torch.ones_like(w1, dtype=torch.bool)  # (out, b), filled group by group below
         else:
             keep1 = select_block_keep_mask(w1.square() / d.square(), pattern, i1)  # (out, b)
@@ -114,8 +128,10 @@ class SparseGPTPruner(Pruner):
         return GramStats(in_features, device)
 
     @torch.no_grad()
-    def prune(self, weight: Tensor, stats: LayerStats | None, pattern: SparsityPattern) -> tuple[Tensor, Tensor]:
-        """Prune ``weight`` with SparseGPT. See :meth:`Pruner.prune`.
+    def prune(
+        self, weight: Tensor, stats: LayerStats | None, pattern: SparsityPattern, within: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Prune ``weight`` with SparseGPT. See :meth:`Pruner.prune` (and the module docstring for ``within``).
 
         Raises:
             ValueError: N:M with ``blocksize`` not a multiple of ``m``, or unusable statistics.
@@ -134,4 +150,20 @@ class SparseGPTPruner(Pruner):
         w[:, dead] = 0.0
         hinv = damped_inverse_cholesky(H, self.percdamp)  # (in, in)
         del H
-        return sparsegpt_prune(w, hinv, pattern, self.blocksize)
+        fixed = None
+        if within is not None:
+            saliency = w.square() / hinv.diagonal().square().unsqueeze(0)  # (out, in)
+            fixed = select_keep_mask(saliency, pattern, within)  # (out, in)
+        return sparsegpt_prune(w, hinv, pattern, self.blocksize, fixed)
+
+    @torch.no_grad()
+    def importance(self, weight: Tensor, stats: LayerStats | None) -> Tensor:
+        """OBS saliency ``w_ij^2 / [H^-1]_jj`` (damped ``H``), ``(out, in)``; dead inputs score 0."""
+        w = weight.detach().float().clone()  # (out, in)
+        st = require_stats(stats, GramStats, self.name, w.shape[1])
+        H, dead = hessian_from_sums(st.xtx, int(st.n_tokens), w.device)  # (in, in), (in,)
+        w[:, dead] = 0.0
+        hinv = damped_inverse_cholesky(H, self.percdamp)  # (in, in) upper, U^T U = H^-1
+        del H
+        hinv_diag = hinv.square().sum(dim=0)  # (in,) [H^-1]_jj = sum_k U_kj^2
+        return w.square() / hinv_diag.unsqueeze(0)

@@ -39,9 +39,18 @@ class WandaPruner(Pruner):
         return SumSquaresStats(in_features, device)
 
     @torch.no_grad()
-    def prune(self, weight: Tensor, stats: LayerStats | None, pattern: SparsityPattern) -> tuple[Tensor, Tensor]:
+    def prune(
+        self, weight: Tensor, stats: LayerStats | None, pattern: SparsityPattern, within: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Prune ``weight`` with Wanda scores. See :meth:`Pruner.prune`."""
         w = prepare_weight(weight, pattern)  # (out, in)
         st = require_stats(stats, SumSquaresStats, self.name, w.shape[1])
-        keep_mask = select_keep_mask(wanda_scores(w, st.sum_sq), pattern)  # (out, in)
+        keep_mask = select_keep_mask(wanda_scores(w, st.sum_sq), pattern, within)  # (out, in)
         return apply_keep_mask(w, keep_mask), keep_mask
+
+    @torch.no_grad()
+    def importance(self, weight: Tensor, stats: LayerStats | None) -> Tensor:
+        """``|W_ij| * ||X_j||``, ``(out, in)``. See :meth:`Pruner.importance`."""
+        w = weight.detach().float()  # (out, in)
+        st = require_stats(stats, SumSquaresStats, self.name, w.shape[1])
+        return wanda_scores(w, st.sum_sq)

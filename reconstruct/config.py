@@ -22,11 +22,42 @@ class CalibSpec:
 class PruneSpec:
     """Which pruner, which pattern, and its options."""
 
-    pruner: str = "wanda"  # magnitude, wanda, sparsegpt
-    pattern: SparsityPattern = field(default_factory=SparsityPattern)
+    pruner: str = "wanda"  # magnitude, wanda, sparsegpt, loraprune
+    pattern: SparsityPattern = field(default_factory=SparsityPattern)  # also heads / channels (structured)
     sequential: bool = False  # prune sub-layer groups one after another (q/k/v, o, up/gate, down)
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT damping, fraction of the mean Hessian diagonal
+    cycles: int = 1  # prune -> reconstruct cycles per block to reach the pattern (pruners.schedule)
+    cycle_schedule: str = "cubic"  # how the sparsity grows over the cycles: cubic or linear
+    loraprune_steps: int = 20  # LoRAPrune: LoRA warm-up steps per block (and per cycle)
+    loraprune_rank: int = 8  # LoRAPrune: warm-up adapter rank (alpha = 2 * rank)
+    loraprune_lr: float = 2e-2  # LoRAPrune: warm-up AdamW learning rate
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Perplexity evaluation of the finished output (``run --eval``)."""
+
+    data: str  # a local .txt/.jsonl test text or a dataset name (wikitext2, c4, ptb)
+    seq_len: int = 2048  # tokens per window; windows do not overlap
+    max_windows: int | None = None  # evaluate only the first windows (None: all)
+
+    def __post_init__(self) -> None:
+        # Checked when the job is built, not hours later when the evaluation starts.
+        from calib.text_sources import HUB_DATASETS
+
+        path = Path(self.data).expanduser()
+        if path.suffix in (".txt", ".jsonl") or path.exists():
+            if not path.is_file():
+                raise ValueError(f"--eval/--eval-data {self.data}: no such file")
+        elif self.data not in HUB_DATASETS:
+            raise ValueError(
+                f"--eval/--eval-data {self.data!r} is not a file or a known dataset ({', '.join(HUB_DATASETS)})"
+            )
+        if self.seq_len < 2:
+            raise ValueError(f"--eval-seq-len must be >= 2; got {self.seq_len}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError(f"--eval-windows must be >= 1; got {self.max_windows}")
 
 
 @dataclass(frozen=True)
@@ -44,3 +75,4 @@ class JobConfig:
     offload: str = "auto"  # activation cache tier: auto, device, cpu, disk
     checkpoint_every: int = 1  # save the activation streams every k blocks
     force: bool = False  # start over even if --out holds another job
+    evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity

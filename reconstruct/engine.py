@@ -20,6 +20,11 @@ from tqdm.auto import tqdm
 from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
 from pruners import get_pruner
+from pruners.base import BlockTraining, GivenScores
+from pruners.masks import select_keep_mask
+from pruners.schedule import cycle_pattern, scaled_pattern, schedule_fraction
+from pruners.structured import ChannelGroups, HeadGroups, find_groups, select_structured
+from reconstruct import distributed
 from reconstruct.architecture import BlockLayout, weight_as_out_in
 from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
 from reconstruct.block_io import load_module_weights, module_tensors_for_output, release_module_weights
@@ -52,6 +57,7 @@ class BlockReport:
     recon_steps: int = 0
     added_biases: list[str] = field(default_factory=list)
     densified_fraction: float = 0.0  # lora only: share of pruned weights that became non-zero
+    removed: dict[str, list[int]] = field(default_factory=dict)  # heads/channels: removed heads, kv_heads, channels
     seconds: float = 0.0
 
 
@@ -63,7 +69,8 @@ def run_stream(
     """Run ``forward`` over every micro-batch of ``source``.
 
     Outputs go to ``destination`` (may be ``source`` itself: samples are independent). If
-    ``compare_with`` is given, returns the mean squared error of the outputs against it.
+    ``compare_with`` is given, returns the mean squared error of the outputs against it (over every
+    rank's samples in a distributed run: then every rank must call it).
     """
     squared_error, count = 0.0, 0
     for start in range(0, source.n_samples, micro_batch):
@@ -75,13 +82,16 @@ def run_stream(
             count += diff.numel()
         if destination is not None:
             destination.write(rows, output)
-    return squared_error / count if compare_with is not None else None
+    if compare_with is None:
+        return None
+    squared_error, count = distributed.all_reduce_sum(squared_error, count)
+    return squared_error / count
 
 
-def prune_layer(module: nn.Module, pruner, stats, pattern) -> torch.Tensor:
-    """Prune one linear in place and return its keep mask, shape (out, in)."""
+def prune_layer(module: nn.Module, pruner, stats, pattern, within: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune one linear in place and return its keep mask, shape (out, in) (a subset of ``within``)."""
     weight = weight_as_out_in(module).detach().float().clone()  # (out, in)
-    new_weight, keep_mask = pruner.prune(weight, stats, pattern)
+    new_weight, keep_mask = pruner.prune(weight, stats, pattern, within)
     assert not new_weight[~keep_mask].any(), "pruner returned non-zero pruned weights"
     with torch.no_grad():
         target = weight_as_out_in(module)  # a view: writing it writes the parameter
@@ -97,13 +107,19 @@ def uses_unit_objective(recon) -> bool:
 class BlockPipeline:
     """Prune and reconstruct one block at a time; knows nothing about files."""
 
-    def __init__(self, job: JobConfig, layout: BlockLayout, kwargs: BlockKwargs, device: torch.device):
+    def __init__(self, job: JobConfig, layout: BlockLayout, kwargs: BlockKwargs, device: torch.device,
+                 model_config=None):
         self.job = job
         self.layout = layout
         self.kwargs = kwargs
         self.device = device
+        self.model_config = model_config  # transformers config: head geometry for --pattern heads
         prune = job.prune
-        self.pruner = get_pruner(prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp)
+        self.pruner = get_pruner(
+            prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp, loraprune_steps=prune.loraprune_steps,
+            loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr,
+        )
+        self.structure: HeadGroups | ChannelGroups | None = None  # structured patterns: found on block 0
         self.linear_call_order: list[list[str]] | None = None
         self.current_index = -1
 
@@ -151,15 +167,15 @@ class BlockPipeline:
         if dense_copy is None:
             run_stream(forward, dense, micro_batch, destination=dense)  # dense targets, in place
 
+        # --cycles K: K prune -> reconstruct steps whose patterns grow to the target (pruners.schedule);
+        # each step's keep masks are nested in the previous ones. K = 1 is the plain prune, reconstruct.
         keep_masks: dict[str, torch.Tensor] = {}
-        for group in self.groups(block, linears, sparse):
-            stats = self._collect_statistics(forward, {name: linears[name] for name in group}, sparse)
-            for name in group:
-                keep_masks[name] = prune_layer(linears[name], self.pruner, stats.get(name), self.job.prune.pattern)
-            del stats
-
-        if reconstructing:
-            self._reconstruct(block, linears, keep_masks, sparse, dense, dense_copy, index, report)
+        prune = self.job.prune
+        for cycle in range(1, prune.cycles + 1):
+            pattern = cycle_pattern(prune.pattern, cycle, prune.cycles, prune.cycle_schedule)
+            self._prune(block, linears, keep_masks, pattern, sparse, dense, dense_copy, cycle, report)
+            if reconstructing:
+                self._reconstruct(block, linears, keep_masks, sparse, dense, dense_copy, index, report, cycle)
         if dense_copy is not None:
             run_stream(self.forward_fn(dense_copy), dense, micro_batch, destination=dense)
             del dense_copy
@@ -173,6 +189,79 @@ class BlockPipeline:
         report.seconds = time.perf_counter() - started
         return report
 
+    def _prune(self, block, linears, keep_masks, pattern, sparse, dense, dense_copy, cycle, report) -> None:
+        """Prune ``block`` to ``pattern``, nested in ``keep_masks`` (earlier cycles), which it updates."""
+        if pattern.structured:
+            self._prune_structured(block, linears, keep_masks, pattern, sparse, dense, dense_copy, cycle, report)
+            return
+        for group in self.groups(block, linears, sparse):
+            members = {name: linears[name] for name in group}
+            stats = self._pruner_inputs(block, members, keep_masks, sparse, dense, dense_copy, cycle)
+            for name in group:
+                keep_masks[name] = prune_layer(linears[name], self.pruner, stats.get(name), pattern, keep_masks.get(name))
+            del stats
+
+    def _prune_structured(self, block, linears, keep_masks, pattern, sparse, dense, dense_copy, cycle, report) -> None:
+        """Remove whole heads or channels (pruners.structured); the other linears stay dense."""
+        if self.structure is None:
+            shapes = {name: tuple(weight_as_out_in(module).shape) for name, module in linears.items()}
+            self.structure = find_groups(pattern, self.call_order(block, linears, sparse), shapes, self.model_config)
+            logger.info("--pattern %s prunes %s", pattern.kind, self.structure)
+        members = {name: linears[name] for name in self.structure.linears}
+        stats = self._pruner_inputs(block, members, keep_masks, sparse, dense, dense_copy, cycle)
+        importance = {
+            name: self.pruner.importance(weight_as_out_in(module).detach().float(), stats.get(name))
+            for name, module in members.items()
+        }
+        del stats
+        previous = {name: keep_masks[name] for name in members if name in keep_masks}
+        masks, report.removed = select_structured(pattern, self.structure, importance, previous or None)
+        with torch.no_grad():
+            for name, keep_mask in masks.items():
+                weight = weight_as_out_in(linears[name])  # a view: writing it writes the parameter
+                weight.masked_fill_(~keep_mask.to(weight.device), 0.0)
+                keep_masks[name] = keep_mask
+        for name, module in linears.items():  # untouched linears: everything kept
+            keep_masks.setdefault(name, torch.ones(weight_as_out_in(module).shape, dtype=torch.bool, device=self.device))
+
+    def _pruner_inputs(self, block, group: dict[str, nn.Module], keep_masks, sparse, dense, dense_copy, cycle) -> dict:
+        """What the pruner needs for ``group``: hook statistics, or scores from block training (LoRAPrune)."""
+        if not self.pruner.needs_block_training:
+            return self._collect_statistics(self.forward_fn(block), group, sparse)
+        if dense_copy is None:  # the dense stream already holds this block's targets
+            forward, targets = self.forward_fn(block), dense
+        else:
+            whole = UnitObjective(block, dense_copy, discover_units("block", []), self.run_block, sparse, dense, "dense")
+            forward, targets = whole.forward, whole
+        current = {
+            name: keep_masks[name] if name in keep_masks
+            else torch.ones(weight_as_out_in(module).shape, dtype=torch.bool, device=self.device)
+            for name, module in group.items()
+        }
+        prune = self.job.prune  # provisional masks ramp from the previous cycle's sparsity to this one's
+        start = schedule_fraction(cycle - 1, prune.cycles, prune.cycle_schedule) if cycle > 1 else 0.0
+        end = schedule_fraction(cycle, prune.cycles, prune.cycle_schedule)
+        training = BlockTraining(
+            block=block, linears=group, keep_masks=current, forward=forward, inputs=sparse, targets=targets,
+            seed=self.block_seed(self.current_index, cycle), micro_batch=self.job.micro_batch,
+            select_masks=lambda scores, fraction, within: self._select_masks(
+                scores, scaled_pattern(self.job.prune.pattern, start + fraction * (end - start)), within),
+        )
+        scores = self.pruner.score_block(training)
+        crash_point(f"statistics:{self.current_index}")
+        return {name: GivenScores(scores[name]) for name in group}
+
+    def _select_masks(self, scores: dict[str, torch.Tensor], pattern, within: dict[str, torch.Tensor]) -> dict:
+        """Keep masks ``pattern`` chooses from ``scores`` (per linear), nested in ``within``; changes no weight."""
+        if pattern.structured:
+            masks, _ = select_structured(pattern, self.structure, scores, within or None)
+            return masks
+        return {name: select_keep_mask(value, pattern, within.get(name)) for name, value in scores.items()}
+
+    def block_seed(self, index: int, cycle: int = 1) -> int:
+        """Seed of block ``index`` (and cycle): resume needs no global RNG state."""
+        return self.job.calib.seed * 100_003 + index + (cycle - 1) * 1_000_003
+
     def _collect_statistics(self, forward, group: dict[str, nn.Module], sparse: ActivationStream) -> dict:
         if not self.pruner.needs_calibration:
             return {}
@@ -181,18 +270,21 @@ class BlockPipeline:
         }
         with feeding_statistics(group, stats):
             run_stream(forward, sparse, self.job.micro_batch)
+        distributed.all_reduce_statistics(stats.values())  # every rank's tokens, before any mask is chosen
         crash_point(f"statistics:{self.current_index}")
         return stats
 
-    def _reconstruct(self, block, linears, keep_masks, sparse, dense, dense_copy, index, report: BlockReport) -> None:
-        """Train the method's parameters, merge them, and record what happened."""
+    def _reconstruct(self, block, linears, keep_masks, sparse, dense, dense_copy, index, report: BlockReport,
+                     cycle: int = 1) -> None:
+        """Train the method's parameters, merge them, and record what happened (``mse_before``: first cycle's)."""
         recon = self.job.recon
-        block_seed = self.job.calib.seed * 100_003 + index  # per block: resume needs no global RNG state
+        block_seed = self.block_seed(index, cycle)
         if dense_copy is None:  # PERP's objective: block(x_sparse) ≈ y_dense, the dense stream
             train_forward, targets = self.forward_fn(block), dense
         else:
             whole = UnitObjective(block, dense_copy, discover_units("block", []), self.run_block, sparse, dense, "dense")
-            report.mse_before = evaluate_mse(whole.forward, sparse, whole, self.job.micro_batch)
+            if report.mse_before is None:
+                report.mse_before = evaluate_mse(whole.forward, sparse, whole, self.job.micro_batch)
             units = discover_units(recon.granularity, self.call_order(block, linears, sparse))
             objective = UnitObjective(block, dense_copy, units, self.run_block, sparse, dense, recon.target)
             train_forward, targets = objective.forward, objective
@@ -211,7 +303,7 @@ class BlockPipeline:
         if report.mse_before is None:
             report.mse_before = result.mse_before
         report.trainable_params = handle.num_trainable
-        report.recon_steps = result.steps
+        report.recon_steps += result.steps
         report.added_biases = sorted(handle.added_biases)
         report.densified_fraction = getattr(merge, "densified_fraction", 0.0)
 
@@ -230,10 +322,17 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
     """
     started = time.perf_counter()
     unpool_large_allocations()
-    loaded = load_model(job.model, job.device, job.dtype)
-    validate_job(job, loaded)
-    job = check_memory_plan(job, loaded, budget)
+    job = distributed.join(job)  # under torchrun: one rank of a data-parallel job (docs/distributed.md)
+
+    def prepare():  # rank 0 first: it may convert a GGUF into the cache the others then read
+        loaded = load_model(job.model, job.device, job.dtype)
+        validate_job(job, loaded)
+        return loaded, check_memory_plan(job, loaded, budget)
+
+    loaded, job = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     with JobState.open(job, loaded) as state:
+        if state.finished and not distributed.is_main():
+            return {"already_finished": True, **asdict(distributed.world())}
         if state.finished:
             logger.info("%s already holds this finished job; nothing to do", job.out)
             return {**refresh_finished_report(job, state), "already_finished": True}
@@ -269,7 +368,9 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     if state.manifest.first_unfinished_block() == layout.n_blocks:  # killed while finishing
         logger.info("all %d blocks are done; writing the rest of the output", layout.n_blocks)
         return assemble_output(job, loaded, state, n_shards)
-    tokens = state.calibration_tokens(loaded)  # (n, T)
+    tokens = state.calibration_tokens(loaded)  # (n, T), the same on every rank
+    shard = distributed.split_samples(tokens.shape[0])  # this rank's contiguous rows (all, in one process)
+    tokens = tokens[shard.start : shard.stop]  # (n_rank, T)
     n_samples, seq_len = tokens.shape
     hidden = loaded.hidden_size
     stream_args = dict(dtype=loaded.dtype, device=loaded.device, tier=state.offload_tier(loaded, n_samples * seq_len))
@@ -280,10 +381,10 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     start_block = state.restore_streams(sparse, dense)
     if start_block == 0:
         dense.copy_from(sparse)
-    pipeline = BlockPipeline(job, layout, kwargs, loaded.device)
+    pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config)
 
     progress = tqdm(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
-                    total=layout.n_blocks, disable=None)
+                    total=layout.n_blocks, disable=None if distributed.is_main() else True)
     for index in progress:
         block = loaded.blocks[index]
         prefix = layout.block_prefix(index)
@@ -292,8 +393,10 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         block_report = pipeline.process(index, block, sparse, dense)
         tensors = module_tensors_for_output(block, prefix, stored_dtypes)
         release_module_weights(block)
-        digest = save_safetensors_atomic(job.out / shard_name(index, n_shards), tensors, {"format": "pt"})
+        digest = (save_safetensors_atomic(job.out / shard_name(index, n_shards), tensors, {"format": "pt"})
+                  if distributed.is_main() else "")  # rank 0 alone writes
         state.block_done(index, shard_name(index, n_shards), digest, asdict(block_report), sparse, dense)
+        del tensors  # else this block's tensors (its weights on CPU) stay alive through the next block's load
         logger.info(
             "block %d/%d: sparsity %.3f, mse %.3g → %.3g, %.1fs", index + 1, layout.n_blocks,
             sum(block_report.sparsity.values()) / max(len(block_report.sparsity), 1),
@@ -317,7 +420,12 @@ def capture_kwargs_and_inputs(loaded: LoadedModel, tokens: torch.Tensor, micro_b
 
 
 def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shards: int) -> dict:
-    """Write the tensors outside the blocks, config, tokenizer, index and report; mark the job finished."""
+    """Write the tensors outside the blocks, config, tokenizer, index and report; mark the job finished.
+
+    Rank 0's work alone in a distributed run; the other ranks return ``{"rank", "size"}``.
+    """
+    if not distributed.is_main():
+        return asdict(distributed.world())
     out = job.out
     rest_name = shard_name(n_shards - 1, n_shards)
     rest = loaded.read_outside_block_tensors()
@@ -329,6 +437,7 @@ def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shar
     write_config(loaded.folder, out, state.bias_flags_to_enable(loaded.layout))
     write_index(out, weight_map, total_bytes)
     report = state.final_report(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(loaded.device))
+    report["world_size"] = distributed.world().size  # processes that shared the calibration samples
     report = finish_report(job, report)  # --eval, then report.md / report.png
     atomic_write_json(out / REPORT_NAME, report)
     state.finish([rest_name, INDEX_NAME, "config.json", REPORT_NAME])

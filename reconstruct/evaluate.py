@@ -8,22 +8,28 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from calib.text_sources import HUB_EVAL_SPLITS, consecutive_windows, read_text, tokenize_text
 from reconstruct.model_source import resolve_model
 from reconstruct.runtime import resolve_device, resolve_dtype
+from reconstruct.streaming_eval import open_lm
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, device: torch.device, batch_size: int = 1) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over ``windows`` (n, T), and the token count."""
+def window_nll(lm, windows: torch.Tensor, batch_size: int = 1) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over ``windows`` (n, T), and the token count.
+
+    Args:
+        lm: an ``InMemoryLM`` or ``StreamedLM`` (``reconstruct.streaming_eval``).
+        windows: (n, T) token ids.
+        batch_size: windows per forward.
+    """
     total, count = 0.0, 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc="eval", unit="batch", disable=None):
-        batch = windows[start : start + batch_size].to(device)  # (b, T)
-        logits = model(input_ids=batch, use_cache=False).logits.float()  # (b, T, V)
+    for _, rows, logits in lm.logits([windows], batch_size):
+        batch = windows[rows].to(logits.device)  # (b, T)
+        logits = logits.float()  # (b, T, V)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
@@ -40,6 +46,7 @@ def perplexity(
     device: str = "auto",
     dtype: str = "auto",
     batch_size: int = 1,
+    stream: bool | None = None,
 ) -> dict:
     """Perplexity of ``model`` on the test text ``data``.
 
@@ -48,11 +55,13 @@ def perplexity(
         data: a local .txt/.jsonl file or a dataset name (its test split).
         seq_len: tokens per window; windows do not overlap.
         max_windows: evaluate only the first windows (None: all).
+        batch_size: windows per forward.
+        stream: run the model one block at a time (None: when it does not fit in memory).
 
     Returns:
-        ``{"perplexity", "windows", "tokens", "seconds"}``.
+        ``{"perplexity", "windows", "tokens", "seconds", "streamed"}``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = resolve_model(model)
     torch_device = resolve_device(device)
@@ -61,13 +70,14 @@ def perplexity(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenize_text(read_text(data, split=HUB_EVAL_SPLITS.get(data)), tokenizer)
     windows = consecutive_windows(ids, seq_len, max_windows)  # (n, T)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(torch_device).eval()
-    nll, count = window_nll(lm, windows, torch_device, batch_size)
+    lm = open_lm(folder, torch_device, torch_dtype, stream)
+    nll, count = window_nll(lm, windows, batch_size)
     result = {
         "perplexity": math.exp(nll / count),
         "windows": int(windows.shape[0]),
         "tokens": int(windows.numel()),
         "seconds": time.perf_counter() - started,
+        "streamed": lm.streamed,
     }
     logger.info("perplexity %.3f on %d windows of %d tokens", result["perplexity"], windows.shape[0], seq_len)
     return result

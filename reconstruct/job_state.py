@@ -13,7 +13,7 @@ import logging
 import shutil
 import struct
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import reconstruct
+from reconstruct import distributed
 from calib.activations import ActivationStream
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
@@ -59,6 +60,10 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
         "pattern": asdict(prune.pattern),
         "sequential": prune.sequential,
         "sparsegpt": {"blocksize": prune.blocksize, "percdamp": prune.percdamp} if prune.pruner == "sparsegpt" else None,
+        # keys only jobs that use them carry, so the fingerprints of older jobs stay as they were
+        **({"loraprune": {"steps": prune.loraprune_steps, "rank": prune.loraprune_rank, "lr": prune.loraprune_lr}}
+           if prune.pruner == "loraprune" else {}),
+        **({"cycles": {"cycles": prune.cycles, "schedule": prune.cycle_schedule}} if prune.cycles != 1 else {}),
         "method": asdict(job.recon) if job.recon is not None else None,
         "calibration": {"source": source_id, "n_samples": calib.n_samples, "seq_len": calib.seq_len},
         "seed": calib.seed,
@@ -79,10 +84,32 @@ class JobState:
         self.manifest = manifest
         self.state_dir = self.out / STATE_DIR
         self.session_started = time.monotonic()
+        self.scratch: Path | None = None  # ranks other than 0: a private folder for disk-tier streams
 
     @classmethod
     @contextmanager
     def open(cls, job: JobConfig, loaded: LoadedModel):
+        """Lock ``--out``, then load and check its manifest, or start a new one (see ``_open_folder``).
+
+        In a distributed run rank 0 alone opens the folder and sends its manifest to the other ranks,
+        whose state then writes nothing into ``--out``; an error on rank 0 is raised on every rank.
+        """
+        with ExitStack() as stack:
+            opened: list[JobState] = []
+
+            def open_folder() -> Manifest:
+                opened.append(stack.enter_context(cls._open_folder(job, loaded)))
+                return opened[0].manifest
+
+            manifest = distributed.from_main(open_folder)
+            state = opened[0] if opened else cls(job, manifest)
+            if not opened:
+                state.scratch = Path(stack.enter_context(distributed.scratch_dir()))
+            yield state
+
+    @classmethod
+    @contextmanager
+    def _open_folder(cls, job: JobConfig, loaded: LoadedModel):
         """Lock ``--out``, then load and check its manifest, or start a new one.
 
         A new job that fails on bad input before finishing its first block leaves nothing behind,
@@ -156,7 +183,13 @@ class JobState:
 
     # --------------------------------------------------------------- calibration and streams
     def calibration_tokens(self, loaded: LoadedModel) -> torch.Tensor:
-        """The (n, T) calibration token ids: read back on resume, else built and saved."""
+        """The (n, T) calibration token ids: read back on resume, else built and saved.
+
+        In a distributed run rank 0 reads or builds them and broadcasts them to every rank.
+        """
+        return distributed.from_main(lambda: self._calibration_tokens_here(loaded))
+
+    def _calibration_tokens_here(self, loaded: LoadedModel) -> torch.Tensor:
         path = self.state_dir / CALIBRATION_FILE
         if path.is_file():
             tokens = _load_checked(path)
@@ -178,8 +211,8 @@ class JobState:
         return tokens
 
     def stream_path(self, name: str) -> Path:
-        """Working file of a disk-tier activation stream."""
-        return self.state_dir / f"stream-{name}.bin"
+        """Working file of a disk-tier activation stream (outside ``--out`` on ranks other than 0)."""
+        return (self.scratch or self.state_dir) / f"stream-{name}.bin"
 
     def offload_tier(self, loaded: LoadedModel, n_tokens: int) -> str:
         """The activation-cache tier: ``--offload`` unless ``auto``, else the fastest that fits."""
@@ -195,19 +228,35 @@ class JobState:
         return "disk"
 
     def restore_streams(self, sparse: ActivationStream, dense: ActivationStream) -> int:
-        """Load the latest intact activation checkpoint; return the first block still to compute."""
-        manifest = self.manifest
-        if not verify_stream_checkpoint(manifest, self.out):
-            return 0
-        after = int(manifest.stream_checkpoint["after_block"])
-        if any(record.status != "done" for record in manifest.blocks[: after + 1]):
-            logger.warning("a block before the activation checkpoint must be recomputed: starting from block 0")
-            return 0
-        tensors = load_file(self.out / manifest.stream_checkpoint["file"])
-        sparse.load(tensors["sparse"])
-        dense.load(tensors["dense"])
-        logger.info("resuming after block %d of %d", after + 1, manifest.n_blocks)
-        return after + 1
+        """Load the latest intact activation checkpoint; return the first block still to compute.
+
+        Checkpoints hold the full streams. In a distributed run rank 0 reads the file and sends every
+        rank its rows, so a job may resume with a different number of processes.
+        """
+        shard = distributed.local_shard(sparse.n_samples)  # this rank's rows of the full streams
+        tensors: dict[str, torch.Tensor] = {}
+
+        def read_checkpoint() -> int:
+            manifest = self.manifest
+            if not verify_stream_checkpoint(manifest, self.out):
+                return 0
+            after = int(manifest.stream_checkpoint["after_block"])
+            if any(record.status != "done" for record in manifest.blocks[: after + 1]):
+                logger.warning("a block before the activation checkpoint must be recomputed: starting from block 0")
+                return 0
+            tensors.update(load_file(self.out / manifest.stream_checkpoint["file"]))
+            expected = (shard.total, *sparse.shape[1:])
+            for values in tensors.values():
+                if tuple(values.shape) != expected:
+                    raise ValueError(f"activation checkpoint has shape {tuple(values.shape)}, expected {expected}")
+            return after + 1
+
+        start = distributed.from_main(read_checkpoint)
+        if start:
+            for name, stream in (("sparse", sparse), ("dense", dense)):
+                stream.load(distributed.scatter_rows(tensors.get(name), shard, stream.shape[1:], stream.dtype))
+            logger.info("resuming after block %d of %d", start, self.manifest.n_blocks)
+        return start
 
     # --------------------------------------------------------------- progress
     def block_done(self, index: int, file: str, digest: str, report: dict,
@@ -221,8 +270,12 @@ class JobState:
         self._save()
 
     def _checkpoint_streams(self, index: int, sparse: ActivationStream, dense: ActivationStream) -> None:
+        # Full streams: rank 0 gathers every rank's rows (collective), so any number of processes can resume.
+        streams = {"sparse": distributed.gather_rows(sparse.to_cpu()), "dense": distributed.gather_rows(dense.to_cpu())}
+        if not distributed.is_main():
+            return
         name = f"{STATE_DIR}/streams-after-{index:05d}.safetensors"
-        digest = save_safetensors_atomic(self.out / name, {"sparse": sparse.to_cpu(), "dense": dense.to_cpu()})
+        digest = save_safetensors_atomic(self.out / name, streams)
         previous = self.manifest.stream_checkpoint
         self.manifest.set_stream_checkpoint(index, name, digest)
         self._save()  # the manifest points at the new file before the old one goes
@@ -230,6 +283,8 @@ class JobState:
             (self.out / previous["file"]).unlink(missing_ok=True)
 
     def _save(self) -> None:
+        if not distributed.is_main():
+            return  # other ranks keep their copy of the manifest in memory only
         now = time.monotonic()
         self.manifest.elapsed_seconds += now - self.session_started
         self.session_started = now

@@ -120,6 +120,8 @@ def _pattern(pattern) -> str:
         return f"{pattern.get('n')}:{pattern.get('m')}"
     sparsity = pattern.get("sparsity")
     share = f"{sparsity:.0%}" if isinstance(sparsity, (int, float)) else "?"
+    if pattern.get("kind") in ("heads", "channels"):
+        return f"{pattern['kind']} {share} removed per block"
     return f"unstructured {share} per {pattern.get('scope', 'row')}"
 
 

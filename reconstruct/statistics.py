@@ -30,12 +30,19 @@ def feeding_statistics(linears: dict[str, nn.Module], stats: dict[str, object]):
 
 @contextmanager
 def recording_linear_inputs(linears: dict[str, nn.Module], record: list[tuple[str, int, tuple]]):
-    """While active, append ``(name, data_ptr, shape)`` of each linear's input in call order."""
+    """While active, append ``(name, data_ptr, shape)`` of each linear's input in call order.
+
+    The inputs are kept alive until the context exits: a freed input's memory could otherwise be
+    reused for a later linear's input (o_proj's input and the MLP's normed input have the same shape
+    when hidden == heads x head_dim), and equal pointers would merge two sub-layers into one group.
+    """
     handles = []
+    alive: list = []
     try:
         for name, module in linears.items():
 
             def hook(module, args, name=name):
+                alive.append(args[0])
                 record.append((name, args[0].data_ptr(), tuple(args[0].shape)))
 
             handles.append(module.register_forward_pre_hook(hook))
@@ -43,6 +50,7 @@ def recording_linear_inputs(linears: dict[str, nn.Module], record: list[tuple[st
     finally:
         for handle in handles:
             handle.remove()
+        alive.clear()
 
 
 def group_by_shared_input(record: list[tuple[str, int, tuple]]) -> list[list[str]]:

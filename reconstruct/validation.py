@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from calib.text_sources import HUB_DATASETS, SELF, describe_sources
-from pruners.pattern import N_OF_M
+from pruners.pattern import HEADS, N_OF_M
+from pruners.schedule import SCHEDULES
+from pruners.structured import attention_geometry, is_attention, structured_count
 from reconstruct.architecture import weight_as_out_in
 from reconstruct.config import JobConfig
 from reconstruct.loaded_model import LoadedModel
@@ -36,6 +38,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     if source != SELF and source not in HUB_DATASETS and not Path(source).expanduser().is_file():
         raise ValueError(f"--calib {source}: no such file; use {describe_sources()}")
     pattern = job.prune.pattern
+    validate_prune_options(job, loaded)
     if pattern.kind == N_OF_M:
         block = loaded.blocks[0]
         for name in loaded.layout.linear_names:
@@ -44,3 +47,33 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
                 raise ValueError(
                     f"--pattern {pattern.label}: layer {name} has {in_features} inputs, not a multiple of {pattern.m}"
                 )
+
+
+def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:
+    """``--cycles``, ``--cycle-schedule`` and the structured patterns against the model's config."""
+    prune = job.prune
+    from pruners import get_pruner  # builds the pruner once to check its options (names the flag)
+
+    get_pruner(prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp, loraprune_steps=prune.loraprune_steps,
+               loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr)
+    if prune.cycles < 1:
+        raise ValueError(f"--cycles must be >= 1, got {prune.cycles}")
+    if prune.cycle_schedule not in SCHEDULES:
+        raise ValueError(f"--cycle-schedule must be one of {', '.join(SCHEDULES)}, got {prune.cycle_schedule!r}")
+    pattern = prune.pattern
+    if pattern.kind != HEADS:
+        return
+    num_heads, _, _ = attention_geometry(loaded.config)
+    attention = [name for name in loaded.layout.linear_names if is_attention(name)]
+    if len(attention) < 4:
+        raise ValueError(
+            f"--pattern heads needs separate q, k, v and output projections; {loaded.config.model_type} has "
+            f"{', '.join(attention) or 'no attention linears'} (a fused q/k/v projection such as GPT-2's c_attn "
+            "is not supported); use --pattern channels or unstructured"
+        )
+    removed = structured_count(num_heads, pattern.sparsity)
+    if removed >= num_heads:
+        raise ValueError(
+            f"--sparsity {pattern.sparsity:g} with --pattern heads removes {removed} of the {num_heads} heads of every "
+            "block; it must leave at least one"
+        )

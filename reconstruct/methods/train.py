@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from reconstruct import distributed
 from reconstruct.methods.spec import ReconSpec
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def evaluate_mse(
         micro_batch: samples per forward.
 
     Returns:
-        The mean over every element of every sample.
+        The mean over every element of every sample (of every rank's samples in a distributed run).
     """
     n = inputs.n_samples
     if targets.n_samples != n:
@@ -74,6 +75,7 @@ def evaluate_mse(
         target = targets.read(part).float()
         total += float(torch.sum((out - target) ** 2, dtype=torch.float64))
         count += out.numel()
+    total, count = distributed.all_reduce_sum(total, count)
     return total / max(count, 1)
 
 
@@ -102,6 +104,8 @@ def train_reconstruction(
     progress: bool = False,
     eval_micro_batch: int | None = None,
     measure_after: bool = True,
+    measure_before: bool = True,
+    on_gradients: Callable[[int], None] | None = None,
 ) -> ReconResult:
     """Train ``params`` so that ``forward(inputs)`` matches ``targets`` (PERP's reconstruction).
 
@@ -114,6 +118,13 @@ def train_reconstruction(
     re-enables gradients); input activations that are inference tensors are copied per micro-batch,
     but tensors captured inside ``forward`` (e.g. position embeddings) must be ordinary tensors.
 
+    Distributed (``reconstruct.distributed``): ``inputs``/``targets`` hold this rank's contiguous
+    rows of the global sample axis, ranks in order. Every rank draws the same global batch from the
+    same generator and computes the part it holds; the loss is divided by the global batch size and
+    the gradients are summed over ranks before each step, so the result equals one process's up to
+    float summation order. Every rank must call this (it is collective); ranks end with rank 0's
+    parameter values.
+
     Args:
         forward: runs the block (with its adapters) on (b, T, H) and returns (b, T, H).
         params: the trainable parameters (``MethodHandle.trainable_parameters()``).
@@ -125,21 +136,26 @@ def train_reconstruction(
         eval_micro_batch: samples per forward when measuring the MSE (default: ``spec.micro_batch``).
         measure_after: measure the MSE after training; callers that measure it anyway while
             propagating the stream pass False (``mse_after`` is then NaN).
+        measure_before: measure the MSE before training (False: ``mse_before`` is NaN).
+        on_gradients: called as ``on_gradients(step)`` once per step, after the step's gradients are
+            accumulated (and summed over ranks) and before the optimizer uses them (LoRAPrune reads
+            the adapters' gradients here).
 
     Returns:
         ReconResult with the MSE before and after; ``steps == 0`` or no params: no training.
     """
     started = time.perf_counter()
     eval_micro_batch = eval_micro_batch or spec.micro_batch
-    mse_before = evaluate_mse(forward, inputs, targets, eval_micro_batch)
+    mse_before = evaluate_mse(forward, inputs, targets, eval_micro_batch) if measure_before else math.nan
     params = [p for p in params if p.requires_grad]
-    if spec.steps == 0 or not params or inputs.n_samples == 0:
+    shard = distributed.local_shard(inputs.n_samples)  # this rank's rows of the global sample axis
+    if spec.steps == 0 or not params or shard.total == 0:
         return ReconResult(mse_before, mse_before, 0, time.perf_counter() - started)
 
-    batch = min(spec.batch_size, inputs.n_samples)
+    batch = min(spec.batch_size, shard.total)
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / spec.steps)
-    order = _SampleOrder(inputs.n_samples, seed)
+    order = _SampleOrder(shard.total, seed)  # global indices: the same draw on every rank
     steps = range(spec.steps)
     if progress:
         from tqdm.auto import tqdm
@@ -149,6 +165,8 @@ def train_reconstruction(
     with torch.enable_grad():
         for step in steps:
             indices = order.take(batch)
+            if shard.size != shard.total:  # distributed: the part of the global batch this rank holds
+                indices = indices[(indices >= shard.start) & (indices < shard.stop)] - shard.start
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for part in indices.split(spec.micro_batch):
@@ -158,11 +176,15 @@ def train_reconstruction(
                 loss = torch.sum((out - target) ** 2) / (target[0].numel() * batch)
                 loss.backward()
                 step_loss += float(loss.detach())
+            distributed.all_reduce_grads_(params)  # summed: each rank's loss is already over the global batch
+            if on_gradients is not None:
+                on_gradients(step)
             optimizer.step()
             schedule.step()
             if not math.isfinite(step_loss) and not warned:
                 logger.warning("reconstruction loss is %s at step %d; the merge will refuse", step_loss, step)
                 warned = True
     optimizer.zero_grad(set_to_none=True)
+    distributed.broadcast_from_main_(params)  # ranks continue from identical bytes
     mse_after = evaluate_mse(forward, inputs, targets, eval_micro_batch) if measure_after else math.nan
     return ReconResult(mse_before, mse_after, spec.steps, time.perf_counter() - started)

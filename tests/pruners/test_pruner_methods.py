@@ -7,6 +7,10 @@ import torch
 
 from pruners import PRUNER_NAMES, SparsityPattern, get_pruner, select_keep_mask
 
+# Pruners that prune one linear from its weight and hook statistics (LoRAPrune trains on a whole block:
+# tests/test_loraprune.py).
+LAYER_PRUNERS = tuple(name for name in PRUNER_NAMES if not get_pruner(name).needs_block_training)
+
 PATTERNS = {
     "row50": SparsityPattern(sparsity=0.5, scope="row"),
     "row70": SparsityPattern(sparsity=0.7, scope="row"),
@@ -51,7 +55,7 @@ def assert_exact(keep, pattern):
 
 @pytest.mark.parametrize("shape", [(64, 128), (24, 200)], ids=["64x128", "24x200"])
 @pytest.mark.parametrize("pattern_name", list(PATTERNS))
-@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+@pytest.mark.parametrize("pruner_name", LAYER_PRUNERS)
 def test_exact_pattern_and_zeros(pruner_name, pattern_name, shape):
     pattern = PATTERNS[pattern_name]
     weight, x = correlated_problem(*shape, tokens=256)
@@ -66,7 +70,7 @@ def test_exact_pattern_and_zeros(pruner_name, pattern_name, shape):
 
 
 @pytest.mark.parametrize("pattern_name", ["row50", "layer70", "2:4"])
-@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+@pytest.mark.parametrize("pruner_name", LAYER_PRUNERS)
 def test_deterministic(pruner_name, pattern_name):
     weight, x = correlated_problem(32, 64, tokens=128)
     w1, k1 = run_pruner(pruner_name, weight, x, PATTERNS[pattern_name])
@@ -133,7 +137,7 @@ def _recon_error(weight, new_weight, x):
 def test_sparsegpt_reconstructs_better(pattern_name):
     pattern = PATTERNS[pattern_name]
     weight, x = correlated_problem(64, 128, tokens=512, seed=7)
-    errors = {name: _recon_error(weight, run_pruner(name, weight, x, pattern)[0], x) for name in PRUNER_NAMES}
+    errors = {name: _recon_error(weight, run_pruner(name, weight, x, pattern)[0], x) for name in LAYER_PRUNERS}
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
     assert errors["sparsegpt"] < 0.95 * errors["wanda"], errors
 
@@ -162,14 +166,14 @@ def test_sparsegpt_nm_blocksize_must_be_multiple_of_m():
         run_pruner("sparsegpt", weight, x, PATTERNS["2:4"], blocksize=6)
 
 
-@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+@pytest.mark.parametrize("pruner_name", LAYER_PRUNERS)
 def test_nm_indivisible_in_features_raises(pruner_name):
     weight, x = correlated_problem(8, 30, tokens=64)
     with pytest.raises(ValueError, match=r"--pattern 2:4.*30 input features"):
         run_pruner(pruner_name, weight, x, PATTERNS["2:4"])
 
 
-@pytest.mark.parametrize("pruner_name", PRUNER_NAMES)
+@pytest.mark.parametrize("pruner_name", LAYER_PRUNERS)
 def test_accepts_non_float32_weight(pruner_name):
     weight, x = correlated_problem(8, 32, tokens=64)
     new_weight, keep = run_pruner(pruner_name, weight.to(torch.bfloat16), x.to(torch.bfloat16), PATTERNS["2:4"])

@@ -9,14 +9,14 @@ from pruners import PRUNER_NAMES, Pruner, get_pruner
 
 
 def test_names_and_types():
-    assert PRUNER_NAMES == ("magnitude", "wanda", "sparsegpt")
+    assert PRUNER_NAMES == ("magnitude", "wanda", "sparsegpt", "loraprune")
     for name in PRUNER_NAMES:
         pruner = get_pruner(name)
         assert isinstance(pruner, Pruner) and pruner.name == name
 
 
 def test_unknown_name_lists_choices():
-    with pytest.raises(ValueError, match=r"^--pruner must be one of magnitude, wanda, sparsegpt, got 'x'$"):
+    with pytest.raises(ValueError, match=r"^--pruner must be one of magnitude, wanda, sparsegpt, loraprune, got 'x'$"):
         get_pruner("x")
 
 

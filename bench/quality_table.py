@@ -1,0 +1,42 @@
+"""Render ``bench/quality.py`` results (JSON lines) as the markdown table in docs/benchmarks.md.
+
+    python bench/quality_table.py runs/quality/results.jsonl [--baseline runs/llmc.jsonl]
+
+The optional baseline file holds JSON lines ``{"pruner", "pattern", "sparsity", "perplexity",
+"seconds", "peak_rss_mb"}`` from ``bench/llmcompressor_baseline.py`` runs evaluated with
+``reconstruct eval``; matching cells get llm-compressor's figures beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def key(row: dict) -> tuple:
+    sparsity = row.get("sparsity")
+    return row["pruner"], row["pattern"], None if row["pattern"] != "unstructured" else round(float(sparsity), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--baseline", type=Path)
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    baseline = {}
+    if args.baseline and args.baseline.is_file():
+        baseline = {key(b): b for b in (json.loads(line) for line in args.baseline.read_text().splitlines() if line.strip())}
+    print("| pruner | pattern | method | perplexity | trainable share | job s | peak RSS MiB | llm-compressor perplexity |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        shape = row["pattern"] if row["pattern"] != "unstructured" else f"{row['sparsity']:.0%} unstructured"
+        other = baseline.get(key(row)) if row["method"] == "none" else None
+        theirs = f"{other['perplexity']:.2f}" if other else ""
+        print(f"| {row['pruner']} | {shape} | {row['method']} | {row['perplexity']:.2f} | "
+              f"{row['trainable_share']:.4%} | {row['job_seconds']:.0f} | {row['peak_rss_mb']:.0f} | {theirs} |")
+
+
+if __name__ == "__main__":
+    main()

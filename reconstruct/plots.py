@@ -1,0 +1,141 @@
+"""Figures for the run report and the sweep (matplotlib is an optional extra: ``pip install 'reconstruct[plot]'``).
+
+Every function returns False, drawing nothing, when matplotlib is not installed. Figures are built
+with ``matplotlib.figure.Figure`` and the Agg canvas directly: no pyplot, no global backend state.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+from reconstruct.atomic import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'reconstruct[plot]'  (or: pip install matplotlib)"
+PNG_DPI = 120
+PNG_METADATA = {"Software": None}  # no version string in the file: same inputs, same bytes
+SWEEP_LINESTYLES = (("-", "o"), ("--", "D"), (":", "s"), ("-.", "^"))  # per pattern: line, marker
+LOG_SCALE_RATIO = 3.0  # sweep: log perplexity axis when the largest value is this many times the smallest
+
+
+def load_matplotlib():
+    """``matplotlib.figure.Figure``, or None when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401  (the parent first: a missing package fails here)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure
+
+
+def matplotlib_available() -> bool:
+    """True when figures can be drawn."""
+    return load_matplotlib() is not None
+
+
+def _save(figure, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PNG_DPI, metadata=PNG_METADATA)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, path: Path) -> bool:
+    """Per-block reconstruction MSE (before / after) and achieved sparsity, as a PNG.
+
+    Args:
+        rows: one dict per block with ``index``, ``mse_before``, ``mse_after``, ``sparsity``.
+        title: figure title.
+        target_sparsity: drawn as a dashed line on the sparsity panel (None: not drawn).
+        path: where the PNG goes (written atomically).
+
+    Returns:
+        False (and nothing written) when matplotlib is missing.
+    """
+    Figure = load_matplotlib()
+    if Figure is None:
+        return False
+    from matplotlib.ticker import MaxNLocator
+
+    index = [row["index"] for row in rows]
+    figure = Figure(figsize=(8, 6), layout="constrained")
+    mse_axes, sparsity_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    before = [row["mse_before"] for row in rows]
+    after = [row["mse_after"] for row in rows]
+    mse_axes.plot(index, before, marker="o", label="before reconstruction")
+    mse_axes.plot(index, after, marker="s", label="after reconstruction")
+    if all(value is not None and value > 0 for value in before + after):
+        mse_axes.set_yscale("log")
+    mse_axes.set_ylabel("block output MSE\n(pruned vs dense)")
+    mse_axes.legend()
+    mse_axes.grid(True, alpha=0.3)
+    sparsity_axes.bar(index, [row["sparsity"] for row in rows], color="tab:gray")
+    if target_sparsity is not None:
+        sparsity_axes.axhline(target_sparsity, color="tab:red", linestyle="--", linewidth=1, label="target")
+        sparsity_axes.legend(loc="lower right")
+    sparsity_axes.set_ylim(0, 1)
+    sparsity_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    sparsity_axes.set_ylabel("sparsity")
+    sparsity_axes.set_xlabel("block")
+    figure.suptitle(title)
+    _save(figure, path)
+    return True
+
+
+def plot_sweep(rows: list[dict], path: Path) -> bool:
+    """Perplexity vs sparsity: one panel per pruner, one line per method and pattern (unstructured solid).
+
+    Args:
+        rows: sweep rows with ``pruner``, ``pattern``, ``sparsity``, ``method``, ``perplexity``.
+        path: where the PNG goes (written atomically).
+
+    Returns:
+        False (and nothing written) when matplotlib is missing.
+    """
+    Figure = load_matplotlib()
+    if Figure is None:
+        return False
+    from matplotlib.ticker import FuncFormatter
+
+    pruners = list(dict.fromkeys(row["pruner"] for row in rows))  # grid order
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    values = [row["perplexity"] for row in rows if row["perplexity"] is not None]
+    log_scale = bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SCALE_RATIO
+    figure = Figure(figsize=(5 * len(pruners), 4), layout="constrained")
+    axes_list = figure.subplots(1, len(pruners), sharey=True, squeeze=False)[0]
+    patterns = list(dict.fromkeys(row["pattern"] for row in rows))
+    colors = {method: f"C{i}" for i, method in enumerate(methods)}
+    styles = {pattern: SWEEP_LINESTYLES[i % len(SWEEP_LINESTYLES)] for i, pattern in
+              enumerate(sorted(patterns, key=lambda p: p != "unstructured"))}  # unstructured: solid
+    for axes, pruner in zip(axes_list, pruners):
+        for method in methods:
+            for pattern in patterns:
+                points = sorted(
+                    (row["sparsity"], row["perplexity"]) for row in rows
+                    if (row["pruner"], row["method"], row["pattern"]) == (pruner, method, pattern)
+                    and row["perplexity"] is not None
+                )
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                linestyle, marker = styles[pattern]
+                label = method if pattern == "unstructured" else f"{method} ({pattern})"
+                axes.plot(xs, ys, marker=marker, linestyle=linestyle, color=colors[method], label=label)
+        axes.set_title(pruner)
+        axes.set_xlabel("sparsity")
+        if log_scale:
+            axes.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            axes.yaxis.set_major_formatter(plain)
+            axes.yaxis.set_minor_formatter(plain)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    axes_list[0].set_ylabel("perplexity")
+    _save(figure, path)
+    return True

@@ -1,0 +1,223 @@
+"""The human-readable run report: ``report.md`` and ``report.png`` next to ``reconstruct.json``.
+
+``write_run_report`` renders what ``reconstruct.json`` holds (per block: MSE before and after
+reconstruction, achieved sparsity; totals: time, peak memory, trainable parameters, perplexity when
+the run evaluated its output). ``finish_report`` ends the assembly of a job's output: it evaluates
+the output when ``--eval`` asked for it, then writes the report files. ``refresh_finished_report``
+serves a finished job run again: it adds an evaluation asked for only now and redraws missing files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from reconstruct.atomic import atomic_write_bytes
+from reconstruct.plots import INSTALL_HINT, matplotlib_available, plot_blocks
+
+logger = logging.getLogger(__name__)
+
+MARKDOWN_NAME = "report.md"
+FIGURE_NAME = "report.png"
+
+
+def block_rows(report: dict) -> list[dict]:
+    """One row per block: index, mean linear sparsity, MSE before/after, trainable params, steps, seconds."""
+    rows = []
+    for block in report.get("blocks", []):
+        sparsities = list((block.get("sparsity") or {}).values())
+        rows.append({
+            "index": block.get("index"),
+            "sparsity": sum(sparsities) / len(sparsities) if sparsities else 0.0,
+            "mse_before": block.get("mse_before"),
+            "mse_after": block.get("mse_after"),
+            "trainable_params": int(block.get("trainable_params", 0)),
+            "block_params": int(block.get("block_params", 0)),
+            "recon_steps": int(block.get("recon_steps", 0)),
+            "seconds": float(block.get("seconds", 0.0)),
+        })
+    return rows
+
+
+def describe_job(report: dict, model: str | None) -> dict[str, str]:
+    """Short labels for the job's settings, from the fingerprint stored in the report."""
+    job = report.get("job", {})
+    pattern = job.get("pattern") or {}
+    kind = pattern.get("kind", "unstructured")
+    if kind == "nm":
+        shape = f"{pattern.get('n')}:{pattern.get('m')} ({pattern.get('sparsity', 0):.0%})"
+    elif kind == "unstructured":
+        shape = f"unstructured {pattern.get('sparsity', 0):.0%} per {pattern.get('scope', 'row')}"
+    else:  # structured: the share of heads / channels removed
+        shape = f"{kind} {pattern.get('sparsity', 0):.0%}"
+    method = job.get("method") or {}
+    calibration = job.get("calibration") or {}
+    source = calibration.get("source") or {}
+    return {
+        "model": model or "(see reconstruct.json)",
+        "architecture": str(job.get("model_type", "?")),
+        "pruner": str(job.get("pruner", "?")),
+        "pattern": shape,
+        "method": str(method.get("method", "none")),
+        "calibration": f"{source.get('file') or source.get('name', '?')}, "
+                       f"{calibration.get('n_samples', '?')} × {calibration.get('seq_len', '?')} tokens, seed {job.get('seed', '?')}",
+        "compute": f"{job.get('dtype', '?')} on {job.get('device_type', '?')}",
+    }
+
+
+def target_sparsity(report: dict) -> float | None:
+    """The sparsity the job asked for."""
+    value = (report.get("job", {}).get("pattern") or {}).get("sparsity")
+    return float(value) if value is not None else None
+
+
+def _number(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
+    """The text of ``report.md``."""
+    rows = block_rows(report)
+    labels = describe_job(report, model)
+    trainable = sum(row["trainable_params"] for row in rows)
+    block_params = sum(row["block_params"] for row in rows)
+    evaluation = report.get("evaluation")
+    if evaluation:
+        perplexity = (
+            f"{evaluation['perplexity']:.3f} on {Path(str(evaluation['data'])).name} "
+            f"({evaluation['windows']} windows × {evaluation['seq_len']} tokens, "
+            f"{'streamed' if evaluation.get('streamed') else 'in memory'}, {_duration(evaluation.get('seconds', 0))})"
+        )
+    else:
+        perplexity = "not evaluated (add `--eval FILE` to `reconstruct run`, or run `reconstruct eval --model OUT --data FILE`)"
+    gpu = report.get("peak_gpu_mb")
+    lines = [
+        f"# Reconstruction report: {labels['model']}",
+        "",
+        f"{labels['pruner']} · {labels['pattern']} · method {labels['method']} · {labels['architecture']}, "
+        f"{len(rows)} blocks · calibration {labels['calibration']} · {labels['compute']}",
+        "",
+        "## Totals",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| time | {_duration(report.get('elapsed_seconds', 0.0))} |",
+        f"| peak host memory (RSS) | {_number(report.get('peak_rss_mb'), '.0f')} MiB |",
+        f"| peak GPU memory | {'–' if gpu is None else format(gpu, '.0f') + ' MiB'} |",
+        f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
+        f"| mean linear sparsity | {report.get('mean_linear_sparsity', 0.0):.4f} |",
+        f"| perplexity | {perplexity} |",
+        "",
+        "## Blocks",
+        "",
+        "MSE: the pruned block's output on the pruned stream vs the dense block's output (the targets), "
+        "before and after reconstruction. Sparsity: the mean over the block's linear layers of the share of zero weights.",
+        "",
+        "| block | sparsity | MSE before | MSE after | after / before | trainable params | steps | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        before, after = row["mse_before"], row["mse_after"]
+        ratio = after / before if before and after is not None else None
+        lines.append(
+            f"| {row['index']} | {row['sparsity']:.4f} | {_number(before, '.4e')} | {_number(after, '.4e')} | "
+            f"{_number(ratio, '.3f')} | {row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} |"
+        )
+    lines.append("")
+    if figure_drawn:
+        lines += [f"![MSE and sparsity per block]({FIGURE_NAME})", ""]
+    else:
+        lines += [
+            f"No {FIGURE_NAME}: matplotlib is not installed. Install it (`{INSTALL_HINT}`) and run the same "
+            "`reconstruct run` command again: a finished job only redraws its report.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_run_report(out: Path, report: dict, model: str | None = None) -> bool:
+    """Write ``report.md`` and, when matplotlib is installed, ``report.png`` into ``out``.
+
+    Returns:
+        Whether the figure was drawn.
+    """
+    out = Path(out)
+    labels = describe_job(report, model)
+    title = f"{labels['pruner']} · {labels['pattern']} · {labels['method']}"
+    drawn = plot_blocks(block_rows(report), title, target_sparsity(report), out / FIGURE_NAME)
+    if not drawn:
+        (out / FIGURE_NAME).unlink(missing_ok=True)  # never leave a figure of an earlier job
+        logger.info("matplotlib is not installed: no %s (%s)", FIGURE_NAME, INSTALL_HINT)
+    atomic_write_bytes(out / MARKDOWN_NAME, render_markdown(report, model, drawn).encode("utf-8"))
+    return drawn
+
+
+def evaluation_settings(spec) -> dict:
+    """What identifies an evaluation (``EvalSpec``): a file by its absolute path, a dataset by name."""
+    path = Path(spec.data).expanduser()
+    data = str(path.resolve()) if path.is_file() else spec.data
+    return {"data": data, "seq_len": spec.seq_len, "max_windows": spec.max_windows}
+
+
+def add_evaluation(job, report: dict) -> tuple[dict, bool]:
+    """Evaluate the output folder when ``job.evaluation`` asks and ``report`` does not hold that evaluation.
+
+    Returns:
+        ``(report, evaluated)``: the report with ``"evaluation"`` (settings and result) added when it ran.
+    """
+    if job.evaluation is None:
+        return report, False
+    settings = evaluation_settings(job.evaluation)
+    recorded = report.get("evaluation") or {}
+    if {key: recorded.get(key) for key in settings} == settings:
+        return report, False
+    from reconstruct.evaluate import perplexity
+
+    spec = job.evaluation
+    logger.info("evaluating %s on %s", job.out, spec.data)
+    result = perplexity(str(job.out), spec.data, seq_len=spec.seq_len, max_windows=spec.max_windows,
+                        device=job.device, dtype=job.dtype)
+    return {**report, "evaluation": {**settings, **result}}, True
+
+
+def finish_report(job, report: dict) -> dict:
+    """The end of assembling a job's output: evaluate it (``--eval``) and write ``report.md`` / ``report.png``.
+
+    Called when the model folder is complete and before ``reconstruct.json`` is written and the job
+    marked finished, so a job killed while evaluating evaluates again when resumed.
+
+    Returns:
+        ``report`` with ``"evaluation"`` when one ran: the content of ``reconstruct.json``.
+    """
+    report, _ = add_evaluation(job, report)
+    write_run_report(job.out, report, job.model)
+    return report
+
+
+def refresh_finished_report(job, state) -> dict:
+    """A finished job run again: add an evaluation newly asked for, redraw missing report files.
+
+    Args:
+        job: the ``JobConfig``.
+        state: the job's ``JobState`` (its lock is held).
+
+    Returns:
+        The content of ``reconstruct.json``.
+    """
+    out = Path(job.out)
+    report, evaluated = add_evaluation(job, state.report())
+    if evaluated:
+        state.update_report(report)
+    figure_missing = not (out / FIGURE_NAME).is_file() and matplotlib_available()
+    if evaluated or figure_missing or not (out / MARKDOWN_NAME).is_file():
+        write_run_report(out, report, job.model)
+    return report

@@ -1,0 +1,266 @@
+"""``reconstruct sweep``: a grid of pruner × pattern × sparsity × method, each cell a normal job.
+
+Every cell is ``reconstruct run ... --out DIR/<cell> --eval DATA`` in a child process: the cell is a
+resumable job like any other (kill the sweep, run it again, and the cell in flight resumes), and its
+peak RSS in ``reconstruct.json`` is its own, not the sweep's. A cell whose job is finished, whose
+``reconstruct.json`` holds the requested evaluation and whose command line has not changed is
+skipped without starting a process; anything else goes to the child, which resumes the job, refuses
+a changed one, or only adds the evaluation. The dense pass is not shared between cells: each cell
+computes its own dense targets (the price of cells being independent, resumable jobs).
+
+Results: ``DIR/sweep.csv`` and ``DIR/sweep.md`` (one row per cell) and ``DIR/sweep.png``
+(perplexity vs sparsity, one line per method, one panel per pruner; patterns other than
+unstructured, such as 2:4, dashed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from pruners.pattern import N_OF_M, UNSTRUCTURED, SparsityPattern
+from pruners.registry import PRUNER_NAMES
+from reconstruct.atomic import atomic_write_bytes, atomic_write_json
+from reconstruct.config import EvalSpec
+from reconstruct.manifest import Manifest
+from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
+from reconstruct.output import REPORT_NAME
+from reconstruct.plots import INSTALL_HINT, plot_sweep
+from reconstruct.report import evaluation_settings
+
+logger = logging.getLogger(__name__)
+
+CSV_NAME, MARKDOWN_NAME, FIGURE_NAME = "sweep.csv", "sweep.md", "sweep.png"
+CELLS_NAME = "sweep-cells.json"  # cell → the command line it was run with
+COLUMNS = ("cell", "pruner", "pattern", "sparsity", "method", "perplexity", "achieved_sparsity", "time_s",
+           "peak_rss_mb", "peak_gpu_mb", "trainable_share", "eval_seconds")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid."""
+
+    pruner: str
+    pattern: str  # "unstructured", "N:M", or another --pattern of run (e.g. "heads")
+    sparsity: float  # target sparsity (implied by N:M)
+    method: str
+
+    @property
+    def implied_sparsity(self) -> bool:
+        """True for N:M: the pattern fixes the sparsity (no --sparsity flag)."""
+        return ":" in self.pattern
+
+    @property
+    def name(self) -> str:
+        """Folder name: ``wanda-s0.5-bias-ln``, ``sparsegpt-2of4-masklora``, ``wanda-heads-s0.25-none``."""
+        if self.implied_sparsity:
+            shape = self.pattern.replace(":", "of")
+        elif self.pattern == UNSTRUCTURED:
+            shape = f"s{self.sparsity:g}"
+        else:
+            shape = f"{self.pattern}-s{self.sparsity:g}"
+        return f"{self.pruner}-{shape}-{self.method}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The grid and what every cell shares."""
+
+    out: Path  # the sweep folder; cell jobs go to out/<cell>
+    pruners: tuple[str, ...]
+    patterns: tuple[str, ...]  # "unstructured" and/or N:M
+    sparsities: tuple[float, ...]  # used by the unstructured pattern; N:M implies its own
+    methods: tuple[str, ...]
+    evaluation: EvalSpec
+    run_flags: tuple[str, ...] = field(default_factory=tuple)  # shared `reconstruct run` flags (model, calibration, device, ...)
+
+
+def build_cells(spec: SweepSpec, mask_scope: str = "row") -> list[Cell]:
+    """The grid in order (pruner, pattern, sparsity, method); N:M patterns imply their sparsity.
+
+    Raises:
+        ValueError: for a bad pattern or sparsity, naming the flag.
+    """
+    if not (spec.pruners and spec.patterns and spec.methods):
+        raise ValueError("--pruner, --pattern and --method each need at least one value")
+    for pruner in spec.pruners:
+        if pruner not in PRUNER_NAMES:
+            raise ValueError(f"--pruner {pruner!r} is not one of {', '.join(PRUNER_NAMES)}")
+    for method in spec.methods:
+        if method not in (*METHOD_NAMES, "auto"):
+            raise ValueError(f"--method {method!r} is not one of auto, {', '.join(METHOD_NAMES)}")
+    if "lora" in spec.methods and "--allow-dense-merge" not in spec.run_flags:
+        raise ValueError(DENSE_MERGE_MESSAGE)
+    cells = []
+    for pruner in spec.pruners:
+        for pattern in spec.patterns:
+            parsed = SparsityPattern.parse(pattern, None, mask_scope)  # a bad --pattern fails here
+            if parsed.kind == N_OF_M:
+                shapes = [(pattern, parsed.sparsity)]
+            else:
+                if not spec.sparsities:
+                    raise ValueError(f"--sparsity needs at least one value for --pattern {pattern}")
+                shapes = [(pattern, SparsityPattern.parse(pattern, s, mask_scope).sparsity) for s in spec.sparsities]
+            for shape, sparsity in shapes:
+                for method in spec.methods:
+                    cells.append(Cell(pruner, shape, sparsity, method))
+    names = [cell.name for cell in cells]
+    if len(set(names)) != len(names):
+        raise ValueError("the grid repeats a cell; list each pruner, pattern, sparsity and method once")
+    return cells
+
+
+def cell_command(spec: SweepSpec, cell: Cell) -> list[str]:
+    """The ``reconstruct run`` arguments of one cell (without the program name)."""
+    args = ["run", "--pruner", cell.pruner, "--pattern", cell.pattern, "--method", cell.method]
+    if not cell.implied_sparsity:
+        args += ["--sparsity", f"{cell.sparsity:g}"]
+    evaluation = spec.evaluation
+    args += ["--eval", evaluation.data, "--eval-seq-len", str(evaluation.seq_len)]
+    if evaluation.max_windows is not None:
+        args += ["--eval-windows", str(evaluation.max_windows)]
+    return [*args, *spec.run_flags, "--out", str(spec.out / cell.name)]
+
+
+def flags_from_options(options: dict, defaults: dict) -> tuple[str, ...]:
+    """``--name value`` for every option that differs from its default (booleans as bare flags)."""
+    flags: list[str] = []
+    for name, value in options.items():
+        if value is None or value == defaults.get(name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+            continue
+        flags += [flag, str(value.value if isinstance(value, Enum) else value)]
+    return tuple(flags)
+
+
+def is_done(spec: SweepSpec, cell: Cell, command: list[str], recorded: dict) -> bool:
+    """True when the cell's job is finished, evaluated as asked, and was run with this command."""
+    out = spec.out / cell.name
+    try:
+        manifest = Manifest.load(out)
+    except ValueError:
+        return False
+    if manifest is None or not manifest.finished or recorded.get(cell.name) != command:
+        return False
+    report_path = out / REPORT_NAME
+    if not report_path.is_file():
+        return False
+    evaluation = json.loads(report_path.read_text()).get("evaluation") or {}
+    settings = evaluation_settings(spec.evaluation)
+    return {key: evaluation.get(key) for key in settings} == settings and "perplexity" in evaluation
+
+
+def run_cell(command: list[str]) -> None:
+    """Run one cell's job in a child process (its own peak memory, like any ``reconstruct run``)."""
+    completed = subprocess.run([sys.executable, "-m", "reconstruct", *command])
+    if completed.returncode != 0:
+        raise ValueError(
+            f"sweep cell {Path(command[-1]).name} failed (exit code {completed.returncode}): "
+            f"reconstruct {' '.join(command)}; fix the cause and run the sweep again (finished cells are kept)"
+        )
+
+
+def cell_row(spec: SweepSpec, cell: Cell) -> dict:
+    """One results row from the cell's ``reconstruct.json``."""
+    report = json.loads((spec.out / cell.name / REPORT_NAME).read_text())
+    blocks = report.get("blocks", [])
+    evaluation = report.get("evaluation") or {}
+    trainable = sum(block.get("trainable_params", 0) for block in blocks)
+    block_params = sum(block.get("block_params", 0) for block in blocks)
+    return {
+        "cell": cell.name,
+        "pruner": cell.pruner,
+        "pattern": cell.pattern,
+        "sparsity": cell.sparsity,
+        "method": cell.method,
+        "perplexity": evaluation.get("perplexity"),
+        "achieved_sparsity": report.get("mean_linear_sparsity"),
+        "time_s": report.get("elapsed_seconds"),
+        "peak_rss_mb": report.get("peak_rss_mb"),
+        "peak_gpu_mb": report.get("peak_gpu_mb"),
+        "trainable_share": trainable / block_params if block_params else 0.0,
+        "eval_seconds": evaluation.get("seconds"),
+    }
+
+
+def run_sweep(spec: SweepSpec, mask_scope: str = "row") -> list[dict]:
+    """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.md`` and ``sweep.png``.
+
+    Returns:
+        The rows, one per cell, in grid order.
+    """
+    cells = build_cells(spec, mask_scope)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    cells_path = spec.out / CELLS_NAME
+    recorded = json.loads(cells_path.read_text()) if cells_path.is_file() else {}
+    for number, cell in enumerate(cells, 1):
+        command = cell_command(spec, cell)
+        if is_done(spec, cell, command, recorded):
+            logger.info("cell %d/%d %s: finished and evaluated; skipped", number, len(cells), cell.name)
+            continue
+        logger.info("cell %d/%d %s: reconstruct %s", number, len(cells), cell.name, " ".join(command))
+        run_cell(command)
+        recorded[cell.name] = command
+        atomic_write_json(cells_path, recorded)
+    rows = [cell_row(spec, cell) for cell in cells]
+    write_results(spec, rows)
+    return rows
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("" if row[key] is None else row[key]) for key in COLUMNS})
+    return buffer.getvalue()
+
+
+def _cell(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def render_markdown(spec: SweepSpec, rows: list[dict], figure_drawn: bool) -> str:
+    """The text of ``sweep.md``."""
+    evaluation = spec.evaluation
+    windows = f"{evaluation.max_windows} windows" if evaluation.max_windows else "all windows"
+    lines = [
+        "# Sweep",
+        "",
+        f"{len(rows)} cells · perplexity on {Path(evaluation.data).name} ({windows} × {evaluation.seq_len} tokens) · "
+        f"shared flags: `{' '.join(spec.run_flags) or '(defaults)'}`",
+        "",
+        "| pruner | pattern | sparsity | method | perplexity | time | peak RSS | trainable share | cell |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['pruner']} | {row['pattern']} | {row['sparsity']:.2f} | {row['method']} | "
+            f"{_cell(row['perplexity'], '.3f')} | {_cell(row['time_s'], '.1f')} s | {_cell(row['peak_rss_mb'], '.0f')} MiB | "
+            f"{row['trainable_share']:.4%} | [{row['cell']}]({row['cell']}/report.md) |"
+        )
+    lines.append("")
+    if figure_drawn:
+        lines += [f"![perplexity vs sparsity]({FIGURE_NAME})", ""]
+    else:
+        lines += [f"No {FIGURE_NAME}: matplotlib is not installed (`{INSTALL_HINT}`); run the sweep again to draw it.", ""]
+    return "\n".join(lines)
+
+
+def write_results(spec: SweepSpec, rows: list[dict]) -> None:
+    """``sweep.csv``, ``sweep.png`` (when matplotlib is installed) and ``sweep.md``."""
+    atomic_write_bytes(spec.out / CSV_NAME, _csv_text(rows).encode("utf-8"))
+    drawn = plot_sweep(rows, spec.out / FIGURE_NAME)
+    if not drawn:
+        (spec.out / FIGURE_NAME).unlink(missing_ok=True)
+    atomic_write_bytes(spec.out / MARKDOWN_NAME, render_markdown(spec, rows, drawn).encode("utf-8"))

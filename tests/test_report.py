@@ -1,0 +1,169 @@
+"""``report.md`` / ``report.png`` next to ``reconstruct.json``, and ``run --eval``.
+
+One job (tiny LLaMA, Wanda 50%, bias-ln for a few steps, evaluated on 4 windows) is run through the
+CLI once per module; the report's numbers are checked against ``reconstruct.json``. A second job
+runs with matplotlib hidden (``sys.modules`` entries set to None, as if it were not installed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import make_job
+from reconstruct import plots
+from reconstruct.config import EvalSpec
+from reconstruct.engine import run_job
+from reconstruct.manifest import Manifest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EVAL_FLAGS = ["--eval-seq-len", "32", "--eval-windows", "4"]
+
+
+def quick_run_args(model, calib, out) -> list[str]:
+    return ["run", "--model", str(model), "--out", str(out), "--pruner", "wanda", "--sparsity", "0.5",
+            "--method", "bias-ln", "--recon-steps", "3", "--calib", str(calib), "--n-samples", "8", "--seq-len", "32",
+            "--micro-batch", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_model_dir, small_calib_file, tmp_path_factory):
+    """``(out, reconstruct.json, cli output)`` of a job run with ``--eval``."""
+    out = tmp_path_factory.mktemp("report") / "out"
+    args = quick_run_args(tiny_model_dir("llama"), small_calib_file, out)
+    result = CliRunner().invoke(app, [*args, "--eval", str(small_calib_file), *EVAL_FLAGS])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "reconstruct.json").read_text()), result.output
+
+
+def table_rows(markdown: str, header_start: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_report_md_has_a_row_per_block_matching_the_json(evaluated_run):
+    out, report, _ = evaluated_run
+    markdown = (out / "report.md").read_text()
+    rows = table_rows(markdown, "| block |")
+    assert len(rows) == len(report["blocks"]) == 3
+    for row, block in zip(rows, report["blocks"]):
+        index, sparsity, before, after, ratio, trainable, steps = row[:7]
+        assert int(index) == block["index"]
+        mean_sparsity = sum(block["sparsity"].values()) / len(block["sparsity"])
+        assert float(sparsity) == pytest.approx(mean_sparsity, abs=5e-5)
+        assert float(before) == pytest.approx(block["mse_before"], rel=1e-4)
+        assert float(after) == pytest.approx(block["mse_after"], rel=1e-4)
+        assert float(ratio) == pytest.approx(block["mse_after"] / block["mse_before"], abs=5e-4)
+        assert int(trainable.replace(",", "")) == block["trainable_params"] > 0
+        assert int(steps) == block["recon_steps"] == 3
+    assert block["mse_after"] < block["mse_before"]  # reconstruction helped (the values are not copies)
+
+
+def test_report_md_totals_match_the_json(evaluated_run):
+    out, report, output = evaluated_run
+    totals = dict(table_rows((out / "report.md").read_text(), "| | |"))
+    assert totals["time"] == f"{report['elapsed_seconds']:.1f} s"
+    assert totals["peak host memory (RSS)"] == f"{report['peak_rss_mb']:.0f} MiB"
+    assert totals["peak GPU memory"] == "–"  # CPU job
+    trainable = sum(block["trainable_params"] for block in report["blocks"])
+    assert totals["trainable parameters"].startswith(f"{trainable:,} (")
+    assert totals["mean linear sparsity"] == f"{report['mean_linear_sparsity']:.4f}"
+    evaluation = report["evaluation"]
+    assert totals["perplexity"].startswith(f"{evaluation['perplexity']:.3f} on valid-head.txt (4 windows × 32 tokens")
+    assert (evaluation["windows"], evaluation["seq_len"], evaluation["max_windows"]) == (4, 32, 4)
+    assert evaluation["perplexity"] > 1
+    assert f"perplexity {evaluation['perplexity']:.3f}" in output
+
+
+def test_run_eval_equals_reconstruct_eval(evaluated_run, small_calib_file):
+    out, report, _ = evaluated_run
+    result = CliRunner().invoke(app, ["eval", "--model", str(out), "--data", str(small_calib_file), "--seq-len", "32",
+                                      "--max-windows", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["perplexity"] == pytest.approx(
+        report["evaluation"]["perplexity"], rel=1e-6)
+
+
+def test_report_png_is_a_valid_png(evaluated_run):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'reconstruct[plot]'): no report.png to check")
+    import matplotlib.image
+
+    out, _, _ = evaluated_run
+    png = out / "report.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert "![MSE and sparsity per block](report.png)" in (out / "report.md").read_text()
+
+
+def hide_matplotlib(monkeypatch) -> None:
+    """Make every ``import matplotlib...`` fail, as if it were not installed."""
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_run_without_matplotlib_writes_the_report_and_says_how_to_get_the_figure(
+        tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
+    job = make_job(tiny_model_dir("opt"), tmp_path / "out", "magnitude", calib=small_calib_file)
+    with monkeypatch.context() as patch:
+        hide_matplotlib(patch)
+        assert not plots.matplotlib_available()
+        report = run_job(job)
+    out = job.out
+    assert not (out / "report.png").exists()
+    markdown = (out / "report.md").read_text()
+    assert "No report.png: matplotlib is not installed" in markdown and "pip install 'reconstruct[plot]'" in markdown
+    assert len(table_rows(markdown, "| block |")) == len(report["blocks"]) == 3
+    assert "not evaluated" in markdown
+    assert Manifest.load(out).finished
+    if plots.matplotlib_available():  # what report.md promises: the same command again draws the figure
+        again = run_job(job)
+        assert again["already_finished"]
+        assert (out / "report.png").read_bytes()[:8] == PNG_MAGIC
+        assert "![MSE and sparsity per block](report.png)" in (out / "report.md").read_text()
+
+
+def test_eval_added_to_a_finished_job_is_recorded_once(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
+    import dataclasses
+
+    from reconstruct import engine
+
+    job = make_job(tiny_model_dir("gpt2"), tmp_path / "out", "magnitude", calib=small_calib_file)
+    run_job(job)
+    assert "evaluation" not in json.loads((job.out / "reconstruct.json").read_text())
+    evaluated = dataclasses.replace(job, evaluation=EvalSpec(str(small_calib_file), seq_len=32, max_windows=3))
+    report = run_job(evaluated)
+    assert report["already_finished"] and report["evaluation"]["windows"] == 3
+    stored = json.loads((job.out / "reconstruct.json").read_text())
+    assert stored["evaluation"] == report["evaluation"]
+    assert re.search(r"\| perplexity \| [0-9.]+ on valid-head.txt \(3 windows", (job.out / "report.md").read_text())
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished, evaluated job did work again")
+
+    monkeypatch.setattr(engine, "_run_blocks", no_work)
+    monkeypatch.setattr("reconstruct.evaluate.perplexity", no_work)
+    again = run_job(evaluated)  # the rewritten reconstruct.json is the job's recorded output: nothing to redo
+    assert again["already_finished"] and again["evaluation"] == stored["evaluation"]
+
+
+def test_bad_eval_is_refused_before_any_work(tiny_model_dir, small_calib_file, tmp_path):
+    out = tmp_path / "out"
+    args = quick_run_args(tiny_model_dir("llama"), small_calib_file, out)
+    for bad, words in (("missing.txt", "no such file"), ("not-a-dataset", "not a file or a known dataset")):
+        result = CliRunner().invoke(app, [*args, "--eval", bad])
+        assert result.exit_code == 2, result.output
+        assert "--eval" in result.output and words in result.output
+        assert not out.exists()
