@@ -222,7 +222,7 @@ class BlockPipeline:
                 weight.masked_fill_(~keep_mask.to(weight.device), 0.0)
                 keep_masks[name] = keep_mask
         for name, module in linears.items():  # untouched linears: everything kept
-            keep_masks.setdefault(name, torch.ones(weight_as_out_in(module).shape, dtype=torch.bool, device=self.device))
+            keep_masks.setdefault(name, self._keep_all(module))
 
     def _pruner_inputs(self, block, group: dict[str, nn.Module], keep_masks, sparse, dense, dense_copy, cycle) -> dict:
         """What the pruner needs for ``group``: hook statistics, or scores from block training (LoRAPrune)."""
@@ -231,13 +231,9 @@ class BlockPipeline:
         if dense_copy is None:  # the dense stream already holds this block's targets
             forward, targets = self.forward_fn(block), dense
         else:
-            whole = UnitObjective(block, dense_copy, discover_units("block", []), self.run_block, sparse, dense, "dense")
+            whole = self._whole_block_objective(block, dense_copy, sparse, dense)
             forward, targets = whole.forward, whole
-        current = {
-            name: keep_masks[name] if name in keep_masks
-            else torch.ones(weight_as_out_in(module).shape, dtype=torch.bool, device=self.device)
-            for name, module in group.items()
-        }
+        current = {name: keep_masks.get(name, self._keep_all(module)) for name, module in group.items()}
         prune = self.job.prune  # provisional masks ramp from the previous cycle's sparsity to this one's
         start = schedule_fraction(cycle - 1, prune.cycles, prune.cycle_schedule) if cycle > 1 else 0.0
         end = schedule_fraction(cycle, prune.cycles, prune.cycle_schedule)
@@ -250,6 +246,14 @@ class BlockPipeline:
         scores = self.pruner.score_block(training)
         crash_point(f"statistics:{self.current_index}")
         return {name: GivenScores(scores[name]) for name in group}
+
+    def _keep_all(self, module: nn.Module) -> torch.Tensor:
+        """A keep mask that keeps every weight of ``module``, shape (out, in)."""
+        return torch.ones(weight_as_out_in(module).shape, dtype=torch.bool, device=self.device)
+
+    def _whole_block_objective(self, block, dense_copy, sparse, dense) -> UnitObjective:
+        """The block-output objective computed with the dense copy: dense block on the dense stream."""
+        return UnitObjective(block, dense_copy, discover_units("block", []), self.run_block, sparse, dense, "dense")
 
     def _select_masks(self, scores: dict[str, torch.Tensor], pattern, within: dict[str, torch.Tensor]) -> dict:
         """Keep masks ``pattern`` chooses from ``scores`` (per linear), nested in ``within``; changes no weight."""
@@ -282,7 +286,7 @@ class BlockPipeline:
         if dense_copy is None:  # PERP's objective: block(x_sparse) ≈ y_dense, the dense stream
             train_forward, targets = self.forward_fn(block), dense
         else:
-            whole = UnitObjective(block, dense_copy, discover_units("block", []), self.run_block, sparse, dense, "dense")
+            whole = self._whole_block_objective(block, dense_copy, sparse, dense)
             if report.mse_before is None:
                 report.mse_before = evaluate_mse(whole.forward, sparse, whole, self.job.micro_batch)
             units = discover_units(recon.granularity, self.call_order(block, linears, sparse))
