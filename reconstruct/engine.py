@@ -233,7 +233,7 @@ class BlockPipeline:
         else:
             whole = self._whole_block_objective(block, dense_copy, sparse, dense)
             forward, targets = whole.forward, whole
-        current = {name: keep_masks.get(name, self._keep_all(module)) for name, module in group.items()}
+        current = {name: keep_masks[name] if name in keep_masks else self._keep_all(module) for name, module in group.items()}
         prune = self.job.prune  # provisional masks ramp from the previous cycle's sparsity to this one's
         start = schedule_fraction(cycle - 1, prune.cycles, prune.cycle_schedule) if cycle > 1 else 0.0
         end = schedule_fraction(cycle, prune.cycles, prune.cycle_schedule)
