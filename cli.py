@@ -1,4 +1,4 @@
-"""Command line: ``reconstruct run | eval | status``. Parses, validates, builds a JobConfig; no logic."""
+"""Command line: ``reconstruct run | plan | eval | sweep | inspect | status``. Parses, validates, builds a JobConfig; no logic."""
 
 from __future__ import annotations
 
