@@ -151,7 +151,3 @@ def probe_bias_flags(config: PretrainedConfig, blocks_path: str, block: nn.Modul
             flags[flag] = gained
     return flags
 
-
-def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
-    """``root.get_submodule`` with a clearer name at call sites."""
-    return root.get_submodule(dotted)
