@@ -8,17 +8,7 @@ import torch
 from pruners import SparsityPattern, select_keep_mask
 from pruners.masks import block_prune_count, select_block_keep_mask
 
-PATTERNS = {
-    "row50": SparsityPattern(sparsity=0.5, scope="row"),
-    "row70": SparsityPattern(sparsity=0.7, scope="row"),
-    "layer50": SparsityPattern(sparsity=0.5, scope="layer"),
-    "layer70": SparsityPattern(sparsity=0.7, scope="layer"),
-    "2:4": SparsityPattern.parse("2:4", None),
-    "4:8": SparsityPattern.parse("4:8", None),
-    "1:4": SparsityPattern.parse("1:4", None),
-    "row0": SparsityPattern(sparsity=0.0, scope="row"),
-    "layer0": SparsityPattern(sparsity=0.0, scope="layer"),
-}
+from pruner_cases import PATTERNS  # noqa: E402  (the shared case table)
 SHAPES = [(16, 64), (7, 40), (33, 96)]
 
 

@@ -11,17 +11,7 @@ from pruners import PRUNER_NAMES, SparsityPattern, get_pruner, select_keep_mask
 # tests/test_loraprune.py).
 LAYER_PRUNERS = tuple(name for name in PRUNER_NAMES if not get_pruner(name).needs_block_training)
 
-PATTERNS = {
-    "row50": SparsityPattern(sparsity=0.5, scope="row"),
-    "row70": SparsityPattern(sparsity=0.7, scope="row"),
-    "layer50": SparsityPattern(sparsity=0.5, scope="layer"),
-    "layer70": SparsityPattern(sparsity=0.7, scope="layer"),
-    "2:4": SparsityPattern.parse("2:4", None),
-    "4:8": SparsityPattern.parse("4:8", None),
-    "1:4": SparsityPattern.parse("1:4", None),
-    "row0": SparsityPattern(sparsity=0.0, scope="row"),
-    "layer0": SparsityPattern(sparsity=0.0, scope="layer"),
-}
+from pruner_cases import PATTERNS  # noqa: E402  (the shared case table)
 
 
 def correlated_problem(out=64, inp=128, tokens=512, seed=0):
