@@ -56,8 +56,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from pruners.layers import weight_as_out_in
 from pruners.base import BlockTraining, GivenScores, Pruner, apply_keep_mask, prepare_weight
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
@@ -120,11 +120,6 @@ class ImportanceEMA:
         value.mul_(self.decay).add_(step_importance.to(value.device, value.dtype), alpha=1.0 - self.decay)
 
 
-def weight_out_in(module: nn.Module) -> Tensor:
-    """The layer's weight as an (out, in) view (``Conv1D`` stores (in, out))."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
-
-
 class ScoringLoRALinear(nn.Module):
     """A frozen linear plus a LoRA adapter under a provisional keep mask: ``W_eff = P * (W + s B A)``.
 
@@ -141,7 +136,7 @@ class ScoringLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, keep_mask: Tensor, rank: int, seed: int) -> None:
         super().__init__()
         self.base = base
-        weight = weight_out_in(base)
+        weight = weight_as_out_in(base)
         out_features, in_features = weight.shape
         self.scaling = ALPHA_PER_RANK
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -161,7 +156,7 @@ class ScoringLoRALinear(nn.Module):
 
     def adapted_weight(self) -> Tensor:
         """``W + s B A``, ``(out, in)`` float32, differentiable in A and B."""
-        return weight_out_in(self.base).float() + self.scaling * (self.lora_B @ self.lora_A)
+        return weight_as_out_in(self.base).float() + self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.adapted_weight() * self.provisional  # (out, in)
@@ -240,8 +235,8 @@ class LoRAPrunePruner(Pruner):
         from reconstruct.methods import ReconSpec, train_reconstruction
 
         linears = training.linears
-        shapes = {name: tuple(weight_out_in(module).shape) for name, module in linears.items()}
-        device = weight_out_in(next(iter(linears.values()))).device
+        shapes = {name: tuple(weight_as_out_in(module).shape) for name, module in linears.items()}
+        device = weight_as_out_in(next(iter(linears.values()))).device
         ema = ImportanceEMA(shapes, device)
         wrappers = attach_scoring_adapters(training.block, linears, training.keep_masks, self.rank, training.seed)
         events = provisional_events(self.steps, PROVISIONAL_EVENTS)

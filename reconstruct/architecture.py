@@ -17,6 +17,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from pruners.layers import weight_as_out_in  # noqa: F401  (re-exported: the engine imports it from here)
+
 logger = logging.getLogger(__name__)
 
 # Config flags that switch biases on for a family's linears (LLaMA: attention_bias, mlp_bias; OPT:
@@ -29,11 +31,6 @@ CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 def is_prunable_linear(module: nn.Module) -> bool:
     """True for the layer types whose weights we prune: ``nn.Linear`` and GPT-2 style ``Conv1D``."""
     return isinstance(module, (nn.Linear, Conv1D))
-
-
-def weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    """The layer's weight viewed as (out, in), whatever its storage layout (Conv1D stores (in, out))."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
 @dataclass(frozen=True)

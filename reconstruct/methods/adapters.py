@@ -33,17 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for GPT-2 style ``Conv1D`` layers, whose weight is stored (in, out)."""
-    return isinstance(module, Conv1D)
-
-
-def weight_out_in(module: nn.Module) -> Tensor:
-    """The layer's weight as an (out, in) view (no copy)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
+from pruners.layers import is_conv1d, weight_as_out_in
 
 
 def init_lora_a(rank: int, in_features: int, seed: int) -> Tensor:
@@ -83,7 +74,7 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"unknown low-rank adapter kind {kind!r}")
         self.base = base
         self.kind = kind
-        weight = weight_out_in(base)
+        weight = weight_as_out_in(base)
         out_features, in_features = weight.shape
         device = weight.device
         self.register_buffer("keep_mask", keep_mask.to(device=device, dtype=torch.bool), persistent=False)
@@ -111,7 +102,7 @@ class LowRankLinear(nn.Module):
         """The adapter's change of the (out, in) weight, float32."""
         product = (self.lora_B @ self.lora_A).float()  # (out, in)
         if self.kind == "scalelora":
-            return (product - 1.0) * weight_out_in(self.base).float()
+            return (product - 1.0) * weight_as_out_in(self.base).float()
         update = product * self.scaling
         if self.kind == "masklora":
             update = update * self.keep_mask
@@ -119,7 +110,7 @@ class LowRankLinear(nn.Module):
 
     def effective_weight(self) -> Tensor:
         """``W + delta`` as (out, in), in the weight's dtype; differentiable in A and B."""
-        weight = weight_out_in(self.base)
+        weight = weight_as_out_in(self.base)
         return weight + self.delta().to(weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,7 +126,7 @@ class LowRankLinear(nn.Module):
         # A kept non-zero weight whose update cancels it exactly (W + delta rounds to 0, likely in bf16)
         # would add a zero the pruner did not choose: keep it at the smallest normal value of its sign,
         # so the sparsity pattern stays exactly the pruner's.
-        base = weight_out_in(self.base)
+        base = weight_as_out_in(self.base)
         vanished = (merged == 0) & (base != 0) & self.keep_mask
         tiny = torch.full((), torch.finfo(merged.dtype).tiny, dtype=merged.dtype, device=merged.device)
         return torch.where(vanished, torch.copysign(tiny, base), merged)

@@ -12,7 +12,8 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from reconstruct.methods.adapters import LowRankLinear, weight_out_in
+from pruners.layers import weight_as_out_in
+from reconstruct.methods.adapters import LowRankLinear
 from reconstruct.methods.bias_norm import MasterParam, bias_masters, norm_masters
 from reconstruct.methods.merge import (
     MergeReport,
@@ -174,7 +175,7 @@ def attach_method(
     for name, linear in linears.items():
         if name not in keep_masks:
             raise ValueError(f"no keep mask for layer {name!r}")
-        weight = weight_out_in(linear)
+        weight = weight_as_out_in(linear)
         if tuple(keep_masks[name].shape) != tuple(weight.shape):
             raise ValueError(
                 f"keep mask of {name!r} has shape {tuple(keep_masks[name].shape)}, "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from reconstruct.methods.adapters import weight_out_in
+from pruners.layers import weight_as_out_in
 
 
 def find_norms(block: nn.Module) -> dict[str, nn.Module]:
@@ -117,7 +117,7 @@ def bias_masters(
         if linear.bias is None and name not in bias_linears:
             continue
         masters[f"{name}.bias"] = MasterParam(
-            linear, "bias", f"{name}.bias", new_bias_of=weight_out_in(linear), param_dtype=param_dtype
+            linear, "bias", f"{name}.bias", new_bias_of=weight_as_out_in(linear), param_dtype=param_dtype
         )
     return masters
 

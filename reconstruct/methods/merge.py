@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from reconstruct.methods.adapters import LowRankLinear, weight_out_in
+from pruners.layers import weight_as_out_in
+from reconstruct.methods.adapters import LowRankLinear
 from reconstruct.methods.bias_norm import MasterParam
 from reconstruct.methods.spec import DENSE_MERGE_MESSAGE
 
@@ -58,7 +59,7 @@ def check_merge(wrappers: dict[str, LowRankLinear], masters: dict[str, MasterPar
 def count_pruned_nonzero(linear: nn.Module, keep_mask: Tensor) -> tuple[int, int]:
     """(pruned positions, pruned positions that are non-zero) of one layer."""
     pruned = ~keep_mask.to(device=linear.weight.device, dtype=torch.bool)
-    nonzero = weight_out_in(linear) != 0
+    nonzero = weight_as_out_in(linear) != 0
     return int(pruned.sum()), int((nonzero & pruned).sum())
 
 

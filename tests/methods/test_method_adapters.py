@@ -10,27 +10,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from reconstruct.methods import METHOD_NAMES, ReconSpec, attach_method, evaluate_mse, train_reconstruction
-from reconstruct.methods.adapters import LowRankLinear, init_lora_a, weight_out_in
+from pruners.layers import weight_as_out_in
+from reconstruct.methods.adapters import LowRankLinear, init_lora_a
 from reconstruct.methods.attach import layer_seed
 from reconstruct.methods.bias_norm import MasterParam, find_norms
 from reconstruct.methods.train import _SampleOrder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Stream:
-    def __init__(self, tensor):
-        self.tensor = tensor
-        self.n_samples = tensor.shape[0]
-
-    def read(self, indices):
-        return self.tensor[indices]
+from method_cases import Stream, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 
 def pruned_layer(kind: str, out_f: int = 12, in_f: int = 8, seed: int = 0):
@@ -39,7 +26,7 @@ def pruned_layer(kind: str, out_f: int = 12, in_f: int = 8, seed: int = 0):
     layer = nn.Linear(in_f, out_f) if kind == "linear" else Conv1D(out_f, in_f)
     keep = torch.rand(out_f, in_f) > 0.5
     with torch.no_grad():
-        weight_out_in(layer).mul_(keep)
+        weight_as_out_in(layer).mul_(keep)
     layer.requires_grad_(False)
     return layer, keep
 
@@ -67,7 +54,7 @@ def test_fresh_adapter_is_the_identity(kind: str, layer_kind: str) -> None:
 @pytest.mark.parametrize("layer_kind", LAYERS)
 def test_adapter_forms(layer_kind: str) -> None:
     layer, keep = pruned_layer(layer_kind)
-    weight = weight_out_in(layer).clone()
+    weight = weight_as_out_in(layer).clone()
     effective = {}
     for kind in KINDS:
         wrapper = LowRankLinear(layer, keep, kind=kind, rank=4, alpha=8.0, seed=0)
@@ -99,7 +86,7 @@ def test_commit_writes_the_layer_in_its_own_orientation(kind: str, layer_kind: s
     wrapper.commit(wrapper.merged_weight())
     assert layer.weight is parameter
     torch.testing.assert_close(layer(x), expected)
-    assert torch.equal(weight_out_in(layer) != 0, keep & (weight_out_in(layer) != 0))
+    assert torch.equal(weight_as_out_in(layer) != 0, keep & (weight_as_out_in(layer) != 0))
 
 
 def test_kept_weight_that_cancels_stays_nonzero() -> None:

@@ -22,24 +22,7 @@ TRAINED = tuple(m for m in METHOD_NAMES if m != "none")
 SPARSE = tuple(m for m in METHOD_NAMES if m != "lora")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Stream:
-    """The engine's activation-stream interface over an in-memory tensor."""
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
-        self.n_samples = tensor.shape[0]
-
-    def read(self, indices: Tensor | slice) -> Tensor:
-        return self.tensor[indices]
+from method_cases import Stream, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruners import PRUNER_NAMES, SparsityPattern, get_pruner, select_keep_mask
+from pruners import PRUNER_NAMES, get_pruner, select_keep_mask
 
 # Pruners that prune one linear from its weight and hook statistics (LoRAPrune trains on a whole block:
 # tests/test_loraprune.py).
