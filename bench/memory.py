@@ -34,16 +34,35 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
-HIDDEN = 2048  # residual width
-INTERMEDIATE = 5504  # MLP width
-HEADS = 16  # attention heads (no grouped-query attention)
 VOCAB = 8192  # word-level vocabulary built from the calibration text
 INIT_STD = 0.02  # std of the random linear/embedding weights
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Width of the synthetic blocks and the dtype they are stored in (depth varies per row)."""
+
+    hidden: int = 2048  # residual width
+    intermediate: int = 5504  # MLP width
+    heads: int = 16  # attention heads (no grouped-query attention)
+    dtype: str = "float32"  # stored and computed dtype
+
+    @property
+    def block_params(self) -> int:
+        return 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def bytes_per_param(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+
+SHAPE = Shape()  # set once by main() from the command line
 
 
 # --------------------------------------------------------------------------- synthetic checkpoints
@@ -52,9 +71,10 @@ def llama_config(n_layers: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=n_layers, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"], dtype="float32",
+        hidden_size=SHAPE.hidden, intermediate_size=SHAPE.intermediate, num_hidden_layers=n_layers,
+        num_attention_heads=SHAPE.heads, num_key_value_heads=SHAPE.heads, vocab_size=VOCAB,
+        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        architectures=["LlamaForCausalLM"], dtype=SHAPE.dtype,
     )
 
 
@@ -76,7 +96,7 @@ def write_block(pool: Path, index: int, seed: int) -> Path:
                 param.normal_(0.0, INIT_STD, generator=generator)
             else:  # RMSNorm weights: around 1
                 param.fill_(1.0).add_(torch.randn(param.shape, generator=generator) * 0.02)
-            tensors[f"model.layers.{index}.{name}"] = param.detach().contiguous()
+            tensors[f"model.layers.{index}.{name}"] = param.detach().to(getattr(torch, SHAPE.dtype)).contiguous()
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     tmp.rename(path)
@@ -94,10 +114,11 @@ def write_outside(pool: Path, seed: int) -> Path:
         return path
     generator = torch.Generator().manual_seed(seed * 1_000_003 - 1)
     tensors = {
-        "model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=generator) * INIT_STD,
-        "model.norm.weight": torch.ones(HIDDEN),
-        "lm_head.weight": torch.randn(VOCAB, HIDDEN, generator=generator) * INIT_STD,
+        "model.embed_tokens.weight": torch.randn(VOCAB, SHAPE.hidden, generator=generator) * INIT_STD,
+        "model.norm.weight": torch.ones(SHAPE.hidden),
+        "lm_head.weight": torch.randn(VOCAB, SHAPE.hidden, generator=generator) * INIT_STD,
     }
+    tensors = {name: tensor.to(getattr(torch, SHAPE.dtype)) for name, tensor in tensors.items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     tmp.rename(path)
@@ -141,7 +162,7 @@ def write_model(work: Path, depth: int, calib: Path, seed: int) -> Path:
                 count = 1
                 for size in shape:
                     count *= size
-                total += 4 * count
+                total += SHAPE.bytes_per_param * count
     llama_config(depth).save_pretrained(folder)
     word_tokenizer(calib, VOCAB).save_pretrained(folder)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -168,7 +189,7 @@ def run_command(model: Path, out: Path, method: str, args) -> list[str]:
         sys.executable, "-m", "reconstruct", "run", "--model", str(model), "--out", str(out), "--force",
         "--pruner", "wanda", "--sparsity", "0.5", "--method", method, "--calib", str(args.calib),
         "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-        "--device", "cpu", "--dtype", "float32", "--offload", "cpu",
+        "--device", args.device, "--dtype", SHAPE.dtype, "--offload", args.offload,
     ]
     if method != "none":
         command += ["--recon-steps", str(args.recon_steps)]
@@ -187,7 +208,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None, help="folder for models and outputs (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: cuda rows also report the peak GPU memory")
+    parser.add_argument("--offload", default="cpu", help="where the activation streams live (auto, device, cpu, disk)")
+    parser.add_argument("--hidden", type=int, default=Shape.hidden, help="residual width")
+    parser.add_argument("--intermediate", type=int, default=Shape.intermediate, help="MLP width")
+    parser.add_argument("--heads", type=int, default=Shape.heads, help="attention heads")
+    parser.add_argument("--dtype", default=Shape.dtype, choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
+    global SHAPE
+    SHAPE = Shape(args.hidden, args.intermediate, args.heads, args.dtype)
     if not args.calib.is_file():
         parser.error(f"--calib {args.calib}: no such file")
 
@@ -214,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 report = json.loads((out / "reconstruct.json").read_text())
                 row["reported_peak_rss_mb"] = round(report["peak_rss_mb"], 1)
+                if report.get("peak_gpu_mb") is not None:
+                    row["peak_gpu_mb"] = round(report["peak_gpu_mb"], 1)
                 row["s_per_block"] = round(row["wall_s"] / depth, 2)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -222,8 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         summary: dict = {
             "bench": "memory-vs-depth",
-            "model": {"family": "llama", "hidden": HIDDEN, "intermediate": INTERMEDIATE, "heads": HEADS,
-                      "vocab": VOCAB, "block_mb_fp32": round(_block_params() * 4 / 2**20, 1)},
+            "model": {"family": "llama", "hidden": SHAPE.hidden, "intermediate": SHAPE.intermediate,
+                      "heads": SHAPE.heads, "vocab": VOCAB, "dtype": SHAPE.dtype,
+                      "block_params_m": round(SHAPE.block_params / 1e6, 1),
+                      "block_mb": round(SHAPE.block_params * SHAPE.bytes_per_param / 2**20, 1)},
+            "device": args.device, "offload": args.offload,
             "calibration": {"file": args.calib.name, "n_samples": args.n_samples, "seq_len": args.seq_len},
             "command": " ".join(run_command(Path("MODEL"), Path("OUT"), "none", args)[1:]),
             "build_seconds": round(build_seconds, 1),
@@ -253,6 +287,9 @@ def depth_scaling(rows: list[dict]) -> dict:
         first, last = done[0], done[-1]
         result[f"ratio_peak{last['depth']}_peak{first['depth']}_{method}"] = round(
             last["peak_rss_mb"] / first["peak_rss_mb"], 3)
+        if "peak_gpu_mb" in first and "peak_gpu_mb" in last:
+            result[f"ratio_gpu_peak{last['depth']}_peak{first['depth']}_{method}"] = round(
+                last["peak_gpu_mb"] / first["peak_gpu_mb"], 3)
         for key in ("wall_s", "cpu_s"):
             xs, ys = [row["depth"] for row in done], [row[key] for row in done]
             mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -262,10 +299,6 @@ def depth_scaling(rows: list[dict]) -> dict:
             result[f"{key}_fit_{method}"] = {"fixed_s": round(fixed, 1), "per_block_s": round(slope, 2),
                                              "max_fit_error": round(error, 3)}
     return result
-
-
-def _block_params() -> int:
-    return 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
 
 
 if __name__ == "__main__":

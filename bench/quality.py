@@ -85,6 +85,8 @@ def run_cell(settings: dict, args, extra: list[str]) -> dict:
         "job_seconds": report["elapsed_seconds"],
         "run_wall_seconds": wall,
         "peak_rss_mb": report["peak_rss_mb"],
+        "peak_gpu_mb": report.get("peak_gpu_mb"),
+        "device": args.device,
         "mse_before_sum": sum(b.get("mse_before") or 0.0 for b in blocks),
         "mse_after_sum": sum(b.get("mse_after") or 0.0 for b in blocks),
         "trainable_share": sum(b.get("trainable_params", 0) for b in blocks) / max(sum(b.get("block_params", 0) for b in blocks), 1),
