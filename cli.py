@@ -141,6 +141,7 @@ def run(
     micro_batch: Annotated[int, typer.Option(min=1, help="Samples per block forward.")] = 8,
     offload: Annotated[Offload, typer.Option(help="Where the activation cache lives.")] = Offload.auto,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Checkpoint the activation streams every k blocks.")] = 1,
+    track_error: Annotated[bool, typer.Option(help="--method none: also run the dense model alongside, to report each block's output error (one more block forward per block; reconstruction always does).")] = False,
     gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB (default: the GPU's free memory).")] = None,
     host_memory: Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB (default: available memory).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: derived from model and settings).")] = None,
@@ -222,6 +223,7 @@ def build_job(options: dict):
         micro_batch=o["micro_batch"],
         offload=o["offload"].value,
         checkpoint_every=o["checkpoint_every"],
+        track_error=o.get("track_error", False),
         force=o["force"],
         evaluation=EvalSpec(o["eval_data"], o["eval_seq_len"], o["eval_windows"]) if o.get("eval_data") else None,
     )

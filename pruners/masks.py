@@ -6,8 +6,9 @@ Every pruner turns its importance scores into a mask here, so the counting rules
 - unstructured, scope ``"layer"``: the matrix loses exactly ``int(out * in * sparsity)`` weights;
 - N:M: every group of ``m`` consecutive input columns loses exactly ``m - n`` weights.
 
-Lower score = pruned first. Ties are broken by a stable sort: among equal scores the weight with the
-lower (flattened) index is pruned first, so equal inputs give equal masks on every call and device.
+Lower score = pruned first. Ties are broken by position: among equal scores the weight with the
+lower (flattened) index is pruned first, so equal inputs give equal masks on every call and device
+(the same masks a stable sort would give; per-row selection finds them with ``kthvalue``, linear time).
 
 Nesting (``within``): iterative pruning (``--cycles``) passes the previous keep mask; weights outside
 it are pruned first, whatever their score, so the new mask is a subset of the old one. The pattern's
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from pruners.pattern import N_OF_M, UNSTRUCTURED, SparsityPattern
 
-# Rows sorted at once for row-scope selection: bounds the int64 index buffer (8 bytes a weight).
+# Rows selected at once for row-scope selection: bounds the temporaries (a few bytes a weight).
 ROW_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -72,13 +73,26 @@ def keep_mask_prune_lowest(scores: Tensor, k: int, per_row: bool) -> Tensor:
         assert 0 <= k <= cols, (k, cols)
         step = max(1, ROW_CHUNK_ELEMENTS // max(cols, 1))
         for r0 in range(0, rows, step):
-            order = torch.argsort(scores[r0 : r0 + step], dim=1, stable=True)  # (chunk, cols)
-            keep[r0 : r0 + step].scatter_(1, order[:, :k], False)
+            keep[r0 : r0 + step] = ~_lowest_k_per_row(scores[r0 : r0 + step], k)
     else:
         assert 0 <= k <= rows * cols, (k, rows * cols)
         order = torch.argsort(scores.reshape(-1), stable=True)  # (rows * cols,)
         keep.view(-1)[order[:k]] = False
     return keep
+
+
+def _lowest_k_per_row(scores: Tensor, k: int) -> Tensor:
+    """``(rows, cols)`` bool, True at the ``k`` lowest scores of each row, ties to the lower column.
+
+    ``kthvalue`` finds each row's threshold in linear time; every score below it is pruned, and of
+    the scores equal to it the first ``k - (number below)`` in column order. This is exactly the
+    set a stable ascending sort puts first, without sorting the row.
+    """
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values  # (rows, 1)
+    below = scores < threshold  # (rows, cols)
+    tied = scores == threshold  # (rows, cols)
+    still_needed = k - below.sum(dim=1, keepdim=True)  # (rows, 1), >= 1
+    return below | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= still_needed))
 
 
 def keep_mask_n_of_m(scores: Tensor, n: int, m: int) -> Tensor:

@@ -74,5 +74,18 @@ class JobConfig:
     micro_batch: int = 8  # samples per block forward
     offload: str = "auto"  # activation cache tier: auto, device, cpu, disk
     checkpoint_every: int = 1  # save the activation streams every k blocks
+    track_error: bool = False  # --method none: keep the dense stream anyway, to report each block's error
     force: bool = False  # start over even if --out holds another job
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity
+
+    @property
+    def needs_dense_stream(self) -> bool:
+        """True when the job carries the dense model's activations alongside the pruned ones.
+
+        Reconstruction trains toward them, LoRAPrune's block training scores against them, and
+        ``--track-error`` reports each block's output error against them. A plain prune (``--method
+        none`` with magnitude, Wanda or SparseGPT) needs only the pruned stream: one block forward
+        fewer per block and half the activation memory.
+        """
+        reconstructing = self.recon is not None and getattr(self.recon, "method", "none") != "none"
+        return reconstructing or self.prune.pruner == "loraprune" or self.track_error

@@ -146,11 +146,14 @@ class BlockPipeline:
             return [list(linears)]
         return self.call_order(block, linears, sparse)
 
-    def process(self, index: int, block: nn.Module, sparse: ActivationStream, dense: ActivationStream) -> BlockReport:
+    def process(self, index: int, block: nn.Module, sparse: ActivationStream,
+                dense: ActivationStream | None) -> BlockReport:
         """Prune and reconstruct ``block``; advance both streams past it.
 
         On entry ``sparse`` holds the pruned model's inputs to this block and ``dense`` the dense
         model's; on return they hold the outputs of the pruned (reconstructed) and dense block.
+        ``dense`` is None when the job needs no dense stream (:func:`needs_dense_stream`): then the
+        block's error is not measured (``mse_before``/``mse_after`` stay None).
         """
         started = time.perf_counter()
         self.current_index = index
@@ -163,7 +166,7 @@ class BlockPipeline:
         # Unit objectives (sub-layer/linear granularity, local targets) need the dense block's
         # inputs during training, so the dense stream advances only afterwards, with a dense copy.
         dense_copy = copy.deepcopy(block) if reconstructing and uses_unit_objective(recon) else None
-        if dense_copy is None:
+        if dense_copy is None and dense is not None:
             run_stream(forward, dense, micro_batch, destination=dense)  # dense targets, in place
 
         # --cycles K: K prune -> reconstruct steps whose patterns grow to the target (pruners.schedule);
@@ -378,11 +381,16 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     hidden = loaded.hidden_size
     stream_args = dict(dtype=loaded.dtype, device=loaded.device, tier=state.offload_tier(loaded, n_samples * seq_len))
     sparse = ActivationStream(n_samples, seq_len, hidden, disk_path=state.stream_path("sparse"), **stream_args)
-    dense = ActivationStream(n_samples, seq_len, hidden, disk_path=state.stream_path("dense"), **stream_args)
+    dense = None
+    if job.needs_dense_stream:
+        dense = ActivationStream(n_samples, seq_len, hidden, disk_path=state.stream_path("dense"), **stream_args)
+    else:
+        logger.info("--method none: no dense stream (one block forward fewer per block); "
+                    "add --track-error to report each block's error")
 
     kwargs = capture_kwargs_and_inputs(loaded, tokens, job.micro_batch, sparse)
     start_block = state.restore_streams(sparse, dense)
-    if start_block == 0:
+    if start_block == 0 and dense is not None:
         dense.copy_from(sparse)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config)
 
@@ -401,9 +409,10 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         state.block_done(index, shard_name(index, n_shards), digest, asdict(block_report), sparse, dense)
         del tensors  # else this block's tensors (its weights on CPU) stay alive through the next block's load
         logger.info(
-            "block %d/%d: sparsity %.3f, mse %.3g → %.3g, %.1fs", index + 1, layout.n_blocks,
+            "block %d/%d: sparsity %.3f%s, %.1fs", index + 1, layout.n_blocks,
             sum(block_report.sparsity.values()) / max(len(block_report.sparsity), 1),
-            block_report.mse_before or 0.0, block_report.mse_after or 0.0, block_report.seconds,
+            "" if block_report.mse_after is None else
+            f", mse {block_report.mse_before or 0.0:.3g} → {block_report.mse_after:.3g}", block_report.seconds,
         )
     return assemble_output(job, loaded, state, n_shards)
 

@@ -70,6 +70,7 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
         "dtype": dtype_name(loaded.dtype),
         "device_type": loaded.device.type,
         "micro_batch": job.micro_batch,
+        **({"track_error": True} if job.track_error else {}),  # only when set: older fingerprints stay valid
         "versions": {"reconstruct": reconstruct.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
@@ -218,7 +219,8 @@ class JobState:
         """The activation-cache tier: ``--offload`` unless ``auto``, else the fastest that fits."""
         if self.job.offload != "auto":
             return self.job.offload
-        stream_bytes = 2 * n_tokens * loaded.hidden_size * torch.finfo(loaded.dtype).bits // 8
+        n_streams = 2 if self.job.needs_dense_stream else 1
+        stream_bytes = n_streams * n_tokens * loaded.hidden_size * torch.finfo(loaded.dtype).bits // 8
         if loaded.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(loaded.device)
             if stream_bytes <= AUTO_DEVICE_SHARE * free:
@@ -227,7 +229,7 @@ class JobState:
             return "cpu"
         return "disk"
 
-    def restore_streams(self, sparse: ActivationStream, dense: ActivationStream) -> int:
+    def restore_streams(self, sparse: ActivationStream, dense: ActivationStream | None) -> int:
         """Load the latest intact activation checkpoint; return the first block still to compute.
 
         Checkpoints hold the full streams. In a distributed run rank 0 reads the file and sends every
@@ -253,14 +255,14 @@ class JobState:
 
         start = distributed.from_main(read_checkpoint)
         if start:
-            for name, stream in (("sparse", sparse), ("dense", dense)):
+            for name, stream in _named_streams(sparse, dense).items():
                 stream.load(distributed.scatter_rows(tensors.get(name), shard, stream.shape[1:], stream.dtype))
             logger.info("resuming after block %d of %d", start, self.manifest.n_blocks)
         return start
 
     # --------------------------------------------------------------- progress
     def block_done(self, index: int, file: str, digest: str, report: dict,
-                   sparse: ActivationStream, dense: ActivationStream) -> None:
+                   sparse: ActivationStream, dense: ActivationStream | None) -> None:
         """Record a written block; checkpoint the streams when due; save the manifest last."""
         manifest = self.manifest
         manifest.mark_block_done(index, file, digest, report)
@@ -269,9 +271,9 @@ class JobState:
             self._checkpoint_streams(index, sparse, dense)
         self._save()
 
-    def _checkpoint_streams(self, index: int, sparse: ActivationStream, dense: ActivationStream) -> None:
+    def _checkpoint_streams(self, index: int, sparse: ActivationStream, dense: ActivationStream | None) -> None:
         # Full streams: rank 0 gathers every rank's rows (collective), so any number of processes can resume.
-        streams = {"sparse": distributed.gather_rows(sparse.to_cpu()), "dense": distributed.gather_rows(dense.to_cpu())}
+        streams = {name: distributed.gather_rows(stream.to_cpu()) for name, stream in _named_streams(sparse, dense).items()}
         if not distributed.is_main():
             return
         name = f"{STATE_DIR}/streams-after-{index:05d}.safetensors"
@@ -338,6 +340,11 @@ class JobState:
             (self.out / checkpoint["file"]).unlink(missing_ok=True)
         for name in ("sparse", "dense"):
             self.stream_path(name).unlink(missing_ok=True)
+
+
+def _named_streams(sparse: ActivationStream, dense: ActivationStream | None) -> dict[str, ActivationStream]:
+    """The streams a job carries, by their checkpoint names (no dense stream for a plain prune)."""
+    return {"sparse": sparse} if dense is None else {"sparse": sparse, "dense": dense}
 
 
 def _outputs_intact(manifest: Manifest, out: Path) -> bool:

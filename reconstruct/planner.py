@@ -49,7 +49,8 @@ CUDA_CONTEXT_BYTES = 512 * MIB  # GPU memory of the CUDA context and cuBLAS work
 CUDA_ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation, as a share of the per-block working set
 TOKENIZE_BYTES_PER_CHAR = 90  # host memory of a fast tokenizer over a whole text (measured ~85 on WikiText-2)
 NAMED_TEXT_CHARS = {"wikitext2": 11_000_000, "ptb": 5_000_000, "c4": 800_000_000}  # split sizes, approximate
-ARGSORT_ROW_BYTES = 12  # stable argsort along rows/groups: int64 order + float32 values (profiled on CPU)
+ARGSORT_ROW_BYTES = 12  # stable argsort along N:M groups: int64 order + float32 values (profiled on CPU)
+KTHVALUE_ROW_BYTES = 15  # per-row selection: kthvalue's float32 copy and int64 indices, bool masks (profiled on CPU)
 ARGSORT_FLAT_BYTES = 20  # stable argsort of a flattened layer: one more int64 index buffer (profiled on CPU)
 ADAMW_TEMPORARIES = 2  # foreach AdamW temporaries, in units of the trainable parameters
 GENERATE_BATCH = 16  # calib.self_generated batch size
@@ -159,7 +160,7 @@ class MemoryPlan:
     def advice(self) -> list[str]:
         """Flags that would shrink the side(s) over budget, most effective first."""
         tips: list[str] = []
-        streams = 2 * self.sizes["stream"]
+        streams = self.sizes["n_streams"] * self.sizes["stream"]
         over_device = self.device_type == "cuda" and self.device_budget is not None and self.device_peak > self.device_budget
         over_host = self.host_budget is not None and self.host_peak > self.host_budget
         if over_device and self.stream_tier == "device":
@@ -199,7 +200,8 @@ class MemoryPlan:
         lines = [self.title, ""]
         rows = [
             ("one block (weights)", sizes["block"], dev),
-            ("activation streams", 2 * sizes["stream"], f"{stream_place}: 2 x {human(sizes['stream'])}; {self.tier_note}"),
+            ("activation streams", sizes["n_streams"] * sizes["stream"],
+             f"{stream_place}: {sizes['n_streams']} x {human(sizes['stream'])}; {self.tier_note}"),
             (f"forward, --micro-batch {self.job_micro_batch}", sizes["forward"], dev),
             ("pruner statistics (largest group)", sizes["statistics"], dev),
             ("pruner temporaries (largest linear)", sizes["prune"], dev),
@@ -403,13 +405,13 @@ def prune_temporary_bytes(pruner: str, out_features: int, in_features: int, dtyp
         # (profiled: 3.75 of them on CPU), then U with the weight sweep.
         return 4 * oi + oi + 4 * 4 * in_features * in_features
     if pattern.kind == "unstructured" and pattern.scope == "row":
-        argsort = ARGSORT_ROW_BYTES * min(oi, max(1 << 24, in_features))  # pruners.masks.ROW_CHUNK_ELEMENTS
+        argsort = KTHVALUE_ROW_BYTES * min(oi, max(1 << 24, in_features))  # pruners.masks.ROW_CHUNK_ELEMENTS
     elif pattern.kind == "unstructured":
         argsort = ARGSORT_FLAT_BYTES * oi  # one argsort over the whole layer
     else:
         argsort = ARGSORT_ROW_BYTES * oi  # N:M: one argsort over every group of m
     scores = 8 * oi  # |W| and |W| * norm (wanda) / |W| (magnitude), float32
-    select = 4 * oi + 4 * oi + oi + argsort  # weight, scores, keep mask, argsort
+    select = 4 * oi + 4 * oi + oi + argsort  # weight, scores, keep mask, selection temporaries
     check = 4 * oi + 2 * oi + 4 * oi  # weight, keep and ~keep, the gathered pruned values (at most all)
     return max(clone, 4 * oi + scores, select, check) + (_element_size(dtype) * oi if dtype != torch.float32 else 0)
 
@@ -569,6 +571,7 @@ class _Inputs:
     recon: object | None
     calib: str
     checkpoint_streams: bool
+    n_streams: int  # 2 with the dense stream (reconstruction, LoRAPrune, --track-error), else 1
 
 
 def plan_job(job, loaded, budget: MemoryBudget | None = None) -> MemoryPlan:
@@ -688,7 +691,7 @@ def _plan(job, config, device_type: str, dtype: torch.dtype, stored_dtype: torch
         device_type=device_type, dtype=dtype, stored_dtype=stored_dtype, n_samples=n_samples, seq_len=seq_len,
         micro_batch=min(job.micro_batch, n_samples), recon_micro_batch=recon_mb, pruner=job.prune.pruner,
         pattern=job.prune.pattern, sequential=job.prune.sequential, recon=recon, calib=job.calib.source,
-        checkpoint_streams=True,
+        checkpoint_streams=True, n_streams=2 if job.needs_dense_stream else 1,
     )
     probe = probe_model(config, dtype, seq_len, layout)
     groups = _sequential_groups(probe, seq_len) if inputs.sequential else [list(probe.layout.linear_names)]
@@ -763,7 +766,7 @@ def _plan_for_tier(inputs: _Inputs, probe: ModelProbe, groups, tier: str, device
     if cuda:
         baseline.append(Item("CUDA context", CUDA_CONTEXT_BYTES, "device"))
     tokens = Item("calibration tokens (int64)", 8 * inputs.n_samples * inputs.seq_len, "host")
-    streams = Item("activation streams (2)", 2 * stream, stream_place)
+    streams = Item(f"activation streams ({inputs.n_streams})", inputs.n_streams * stream, stream_place)
     kwargs_bytes = _kwargs_bytes(probe, inputs)
     kwargs = Item("block keyword arguments", kwargs_bytes, dev)
     held = baseline + [tokens, streams, kwargs]
@@ -799,11 +802,12 @@ def _plan_for_tier(inputs: _Inputs, probe: ModelProbe, groups, tier: str, device
         Item("block-0 only: pages of the modules before it, still mapped", probe.outside_numel * es, "host"),
     ]))
     base = held + [weights]
-    phases.append(Phase(f"dense pass (--micro-batch {inputs.micro_batch})", base + [
-        Item("forward activations", trace["forward_plain"], dev), Item("allocator slack", slack(trace["forward_plain"]), dev),
-        *([Item("output micro-batch on its way to the stream", inputs.micro_batch * inputs.seq_len * probe.hidden * e,
-                "host")] if cuda and tier != "device" else []),
-    ]))
+    if inputs.n_streams == 2:
+        phases.append(Phase(f"dense pass (--micro-batch {inputs.micro_batch})", base + [
+            Item("forward activations", trace["forward_plain"], dev), Item("allocator slack", slack(trace["forward_plain"]), dev),
+            *([Item("output micro-batch on its way to the stream", inputs.micro_batch * inputs.seq_len * probe.hidden * e,
+                    "host")] if cuda and tier != "device" else []),
+        ]))
     if trace.get("statistics_pass"):
         phases.append(Phase("statistics pass", base + [
             Item(f"{inputs.pruner} statistics", stats, dev), Item("forward activations + statistics temporaries",
@@ -842,7 +846,8 @@ def _plan_for_tier(inputs: _Inputs, probe: ModelProbe, groups, tier: str, device
         weights, *([Item("block tensors for the output shard", block_stored, "host")] if output_copy else []),
     ]))
     if cuda and tier == "device":
-        phases.append(Phase("stream checkpoint", held + [Item("both streams copied to host for the checkpoint", 2 * stream, "host")]))
+        phases.append(Phase("stream checkpoint", held + [
+            Item("the streams copied to host for the checkpoint", inputs.n_streams * stream, "host")]))
     phases.append(Phase("output assembly", held + [
         Item("tensors outside the blocks incl. the LM head (memory-mapped)", (probe.outside_numel + probe.head_numel) * es, "host"),
     ]))
@@ -850,7 +855,7 @@ def _plan_for_tier(inputs: _Inputs, probe: ModelProbe, groups, tier: str, device
         notes.append("disk tier: the streams are memory-mapped files; their pages show in RSS while resident but "
                      "the kernel can drop them under pressure; resuming still loads a checkpoint whole into host memory")
     if cuda and tier == "device":
-        notes.append("device tier: every stream checkpoint (--checkpoint-every) copies both streams to host memory")
+        notes.append("device tier: every stream checkpoint (--checkpoint-every) copies the streams to host memory")
     if inputs.pruner == "sparsegpt":
         notes.append("sparsegpt keeps one in x in float32 Gram matrix per linear, also for linears that read the "
                      f"same input (q/k/v), and all of a group at once ({human(stats)}); pruning one adds three "
@@ -865,7 +870,8 @@ def _plan_for_tier(inputs: _Inputs, probe: ModelProbe, groups, tier: str, device
         notes.append("the block could not be traced on meta; activation sizes are a rough formula")
 
     sizes = {
-        "block": block, "block_stored": block_stored, "stream": stream, "forward": trace["forward"],
+        "block": block, "block_stored": block_stored, "stream": stream, "n_streams": inputs.n_streams,
+        "forward": trace["forward"],
         "statistics": stats, "prune": prune_tmp, "masks": masks, "recon_working_set": recon_ws,
         "recon_activations": recon_act if inputs.recon else 0,
         "recon_step": trace.get("recon_step", 0), "recon_state": recon_state if inputs.recon else 0,

@@ -68,12 +68,17 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     mse_axes, sparsity_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     before = [row["mse_before"] for row in rows]
     after = [row["mse_after"] for row in rows]
-    mse_axes.plot(index, before, marker="o", label="before reconstruction")
-    mse_axes.plot(index, after, marker="s", label="after reconstruction")
-    if all(value is not None and value > 0 for value in before + after):
-        mse_axes.set_yscale("log")
+    if all(value is None for value in before + after):  # a plain prune without --track-error
+        mse_axes.text(0.5, 0.5, "block error not measured\n(--method none; add --track-error)",
+                      ha="center", va="center", transform=mse_axes.transAxes)
+    else:
+        nan = float("nan")
+        mse_axes.plot(index, [nan if v is None else v for v in before], marker="o", label="before reconstruction")
+        mse_axes.plot(index, [nan if v is None else v for v in after], marker="s", label="after reconstruction")
+        if all(value is not None and value > 0 for value in before + after):
+            mse_axes.set_yscale("log")
+        mse_axes.legend()
     mse_axes.set_ylabel("block output MSE\n(pruned vs dense)")
-    mse_axes.legend()
     mse_axes.grid(True, alpha=0.3)
     sparsity_axes.bar(index, [row["sparsity"] for row in rows], color="tab:gray")
     if target_sparsity is not None:

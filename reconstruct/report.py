@@ -120,7 +120,8 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "## Blocks",
         "",
         "MSE: the pruned block's output on the pruned stream vs the dense block's output (the targets), "
-        "before and after reconstruction. Sparsity: the mean over the block's linear layers of the share of zero weights.",
+        "before and after reconstruction; – where not measured (`--method none` runs no dense model unless "
+        "`--track-error` is given). Sparsity: the mean over the block's linear layers of the share of zero weights.",
         "",
         "| block | sparsity | MSE before | MSE after | after / before | trainable params | steps | seconds |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -87,7 +87,7 @@ def test_cuda_prune_is_exact_and_matches_cpu(tiny_model_dir, small_calib_file, t
 def test_cuda_reconstruction_keeps_every_zero_and_lowers_the_error(tiny_model_dir, small_calib_file, tmp_path, method):
     model = tiny_model_dir(ARCH)
     base = make_job(model, tmp_path / "none", "wanda", "unstructured", 0.5, calib=small_calib_file)
-    base = replace(base, device="cuda")
+    base = replace(base, device="cuda", track_error=True)  # the pruned-only baseline's error is measured too
     repaired_job = replace(base, out=tmp_path / method, recon=ReconSpec(method=method, steps=16))
     plain = run(base)
     repaired = run(repaired_job)

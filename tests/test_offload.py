@@ -18,6 +18,7 @@ from conftest import make_job
 
 from cli import app
 from reconstruct.loaded_model import load_model
+from reconstruct.methods.spec import ReconSpec
 from reconstruct.planner import MemoryBudget, plan_job
 
 N_SAMPLES, SEQ_LEN = 48, 64  # two streams of 768 KiB each at hidden 64, float32
@@ -48,7 +49,7 @@ def test_disk_tier_under_a_budget_smaller_than_the_streams(tiny_model_dir, short
     model = tiny_model_dir("llama")
     loaded = load_model(str(model), "cpu", "float32")
     job = make_job(model, tmp_path / "unused", "wanda", sparsity=0.5, calib=short_calib, n_samples=N_SAMPLES,
-                   seq_len=SEQ_LEN)
+                   seq_len=SEQ_LEN, recon=ReconSpec(method="bias-ln", steps=1))  # the job run() starts: two streams
     disk_peak = plan_job(replace(job, offload="disk"), loaded).host_peak
     cpu_plan = plan_job(replace(job, offload="cpu"), loaded)
     streams = 2 * cpu_plan.sizes["stream"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pruners import SparsityPattern, select_keep_mask
-from pruners.masks import block_prune_count, select_block_keep_mask
+from pruners.masks import block_prune_count, keep_mask_prune_lowest, select_block_keep_mask
 
 from pruner_cases import PATTERNS  # noqa: E402  (the shared case table)
 SHAPES = [(16, 64), (7, 40), (33, 96)]
@@ -74,6 +74,20 @@ def test_ties_deterministic_and_lowest_index_first(name):
     else:
         k = int(8 * 32 * pattern.sparsity)
         assert torch.equal(first.reshape(-1), torch.arange(8 * 32) >= k)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_row_selection_equals_a_stable_sort_with_partial_ties(seed):
+    """kthvalue + tie ranking prunes exactly what a stable ascending sort puts first, for every k."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = 7, 13
+    scores = torch.randint(0, 4, (rows, cols), generator=generator).float()  # (rows, cols), many ties
+    scores[0, 3] = float("-inf")  # outside an earlier keep mask
+    scores[1, :] = 2.0  # a whole row tied
+    for k in range(cols + 1):
+        expected = torch.ones(rows, cols, dtype=torch.bool)
+        expected.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], False)
+        assert torch.equal(keep_mask_prune_lowest(scores, k, per_row=True), expected), k
 
 
 def test_row_chunking_matches_unchunked(monkeypatch):
