@@ -274,8 +274,8 @@ class BlockPipeline:
         stats = {
             name: self.pruner.new_stats(weight_as_out_in(module).shape[1], self.device) for name, module in group.items()
         }
-        with feeding_statistics(group, stats):
-            run_stream(forward, sparse, self.job.micro_batch)
+        with feeding_statistics(group, stats) as cut_short:
+            run_stream(cut_short(forward), sparse, self.job.micro_batch)  # outputs unused: stop once all are fed
         distributed.all_reduce_statistics(stats.values())  # every rank's tokens, before any mask is chosen
         crash_point(f"statistics:{self.current_index}")
         return stats

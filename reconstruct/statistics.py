@@ -7,22 +7,51 @@ from contextlib import contextmanager
 from torch import nn
 
 
+class StatisticsComplete(Exception):
+    """Raised by a statistics hook once every watched linear has received this forward's input."""
+
+
 @contextmanager
 def feeding_statistics(linears: dict[str, nn.Module], stats: dict[str, object]):
-    """While active, every forward of ``linears[name]`` calls ``stats[name].add_batch(input)``.
+    """While active, every call of ``linears[name]`` first feeds its input to ``stats[name].add_batch``.
 
-    Hooks are removed on exit, also when the forward raises.
+    Yields ``cut_short(forward)``: a wrapper that stops a block forward as soon as every linear in
+    ``stats`` has received its input. Nothing after that point can change the statistics, so the
+    last linear's own matmul and whatever follows it (for LLaMA the ``down_proj`` matmul, a quarter
+    of the block's linear FLOPs; with ``--sequential`` everything after the group) never run. A
+    linear that a forward does not call (an unrouted expert) just means that forward runs to the end.
+    Called directly (without the wrapper) the forward runs in full. Hooks are removed on exit, also
+    when the forward raises.
     """
     handles = []
+    seen: set[str] = set()
+    cutting = [False]  # set only while a cut_short forward runs
+
+    def cut_short(forward):
+        def run(hidden):
+            seen.clear()
+            cutting[0] = True
+            try:
+                return forward(hidden)
+            except StatisticsComplete:
+                return None
+            finally:
+                cutting[0] = False
+
+        return run
+
     try:
         for name, layer_stats in stats.items():
-            module = linears[name]
 
-            def hook(module, args, output, layer_stats=layer_stats):
+            def hook(module, args, name=name, layer_stats=layer_stats):
                 layer_stats.add_batch(args[0].detach())  # (b, T, in)
+                if cutting[0]:
+                    seen.add(name)
+                    if len(seen) == len(stats):
+                        raise StatisticsComplete
 
-            handles.append(module.register_forward_hook(hook))
-        yield
+            handles.append(linears[name].register_forward_pre_hook(hook))
+        yield cut_short
     finally:
         for handle in handles:
             handle.remove()
