@@ -28,14 +28,23 @@ def main() -> None:
     baseline = {}
     if args.baseline and args.baseline.is_file():
         baseline = {key(b): b for b in (json.loads(line) for line in args.baseline.read_text().splitlines() if line.strip())}
-    print("| pruner | pattern | method | perplexity | trainable share | job s | peak RSS MiB | llm-compressor perplexity |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pruner | pattern | method | perplexity | trainable share | device | job s | peak RSS MiB | peak GPU MiB "
+          "| llm-compressor perplexity |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        shape = row["pattern"] if row["pattern"] != "unstructured" else f"{row['sparsity']:.0%} unstructured"
+        if row["pattern"] == "unstructured":
+            shape = f"{row['sparsity']:.0%} unstructured"
+        elif row["sparsity"] is not None:  # heads / channels with the fraction of groups removed
+            shape = f"{row['pattern']} {row['sparsity']:.0%}"
+        else:
+            shape = row["pattern"]
+        method = " ".join([row["method"], *row.get("flags", [])])
         other = baseline.get(key(row)) if row["method"] == "none" else None
         theirs = f"{other['perplexity']:.2f}" if other else ""
-        print(f"| {row['pruner']} | {shape} | {row['method']} | {row['perplexity']:.2f} | "
-              f"{row['trainable_share']:.4%} | {row['job_seconds']:.0f} | {row['peak_rss_mb']:.0f} | {theirs} |")
+        gpu = row.get("peak_gpu_mb")
+        print(f"| {row['pruner']} | {shape} | {method} | {row['perplexity']:.2f} | {row['trainable_share']:.2%} | "
+              f"{row.get('device', 'cpu')} | {row['job_seconds']:.0f} | {row['peak_rss_mb']:.0f} | "
+              f"{'–' if gpu is None else format(gpu, '.0f')} | {theirs} |")
 
 
 if __name__ == "__main__":
