@@ -91,7 +91,7 @@ def prune_layer(module: nn.Module, pruner, stats, pattern, within: torch.Tensor 
     """Prune one linear in place and return its keep mask, shape (out, in) (a subset of ``within``)."""
     weight = weight_as_out_in(module).detach().float().clone()  # (out, in)
     new_weight, keep_mask = pruner.prune(weight, stats, pattern, within)
-    assert not new_weight[~keep_mask].any(), "pruner returned non-zero pruned weights"
+    assert bool((keep_mask | (new_weight == 0)).all()), "pruner returned non-zero pruned weights"
     with torch.no_grad():
         target = weight_as_out_in(module)  # a view: writing it writes the parameter
         target.copy_(new_weight.to(target.dtype))

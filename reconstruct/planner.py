@@ -412,7 +412,7 @@ def prune_temporary_bytes(pruner: str, out_features: int, in_features: int, dtyp
         argsort = ARGSORT_ROW_BYTES * oi  # N:M: one argsort over every group of m
     scores = 8 * oi  # |W| and |W| * norm (wanda) / |W| (magnitude), float32
     select = 4 * oi + 4 * oi + oi + argsort  # weight, scores, keep mask, selection temporaries
-    check = 4 * oi + 2 * oi + 4 * oi  # weight, keep and ~keep, the gathered pruned values (at most all)
+    check = 4 * oi + 3 * oi  # weight; keep mask, weight == 0 and their union (bool)
     return max(clone, 4 * oi + scores, select, check) + (_element_size(dtype) * oi if dtype != torch.float32 else 0)
 
 
