@@ -152,7 +152,7 @@ class BlockPipeline:
 
         On entry ``sparse`` holds the pruned model's inputs to this block and ``dense`` the dense
         model's; on return they hold the outputs of the pruned (reconstructed) and dense block.
-        ``dense`` is None when the job needs no dense stream (:func:`needs_dense_stream`): then the
+        ``dense`` is None when the job needs no dense stream (``JobConfig.needs_dense_stream``): then the
         block's error is not measured (``mse_before``/``mse_after`` stay None).
         """
         started = time.perf_counter()
