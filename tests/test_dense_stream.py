@@ -73,3 +73,20 @@ def test_plan_counts_one_stream_for_a_plain_prune(tiny_model_dir, small_calib_fi
     assert "dense pass" not in phases
     assert "dense pass" in {phase.name.split(" (")[0] for phase in repaired.phases}
     assert "activation streams (1)" in {item.name for phase in plain.phases for item in phase.items}
+
+
+def test_track_error_flag_reaches_the_job(tiny_model_dir, small_calib_file, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    args = ["run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file), "--n-samples", "8",
+            "--seq-len", "32", "--device", "cpu", "--pruner", "wanda", "--sparsity", "0.5", "--method", "none"]
+    for flag, measured in ((None, False), ("--track-error", True)):
+        out = tmp_path / str(flag)
+        result = CliRunner().invoke(app, [*args, "--out", str(out), *([flag] if flag else [])])
+        assert result.exit_code == 0, result.output
+        blocks = json.loads((out / "reconstruct.json").read_text())["blocks"]
+        assert all((block["mse_after"] is not None) == measured for block in blocks)
