@@ -405,13 +405,13 @@ def prune_temporary_bytes(pruner: str, out_features: int, in_features: int, dtyp
         # (profiled: 3.75 of them on CPU), then U with the weight sweep.
         return 4 * oi + oi + 4 * 4 * in_features * in_features
     if pattern.kind == "unstructured" and pattern.scope == "row":
-        argsort = KTHVALUE_ROW_BYTES * min(oi, max(1 << 24, in_features))  # pruners.masks.ROW_CHUNK_ELEMENTS
+        selection = KTHVALUE_ROW_BYTES * min(oi, max(1 << 24, in_features))  # pruners.masks.ROW_CHUNK_ELEMENTS
     elif pattern.kind == "unstructured":
-        argsort = ARGSORT_FLAT_BYTES * oi  # one argsort over the whole layer
+        selection = ARGSORT_FLAT_BYTES * oi  # one argsort over the whole layer
     else:
-        argsort = ARGSORT_ROW_BYTES * oi  # N:M: one argsort over every group of m
+        selection = ARGSORT_ROW_BYTES * oi  # N:M: one argsort over every group of m
     scores = 8 * oi  # |W| and |W| * norm (wanda) / |W| (magnitude), float32
-    select = 4 * oi + 4 * oi + oi + argsort  # weight, scores, keep mask, selection temporaries
+    select = 4 * oi + 4 * oi + oi + selection  # weight, scores, keep mask, selection temporaries
     check = 4 * oi + 3 * oi  # weight; keep mask, weight == 0 and their union (bool)
     return max(clone, 4 * oi + scores, select, check) + (_element_size(dtype) * oi if dtype != torch.float32 else 0)
 
