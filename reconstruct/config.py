@@ -89,3 +89,8 @@ class JobConfig:
         """
         reconstructing = self.recon is not None and getattr(self.recon, "method", "none") != "none"
         return reconstructing or self.prune.pruner == "loraprune" or self.track_error
+
+    @property
+    def n_streams(self) -> int:
+        """Activation streams the job carries: pruned, plus dense when :attr:`needs_dense_stream`."""
+        return 2 if self.needs_dense_stream else 1

@@ -219,8 +219,7 @@ class JobState:
         """The activation-cache tier: ``--offload`` unless ``auto``, else the fastest that fits."""
         if self.job.offload != "auto":
             return self.job.offload
-        n_streams = 2 if self.job.needs_dense_stream else 1
-        stream_bytes = n_streams * n_tokens * loaded.hidden_size * torch.finfo(loaded.dtype).bits // 8
+        stream_bytes = self.job.n_streams * n_tokens * loaded.hidden_size * torch.finfo(loaded.dtype).bits // 8
         if loaded.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(loaded.device)
             if stream_bytes <= AUTO_DEVICE_SHARE * free:

@@ -71,7 +71,8 @@ def target_sparsity(report: dict) -> float | None:
     return float(value) if value is not None else None
 
 
-def _number(value, spec: str) -> str:
+def format_or_dash(value, spec: str) -> str:
+    """``format(value, spec)``, or "–" for a value that was not measured (None)."""
     return "–" if value is None else format(value, spec)
 
 
@@ -111,7 +112,7 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "| | |",
         "|---|---|",
         f"| time | {_duration(report.get('elapsed_seconds', 0.0))} |",
-        f"| peak host memory (RSS) | {_number(report.get('peak_rss_mb'), '.0f')} MiB |",
+        f"| peak host memory (RSS) | {format_or_dash(report.get('peak_rss_mb'), '.0f')} MiB |",
         f"| peak GPU memory | {'–' if gpu is None else format(gpu, '.0f') + ' MiB'} |",
         f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
         f"| mean linear sparsity | {report.get('mean_linear_sparsity', 0.0):.4f} |",
@@ -130,8 +131,8 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         before, after = row["mse_before"], row["mse_after"]
         ratio = after / before if before and after is not None else None
         lines.append(
-            f"| {row['index']} | {row['sparsity']:.4f} | {_number(before, '.4e')} | {_number(after, '.4e')} | "
-            f"{_number(ratio, '.3f')} | {row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} |"
+            f"| {row['index']} | {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
+            f"{format_or_dash(ratio, '.3f')} | {row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} |"
         )
     lines.append("")
     if figure_drawn:

@@ -25,18 +25,19 @@ def feeding_statistics(linears: dict[str, nn.Module], stats: dict[str, object]):
     """
     handles = []
     seen: set[str] = set()
-    cutting = [False]  # set only while a cut_short forward runs
+    cutting = False  # True only while a cut_short forward runs
 
     def cut_short(forward):
         def run(hidden):
+            nonlocal cutting
             seen.clear()
-            cutting[0] = True
+            cutting = True
             try:
                 return forward(hidden)
             except StatisticsComplete:
                 return None
             finally:
-                cutting[0] = False
+                cutting = False
 
         return run
 
@@ -45,7 +46,7 @@ def feeding_statistics(linears: dict[str, nn.Module], stats: dict[str, object]):
 
             def hook(module, args, name=name, layer_stats=layer_stats):
                 layer_stats.add_batch(args[0].detach())  # (b, T, in)
-                if cutting[0]:
+                if cutting:
                     seen.add(name)
                     if len(seen) == len(stats):
                         raise StatisticsComplete

@@ -33,7 +33,7 @@ from reconstruct.manifest import Manifest
 from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
 from reconstruct.output import REPORT_NAME
 from reconstruct.plots import INSTALL_HINT, plot_sweep
-from reconstruct.report import evaluation_settings
+from reconstruct.report import evaluation_settings, format_or_dash
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +226,6 @@ def _csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _cell(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def render_markdown(spec: SweepSpec, rows: list[dict], figure_drawn: bool) -> str:
     """The text of ``sweep.md``."""
     evaluation = spec.evaluation
@@ -246,7 +242,7 @@ def render_markdown(spec: SweepSpec, rows: list[dict], figure_drawn: bool) -> st
     for row in rows:
         lines.append(
             f"| {row['pruner']} | {row['pattern']} | {row['sparsity']:.2f} | {row['method']} | "
-            f"{_cell(row['perplexity'], '.3f')} | {_cell(row['time_s'], '.1f')} s | {_cell(row['peak_rss_mb'], '.0f')} MiB | "
+            f"{format_or_dash(row['perplexity'], '.3f')} | {format_or_dash(row['time_s'], '.1f')} s | {format_or_dash(row['peak_rss_mb'], '.0f')} MiB | "
             f"{row['trainable_share']:.4%} | [{row['cell']}]({row['cell']}/report.md) |"
         )
     lines.append("")

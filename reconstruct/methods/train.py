@@ -161,29 +161,32 @@ def train_reconstruction(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="reconstruct", leave=False)
-    warned = False
+    # Step of the first non-finite loss, kept on the device: reading it back every micro-step would
+    # synchronise the GPU once per micro-step just to warn once.
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=params[0].device)
     with torch.enable_grad():
         for step in steps:
             indices = order.take(batch)
             if shard.size != shard.total:  # distributed: the part of the global batch this rank holds
                 indices = indices[(indices >= shard.start) & (indices < shard.stop)] - shard.start
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            step_loss = torch.zeros((), dtype=torch.float32, device=params[0].device)
             for part in indices.split(spec.micro_batch):
                 out = _output(forward(_trainable_input(inputs.read(part)))).float()
                 target = targets.read(part).float()
                 # sum / (elements of the whole batch): the accumulated gradient is the batch mean's
                 loss = torch.sum((out - target) ** 2) / (target[0].numel() * batch)
                 loss.backward()
-                step_loss += float(loss.detach())
+                step_loss += loss.detach()
             distributed.all_reduce_grads_(params)  # summed: each rank's loss is already over the global batch
             if on_gradients is not None:
                 on_gradients(step)
             optimizer.step()
             schedule.step()
-            if not math.isfinite(step_loss) and not warned:
-                logger.warning("reconstruction loss is %s at step %d; the merge will refuse", step_loss, step)
-                warned = True
+            bad = (first_bad_step < 0) & ~torch.isfinite(step_loss)
+            first_bad_step = torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
+    if int(first_bad_step) >= 0:
+        logger.warning("reconstruction loss became non-finite at step %d; the merge will refuse", int(first_bad_step))
     optimizer.zero_grad(set_to_none=True)
     distributed.broadcast_from_main_(params)  # ranks continue from identical bytes
     mse_after = evaluate_mse(forward, inputs, targets, eval_micro_batch) if measure_after else math.nan
