@@ -32,7 +32,7 @@ from reconstruct.faults import crash_point
 from reconstruct.job_state import JobState
 from reconstruct.loaded_model import LoadedModel, load_model
 from reconstruct.methods import attach_method, evaluate_mse, train_reconstruction
-from reconstruct.objective import UnitObjective, discover_units
+from reconstruct.objective import UnitObjective, discover_units, starting_at_input_norms
 from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.report import finish_report, refresh_finished_report
@@ -120,6 +120,7 @@ class BlockPipeline:
         )
         self.structure: HeadGroups | ChannelGroups | None = None  # structured patterns: found on block 0
         self.linear_call_order: list[list[str]] | None = None
+        self.units: list | None = None  # --granularity sublayer/linear: found on the first block that trains
         self.current_index = -1
 
     def run_block(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -139,6 +140,15 @@ class BlockPipeline:
             self.linear_call_order = group_by_shared_input(record)
             logger.info("sub-layer order: %s", self.linear_call_order)
         return self.linear_call_order
+
+    def reconstruction_units(self, block: nn.Module, linears: dict[str, nn.Module],
+                             sparse: ActivationStream) -> list:
+        """``--granularity`` units, each starting at the norm that feeds it (found once, on the first block)."""
+        if self.units is None:
+            units = discover_units(self.job.recon.granularity, self.call_order(block, linears, sparse))
+            self.units = starting_at_input_norms(units, block, self.run_block, sparse.read(slice(0, 1)))
+            logger.info("reconstruction units: %s", [(unit.name, unit.entries, unit.exit) for unit in self.units])
+        return self.units
 
     def groups(self, block: nn.Module, linears: dict[str, nn.Module], sparse: ActivationStream) -> list[list[str]]:
         """Sub-layer groups to prune in order (one group with every linear unless --sequential)."""
@@ -291,8 +301,8 @@ class BlockPipeline:
             whole = self._whole_block_objective(block, dense_copy, sparse, dense)
             if report.mse_before is None:
                 report.mse_before = evaluate_mse(whole.forward, sparse, whole, self.job.micro_batch)
-            units = discover_units(recon.granularity, self.call_order(block, linears, sparse))
-            objective = UnitObjective(block, dense_copy, units, self.run_block, sparse, dense, recon.target)
+            objective = UnitObjective(block, dense_copy, self.reconstruction_units(block, linears, sparse),
+                                      self.run_block, sparse, dense, recon.target)
             train_forward, targets = objective.forward, objective
         handle = attach_method(
             recon.method, block, linears, keep_masks,

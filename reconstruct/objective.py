@@ -5,6 +5,12 @@ its attention and MLP sub-layers (``--granularity sublayer``), or each linear (`
 the pruned path every unit's input is detached, so a unit's parameters learn only from its own
 error, exactly as if each unit were reconstructed on its own, but in one forward pass.
 
+A unit whose input is a normalisation module's output starts at that module instead
+(:func:`starting_at_input_norms`): LLaMA's attention unit is ``input_layernorm → self_attn``, not
+``self_attn`` alone. Otherwise the norms sit outside every unit, get no gradient, and ``ln`` /
+``bias-ln`` could not rescale a sub-layer's input, which is what repairs a block whose dense
+output carries a few huge activations (SmolLM2's block 11 at 70%: docs/benchmarks.md).
+
 Targets are the dense block's unit outputs, computed on the fly by a dense copy of the block:
 on the dense stream (``--target dense``, PERP's objective) or on the pruned path's own unit
 inputs (``--target local``: the dense unit applied to what the pruned unit actually receives).
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from calib.activations import ActivationStream
+from reconstruct.methods.bias_norm import find_norms
 
 GRANULARITIES = ("block", "sublayer", "linear")
 TARGETS = ("dense", "local")
@@ -73,6 +80,53 @@ def discover_units(granularity: str, linear_call_order: list[list[str]]) -> list
         else:  # linears sit directly in the block (OPT's fc1/fc2): from the first group to the last linear
             units.append(Unit(label, tuple(groups[0]), groups[-1][-1]))
     return units
+
+
+@torch.no_grad()
+def starting_at_input_norms(units: list[Unit], block: nn.Module, run_block: Callable, sample: torch.Tensor) -> list[Unit]:
+    """``units`` with each entry moved back to the normalisation module whose output it reads.
+
+    Found by one forward of ``block`` on ``sample`` (b, T, H): an entry starts at a norm when the
+    tensor it receives *is* that norm's output (same storage and shape), so nothing depends on
+    module names. q/k/v units that read one norm all start at it. Entries fed by anything else (the
+    block's input, o_proj's attention output) are left as they are.
+    """
+    norms = find_norms(block)
+    entries = {entry for unit in units for entry in unit.entries if entry != ""}
+    if not norms or not entries:
+        return units
+    norm_outputs: dict[tuple, str] = {}
+    entry_inputs: dict[str, tuple] = {}
+    alive: list[torch.Tensor] = []  # freed tensors' storage could be reused and match by accident
+    handles = []
+    try:
+        for name, norm in norms.items():
+
+            def hook(module, args, output, name=name):
+                tensor = _first_tensor(output)
+                alive.append(tensor)
+                norm_outputs.setdefault((tensor.data_ptr(), tuple(tensor.shape)), name)
+
+            handles.append(norm.register_forward_hook(hook))
+        for entry in entries:
+
+            def pre_hook(module, args, kwargs, entry=entry):
+                tensor = _get_input(args, kwargs)
+                alive.append(tensor)
+                entry_inputs.setdefault(entry, (tensor.data_ptr(), tuple(tensor.shape)))
+
+            handles.append(block.get_submodule(entry).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        run_block(block, sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+        alive.clear()
+    start = {entry: norm_outputs[key] for entry, key in entry_inputs.items() if key in norm_outputs}
+    moved = []
+    for unit in units:
+        new_entries = tuple(dict.fromkeys(start.get(entry, entry) for entry in unit.entries))
+        moved.append(Unit(unit.name, new_entries, unit.exit))
+    return moved
 
 
 def _first_tensor(output) -> torch.Tensor:

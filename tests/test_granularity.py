@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 
 from pruners.pattern import SparsityPattern
 from reconstruct.config import CalibSpec, JobConfig, PruneSpec
 from reconstruct.engine import run_job
 from reconstruct.methods import ReconSpec
-from reconstruct.objective import discover_units
+from reconstruct.objective import discover_units, starting_at_input_norms
 
 LLAMA_ORDER = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -80,3 +82,78 @@ def test_unit_reconstruction_lowers_block_error_and_keeps_zeros(tiny_model_dir, 
             assert torch.equal(mask, _keep_masks(tmp_path / "masklora")[key]), key
     report = json.loads((tmp_path / "masklora" / "reconstruct.json").read_text())
     assert report["job"]["method"]["granularity"] == granularity
+
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.o_proj = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:  # (b, T, W) → (b, T, W)
+        return self.o_proj(self.q_proj(normed) * self.k_proj(normed))
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:  # (b, T, W) → (b, T, W)
+        return self.down(torch.relu(self.up(normed)))
+
+
+class PreNormBlock(nn.Module):
+    """``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``: the shape of LLaMA/OPT/GPT-2 blocks, in miniature."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn, self.mlp = TinyAttention(width), TinyMLP(width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.attn(self.norm1(hidden))
+        return hidden + self.mlp(self.norm2(hidden))
+
+
+PRE_NORM_ORDER = [["attn.q_proj", "attn.k_proj"], ["attn.o_proj"], ["mlp.up"], ["mlp.down"]]
+
+
+@pytest.mark.parametrize("granularity,expected", [
+    ("block", [("block", ("",), "")]),
+    ("sublayer", [("attention", ("norm1",), "attn"), ("mlp", ("norm2",), "mlp")]),
+    ("linear", [("attn.q_proj", ("norm1",), "attn.q_proj"), ("attn.k_proj", ("norm1",), "attn.k_proj"),
+                ("attn.o_proj", ("attn.o_proj",), "attn.o_proj"), ("mlp.up", ("norm2",), "mlp.up"),
+                ("mlp.down", ("mlp.down",), "mlp.down")]),
+])
+def test_units_start_at_the_norm_that_feeds_them(granularity, expected):
+    units = discover_units(granularity, PRE_NORM_ORDER)
+    moved = starting_at_input_norms(units, PreNormBlock(), lambda module, x: module(x), torch.randn(2, 3, 8))
+    assert [(u.name, u.entries, u.exit) for u in moved] == expected
+
+
+def _norm_weights(folder):
+    weights = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            weights.update({key: handle.get_tensor(key) for key in handle.keys()
+                            if ("norm" in key or ".ln_" in key) and key.endswith("weight")})
+    return weights
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_sublayer_reconstruction_trains_the_norms_of_its_blocks(tiny_model_dir, small_calib_file, tmp_path, arch):
+    torch.set_num_threads(1)
+    folder = tiny_model_dir(arch)
+    run_job(JobConfig(
+        model=str(folder), out=tmp_path / "out",
+        prune=PruneSpec(pruner="wanda", pattern=SparsityPattern.parse("unstructured", 0.6)),
+        calib=CalibSpec(source=str(small_calib_file), n_samples=4, seq_len=16, seed=0),
+        recon=ReconSpec(method="ln", steps=4, batch_size=2, micro_batch=2, lr=1e-2, granularity="sublayer"),
+        device="cpu", micro_batch=4,
+    ))
+    before, after = _norm_weights(folder), _norm_weights(tmp_path / "out")
+    block_norms = [key for key in before if re.search(r"\.(layers|h)\.\d+\.", key)]
+    assert len(block_norms) == 2 * 3  # two per block, three blocks
+    for key in block_norms:
+        assert not torch.equal(before[key], after[key]), f"{key} was not trained"
