@@ -140,7 +140,7 @@ def run(
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")] = Dtype.auto,
     micro_batch: Annotated[int, typer.Option(min=1, help="Samples per block forward.")] = 8,
     offload: Annotated[Offload, typer.Option(help="Where the activation cache lives.")] = Offload.auto,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="Checkpoint the activation streams every k blocks.")] = 1,
+    checkpoint_every: Annotated[str, typer.Option(help="When to checkpoint the activation streams (what a resume restarts from): every k blocks, or auto = after every block while that is cheap, else so that checkpoints cost at most 10% of the block time.")] = "auto",
     track_error: Annotated[bool, typer.Option(help="--method none: also run the dense model alongside, to report each block's output error (one more block forward per block; reconstruction always does).")] = False,
     gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB (default: the GPU's free memory).")] = None,
     host_memory: Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB (default: available memory).")] = None,

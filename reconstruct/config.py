@@ -73,10 +73,15 @@ class JobConfig:
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     micro_batch: int = 8  # samples per block forward
     offload: str = "auto"  # activation cache tier: auto, device, cpu, disk
-    checkpoint_every: int = 1  # save the activation streams every k blocks
+    checkpoint_every: str | int = "auto"  # stream checkpoints: "auto" (bounded cost) or every k blocks
     track_error: bool = False  # --method none: keep the dense stream anyway, to report each block's error
     force: bool = False  # start over even if --out holds another job
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity
+
+    def __post_init__(self) -> None:
+        from reconstruct.checkpoint_policy import parse_checkpoint_every
+
+        object.__setattr__(self, "checkpoint_every", parse_checkpoint_every(self.checkpoint_every))
 
     @property
     def needs_dense_stream(self) -> bool:

@@ -33,6 +33,7 @@ from reconstruct.config import JobConfig
 from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
 from reconstruct.loaded_model import LoadedModel
 from reconstruct.lock import JobLock
+from reconstruct.checkpoint_policy import CheckpointPolicy
 from reconstruct.manifest import Manifest, verify_block_files, verify_stream_checkpoint
 from reconstruct.output import STATE_DIR, check_out_dir
 from reconstruct.runtime import dtype_name
@@ -85,6 +86,7 @@ class JobState:
         self.manifest = manifest
         self.state_dir = self.out / STATE_DIR
         self.session_started = time.monotonic()
+        self.checkpoints = CheckpointPolicy(job.checkpoint_every)
         self.scratch: Path | None = None  # ranks other than 0: a private folder for disk-tier streams
 
     @classmethod
@@ -266,8 +268,10 @@ class JobState:
         manifest = self.manifest
         manifest.mark_block_done(index, file, digest, report)
         last = index == manifest.n_blocks - 1
-        if not last and (index + 1) % self.job.checkpoint_every == 0:
+        if not last and distributed.from_main(lambda: self.checkpoints.due(index)):  # every rank decides alike
+            started = self.checkpoints.started()
             self._checkpoint_streams(index, sparse, dense)
+            self.checkpoints.finished(started)
         self._save()
 
     def _checkpoint_streams(self, index: int, sparse: ActivationStream, dense: ActivationStream | None) -> None:

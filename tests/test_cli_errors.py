@@ -69,9 +69,11 @@ def _in_tmp(tmp_path, monkeypatch):
         (["--method", "bogus"], ["--method"], True),
         (["--n-samples", "0"], ["--n-samples"], True),
         (["--device", "tpu"], ["--device"], False),
+        (["--checkpoint-every", "0"], ["--checkpoint-every", "auto"], False),
     ],
     ids=["pruner-foo", "sparsity-1", "sparsity-negative", "pattern-5of4", "pattern-0of4", "pattern-2of4-sparsity-0.3",
-         "pattern-garbage", "mask-scope", "lora-without-dense-merge", "method-bogus", "n-samples-0", "device-tpu"],
+         "pattern-garbage", "mask-scope", "lora-without-dense-merge", "method-bogus", "n-samples-0", "device-tpu",
+         "checkpoint-every-0"],
 )
 def test_bad_option_value_is_one_clear_error(tiny_model_dir, calib_file, tmp_path, extra, words, usage_error):
     out = tmp_path / "out"

@@ -42,6 +42,7 @@ DEFAULT_FLAGS = {  # the job under test; a test overrides single flags by name
     "pruner": "sparsegpt",
     "method": "bias-ln",
     "recon_steps": "4",
+    "checkpoint_every": "1",  # the tests below expect a checkpoint after every block
 }
 
 
@@ -255,6 +256,22 @@ def test_crash_then_resume_gives_identical_output(job, reference, tmp_path, poin
         assert file_identity(out / job.shard(index)) == identity, f"finished block {index} was rewritten"
     if done_at_crash:
         assert "taking over the lock" in resumed.stderr  # the killed run's lock file was stale
+
+
+@pytest.mark.parametrize(("every", "crash_block", "resume_from"), [("2", 1, 0), ("auto", 2, 2)])
+def test_blocks_after_the_last_checkpoint_are_recomputed_identically(job, reference, tmp_path, every, crash_block,
+                                                                      resume_from):
+    # every 2: block 0 is written but no checkpoint follows it, so the resume recomputes it;
+    # auto: a tiny model's checkpoints are cheap, so there is one after every block.
+    out = tmp_path / "out"
+    crashed(job.run(out, crash=f"statistics:{crash_block}", checkpoint_every=every))
+    manifest = Manifest.load(out)
+    assert [r.index for r in manifest.blocks if r.status == DONE] == list(range(crash_block))
+    checkpoint = manifest.stream_checkpoint
+    assert (checkpoint["after_block"] + 1 if checkpoint else 0) == resume_from
+    resumed = ok(job.run(out, checkpoint_every=every))
+    assert computed_blocks(resumed) == list(range(resume_from, job.n_blocks)), resumed.stderr
+    assert_same_output(out, reference)
 
 
 def test_crash_before_the_first_manifest_then_rerun(job, reference, tmp_path):
