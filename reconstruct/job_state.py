@@ -29,11 +29,11 @@ from calib.activations import ActivationStream
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
 from reconstruct.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
+from reconstruct.checkpoint_policy import CheckpointPolicy
 from reconstruct.config import JobConfig
 from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
 from reconstruct.loaded_model import LoadedModel
 from reconstruct.lock import JobLock
-from reconstruct.checkpoint_policy import CheckpointPolicy
 from reconstruct.manifest import Manifest, verify_block_files, verify_stream_checkpoint
 from reconstruct.output import STATE_DIR, check_out_dir
 from reconstruct.runtime import dtype_name
