@@ -60,6 +60,19 @@ class CheckpointPolicy:
             return True
         return self.last_seconds <= MAX_OVERHEAD * (self.clock() - self.last_end)
 
+    @property
+    def expensive(self) -> bool:
+        """True when the last checkpoint took ``CHEAP_SECONDS`` or more (worth telling the user)."""
+        return self.last_seconds is not None and self.last_seconds >= CHEAP_SECONDS
+
+    def describe_next(self) -> str:
+        """When the next checkpoint comes, in words (for the log)."""
+        if self.every != AUTO:
+            return f"{self.every}: the next after {self.every} more blocks"
+        if not self.expensive:
+            return "auto: the next after the next block"
+        return f"auto: the next once blocks took {self.last_seconds / MAX_OVERHEAD:.0f}s"
+
     def started(self) -> float:
         """Call when a checkpoint starts; returns the start time for :meth:`finished`."""
         return self.clock()

@@ -272,6 +272,9 @@ class JobState:
             started = self.checkpoints.started()
             self._checkpoint_streams(index, sparse, dense)
             self.checkpoints.finished(started)
+            if self.checkpoints.expensive:
+                logger.info("activation checkpoint after block %d took %.1fs; --checkpoint-every %s",
+                            index + 1, self.checkpoints.last_seconds, self.checkpoints.describe_next())
         self._save()
 
     def _checkpoint_streams(self, index: int, sparse: ActivationStream, dense: ActivationStream | None) -> None:

@@ -52,6 +52,18 @@ def test_auto_bounds_the_overhead_of_expensive_checkpoints():
     assert gaps == {6}  # 6 s <= 0.1 x (6 blocks x 10 s)
     overhead = len(taken[1:]) * 6.0 / (60 * 10.0)
     assert overhead <= MAX_OVERHEAD
+    assert CheckpointPolicy("auto", clock).describe_next() == "auto: the next after the next block"
+
+
+def test_describe_next_names_the_wait_after_an_expensive_checkpoint():
+    clock = FakeClock()
+    policy = CheckpointPolicy("auto", clock)
+    started = policy.started()
+    clock.now += 6.0
+    policy.finished(started)
+    assert policy.expensive
+    assert policy.describe_next() == "auto: the next once blocks took 60s"
+    assert CheckpointPolicy(4, clock).describe_next() == "4: the next after 4 more blocks"
 
 
 @pytest.mark.parametrize("text,expected", [("auto", "auto"), ("AUTO", "auto"), ("1", 1), ("12", 12), (4, 4)])
