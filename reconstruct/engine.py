@@ -32,7 +32,7 @@ from reconstruct.faults import crash_point
 from reconstruct.job_state import JobState
 from reconstruct.loaded_model import LoadedModel, load_model
 from reconstruct.methods import attach_method, evaluate_mse, train_reconstruction
-from reconstruct.objective import UnitObjective, discover_units, starting_at_input_norms
+from reconstruct.objective import UnitObjective, build_units, discover_units
 from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.report import finish_report, refresh_finished_report
@@ -143,10 +143,10 @@ class BlockPipeline:
 
     def reconstruction_units(self, block: nn.Module, linears: dict[str, nn.Module],
                              sparse: ActivationStream) -> list:
-        """``--granularity`` units, each starting at the norm that feeds it (found once, on the first block)."""
+        """``--granularity`` units (``objective.build_units``), found once, on the first block that trains."""
         if self.units is None:
-            units = discover_units(self.job.recon.granularity, self.call_order(block, linears, sparse))
-            self.units = starting_at_input_norms(units, block, self.run_block, sparse.read(slice(0, 1)))
+            self.units = build_units(self.job.recon.granularity, self.call_order(block, linears, sparse), block,
+                                     self.run_block, sparse.read(slice(0, 1)))
             logger.info("reconstruction units: %s", [(unit.name, unit.entries, unit.exit) for unit in self.units])
         return self.units
 

@@ -5,11 +5,13 @@ its attention and MLP sub-layers (``--granularity sublayer``), or each linear (`
 the pruned path every unit's input is detached, so a unit's parameters learn only from its own
 error, exactly as if each unit were reconstructed on its own, but in one forward pass.
 
-A unit whose input is a normalisation module's output starts at that module instead
-(:func:`starting_at_input_norms`): LLaMA's attention unit is ``input_layernorm → self_attn``, not
+A sub-layer unit starts at the normalisation module that feeds it (:func:`build_units`): the
+attention unit of a pre-norm block is its residual branch ``input_layernorm → self_attn``, not
 ``self_attn`` alone. Otherwise the norms sit outside every unit, get no gradient, and ``ln`` /
-``bias-ln`` could not rescale a sub-layer's input, which is what repairs a block whose dense
-output carries a few huge activations (SmolLM2's block 11 at 70%: docs/benchmarks.md).
+``bias-ln`` cannot rescale a sub-layer's input, which is what repairs a block whose dense output
+carries a few huge activations (SmolLM2's block 11 at 70%: perplexity 1079 → 264, docs/benchmarks.md).
+A linear unit stays the linear alone: its norm is shared with its siblings (q, k, v), and training
+it on their summed errors made SmolLM2 worse (738 → 1232).
 
 Targets are the dense block's unit outputs, computed on the fly by a dense copy of the block:
 on the dense stream (``--target dense``, PERP's objective) or on the pruned path's own unit
@@ -80,6 +82,23 @@ def discover_units(granularity: str, linear_call_order: list[list[str]]) -> list
         else:  # linears sit directly in the block (OPT's fc1/fc2): from the first group to the last linear
             units.append(Unit(label, tuple(groups[0]), groups[-1][-1]))
     return units
+
+
+def build_units(granularity: str, linear_call_order: list[list[str]], block: nn.Module, run_block: Callable,
+                sample: torch.Tensor) -> list[Unit]:
+    """The units for ``granularity``; sub-layer units start at their input norms (module docstring).
+
+    Args:
+        granularity: ``block``, ``sublayer`` or ``linear``.
+        linear_call_order: the block's linears grouped by shared input, in call order.
+        block: a block of the model (one forward runs on it when ``granularity`` is ``sublayer``).
+        run_block: ``run_block(module, x (b, T, H)) → (b, T, H)``.
+        sample: ``(b, T, H)`` block input for that forward.
+    """
+    units = discover_units(granularity, linear_call_order)
+    if granularity != "sublayer":
+        return units
+    return starting_at_input_norms(units, block, run_block, sample)
 
 
 @torch.no_grad()

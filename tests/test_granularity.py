@@ -14,7 +14,7 @@ from pruners.pattern import SparsityPattern
 from reconstruct.config import CalibSpec, JobConfig, PruneSpec
 from reconstruct.engine import run_job
 from reconstruct.methods import ReconSpec
-from reconstruct.objective import discover_units, starting_at_input_norms
+from reconstruct.objective import build_units, discover_units, starting_at_input_norms
 
 LLAMA_ORDER = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -119,17 +119,23 @@ class PreNormBlock(nn.Module):
 PRE_NORM_ORDER = [["attn.q_proj", "attn.k_proj"], ["attn.o_proj"], ["mlp.up"], ["mlp.down"]]
 
 
+LINEAR_UNITS = [(name, (name,), name) for group in PRE_NORM_ORDER for name in group]
+
+
 @pytest.mark.parametrize("granularity,expected", [
     ("block", [("block", ("",), "")]),
     ("sublayer", [("attention", ("norm1",), "attn"), ("mlp", ("norm2",), "mlp")]),
-    ("linear", [("attn.q_proj", ("norm1",), "attn.q_proj"), ("attn.k_proj", ("norm1",), "attn.k_proj"),
-                ("attn.o_proj", ("attn.o_proj",), "attn.o_proj"), ("mlp.up", ("norm2",), "mlp.up"),
-                ("mlp.down", ("mlp.down",), "mlp.down")]),
+    ("linear", LINEAR_UNITS),  # a linear unit is the linear alone
 ])
-def test_units_start_at_the_norm_that_feeds_them(granularity, expected):
-    units = discover_units(granularity, PRE_NORM_ORDER)
+def test_sublayer_units_start_at_the_norm_that_feeds_them(granularity, expected):
+    units = build_units(granularity, PRE_NORM_ORDER, PreNormBlock(), lambda module, x: module(x), torch.randn(2, 3, 8))
+    assert [(u.name, u.entries, u.exit) for u in units] == expected
+
+
+def test_entries_move_to_a_norm_only_when_they_read_its_output():
+    units = discover_units("linear", PRE_NORM_ORDER)
     moved = starting_at_input_norms(units, PreNormBlock(), lambda module, x: module(x), torch.randn(2, 3, 8))
-    assert [(u.name, u.entries, u.exit) for u in moved] == expected
+    assert [u.entries for u in moved] == [("norm1",), ("norm1",), ("attn.o_proj",), ("norm2",), ("mlp.down",)]
 
 
 def _norm_weights(folder):
