@@ -9,7 +9,7 @@ A sub-layer unit starts at the normalisation module that feeds it (:func:`build_
 attention unit of a pre-norm block is its residual branch ``input_layernorm → self_attn``, not
 ``self_attn`` alone. Otherwise the norms sit outside every unit, get no gradient, and ``ln`` /
 ``bias-ln`` cannot rescale a sub-layer's input, which is what repairs a block whose dense output
-carries a few huge activations (SmolLM2's block 11 at 70%: perplexity 1079 → 264, docs/benchmarks.md).
+carries a few huge activations (SmolLM2's block 12 at 70%: perplexity 1079 → 264, docs/benchmarks.md).
 A linear unit stays the linear alone: its norm is shared with its siblings (q, k, v), and training
 it on their summed errors made SmolLM2 worse (738 → 1232).
 
