@@ -19,7 +19,8 @@ def describe_job(out: Path) -> str:
 
     Shows the state (finished / in progress / not started, and whether a live process holds the
     lock), blocks done / total, elapsed working time and an estimate of the time left (mean seconds
-    of the done blocks × blocks left), the settings from the job's fingerprint (pruner, pattern,
+    of the done blocks × blocks left), where a rerun would restart (after the last activation
+    checkpoint; see ``--checkpoint-every``), the settings from the job's fingerprint (pruner, pattern,
     method, calibration, seed, dtype), and the mean sparsity and reconstruction MSE of done blocks.
 
     Args:
@@ -43,6 +44,7 @@ def describe_job(out: Path) -> str:
         f"blocks:     {len(done)} / {manifest.n_blocks} done",
         f"elapsed:    {format_duration(manifest.elapsed_seconds)} (last saved {manifest.updated or '?'})",
         f"time left:  {_time_left(manifest, done)}",
+        *([f"resume:     {_resume_point(manifest, done)}"] if done and not manifest.finished else []),
         f"model:      {settings.get('model_type', '?')}",
         f"pruner:     {settings.get('pruner', '?')}, pattern {_pattern(settings.get('pattern'))}",
         f"method:     {_method(settings.get('method'))}",
@@ -107,6 +109,17 @@ def _time_left(manifest: Manifest, done: list[BlockRecord]) -> str:
         return f"unknown until a block finishes ({_blocks(remaining)} to go)"
     mean = sum(timed) / len(timed)
     return f"about {format_duration(mean * remaining)} ({_blocks(remaining)} × {mean:.1f}s mean per block)"
+
+
+def _resume_point(manifest: Manifest, done: list[BlockRecord]) -> str:
+    """Where a rerun restarts: after the last activation checkpoint; later written blocks are recomputed."""
+    checkpoint = manifest.stream_checkpoint
+    start = int(checkpoint["after_block"]) + 1 if checkpoint else 0  # 0-based first block to compute
+    where = f"at block {start + 1} of {manifest.n_blocks}"
+    why = f"streams checkpointed after block {start}" if checkpoint else "no activation checkpoint yet"
+    redo = sum(1 for record in done if record.index >= start)
+    again = f"; {redo} written {'block' if redo == 1 else 'blocks'} computed again" if redo else ""
+    return f"{where} ({why}{again})"
 
 
 def _blocks(count: int) -> str:

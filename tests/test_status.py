@@ -93,6 +93,7 @@ def test_status_of_crashed_half_done_job(half_done):
     assert "rerun the same command to resume" in text
     assert field(text, "blocks") == "2 / 3 done"
     assert field(text, "time left").startswith("about ") and "1 block ×" in text
+    assert field(text, "resume") == "at block 3 of 3 (streams checkpointed after block 2)"  # cheap: after every block
     assert field(text, "pruner") == "sparsegpt, pattern unstructured 50% per row"
     assert field(text, "method") == "bias-ln (4 steps, lr 0.005)"
     assert field(text, "calib") == "valid-head.txt, 8 × 32 tokens"
@@ -148,6 +149,18 @@ def test_time_left_is_mean_block_time_times_blocks_left(tmp_path):
     assert field(text, "calib") == "self, 128 × 2048 tokens"
     assert field(text, "seed") == "7, dtype bfloat16"
     assert field(text, "quality") == "mean sparsity 0.5000, mean mse 0.002 → 0.001 (before → after reconstruction)"
+
+
+def test_resume_point_counts_the_blocks_written_after_the_checkpoint(tmp_path):
+    manifest = synthetic_job(tmp_path, n_blocks=6, seconds=[10.0, 20.0, 30.0], elapsed=60.0)
+    assert field(describe_job(tmp_path), "resume") == (
+        "at block 1 of 6 (no activation checkpoint yet; 3 written blocks computed again)"
+    )
+    manifest.set_stream_checkpoint(1, "state/streams-after-00001.safetensors", "0" * 64)
+    manifest.save(tmp_path)
+    assert field(describe_job(tmp_path), "resume") == (
+        "at block 3 of 6 (streams checkpointed after block 2; 1 written block computed again)"
+    )
 
 
 def test_not_started_job(tmp_path):
