@@ -17,27 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reconstruct.atomic import save_safetensors_atomic  # noqa: E402
-from reconstruct.checkpoint_policy import CHEAP_SECONDS, MAX_OVERHEAD  # noqa: E402
+from reconstruct.atomic import save_safetensors_atomic
+from reconstruct.checkpoint_policy import simulate_schedule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def auto_cadence(write_seconds: float, block_seconds: float) -> int:
-    """Blocks between two checkpoints under ``auto`` when each block takes ``block_seconds``."""
-    if write_seconds < CHEAP_SECONDS:
-        return 1
-    return max(1, math.ceil(write_seconds / (MAX_OVERHEAD * block_seconds)))
+SIMULATED_BLOCKS = 240  # long enough for auto's steady cadence to show
 
 
 def main() -> None:
@@ -65,7 +55,8 @@ def main() -> None:
             save_safetensors_atomic(path, streams)
             seconds.append(time.perf_counter() - started)
     worst = max(seconds)
-    every = auto_cadence(worst, args.block_seconds)
+    taken = simulate_schedule("auto", SIMULATED_BLOCKS, args.block_seconds, worst)  # the engine's own policy
+    every = taken[-1] - taken[-2] if len(taken) > 1 else SIMULATED_BLOCKS
     print(json.dumps({
         "shape": list(shape), "dtype": args.dtype, "streams": args.streams, "gigabytes": n_bytes / 1e9,
         "seconds": seconds, "gigabytes_per_second": n_bytes / 1e9 / worst,

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from reconstruct.report import format_or_dash
+
 
 def key(row: dict) -> tuple:
     sparsity = row.get("sparsity")
@@ -41,10 +43,9 @@ def main() -> None:
         method = " ".join([row["method"], *row.get("flags", [])])
         other = baseline.get(key(row)) if row["method"] == "none" else None
         theirs = f"{other['perplexity']:.2f}" if other else ""
-        gpu = row.get("peak_gpu_mb")
         print(f"| {row['pruner']} | {shape} | {method} | {row['perplexity']:.2f} | {row['trainable_share']:.2%} | "
               f"{row.get('device', 'cpu')} | {row['job_seconds']:.0f} | {row['peak_rss_mb']:.0f} | "
-              f"{'–' if gpu is None else format(gpu, '.0f')} | {theirs} |")
+              f"{format_or_dash(row.get('peak_gpu_mb'), '.0f')} | {theirs} |")
 
 
 if __name__ == "__main__":

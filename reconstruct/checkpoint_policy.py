@@ -81,3 +81,19 @@ class CheckpointPolicy:
         """Call when the checkpoint that began at ``started`` is safely written."""
         self.last_end = self.clock()
         self.last_seconds = self.last_end - started
+
+
+def simulate_schedule(every: str | int, n_blocks: int, block_seconds: float, write_seconds: float) -> list[int]:
+    """Blocks (0-based) after which :class:`CheckpointPolicy` checkpoints when every block takes
+    ``block_seconds`` and every checkpoint ``write_seconds``: the policy run on a simulated clock."""
+    now = 0.0
+    policy = CheckpointPolicy(every, clock=lambda: now)
+    taken = []
+    for index in range(n_blocks):
+        now += block_seconds
+        if policy.due(index):
+            started = policy.started()
+            now += write_seconds
+            policy.finished(started)
+            taken.append(index)
+    return taken

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pruners.pattern import SparsityPattern
+from reconstruct.checkpoint_policy import parse_checkpoint_every
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,6 @@ class JobConfig:
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity
 
     def __post_init__(self) -> None:
-        from reconstruct.checkpoint_policy import parse_checkpoint_every
-
         object.__setattr__(self, "checkpoint_every", parse_checkpoint_every(self.checkpoint_every))
 
     @property

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from reconstruct.checkpoint_policy import CHEAP_SECONDS, MAX_OVERHEAD, CheckpointPolicy, parse_checkpoint_every
+from reconstruct.checkpoint_policy import (
+    CHEAP_SECONDS,
+    MAX_OVERHEAD,
+    CheckpointPolicy,
+    parse_checkpoint_every,
+    simulate_schedule,
+)
 from reconstruct.config import JobConfig
 
 
@@ -18,41 +24,24 @@ class FakeClock:
         return self.now
 
 
-def simulate(policy: CheckpointPolicy, clock: FakeClock, n_blocks: int, block_seconds: float,
-             write_seconds: float) -> list[int]:
-    """Blocks after which ``policy`` checkpoints, each block and each write taking the given time."""
-    taken = []
-    for index in range(n_blocks):
-        clock.now += block_seconds
-        if policy.due(index):
-            started = policy.started()
-            clock.now += write_seconds
-            policy.finished(started)
-            taken.append(index)
-    return taken
-
-
 def test_every_k_blocks_ignores_the_cost():
-    clock = FakeClock()
-    assert simulate(CheckpointPolicy(3, clock), clock, 10, block_seconds=1.0, write_seconds=100.0) == [2, 5, 8]
+    assert simulate_schedule(3, 10, block_seconds=1.0, write_seconds=100.0) == [2, 5, 8]
 
 
 def test_auto_checkpoints_every_block_while_checkpoints_are_cheap():
-    clock = FakeClock()
-    taken = simulate(CheckpointPolicy("auto", clock), clock, 8, block_seconds=0.01, write_seconds=CHEAP_SECONDS / 2)
+    taken = simulate_schedule("auto", 8, block_seconds=0.01, write_seconds=CHEAP_SECONDS / 2)
     assert taken == list(range(8))
 
 
 def test_auto_bounds_the_overhead_of_expensive_checkpoints():
-    clock = FakeClock()
     # a 30B-like run: 10 s per block, 6 s per checkpoint write
-    taken = simulate(CheckpointPolicy("auto", clock), clock, 60, block_seconds=10.0, write_seconds=6.0)
+    taken = simulate_schedule("auto", 60, block_seconds=10.0, write_seconds=6.0)
     assert taken[0] == 0  # the first one measures the cost
     gaps = {b - a for a, b in zip(taken, taken[1:])}
     assert gaps == {6}  # 6 s <= 0.1 x (6 blocks x 10 s)
     overhead = len(taken[1:]) * 6.0 / (60 * 10.0)
     assert overhead <= MAX_OVERHEAD
-    assert CheckpointPolicy("auto", clock).describe_next() == "auto: the next after the next block"
+    assert CheckpointPolicy("auto").describe_next() == "auto: the next after the next block"
 
 
 def test_describe_next_names_the_wait_after_an_expensive_checkpoint():

@@ -8,11 +8,14 @@ activation memory), and the report says the block error was not measured. The sa
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 from conftest import make_job
+from typer.testing import CliRunner
 
+from cli import app
 from reconstruct.engine import run_job
 from reconstruct.loaded_model import load_model
 from reconstruct.methods.spec import ReconSpec
@@ -76,12 +79,6 @@ def test_plan_counts_one_stream_for_a_plain_prune(tiny_model_dir, small_calib_fi
 
 
 def test_track_error_flag_reaches_the_job(tiny_model_dir, small_calib_file, tmp_path):
-    import json
-
-    from typer.testing import CliRunner
-
-    from cli import app
-
     args = ["run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file), "--n-samples", "8",
             "--seq-len", "32", "--device", "cpu", "--pruner", "wanda", "--sparsity", "0.5", "--method", "none"]
     for flag, measured in ((None, False), ("--track-error", True)):
