@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -98,12 +99,19 @@ def convert_gguf(folder: Path, filename: str, target: Path) -> Path:
     model.hf_quantizer = None  # a dequantised GGUF model is a plain model; transformers refuses to save it otherwise
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, target)
+    # A folder of this process's own: two processes converting at once must not share one.
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
+            raise
+        logger.info("another process converted %s first; using its copy", filename)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
