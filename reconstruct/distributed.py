@@ -37,8 +37,11 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TIMEOUT_ENV = "RECONSTRUCT_DIST_TIMEOUT_MIN"  # minutes a rank waits in a collective (rank 0 alone may hash,
-DEFAULT_TIMEOUT_MIN = 120  # sample calibration text from a big model or convert a GGUF meanwhile)
+TIMEOUT_ENV = "RECONSTRUCT_DIST_TIMEOUT_MIN"  # minutes a rank waits for rank 0's solo work (from_main: rank 0
+DEFAULT_TIMEOUT_MIN = 120  # may hash, sample calibration text from a big model or convert a GGUF meanwhile)
+STEP_TIMEOUT_ENV = "RECONSTRUCT_DIST_STEP_TIMEOUT_MIN"  # minutes any other collective may wait: all ranks do
+DEFAULT_STEP_TIMEOUT_MIN = 10  # the same work there, so only a hung rank (or a slow checkpoint write) waits
+_main_wait_group = None  # gloo group with TIMEOUT_ENV's timeout for waits on rank 0 (set by join)
 TRANSFER_CHUNK_BYTES = 64 << 20  # gather/scatter of activation rows: at most this much in flight at once
 
 
@@ -112,19 +115,28 @@ def join(job):
         torch.cuda.set_device(local_rank)
         job = replace(job, device=f"cuda:{local_rank}")
     if not dist.is_initialized():
-        minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
+        global _main_wait_group
         backend = "nccl" if device.type == "cuda" else "gloo"
         device_id = torch.device("cuda", local_rank) if backend == "nccl" else None
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes), device_id=device_id)
+        dist.init_process_group(backend=backend, timeout=_minutes(STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT_MIN),
+                                device_id=device_id)
+        _main_wait_group = dist.new_group(backend="gloo", timeout=_minutes(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
         atexit.register(leave)
         logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
     return job
 
 
+def _minutes(env: str, default: float) -> datetime.timedelta:
+    """A timeout in minutes from ``env``, else ``default``."""
+    return datetime.timedelta(minutes=float(os.environ.get(env, default)))
+
+
 def leave() -> None:
     """Tear down the process group, if one is up."""
+    global _main_wait_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _main_wait_group = None
 
 
 def _device() -> torch.device:
@@ -245,12 +257,12 @@ def from_main(compute: Callable[[], T] | None) -> T:
             result = compute()
         except Exception as error:
             message[0] = ("error", isinstance(error, ValueError), str(error) or type(error).__name__)
-            dist.broadcast_object_list(message, src=0)
+            dist.broadcast_object_list(message, src=0, group=_main_wait_group)
             raise
         message[0] = ("ok", result)
-        dist.broadcast_object_list(message, src=0)
+        dist.broadcast_object_list(message, src=0, group=_main_wait_group)
         return result
-    dist.broadcast_object_list(message, src=0)
+    dist.broadcast_object_list(message, src=0, group=_main_wait_group)
     if message[0][0] == "error":
         _, user_error, text = message[0]
         raise (ValueError(text) if user_error else RuntimeError(f"rank 0 failed: {text}"))
@@ -258,11 +270,14 @@ def from_main(compute: Callable[[], T] | None) -> T:
 
 
 def agree(compute: Callable[[], T], main_first: bool = False) -> T:
-    """Run ``compute`` on every rank; a ``ValueError`` on any rank is raised on all of them.
+    """Run ``compute`` on every rank; an exception on any rank is raised on all of them.
 
-    Use it around checks whose outcome may differ between ranks (free memory): otherwise a rank
-    that refuses leaves the others waiting in their next collective. With ``main_first`` rank 0
-    runs first and the others wait for it (it fills caches they then read, e.g. a converted GGUF).
+    Use it around work whose outcome may differ between ranks (free memory, loading files): otherwise
+    a rank that fails leaves the others waiting in their next collective until the group's timeout.
+    The failing rank raises its own exception; the others raise ``ValueError`` with its message when
+    it was one (a user error: exit code 2), else ``RuntimeError`` naming the rank, the exception
+    type and its message. With ``main_first`` rank 0 runs first and the others wait for it (it fills
+    caches they then read, e.g. a converted GGUF); if it fails, they do not run ``compute``.
     """
     here = world()
     if here.size == 1:
@@ -273,23 +288,41 @@ def agree(compute: Callable[[], T], main_first: bool = False) -> T:
         nonlocal result, error
         try:
             result = compute()
-        except ValueError as caught:
+        except Exception as caught:  # every kind: a rank that fails silently would hang the others
             error = caught
 
     if main_first and here.is_main:
         attempt()
     if main_first:
-        dist.barrier()
+        failed = [_failure(error)]
+        dist.broadcast_object_list(failed, src=0, group=_main_wait_group)  # a barrier that carries rank 0's failure
+        if failed[0] is not None:  # every rank stops here: the others skip compute
+            raise error if here.is_main else _raised_elsewhere(0, failed[0])
     if not (main_first and here.is_main):
         attempt()
-    messages: list = [None] * here.size
-    dist.all_gather_object(messages, None if error is None else str(error))
+    failures: list = [None] * here.size
+    dist.all_gather_object(failures, _failure(error))
     if error is not None:
         raise error
-    failed = next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
+    failed = next(((rank, failure) for rank, failure in enumerate(failures) if failure is not None), None)
     if failed is not None:
-        raise ValueError(f"rank {failed[0]}: {failed[1]}")
+        raise _raised_elsewhere(*failed)
     return result
+
+
+def _failure(error: BaseException | None) -> tuple[bool, str] | None:
+    """What other ranks need to know of an exception: (is it a user error, its one-line text)."""
+    if error is None:
+        return None
+    if isinstance(error, ValueError):
+        return True, str(error)
+    return False, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _raised_elsewhere(rank: int, failure: tuple[bool, str]) -> Exception:
+    """The exception a rank raises for another rank's ``failure``."""
+    user_error, text = failure
+    return ValueError(f"rank {rank}: {text}") if user_error else RuntimeError(f"rank {rank} failed: {text}")
 
 
 # --------------------------------------------------------------------------- activation rows

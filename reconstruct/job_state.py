@@ -34,7 +34,7 @@ from reconstruct.config import JobConfig
 from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
 from reconstruct.loaded_model import LoadedModel
 from reconstruct.lock import JobLock
-from reconstruct.manifest import Manifest, verify_block_files, verify_stream_checkpoint
+from reconstruct.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
 from reconstruct.output import STATE_DIR, check_out_dir
 from reconstruct.runtime import dtype_name
 
@@ -72,6 +72,8 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
         "device_type": loaded.device.type,
         "micro_batch": job.micro_batch,
         **({"track_error": True} if job.track_error else {}),  # only when set: older fingerprints stay valid
+        # processes sharing the samples: another count changes the float summation order (docs/distributed.md)
+        **({WORLD_SIZE_KEY: distributed.world().size} if distributed.world().size > 1 else {}),
         "versions": {"reconstruct": reconstruct.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }

@@ -28,6 +28,7 @@ MANIFEST_VERSION = 1
 PENDING = "pending"
 DONE = "done"
 _ABSENT = "<absent>"
+WORLD_SIZE_KEY = "world_size"  # fingerprint key: processes of a distributed job (absent: one)
 
 
 def _now() -> str:
@@ -253,6 +254,7 @@ class Manifest:
         Raises:
             ValueError: one line listing every changed field and the two ways out.
         """
+        check_same_world_size(self.fingerprint, fingerprint, out_dir)
         changes = diff_fingerprints(self.fingerprint, fingerprint)
         if changes:
             raise ValueError(
@@ -262,6 +264,24 @@ class Manifest:
 
 
 # ---------------------------------------------------------------------- fingerprints
+def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
+    """Refuse to resume with another number of processes than the job started with.
+
+    Another count splits the calibration samples differently, so float sums (statistics, gradients)
+    round differently and a resumed job would not write the bytes of an uninterrupted one. A
+    fingerprint without ``WORLD_SIZE_KEY`` was made by one process.
+
+    Raises:
+        ValueError: one line naming ``--nproc``, both counts and the ways out.
+    """
+    before, now = old.get(WORLD_SIZE_KEY, 1), new.get(WORLD_SIZE_KEY, 1)
+    if before != now:
+        raise ValueError(
+            f"--nproc: --out {out_dir} was started with {before} process(es) and this run has {now}; resume with "
+            f"--nproc {before} (under torchrun: {before} processes in all), or pass --force to start over"
+        )
+
+
 def _flatten(obj, prefix: str = "") -> dict[str, object]:
     if isinstance(obj, dict) and obj:
         flat: dict[str, object] = {}

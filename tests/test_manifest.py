@@ -170,6 +170,18 @@ def test_check_same_job(tmp_path):
         manifest.check_same_job(_fingerprint(sparsity=0.6), tmp_path)
 
 
+@pytest.mark.parametrize(("before", "now"), [(1, 2), (2, 1), (2, 4)])
+def test_resume_with_another_process_count_is_refused_naming_nproc(tmp_path, before, now):
+    def made_by(processes: int) -> dict:  # as job_fingerprint writes it: the key only when > 1
+        return _fingerprint(**({"world_size": processes} if processes > 1 else {}))
+
+    manifest = Manifest.new(made_by(before), 1)
+    manifest.check_same_job(made_by(before), tmp_path)
+    with pytest.raises(ValueError, match=rf"^--nproc: .* started with {before} process\(es\) and this run has {now};"
+                                         rf" resume with --nproc {before}"):
+        manifest.check_same_job(made_by(now), tmp_path)
+
+
 # ---------------------------------------------------------------------- block files
 def test_verify_block_files_detects_truncation_and_flipped_byte(tmp_path):
     manifest = Manifest.new(_fingerprint(), 5)

@@ -94,6 +94,23 @@ class _SampleOrder:
         return torch.sort(chosen).values  # sorted: sequential reads from a disk-backed cache
 
 
+def local_micro_batches(indices: Tensor, shard: distributed.Shard, micro_batch: int) -> list[Tensor]:
+    """The micro-batches of a global batch that this rank holds, as indices into its own rows.
+
+    Args:
+        indices: ``(batch,)`` sorted global sample indices of one step (the same on every rank).
+        shard: this rank's rows of the global sample axis.
+        micro_batch: samples per forward/backward slice.
+
+    Returns:
+        Slices of at most ``micro_batch`` local indices, in order; an empty list when the whole
+        batch lies on other ranks (``Tensor.split`` would give one empty slice: a forward on zero
+        samples). Such a rank still joins the step's gradient all-reduce, with no gradients.
+    """
+    local = indices[(indices >= shard.start) & (indices < shard.stop)] - shard.start  # (b_local,)
+    return list(local.split(micro_batch)) if local.numel() else []
+
+
 def train_reconstruction(
     forward: Callable[[Tensor], Tensor],
     params: list[nn.Parameter],
@@ -166,12 +183,9 @@ def train_reconstruction(
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=params[0].device)
     with torch.enable_grad():
         for step in steps:
-            indices = order.take(batch)
-            if shard.size != shard.total:  # distributed: the part of the global batch this rank holds
-                indices = indices[(indices >= shard.start) & (indices < shard.stop)] - shard.start
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float32, device=params[0].device)
-            for part in indices.split(spec.micro_batch):
+            for part in local_micro_batches(order.take(batch), shard, spec.micro_batch):
                 out = _output(forward(_trainable_input(inputs.read(part)))).float()
                 target = targets.read(part).float()
                 # sum / (elements of the whole batch): the accumulated gradient is the batch mean's

@@ -312,3 +312,20 @@ def test_bfloat16_block_trains_float32_parameters_and_stays_sparse(method: str) 
     for name, linear in run.case.linears.items():
         assert torch.equal(linear.weight != 0, run.before[f"{name}.weight"] != 0)
     torch.testing.assert_close(run.merged_out, run.wrapped_out, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- a rank's share of a step
+@pytest.mark.parametrize(("batch", "rank_bounds", "want"), [
+    ([0, 1, 2], (0, 4), [[0, 1], [2]]),  # all on this rank
+    ([0, 1, 2], (4, 8), []),  # none on this rank: no slice at all (split gave one empty slice)
+    ([1, 5, 6], (0, 4), [[1]]),  # uneven: 1 here ...
+    ([1, 5, 6], (4, 8), [[1, 2]]),  # ... 2 on the other rank, local indices
+    ([3, 4, 5, 6, 7], (4, 8), [[0, 1], [2, 3]]),
+])
+def test_local_micro_batches_hold_only_this_rank_s_samples(batch, rank_bounds, want):
+    from reconstruct.distributed import Shard
+    from reconstruct.methods.train import local_micro_batches
+
+    shard = Shard(*rank_bounds, 8, ((0, 4), (4, 8)))
+    got = local_micro_batches(torch.tensor(batch), shard, micro_batch=2)
+    assert [part.tolist() for part in got] == want

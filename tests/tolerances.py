@@ -1,0 +1,46 @@
+"""Float tolerances derived from error bounds of the computation, not from what one machine printed.
+
+A float sum of ``n`` products, in any order and with or without fused multiply-adds, satisfies
+(Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., eq. 3.5)
+
+    |fl(sum x_i y_i) - sum x_i y_i| <= gamma_n * sum |x_i y_i|,   gamma_n = n u / (1 - n u),
+
+with ``u`` the unit roundoff (2**-24 for float32). Kernels that block, vectorise or split the sum
+over threads (what ``ATEN_CPU_CAPABILITY`` and the thread count change) only change the order, so
+the bound holds on every machine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def gamma(n_terms: int, dtype: torch.dtype = torch.float32) -> float:
+    """``gamma_n = n u / (1 - n u)`` for ``dtype``'s unit roundoff ``u`` (half its machine epsilon)."""
+    u = torch.finfo(dtype).eps / 2
+    if n_terms * u >= 1:
+        raise ValueError(f"{n_terms} terms: the bound needs n u < 1")
+    return n_terms * u / (1 - n_terms * u)
+
+
+def dot_sum_bound(abs_products_sum: Tensor, n_terms: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Bound on the rounding error of sums of ``n_terms`` products, elementwise.
+
+    Args:
+        abs_products_sum: ``sum |x_i y_i|`` of each sum, in float64 (e.g. ``|X|^T |X|`` for ``X^T X``).
+        n_terms: products per sum.
+        dtype: the precision the sums were computed in.
+    """
+    return gamma(n_terms, dtype) * abs_products_sum
+
+
+def assert_within(actual: Tensor, expected: Tensor, bound: Tensor | float) -> None:
+    """Assert ``|actual - expected| <= bound`` elementwise (compared in float64), naming the worst element."""
+    error = (actual.double() - expected.double()).abs()
+    excess = error - torch.as_tensor(bound, dtype=torch.float64)
+    worst = int(excess.argmax())
+    assert float(excess.reshape(-1)[worst]) <= 0, (
+        f"element {worst}: error {float(error.reshape(-1)[worst]):.3g} exceeds its bound "
+        f"{float(torch.as_tensor(bound, dtype=torch.float64).expand_as(error).reshape(-1)[worst]):.3g}"
+    )
