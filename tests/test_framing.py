@@ -241,3 +241,16 @@ def test_calib_bos_always_without_a_bos_token_exits_2(plain_model, small_calib_f
     evaluated = CliRunner().invoke(app, ["eval", "--model", str(folder), "--data", str(small_calib_file),
                                          "--device", "cpu", "--calib-bos", "always"])
     assert evaluated.exit_code == 2 and "--calib-bos always" in evaluated.output
+
+
+def test_sweep_and_plan_pass_calib_bos_on():
+    import inspect
+
+    from cli import BosMode, build_job, plan, run, sweep
+    from reconstruct.sweep import flags_from_options
+
+    assert {"calib_bos"} <= set(inspect.signature(sweep).parameters) & set(inspect.signature(plan).parameters)
+    defaults = {name: p.default for name, p in inspect.signature(run, eval_str=True).parameters.items()}
+    options = {**defaults, "calib_bos": BosMode.never}
+    assert flags_from_options(options, defaults) == ("--calib-bos", "never")  # every sweep cell's `run` gets it
+    assert build_job({**options, "out": Path("out")}).calib.bos == "never"
