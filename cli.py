@@ -49,6 +49,16 @@ class MethodName(str, Enum):
     lora = "lora"
 
 
+class BosMode(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+BOS_HELP = ("How token windows start: auto = with the BOS exactly when the tokenizer adds one (as the model reads "
+            "its inputs), always = with the tokenizer's BOS token, never = text only (the old behaviour).")
+
+
 class Offload(str, Enum):
     auto = "auto"
     device = "device"
@@ -130,6 +140,7 @@ def run(
     n_samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 128,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and reconstruction.")] = 0,
+    calib_bos: Annotated[BosMode, typer.Option(help=BOS_HELP + " Also frames the --eval windows.")] = BosMode.auto,
     sequential: Annotated[bool, typer.Option(help="Prune sub-layer groups in order (q/k/v, o, up/gate, down), re-collecting statistics between them.")] = False,
     cycles: Annotated[int, typer.Option(min=1, help="Reach the pattern in this many prune -> reconstruct cycles per block (statistics re-collected each cycle; earlier zeros stay zero).")] = 1,
     cycle_schedule: Annotated[CycleSchedule, typer.Option(help="How the sparsity grows over --cycles: cubic (LoRAPrune's, front-loaded) or linear.")] = CycleSchedule.cubic,
@@ -216,7 +227,8 @@ def build_job(options: dict):
             cycle_schedule=_choice(o.get("cycle_schedule", "cubic")), loraprune_steps=o.get("loraprune_steps", 20),
             loraprune_rank=o.get("loraprune_rank", 8), loraprune_lr=o.get("loraprune_lr", 2e-2),
         ),
-        calib=CalibSpec(source=o["calib"], n_samples=o["n_samples"], seq_len=o["seq_len"], seed=o["seed"]),
+        calib=CalibSpec(source=o["calib"], n_samples=o["n_samples"], seq_len=o["seq_len"], seed=o["seed"],
+                        bos=_choice(o.get("calib_bos", "auto"))),
         recon=recon,
         device=o["device"],
         dtype=o["dtype"].value,
@@ -279,6 +291,7 @@ def evaluate(
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window (windows do not overlap).")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows (or task sequences) per forward.")] = 1,
+    calib_bos: Annotated[BosMode, typer.Option(help=BOS_HELP + " Perplexity windows: BOS + T-1 text tokens; tasks: BOS before each context.")] = BosMode.auto,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the model one block at a time (default: only when it does not fit in memory).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype.")] = Dtype.auto,
@@ -292,7 +305,7 @@ def evaluate(
         from reconstruct.zero_shot import evaluate_tasks
 
         task_names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
-        common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream)
+        common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream, bos=calib_bos.value)
         result: dict = {}
         if data is not None or not task_names:
             result = perplexity(model, data or "wikitext2", seq_len=seq_len, max_windows=max_windows, **common)

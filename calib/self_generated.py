@@ -1,6 +1,7 @@
 """Data-free calibration: sequences sampled from the dense model itself.
 
-Each sequence starts from a token drawn uniformly from the vocabulary and continues by plain
+Each sequence starts the way the model's inputs start (``calib.framing``): from the BOS when the
+tokenizer adds one, else from a token drawn uniformly from the vocabulary; it continues by plain
 sampling (temperature 1, no top-k/top-p) with end-of-sequence suppressed until ``seq_len``, the
 data-free recipe of LLM-QAT (Liu et al., 2023). It needs the whole model in memory, so it is meant
 for models that fit; larger models should calibrate on text.
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from calib.framing import SequenceFraming
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,14 +27,18 @@ def generate_self_calibration(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int = 16,
+    *,
+    framing: SequenceFraming | None = None,
 ) -> torch.Tensor:
-    """Sample ``n_samples`` sequences of ``seq_len`` tokens from the model, shape (n, T), int64 on CPU."""
+    """Sample ``n_samples`` sequences of ``seq_len`` tokens from the model, shape (n, T), int64 on CPU.
+
+    ``framing`` (default: no BOS) decides the first token: its BOS, or a seeded uniform draw.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).to(device).eval()
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    first_tokens = torch.randint(0, vocab_size, (n_samples, 1), generator=generator)  # (n, 1)
+    first_tokens = _first_tokens(framing or SequenceFraming(), n_samples, vocab_size, seed)  # (n, 1)
     sequences = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -52,3 +59,11 @@ def generate_self_calibration(
             logger.info("self-calibration: %d/%d sequences", min(start + batch_size, n_samples), n_samples)
     del model
     return torch.cat(sequences)  # (n, T)
+
+
+def _first_tokens(framing: SequenceFraming, n_samples: int, vocab_size: int, seed: int) -> torch.Tensor:
+    """The prompt of every sequence, shape (n, 1): the BOS, or tokens drawn uniformly (seeded)."""
+    if framing.bos_id is not None:
+        return torch.full((n_samples, 1), framing.bos_id, dtype=torch.long)  # (n, 1)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n_samples, 1), generator=generator)  # (n, 1)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calib.framing import SequenceFraming
+
 logger = logging.getLogger(__name__)
 
 SELF = "self"
@@ -62,22 +64,41 @@ def tokenize_text(text: str, tokenizer) -> torch.Tensor:
     return ids[0]  # (L,)
 
 
-def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Draw ``n_samples`` windows of ``seq_len`` tokens at seeded random offsets, shape (n, T)."""
-    if ids.numel() <= seq_len:
+def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int, *,
+                   framing: SequenceFraming | None = None) -> torch.Tensor:
+    """Draw ``n_samples`` windows of ``seq_len`` tokens at seeded random offsets, shape (n, T).
+
+    Args:
+        ids: the whole text's token ids, (L,).
+        n_samples: windows to draw.
+        seq_len: tokens per window, the BOS included when ``framing`` has one.
+        seed: seeds the offsets.
+        framing: how each window starts (default: text only, no BOS).
+    """
+    framing = framing or SequenceFraming()
+    text_len = framing.text_length(seq_len)
+    if ids.numel() <= text_len:
         raise ValueError(
             f"calibration text has {ids.numel()} tokens, fewer than --seq-len {seq_len}; use more text or a shorter --seq-len"
         )
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, ids.numel() - seq_len, size=n_samples)
-    return torch.stack([ids[start : start + seq_len] for start in starts.tolist()])  # (n, T)
+    starts = rng.integers(0, ids.numel() - text_len, size=n_samples)
+    text = torch.stack([ids[start : start + text_len] for start in starts.tolist()])  # (n, T or T-1)
+    return framing.frame(text)  # (n, T)
 
 
-def consecutive_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    """Non-overlapping windows from the start, as Wanda/SparseGPT evaluate perplexity, shape (n, T)."""
-    n_windows = ids.numel() // seq_len
+def consecutive_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None, *,
+                        framing: SequenceFraming | None = None) -> torch.Tensor:
+    """Non-overlapping windows from the start, as Wanda/SparseGPT evaluate perplexity, shape (n, T).
+
+    With a BOS in ``framing`` each window is the BOS plus the next T-1 text tokens (as lm-eval
+    frames them for such models), so every text token is predicted once; without, T text tokens.
+    """
+    framing = framing or SequenceFraming()
+    text_len = framing.text_length(seq_len)
+    n_windows = ids.numel() // text_len
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than --seq-len {seq_len}")
-    return ids[: n_windows * seq_len].view(n_windows, seq_len)  # (n, T)
+    return framing.frame(ids[: n_windows * text_len].view(n_windows, text_len))  # (n, T)

@@ -17,6 +17,13 @@ class CalibSpec:
     n_samples: int = 128  # calibration sequences
     seq_len: int = 2048  # tokens per sequence
     seed: int = 0  # seeds window sampling, self-generation and reconstruction batches
+    bos: str = "auto"  # how windows start: auto (a BOS when the tokenizer adds one), always, never
+
+    def __post_init__(self) -> None:
+        from calib.framing import BOS_MODES
+
+        if self.bos not in BOS_MODES:
+            raise ValueError(f"--calib-bos must be one of {', '.join(BOS_MODES)}; got {self.bos!r}")
 
 
 @dataclass(frozen=True)

@@ -460,6 +460,7 @@ def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shar
     write_index(out, weight_map, total_bytes)
     report = state.final_report(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(loaded.device))
     report["world_size"] = distributed.world().size  # processes that shared the calibration samples
+    report["framing"] = {"calib_bos": job.calib.bos, **loaded.framing(job.calib.bos).record()}  # how windows started
     report = finish_report(job, report)  # --eval, then report.md / report.png
     atomic_write_json(out / REPORT_NAME, report)
     state.finish([rest_name, INDEX_NAME, "config.json", REPORT_NAME])

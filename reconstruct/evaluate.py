@@ -1,4 +1,8 @@
-"""Perplexity on non-overlapping windows, as Wanda and SparseGPT report it."""
+"""Perplexity on non-overlapping windows, as Wanda and SparseGPT report it.
+
+Windows are framed as the model reads its inputs (``calib.framing``): for a tokenizer that adds a
+BOS, each window is the BOS plus T-1 text tokens and the BOS position itself is not scored.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 
 import torch
 
+from calib.framing import resolve_framing
 from calib.text_sources import HUB_EVAL_SPLITS, consecutive_windows, read_text, tokenize_text
 from reconstruct.model_source import resolve_model
 from reconstruct.runtime import resolve_device, resolve_dtype
@@ -46,6 +51,7 @@ def perplexity(
     dtype: str = "auto",
     batch_size: int = 1,
     stream: bool | None = None,
+    bos: str = "auto",
 ) -> dict:
     """Perplexity of ``model`` on the test text ``data``.
 
@@ -56,9 +62,11 @@ def perplexity(
         max_windows: evaluate only the first windows (None: all).
         batch_size: windows per forward.
         stream: run the model one block at a time (None: when it does not fit in memory).
+        bos: ``--calib-bos``: ``auto`` (a BOS first when the tokenizer adds one), ``always`` or ``never``.
 
     Returns:
-        ``{"perplexity", "windows", "tokens", "seconds", "streamed"}``.
+        ``{"perplexity", "windows", "tokens", "seconds", "streamed", "bos_id"}`` (``bos_id``: the
+        token each window starts with, None for text only).
     """
     from transformers import AutoTokenizer
 
@@ -67,8 +75,9 @@ def perplexity(
     torch_dtype = resolve_dtype(dtype, torch_device, None)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    framing = resolve_framing(tokenizer, bos)
     ids = tokenize_text(read_text(data, split=HUB_EVAL_SPLITS.get(data)), tokenizer)
-    windows = consecutive_windows(ids, seq_len, max_windows)  # (n, T)
+    windows = consecutive_windows(ids, seq_len, max_windows, framing=framing)  # (n, T)
     lm = open_lm(folder, torch_device, torch_dtype, stream)
     nll, count = window_nll(lm, windows, batch_size)
     result = {
@@ -77,6 +86,7 @@ def perplexity(
         "tokens": int(windows.numel()),
         "seconds": time.perf_counter() - started,
         "streamed": lm.streamed,
+        **framing.record(),
     }
     logger.info("perplexity %.3f on %d windows of %d tokens", result["perplexity"], windows.shape[0], seq_len)
     return result

@@ -54,6 +54,10 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
     else:
         source_id = {"name": source}
     prune = job.prune
+    framing = loaded.framing(calib.bos)
+    calibration = {"source": source_id, "n_samples": calib.n_samples, "seq_len": calib.seq_len}
+    if framing.bos_id is not None:  # only with a BOS: fingerprints of jobs framed as before stay as they were
+        calibration["bos_id"] = framing.bos_id
     return {
         "model_files": fingerprint_model_files(loaded.folder),
         "model_type": loaded.config.model_type,
@@ -66,7 +70,7 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
            if prune.pruner == "loraprune" else {}),
         **({"cycles": {"cycles": prune.cycles, "schedule": prune.cycle_schedule}} if prune.cycles != 1 else {}),
         "method": asdict(job.recon) if job.recon is not None else None,
-        "calibration": {"source": source_id, "n_samples": calib.n_samples, "seq_len": calib.seq_len},
+        "calibration": calibration,
         "seed": calib.seed,
         "dtype": dtype_name(loaded.dtype),
         "device_type": loaded.device.type,
@@ -202,14 +206,16 @@ class JobState:
                 return tokens
             logger.warning("%s is damaged; building the calibration tokens again", path)
         calib = self.job.calib
+        framing = loaded.framing(calib.bos)
+        logger.info("calibration windows: %s", framing.describe())
         if calib.source == SELF:
             logger.info("sampling %d × %d calibration tokens from the dense model", calib.n_samples, calib.seq_len)
             tokens = generate_self_calibration(
-                loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype
+                loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype, framing=framing
             )
         else:
             ids = tokenize_text(read_text(calib.source), loaded.tokenizer())
-            tokens = sample_windows(ids, calib.n_samples, calib.seq_len, calib.seed)
+            tokens = sample_windows(ids, calib.n_samples, calib.seq_len, calib.seed, framing=framing)
         self.state_dir.mkdir(exist_ok=True)
         tokens = tokens.contiguous()
         save_safetensors_atomic(path, {"tokens": tokens}, {"tokens_sha256": _tensor_digest(tokens)})

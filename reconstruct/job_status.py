@@ -155,7 +155,9 @@ def _calibration(calibration) -> str:
         return "?"
     source = calibration.get("source") or {}
     name = source.get("file") or source.get("name") or "?"
-    return f"{name}, {calibration.get('n_samples', '?')} × {calibration.get('seq_len', '?')} tokens"
+    bos = calibration.get("bos_id")
+    framing = "" if bos is None else f", BOS id {bos} first"
+    return f"{name}, {calibration.get('n_samples', '?')} × {calibration.get('seq_len', '?')} tokens{framing}"
 
 
 def _mean(values: list[float]) -> float | None:

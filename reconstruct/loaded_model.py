@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from calib.framing import SequenceFraming, resolve_framing
 from reconstruct.architecture import BlockLayout, build_skeleton, discover_layout, load_config
 from reconstruct.block_io import load_module_weights
 from reconstruct.checkpoint import CheckpointReader, match_checkpoint_keys
@@ -31,6 +32,7 @@ class LoadedModel:
     key_map: dict[str, str]  # model state-dict key → checkpoint key
     device: torch.device
     dtype: torch.dtype  # compute dtype
+    framings: dict[str, SequenceFraming] = field(default_factory=dict, repr=False)  # --calib-bos mode → framing
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -47,6 +49,16 @@ class LoadedModel:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.folder)
+
+    def framing(self, mode: str) -> SequenceFraming:
+        """How token windows start under ``--calib-bos mode``, from the model's tokenizer (resolved once).
+
+        Raises:
+            ValueError: ``always`` for a tokenizer without a BOS token, or an unknown mode.
+        """
+        if mode not in self.framings:
+            self.framings[mode] = resolve_framing(self.tokenizer(), mode)
+        return self.framings[mode]
 
     def outside_modules(self, include_head: bool) -> list[tuple[str, nn.Module]]:
         """Modules that are not inside the block list, as ``(prefix, module)``.

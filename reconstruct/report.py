@@ -60,9 +60,15 @@ def describe_job(report: dict, model: str | None) -> dict[str, str]:
         "pattern": shape,
         "method": str(method.get("method", "none")),
         "calibration": f"{source.get('file') or source.get('name', '?')}, "
-                       f"{calibration.get('n_samples', '?')} × {calibration.get('seq_len', '?')} tokens, seed {job.get('seed', '?')}",
+                       f"{calibration.get('n_samples', '?')} × {calibration.get('seq_len', '?')} tokens, seed {job.get('seed', '?')}, "
+                       f"{framing_label(calibration.get('bos_id'))}",
         "compute": f"{job.get('dtype', '?')} on {job.get('device_type', '?')}",
     }
+
+
+def framing_label(bos_id: int | None) -> str:
+    """How the job's windows started (the fingerprint's ``calibration.bos_id``; absent: no BOS)."""
+    return "windows without BOS" if bos_id is None else f"windows start with BOS id {bos_id}"
 
 
 def target_sparsity(report: dict) -> float | None:
@@ -187,7 +193,7 @@ def add_evaluation(job, report: dict) -> tuple[dict, bool]:
     spec = job.evaluation
     logger.info("evaluating %s on %s", job.out, spec.data)
     result = perplexity(str(job.out), spec.data, seq_len=spec.seq_len, max_windows=spec.max_windows,
-                        device=job.device, dtype=job.dtype)
+                        device=job.device, dtype=job.dtype, bos=job.calib.bos)
     return {**report, "evaluation": {**settings, **result}}, True
 
 

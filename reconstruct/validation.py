@@ -37,6 +37,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     source = calib.source
     if source != SELF and source not in HUB_DATASETS and not Path(source).expanduser().is_file():
         raise ValueError(f"--calib {source}: no such file; use {describe_sources()}")
+    loaded.framing(calib.bos)  # --calib-bos always needs a BOS token
     pattern = job.prune.pattern
     validate_prune_options(job, loaded)
     if pattern.kind == N_OF_M:

@@ -6,7 +6,8 @@ context ``"Question: {goal}\\nAnswer:"``, choices ``[sol1, sol2]`` and the defau
 
 - tokens as ``TemplateLM._encode_pair``: trailing spaces of the context move to the continuation;
   ``whole = encode(context + continuation)``, ``context = encode(context)``, continuation tokens
-  ``= whole[len(context):]``; no special tokens (``HFLM``'s default for causal models); a sequence
+  ``= whole[len(context):]``; no special tokens in the text, but the BOS the tokenizer adds (if any,
+  ``calib.framing``) in front of the context, as the model reads its inputs in use; a sequence
   longer than ``max_length + 1`` tokens loses tokens on the left;
 - ``acc``: the choice with the highest summed log-likelihood of its continuation tokens;
 - ``acc_norm``: the same sum divided by ``len(choice)``: lm-eval's ``completion_len`` is the length
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from calib.framing import SequenceFraming, resolve_framing
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,8 @@ def continuation_loglikelihoods(lm, requests: list[_Request], batch_size: int) -
 
 
 def score_multiple_choice(lm, tokenizer, docs: list[MultipleChoiceDoc], batch_size: int = 1,
-                          max_length: int = DEFAULT_MAX_LENGTH) -> tuple[dict, list[dict]]:
+                          max_length: int = DEFAULT_MAX_LENGTH, *,
+                          framing: SequenceFraming | None = None) -> tuple[dict, list[dict]]:
     """lm-eval's ``acc`` and ``acc_norm`` over ``docs``.
 
     Args:
@@ -139,6 +143,7 @@ def score_multiple_choice(lm, tokenizer, docs: list[MultipleChoiceDoc], batch_si
         docs: the questions.
         batch_size: sequences per forward.
         max_length: longest model input; longer sequences lose tokens on the left.
+        framing: what precedes each context (default: nothing; with a BOS, the BOS).
 
     Returns:
         ``(metrics, items)``: metrics ``{"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}``
@@ -146,11 +151,12 @@ def score_multiple_choice(lm, tokenizer, docs: list[MultipleChoiceDoc], batch_si
     """
     if not docs:
         raise ValueError("no questions to score (--limit 0?)")
+    prefix = (framing or SequenceFraming()).prefix()  # [] or [bos_id]
     requests = []
     for doc_index, doc in enumerate(docs):
         for choice_index, choice in enumerate(doc.choices):
             context_ids, continuation_ids = encode_pair(tokenizer, doc.context, " " + choice)
-            tokens = (context_ids + continuation_ids)[-(max_length + 1):]
+            tokens = (prefix + context_ids + continuation_ids)[-(max_length + 1):]
             requests.append(_Request(doc_index, choice_index, tokens[:-1], continuation_ids))
     scores = continuation_loglikelihoods(lm, requests, batch_size)
     per_doc: list[list[float]] = [[0.0] * len(doc.choices) for doc in docs]
@@ -193,6 +199,7 @@ def evaluate_tasks(
     dtype: str = "auto",
     batch_size: int = 1,
     stream: bool | None = None,
+    bos: str = "auto",
 ) -> dict[str, dict]:
     """Zero-shot metrics per task: PIQA built in (from ``task_data``), others via lm-eval if installed.
 
@@ -203,6 +210,8 @@ def evaluate_tasks(
         limit: score only the first questions of each task.
         batch_size: sequences per forward.
         stream: run the model one block at a time (None: when it does not fit in memory).
+        bos: ``--calib-bos`` for the built-in tasks: ``auto`` (the BOS before each context when the
+            tokenizer adds one), ``always`` or ``never``.
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "seconds", ...}}``.
@@ -223,9 +232,12 @@ def evaluate_tasks(
         docs = load_piqa(task_data, limit)  # the one built-in task
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        framing = resolve_framing(tokenizer, bos)
         lm = open_lm(folder, torch_device, torch_dtype, stream)
-        metrics, _ = score_multiple_choice(lm, tokenizer, docs, batch_size, max_length_of(lm.config, tokenizer))
-        results["piqa"] = {**metrics, "seconds": time.perf_counter() - started, "streamed": lm.streamed}
+        metrics, _ = score_multiple_choice(lm, tokenizer, docs, batch_size, max_length_of(lm.config, tokenizer),
+                                           framing=framing)
+        results["piqa"] = {**metrics, "seconds": time.perf_counter() - started, "streamed": lm.streamed,
+                           **framing.record()}
         logger.info("piqa: acc %.4f, acc_norm %.4f on %d questions", metrics["acc"], metrics["acc_norm"], metrics["n"])
     if external:
         results.update(run_lm_eval(folder, external, torch_device, torch_dtype, batch_size, limit))
