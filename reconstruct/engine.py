@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
@@ -35,6 +34,7 @@ from reconstruct.methods import attach_method, evaluate_mse, train_reconstructio
 from reconstruct.objective import UnitObjective, build_units, discover_units
 from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
+from reconstruct.progress import progress_bar
 from reconstruct.report import finish_report, refresh_finished_report
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.validation import validate_job
@@ -404,8 +404,8 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         dense.copy_from(sparse)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config)
 
-    progress = tqdm(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
-                    total=layout.n_blocks, disable=None if distributed.is_main() else True)
+    progress = progress_bar(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
+                            total=layout.n_blocks)
     for index in progress:
         block = loaded.blocks[index]
         prefix = layout.block_prefix(index)

