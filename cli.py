@@ -202,7 +202,7 @@ def run(
     eval_seq_len: Annotated[int, typer.Option(min=2, help="--eval: tokens per window.")] = 2048,
     eval_windows: Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")] = 1,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
 ) -> None:
     """Prune every linear layer of every block, reconstruct, and write a loadable model folder (+ report.md, report.png)."""
     options = dict(locals())  # every flag by name: build_job and the memory budget read them
@@ -215,14 +215,31 @@ def run(
         job = build_job(options)
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
             raise typer.Exit(distributed.relaunch(nproc, _command_line(options)))
-        report = run_job(job, _memory_budget(options))
+        try:
+            report = run_job(job, _memory_budget(options))
+        except KeyboardInterrupt:
+            _stop_interrupted(job.out)
         if not distributed.is_main():
             return  # rank 0 reports
         evaluated = report.get("evaluation")
         score = f", perplexity {evaluated['perplexity']:.3f}" if evaluated else ""
-        typer.echo(f"wrote {job.out} (mean linear sparsity {report.get('mean_linear_sparsity', 0):.4f}{score}; see report.md)")
+        summary = f"mean linear sparsity {report.get('mean_linear_sparsity', 0):.4f}{score}; see report.md"
+        if report.get("already_finished"):
+            typer.echo(f"{job.out} already holds this finished job; its model files were not rewritten ({summary})")
+        else:
+            typer.echo(f"wrote {job.out} ({summary})")
 
     _guarded(build_and_run)
+
+
+def _stop_interrupted(out: Path) -> None:
+    """After Ctrl-C: one line on where the job stopped and how to resume it, then exit 130."""
+    from reconstruct import distributed
+    from reconstruct.job_status import interrupted_summary
+
+    if distributed.is_main():
+        typer.echo(f"\n{interrupted_summary(out)}", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _command_line(options: dict) -> list[str]:
@@ -334,7 +351,7 @@ def evaluate(
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the model one block at a time.", show_default="only when it does not fit in memory")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype.")] = Dtype.auto,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
 ) -> None:
     """Perplexity on non-overlapping windows of a test text, and zero-shot task accuracy (prints JSON)."""
     _setup_logging(verbose)
@@ -419,7 +436,7 @@ app.command("sweep")(sweep)
 def inspect_model_folder(
     folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (pruned or dense).")],
     nm: Annotated[Optional[str], typer.Option(help="Check N:M compliance, e.g. 2:4: at most N non-zeros in every M weights along the input.", show_default="no check")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.", show_default="off")] = False,
 ) -> None:
     """Sparsity per layer and per block of a model folder, read tensor by tensor; N:M compliance with --nm."""
 
