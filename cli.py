@@ -317,7 +317,11 @@ def plan(
     config: Annotated[Optional[Path], typer.Option(help="Plan from this config.json alone (no weights needed).", show_default="--model's config")] = None,
     **options,
 ) -> None:
-    """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work."""
+    """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work.
+
+    --device auto plans for a GPU when this machine has one or --gpu-memory is given, else for the CPU.
+    Exit code 0 when the plan fits its budgets, 3 when it does not, 2 on bad input.
+    """
     _setup_logging(options["verbose"])
 
     def show():
@@ -326,6 +330,8 @@ def plan(
         job = build_job({"out": None, "force": False, **options})
         memory_plan = plan_from_config(job, config, _memory_budget(options))
         typer.echo(memory_plan.format())
+        if not memory_plan.fits:
+            raise typer.Exit(EXIT_PLAN_DOES_NOT_FIT)
 
     _guarded(show)
 
