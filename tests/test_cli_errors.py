@@ -200,3 +200,24 @@ def test_console_script_prints_one_line_and_no_traceback(calib_file, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--model" in errors[0], proc.stderr
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- settings that prune nothing
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--pattern", "heads", "--sparsity", "0.05"], ["--sparsity 0.05", "rounds to 0 of the 4 heads"]),
+        (["--pattern", "channels", "--sparsity", "0.001"], ["--sparsity 0.001", "rounds to 0 of the 128 channels"]),
+        (["--sparsity", "0.001"], ["--sparsity 0.001", "rounds to 0 weights removed per row"]),
+        (["--sparsity", "0.00001", "--mask-scope", "layer"], ["rounds to 0 weights removed per layer"]),
+        (["--pattern", "channels", "--sparsity", "0.999"], ["rounds to all 128 channels"]),
+    ],
+    ids=["heads-0", "channels-0", "row-0", "layer-0", "channels-all"],
+)
+def test_sparsity_that_rounds_to_no_pruning_is_refused(tiny_model_dir, calib_file, tmp_path, extra, words):
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_model_dir("llama")), "--out", str(out), *quick_args(calib_file), *extra])
+    message = assert_clean_error(result)
+    for word in words:
+        assert word in message, message
+    assert not out.exists()
