@@ -443,14 +443,15 @@ def inspect_model_folder(
     folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (pruned or dense).")],
     nm: Annotated[Optional[str], typer.Option(help="Check N:M compliance, e.g. 2:4: at most N non-zeros in every M weights along the input.", show_default="no check")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.", show_default="off")] = False,
+    layers: Annotated[bool, typer.Option("--layers", help="One row per layer, not only per block.", show_default="off")] = False,
 ) -> None:
-    """Sparsity per layer and per block of a model folder, read tensor by tensor; N:M compliance with --nm."""
+    """Sparsity per block of a model folder (per layer with --layers), read tensor by tensor; N:M compliance with --nm."""
 
     def show():
         from reconstruct.inspect_model import format_table, inspect_folder
 
         result = inspect_folder(folder, nm)
-        typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+        typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))
 
     _guarded(show)
 

@@ -393,8 +393,8 @@ def verify_block_files(manifest: Manifest, out_dir: Path, workers: int = 4) -> l
         verdicts = list(pool.map(lambda r: r.file is not None and _file_ok(out_dir / r.file, r.sha256), done))
     broken = [r.index for r, ok in zip(done, verdicts) if not ok]
     for index in broken:
-        logger.warning("block %d: file %s is missing or damaged; it will be recomputed",
-                       index, manifest.blocks[index].file)
+        logger.warning("block %d of %d: file %s is missing or damaged; it will be recomputed",
+                       index + 1, manifest.n_blocks, manifest.blocks[index].file)
         manifest.mark_block_pending(index)
     return broken
 
