@@ -13,17 +13,53 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
+EXIT_BAD_INPUT = 2
+EXIT_PLAN_DOES_NOT_FIT = 3  # `reconstruct plan`: the plan exceeds the memory budget
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class OneLineErrors(TyperGroup):
+    """The app's command group: a usage error (unknown choice, missing value) is one ``error:`` line, exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's ``main``, with usage errors printed as one line instead of typer's box."""
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as error:  # no arguments at all: the help, as before
+            error.show()
+            code = error.exit_code
+        except UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else "reconstruct"
+            message = error.format_message().replace("Value error, ", "")
+            typer.echo(f"error: {message} (see {command} --help)", err=True)
+            code = EXIT_BAD_INPUT
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Prune an LLM block by block and repair it by layer-wise reconstruction.",
+    rich_markup_mode=None,  # click's plain help: flag names are never cut, whatever the terminal width
+    help="Prune an LLM block by block and repair it by layer-wise reconstruction. Converted models "
+    "(the default smollm2-135m, .gguf files) are cached in $RECONSTRUCT_CACHE (default ~/.cache/reconstruct).",
+    context_settings={"max_content_width": 100},
 )
 logger = logging.getLogger("reconstruct")
-
-EXIT_BAD_INPUT = 2
-DEFAULT_MODEL = "smollm2-135m"
 
 
 class PrunerName(str, Enum):
@@ -64,6 +100,22 @@ class Offload(str, Enum):
     device = "device"
     cpu = "cpu"
     disk = "disk"
+
+
+class MaskScope(str, Enum):
+    row = "row"
+    layer = "layer"
+
+
+class Granularity(str, Enum):
+    block = "block"
+    sublayer = "sublayer"
+    linear = "linear"
+
+
+class Target(str, Enum):
+    dense = "dense"
+    local = "local"
 
 
 class Dtype(str, Enum):
@@ -123,18 +175,18 @@ def _default_out(model: str, pruner: str, pattern: str, sparsity: float | None) 
 def run(
     model: Annotated[str, typer.Option(help="Local HF folder, .gguf file, hub id or alias (opt-30b, smollm2-135m).")] = DEFAULT_MODEL,
     pruner: Annotated[PrunerName, typer.Option(help="How weights are scored.")] = PrunerName.wanda,
-    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights removed, in [0, 1) (heads/channels: of heads/channels removed per block). Default 0.5; implied by N:M.")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights removed, in [0, 1) (heads/channels: of heads/channels removed per block); implied by N:M.", show_default="0.5")] = None,
     pattern: Annotated[str, typer.Option(help="'unstructured', N:M (N kept of every M along the input, e.g. 2:4), 'heads' (whole attention heads) or 'channels' (MLP intermediate channels); heads/channels: --sparsity is the fraction of them removed per block, rounded to whole heads (0.2222 of 9 = 2).")] = "unstructured",
-    mask_scope: Annotated[str, typer.Option(help="Unstructured: equal sparsity per output 'row' or per 'layer'.")] = "row",
+    mask_scope: Annotated[MaskScope, typer.Option(help="Unstructured: equal sparsity per output row or per layer.")] = MaskScope.row,
     method: Annotated[MethodName, typer.Option(help="Reconstruction: auto = bias-ln below 60% sparsity, masklora at or above.")] = MethodName.auto,
-    recon_steps: Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block (method default if omitted).")] = None,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW learning rate (linear decay to 0).")] = None,
+    recon_steps: Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block.", show_default="64")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW peak learning rate (linear decay to 0).", show_default="5e-3")] = None,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank (masklora, scalelora, lora).")] = 16,
     alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha; the update is scaled by alpha/rank.")] = 32.0,
-    recon_batch: Annotated[Optional[int], typer.Option(min=1, help="Calibration samples per optimizer step.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay.")] = None,
-    granularity: Annotated[str, typer.Option(help="What reconstruction matches: 'block', 'sublayer' (attention and MLP separately) or 'linear'.")] = "block",
-    target: Annotated[str, typer.Option(help="Reconstruction target: 'dense' = dense block on the dense stream (PERP), 'local' = dense block on the pruned stream.")] = "dense",
+    recon_batch: Annotated[Optional[int], typer.Option(min=1, help="Calibration samples per optimizer step.", show_default="2")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay.", show_default="0")] = None,
+    granularity: Annotated[Granularity, typer.Option(help="What reconstruction matches: the whole block, each sublayer (attention and MLP separately) or each linear.")] = Granularity.block,
+    target: Annotated[Target, typer.Option(help="Reconstruction target: dense = dense block on the dense stream (PERP), local = dense block on the pruned stream.")] = Target.dense,
     allow_dense_merge: Annotated[bool, typer.Option(help="--method lora only: accept that merging refills pruned weights.")] = False,
     calib: Annotated[str, typer.Option(help="Calibration text: 'self' (sampled from the model, no data needed), wikitext2, c4, ptb, or a .txt/.jsonl file.")] = "self",
     n_samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 128,
@@ -153,15 +205,15 @@ def run(
     offload: Annotated[Offload, typer.Option(help="Where the activation cache lives.")] = Offload.auto,
     checkpoint_every: Annotated[str, typer.Option(help="When to checkpoint the activation streams (what a resume restarts from): every k blocks, or auto = after every block while that is cheap, else so that checkpoints cost at most 10% of the block time.")] = "auto",
     track_error: Annotated[bool, typer.Option(help="--method none: also run the dense model alongside, to report each block's output error (one more block forward per block; reconstruction always does).")] = False,
-    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB (default: the GPU's free memory).")] = None,
-    host_memory: Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB (default: available memory).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: derived from model and settings).")] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB.", show_default="the GPU's free memory")] = None,
+    host_memory: Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB.", show_default="available memory")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; also holds the resume state.", show_default="MODEL-PRUNER-SHAPE in the current folder")] = None,
     force: Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")] = False,
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", show_default="no evaluation")] = None,
     eval_seq_len: Annotated[int, typer.Option(min=2, help="--eval: tokens per window.")] = 2048,
-    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.")] = None,
+    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")] = 1,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
 ) -> None:
     """Prune every linear layer of every block, reconstruct, and write a loadable model folder (+ report.md, report.png)."""
     options = dict(locals())  # every flag by name: build_job and the memory budget read them
@@ -174,14 +226,31 @@ def run(
         job = build_job(options)
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
             raise typer.Exit(distributed.relaunch(nproc, _command_line(options)))
-        report = run_job(job, _memory_budget(options))
+        try:
+            report = run_job(job, _memory_budget(options))
+        except KeyboardInterrupt:
+            _stop_interrupted(job.out)
         if not distributed.is_main():
             return  # rank 0 reports
         evaluated = report.get("evaluation")
         score = f", perplexity {evaluated['perplexity']:.3f}" if evaluated else ""
-        typer.echo(f"wrote {job.out} (mean linear sparsity {report.get('mean_linear_sparsity', 0):.4f}{score}; see report.md)")
+        summary = f"mean linear sparsity {report.get('mean_linear_sparsity', 0):.4f}{score}; see report.md"
+        if report.get("already_finished"):
+            typer.echo(f"{job.out} already holds this finished job; its model files were not rewritten ({summary})")
+        else:
+            typer.echo(f"wrote {job.out} ({summary})")
 
     _guarded(build_and_run)
+
+
+def _stop_interrupted(out: Path) -> None:
+    """After Ctrl-C: one line on where the job stopped and how to resume it, then exit 130."""
+    from reconstruct import distributed
+    from reconstruct.job_status import interrupted_summary
+
+    if distributed.is_main():
+        typer.echo(f"\n{interrupted_summary(out)}", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _command_line(options: dict) -> list[str]:
@@ -209,7 +278,7 @@ def build_job(options: dict):
     from reconstruct.methods import ReconSpec
 
     o = options
-    spec = SparsityPattern.parse(o["pattern"], o["sparsity"], o["mask_scope"])
+    spec = SparsityPattern.parse(o["pattern"], o["sparsity"], _choice(o["mask_scope"]))
     chosen = o["method"].value
     if chosen == "auto":
         chosen = "masklora" if spec.sparsity >= MASKLORA_FROM_SPARSITY else "bias-ln"
@@ -217,7 +286,7 @@ def build_job(options: dict):
     overrides = dict(steps=o["recon_steps"], lr=o["lr"], batch_size=o["recon_batch"], weight_decay=o["weight_decay"])
     recon = ReconSpec(
         method=chosen, rank=o["rank"], alpha=o["alpha"], allow_dense_merge=o["allow_dense_merge"],
-        granularity=o["granularity"], target=o["target"], **{k: v for k, v in overrides.items() if v is not None},
+        granularity=_choice(o["granularity"]), target=_choice(o["target"]), **{k: v for k, v in overrides.items() if v is not None},
     )
     return JobConfig(
         model=o["model"],
@@ -257,10 +326,14 @@ def _memory_budget(options: dict):
 
 
 def plan(
-    config: Annotated[Optional[Path], typer.Option(help="Plan from this config.json alone (no weights needed); default: --model's config.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Plan from this config.json alone (no weights needed).", show_default="--model's config")] = None,
     **options,
 ) -> None:
-    """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work."""
+    """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work.
+
+    --device auto plans for a GPU when this machine has one or --gpu-memory is given, else for the CPU.
+    Exit code 0 when the plan fits its budgets, 3 when it does not, 2 on bad input.
+    """
     _setup_logging(options["verbose"])
 
     def show():
@@ -269,6 +342,8 @@ def plan(
         job = build_job({"out": None, "force": False, **options})
         memory_plan = plan_from_config(job, config, _memory_budget(options))
         typer.echo(memory_plan.format())
+        if not memory_plan.fits:
+            raise typer.Exit(EXIT_PLAN_DOES_NOT_FIT)
 
     _guarded(show)
 
@@ -284,18 +359,18 @@ app.command("plan")(plan)
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model folder, .gguf, alias or hub id.")] = DEFAULT_MODEL,
-    data: Annotated[Optional[str], typer.Option(help="Perplexity test text: a .txt/.jsonl file or wikitext2, c4, ptb (default wikitext2 when no --tasks).")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: piqa is built in (with --task-data); others need lm-eval-harness installed.")] = None,
-    task_data: Annotated[Optional[Path], typer.Option(help="Folder holding piqa/valid.jsonl and piqa/valid-labels.lst (or the piqa folder itself).")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="--tasks: score only the first N questions of each task.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Perplexity test text: a .txt/.jsonl file or wikitext2, c4, ptb.", show_default="wikitext2 when no --tasks")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: piqa is built in (with --task-data); others need lm-eval-harness installed.", show_default="none")] = None,
+    task_data: Annotated[Optional[Path], typer.Option(help="Folder holding piqa/valid.jsonl and piqa/valid-labels.lst (or the piqa folder itself).", show_default="none")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="--tasks: score only the first N questions of each task.", show_default="all")] = None,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window (windows do not overlap).")] = 2048,
-    max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
+    max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows (or task sequences) per forward.")] = 1,
     calib_bos: Annotated[BosMode, typer.Option(help=BOS_HELP + " Perplexity windows: BOS + T-1 text tokens; tasks: BOS before each context.")] = BosMode.auto,
-    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the model one block at a time (default: only when it does not fit in memory).")] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the model one block at a time.", show_default="only when it does not fit in memory")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Compute dtype.")] = Dtype.auto,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
 ) -> None:
     """Perplexity on non-overlapping windows of a test text, and zero-shot task accuracy (prints JSON)."""
     _setup_logging(verbose)
@@ -336,7 +411,7 @@ def sweep(
     pattern: Annotated[str, typer.Option(help="Patterns, comma-separated: unstructured and/or N:M such as 2:4 (N:M implies its sparsity).")] = "unstructured",
     method: Annotated[str, typer.Option(help="Reconstruction methods, comma-separated, e.g. none,bias-ln,masklora.")] = "none,bias-ln,masklora",
     eval_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per evaluation window.")] = 2048,
-    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.")] = None,
+    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
     **options,
 ) -> None:
     """Run a grid of pruner × pattern × sparsity × method (each cell a resumable job), evaluate each, and tabulate."""
@@ -359,7 +434,7 @@ def sweep(
             evaluation=EvalSpec(eval_data, eval_seq_len, eval_windows),
             run_flags=flags_from_options(options, run_defaults),
         )
-        rows = run_sweep(spec, options["mask_scope"])
+        rows = run_sweep(spec, _choice(options["mask_scope"]))
         typer.echo(f"wrote {out / 'sweep.md'}, sweep.csv and sweep.png ({len(rows)} cells)")
 
     _guarded(run_grid)
@@ -379,16 +454,17 @@ app.command("sweep")(sweep)
 @app.command("inspect")
 def inspect_model_folder(
     folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (pruned or dense).")],
-    nm: Annotated[Optional[str], typer.Option(help="Check N:M compliance, e.g. 2:4: at most N non-zeros in every M weights along the input.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    nm: Annotated[Optional[str], typer.Option(help="Check N:M compliance, e.g. 2:4: at most N non-zeros in every M weights along the input.", show_default="no check")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.", show_default="off")] = False,
+    layers: Annotated[bool, typer.Option("--layers", help="One row per layer, not only per block.", show_default="off")] = False,
 ) -> None:
-    """Sparsity per layer and per block of a model folder, read tensor by tensor; N:M compliance with --nm."""
+    """Sparsity per block of a model folder (per layer with --layers), read tensor by tensor; N:M compliance with --nm."""
 
     def show():
         from reconstruct.inspect_model import format_table, inspect_folder
 
         result = inspect_folder(folder, nm)
-        typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+        typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))
 
     _guarded(show)
 

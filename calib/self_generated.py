@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from calib.framing import SequenceFraming
+from reconstruct.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +35,20 @@ def generate_self_calibration(
 
     ``framing`` (default: no BOS) decides the first token: its BOS, or a seeded uniform draw.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).to(device).eval()
     vocab_size = model.get_input_embeddings().weight.shape[0]
     first_tokens = _first_tokens(framing or SequenceFraming(), n_samples, vocab_size, seed)  # (n, 1)
     sequences = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    bar = progress_bar(desc="self-calibration", unit="token", total=n_samples * (seq_len - 1))
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, n_samples, batch_size):
             prompt = first_tokens[start : start + batch_size].to(device)  # (b, 1)
             out = model.generate(
                 prompt,
+                logits_processor=LogitsProcessorList([_TickPerToken(bar, prompt.shape[0])]),
                 attention_mask=torch.ones_like(prompt),
                 do_sample=True,
                 temperature=1.0,
@@ -56,7 +59,7 @@ def generate_self_calibration(
                 pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id,
             )
             sequences.append(out[:, :seq_len].cpu())  # (b, T)
-            logger.info("self-calibration: %d/%d sequences", min(start + batch_size, n_samples), n_samples)
+            logger.debug("self-calibration: %d/%d sequences", min(start + batch_size, n_samples), n_samples)
     del model
     return torch.cat(sequences)  # (n, T)
 
@@ -67,3 +70,20 @@ def _first_tokens(framing: SequenceFraming, n_samples: int, vocab_size: int, see
         return torch.full((n_samples, 1), framing.bos_id, dtype=torch.long)  # (n, 1)
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (n_samples, 1), generator=generator)  # (n, 1)
+
+
+class _TickPerToken:
+    """A logits processor that changes nothing and advances ``bar`` by one token per sequence per step.
+
+    ``generate`` calls it once per generated position, so the bar moves from the first token on;
+    it draws no random numbers, so the sampled sequences are the same with or without it.
+    """
+
+    def __init__(self, bar, batch: int):
+        self.bar = bar
+        self.batch = batch
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Return ``scores`` (b, V) unchanged after ticking the bar."""
+        self.bar.update(self.batch)
+        return scores

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
@@ -35,6 +34,7 @@ from reconstruct.methods import attach_method, evaluate_mse, train_reconstructio
 from reconstruct.objective import UnitObjective, build_units, discover_units
 from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
+from reconstruct.progress import progress_bar
 from reconstruct.report import finish_report, refresh_finished_report
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.validation import validate_job
@@ -51,6 +51,7 @@ class BlockReport:
     sparsity: dict[str, float] = field(default_factory=dict)  # linear → fraction of zeros
     mse_before: float | None = None  # pruned block on pruned stream vs dense targets, before reconstruction
     mse_after: float | None = None  # same, after reconstruction and merge
+    target_mean_square: float | None = None  # mean square of the dense targets: the scale of the MSEs
     trainable_params: int = 0
     block_params: int = 0
     recon_steps: int = 0
@@ -64,27 +65,30 @@ class BlockReport:
 def run_stream(
     forward, source: ActivationStream, micro_batch: int, destination: ActivationStream | None = None,
     compare_with: ActivationStream | None = None,
-) -> float | None:
+) -> tuple[float, float] | None:
     """Run ``forward`` over every micro-batch of ``source``.
 
     Outputs go to ``destination`` (may be ``source`` itself: samples are independent). If
-    ``compare_with`` is given, returns the mean squared error of the outputs against it (over every
-    rank's samples in a distributed run: then every rank must call it).
+    ``compare_with`` is given, returns the mean squared error of the outputs against it and the mean
+    square of ``compare_with`` itself, the scale of that error (over every rank's samples in a
+    distributed run: then every rank must call it).
     """
-    squared_error, count = 0.0, 0
+    squared_error, target_square, count = 0.0, 0.0, 0
     for start in range(0, source.n_samples, micro_batch):
         rows = slice(start, min(start + micro_batch, source.n_samples))
         output = forward(source.read(rows))  # (b, T, H)
         if compare_with is not None:
-            diff = output.float() - compare_with.read(rows).float()
+            target = compare_with.read(rows).float()  # (b, T, H)
+            diff = output.float() - target
             squared_error += diff.pow(2).sum().item()
+            target_square += target.pow(2).sum().item()
             count += diff.numel()
         if destination is not None:
             destination.write(rows, output)
     if compare_with is None:
         return None
-    squared_error, count = distributed.all_reduce_sum(squared_error, count)
-    return squared_error / count
+    squared_error, target_square, count = distributed.all_reduce_sum(squared_error, target_square, count)
+    return squared_error / count, target_square / count
 
 
 def prune_layer(module: nn.Module, pruner, stats, pattern, within: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,7 +196,9 @@ class BlockPipeline:
             run_stream(self.forward_fn(dense_copy), dense, micro_batch, destination=dense)
             del dense_copy
 
-        report.mse_after = run_stream(forward, sparse, micro_batch, destination=sparse, compare_with=dense)
+        measured = run_stream(forward, sparse, micro_batch, destination=sparse, compare_with=dense)
+        if measured is not None:
+            report.mse_after, report.target_mean_square = measured
         if report.mse_before is None:
             report.mse_before = report.mse_after
         for name, module in linears.items():
@@ -404,8 +410,8 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         dense.copy_from(sparse)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config)
 
-    progress = tqdm(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
-                    total=layout.n_blocks, disable=None if distributed.is_main() else True)
+    progress = progress_bar(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
+                            total=layout.n_blocks)
     for index in progress:
         block = loaded.blocks[index]
         prefix = layout.block_prefix(index)

@@ -197,8 +197,13 @@ def _summaries(layers: list[LayerSparsity], pair) -> list[dict]:
     return [{"index": index, **_summary(members, pair)} for index, members in sorted(blocks.items())]
 
 
-def format_table(result: dict) -> str:
-    """The readable form of ``inspect_folder``'s result: one row per layer, a total per block and overall."""
+def format_table(result: dict, per_layer: bool = False) -> str:
+    """The readable form of ``inspect_folder``'s result: one row per block and overall (blocks numbered from 1).
+
+    Args:
+        result: what ``inspect_folder`` returned.
+        per_layer: also one row per layer above each block's total (``reconstruct inspect --layers``).
+    """
     nm = result["nm"]
     layers, blocks = result["layers"], {block["index"]: block for block in result["blocks"]}
     name_width = max([len(layer["name"]) for layer in layers] + [len("layer")])
@@ -221,19 +226,24 @@ def format_table(result: dict) -> str:
             ok = verdict(layer["nm_compliant"])
             if layer["nm_violations"]:
                 ok += f" ({layer['nm_violations']:,} groups)"
-        lines.append(row(str(layer["block"]), layer["name"], shape, layer["zeros"], layer["numel"], layer["sparsity"], ok))
+        number = str(layer["block"] + 1)
+        if per_layer:
+            lines.append(row(number, layer["name"], shape, layer["zeros"], layer["numel"], layer["sparsity"], ok))
         last_of_block = position + 1 == len(layers) or layers[position + 1]["block"] != layer["block"]
         if last_of_block:
             block = blocks[layer["block"]]
             ok = verdict(block.get("nm_compliant")) if nm else None
-            lines.append(row(str(layer["block"]), "(block)", "", block["zeros"], block["numel"], block["sparsity"], ok))
-            lines.append("")
+            lines.append(row(number, "(block)", "", block["zeros"], block["numel"], block["sparsity"], ok))
+            if per_layer:
+                lines.append("")
     total = result["total"]
     ok = f"{total['nm_compliant_layers']}/{total['layers']}" if nm else None
     lines.append(row("all", f"({total['layers']} layers)", "", total["zeros"], total["numel"], total["sparsity"], ok))
     outside = result["outside_blocks"]
     lines.append(f"\noutside the blocks (embeddings, norms, head; never pruned): {outside['tensors']} tensors, "
                  f"sparsity {outside['sparsity']:.4f}")
+    if not per_layer:
+        lines.append("(--layers: one row per layer)")
     if nm:
         lines.append(f"{nm} compliant: {'yes, every layer' if total['nm_compliant'] else 'no'} "
                      f"(at most {nm.split(':')[0]} non-zeros in every group of {nm.split(':')[1]} along the input)")

@@ -253,7 +253,7 @@ class JobState:
                 return 0
             after = int(manifest.stream_checkpoint["after_block"])
             if any(record.status != "done" for record in manifest.blocks[: after + 1]):
-                logger.warning("a block before the activation checkpoint must be recomputed: starting from block 0")
+                logger.warning("a block before the activation checkpoint must be recomputed: starting from block 1")
                 return 0
             tensors.update(load_file(self.out / manifest.stream_checkpoint["file"]))
             expected = (shard.total, *sparse.shape[1:])
@@ -266,7 +266,7 @@ class JobState:
         if start:
             for name, stream in _named_streams(sparse, dense).items():
                 stream.load(distributed.scatter_rows(tensors.get(name), shard, stream.shape[1:], stream.dtype))
-            logger.info("resuming after block %d of %d", start, self.manifest.n_blocks)
+            logger.info("resuming at block %d of %d", start + 1, self.manifest.n_blocks)
         return start
 
     # --------------------------------------------------------------- progress

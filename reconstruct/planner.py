@@ -125,6 +125,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     job_micro_batch: int = 1
     recon_micro_batch: int = 1
+    device_reason: str = ""  # which device the plan is for and why (``reconstruct plan``)
 
     def peak(self, place: str) -> tuple[int, str]:
         """(bytes, phase name) of the largest phase on ``place``."""
@@ -197,7 +198,7 @@ class MemoryPlan:
         sizes = self.sizes
         stream_place = {"device": dev, "cpu": "host" + (" (pinned)" if self.device_type == "cuda" else ""),
                         "disk": "disk (memory-mapped files)"}[self.stream_tier]
-        lines = [self.title, ""]
+        lines = [self.title, *([f"device: {self.device_reason}"] if self.device_reason else []), ""]
         rows = [
             ("one block (weights)", sizes["block"], dev),
             ("activation streams", sizes["n_streams"] * sizes["stream"],
@@ -624,10 +625,35 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
         from reconstruct.model_source import resolve_model
 
         config = load_config(resolve_model(job.model))
-    device_type = _device_type(job.device)
+    budget = budget or MemoryBudget()
+    device_type, reason = planned_device(job.device, budget.device_bytes)
     checkpoint_dtype = _config_dtype(config)
     dtype = resolve_dtype(job.dtype, torch.device(device_type), checkpoint_dtype)
-    return _plan(job, config, device_type, dtype, checkpoint_dtype or torch.float32, budget or MemoryBudget())
+    plan = _plan(job, config, device_type, dtype, checkpoint_dtype or torch.float32, budget)
+    plan.device_reason = reason
+    return plan
+
+
+def planned_device(device: str, gpu_budget: int | None) -> tuple[str, str]:
+    """The device type ``reconstruct plan`` plans for, and one line saying why.
+
+    ``--device auto`` plans for a GPU when this machine has one or when ``--gpu-memory`` gives a GPU
+    budget (a plan for a GPU elsewhere), else for the CPU.
+
+    Args:
+        device: the ``--device`` flag.
+        gpu_budget: ``--gpu-memory`` in bytes, or None.
+    """
+    if device != "auto":
+        device_type = _device_type(device)
+        if device_type == "cpu" and gpu_budget is not None:
+            return device_type, "cpu (--device cpu; --gpu-memory is ignored on the CPU)"
+        return device_type, f"{device_type} (--device {device})"
+    if torch.cuda.is_available():
+        return "cuda", "cuda (--device auto: this machine has a GPU)"
+    if gpu_budget is not None:
+        return "cuda", "cuda (--device auto with --gpu-memory: a GPU this machine lacks; --device cpu plans for the CPU)"
+    return "cpu", "cpu (--device auto: no GPU on this machine; --device cuda --gpu-memory SIZE plans for one)"
 
 
 def _load_config_file(path: Path):

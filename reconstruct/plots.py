@@ -63,7 +63,7 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
         return False
     from matplotlib.ticker import MaxNLocator
 
-    index = [row["index"] for row in rows]
+    index = [row["index"] + 1 for row in rows]  # numbered from 1, as in the log, report.md and status
     figure = Figure(figsize=(8, 6), layout="constrained")
     mse_axes, sparsity_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     before = [row["mse_before"] for row in rows]
@@ -87,7 +87,7 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     sparsity_axes.set_ylim(0, 1)
     sparsity_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     sparsity_axes.set_ylabel("sparsity")
-    sparsity_axes.set_xlabel("block")
+    sparsity_axes.set_xlabel("block (from 1)")
     figure.suptitle(title)
     _save(figure, path)
     return True

@@ -31,6 +31,7 @@ def block_rows(report: dict) -> list[dict]:
             "sparsity": sum(sparsities) / len(sparsities) if sparsities else 0.0,
             "mse_before": block.get("mse_before"),
             "mse_after": block.get("mse_after"),
+            "target_mean_square": block.get("target_mean_square"),
             "trainable_params": int(block.get("trainable_params", 0)),
             "block_params": int(block.get("block_params", 0)),
             "recon_steps": int(block.get("recon_steps", 0)),
@@ -128,17 +129,26 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "",
         "MSE: the pruned block's output on the pruned stream vs the dense block's output (the targets), "
         "before and after reconstruction; – where not measured (`--method none` runs no dense model unless "
-        "`--track-error` is given). Sparsity: the mean over the block's linear layers of the share of zero weights.",
+        "`--track-error` is given). Sparsity: the mean over the block's linear layers of the share of zero weights. "
+        "Blocks are numbered from 1, as in the log and `reconstruct status` (shard files and `index` in "
+        "reconstruct.json count from 0).",
         "",
-        "| block | sparsity | MSE before | MSE after | after / before | trainable params | steps | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Relative error: the MSE divided by the mean square of the dense block's output (0 = the dense "
+        "block exactly, 1 = an error as large as the output itself); well under 0.01 means the pruned block "
+        "reproduces the dense one to within 1% of its output's energy, and reconstruction should lower it.",
+        "",
+        "| block | sparsity | MSE before | MSE after | after / before | relative error before | relative error after "
+        "| trainable params | steps | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        before, after = row["mse_before"], row["mse_after"]
+        before, after, scale = row["mse_before"], row["mse_after"], row["target_mean_square"]
         ratio = after / before if before and after is not None else None
+        relative = [value / scale if value is not None and scale else None for value in (before, after)]
         lines.append(
-            f"| {row['index']} | {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
-            f"{format_or_dash(ratio, '.3f')} | {row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} |"
+            f"| {row['index'] + 1} | {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
+            f"{format_or_dash(ratio, '.3f')} | {format_or_dash(relative[0], '.3e')} | {format_or_dash(relative[1], '.3e')} | "
+            f"{row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} |"
         )
     lines.append("")
     if figure_drawn:

@@ -25,13 +25,13 @@ from pathlib import Path
 import psutil
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
 from reconstruct.block_io import load_module_weights, release_module_weights
 from reconstruct.checkpoint import CheckpointReader
 from reconstruct.loaded_model import LoadedModel, load_model
+from reconstruct.progress import progress_bar
 from reconstruct.runtime import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ class InMemoryLM:
         self.config = self.model.config
 
     @torch.no_grad()
-    def logits(self, token_sets: list[torch.Tensor], micro_batch: int) -> LogitsBatches:
-        """``(set_index, rows, logits (b, T, V))`` for every micro-batch of every (n, T) token set."""
+    def logits(self, token_sets: list[torch.Tensor], micro_batch: int, desc: str = "eval") -> LogitsBatches:
+        """``(set_index, rows, logits (b, T, V))`` for every micro-batch of every (n, T) token set (a bar named ``desc``)."""
         batches = [(i, start) for i, tokens in enumerate(token_sets) for start in range(0, tokens.shape[0], micro_batch)]
-        for set_index, start in tqdm(batches, desc="eval", unit="batch", disable=None):
+        for set_index, start in progress_bar(batches, desc=desc, unit="batch"):
             tokens = token_sets[set_index]
             rows = slice(start, min(start + micro_batch, tokens.shape[0]))
             batch = tokens[rows].to(self.device)  # (b, T)
@@ -126,15 +126,17 @@ class StreamedLM:
         self.config = self.loaded.config
 
     @torch.no_grad()
-    def logits(self, token_sets: list[torch.Tensor], micro_batch: int) -> LogitsBatches:
+    def logits(self, token_sets: list[torch.Tensor], micro_batch: int, desc: str = "eval") -> LogitsBatches:
         """``(set_index, rows, logits (b, T, V))`` for every micro-batch of every (n, T) token set.
+
+        The bar (``desc``, one step per block) runs while the blocks are computed.
 
         All batches are produced at the end, after the last block has run.
         """
         loaded = self.loaded
         streams, kwargs = self._capture(token_sets, micro_batch)
         tuple_output = False
-        for index in tqdm(range(loaded.layout.n_blocks), desc="eval blocks", unit="block", disable=None):
+        for index in progress_bar(range(loaded.layout.n_blocks), desc=f"{desc} blocks", unit="block"):
             block = loaded.blocks[index]
             load_module_weights(block, loaded.layout.block_prefix(index), loaded.reader, loaded.key_map,
                                 loaded.device, loaded.dtype)

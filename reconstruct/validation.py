@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from calib.text_sources import HUB_DATASETS, SELF, describe_sources
-from pruners.pattern import HEADS, N_OF_M
+from pruners.masks import num_pruned
+from pruners.pattern import CHANNELS, HEADS, N_OF_M, UNSTRUCTURED
 from pruners.schedule import SCHEDULES
 from pruners.structured import attention_geometry, is_attention, structured_count
 from reconstruct.architecture import weight_as_out_in
@@ -40,6 +41,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     loaded.framing(calib.bos)  # --calib-bos always needs a BOS token
     pattern = job.prune.pattern
     validate_prune_options(job, loaded)
+    validate_pruning_counts(job, loaded)
     if pattern.kind == N_OF_M:
         block = loaded.blocks[0]
         for name in loaded.layout.linear_names:
@@ -77,4 +79,48 @@ def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:
         raise ValueError(
             f"--sparsity {pattern.sparsity:g} with --pattern heads removes {removed} of the {num_heads} heads of every "
             "block; it must leave at least one"
+        )
+
+
+def validate_pruning_counts(job: JobConfig, loaded: LoadedModel) -> None:
+    """Refuse a non-zero ``--sparsity`` that rounds to removing nothing (or everything), with the count.
+
+    Heads and channels round to whole groups per block; unstructured sparsity rounds down per row
+    (``--mask-scope row``) or per layer. Unstructured settings are refused only when every layer
+    rounds to nothing: a run that prunes some layers is a choice, one that prunes none is a mistake.
+
+    Raises:
+        ValueError: naming ``--sparsity``, the count it rounded to and the smallest value that prunes.
+    """
+    pattern = job.prune.pattern
+    if pattern.sparsity <= 0 or pattern.kind == N_OF_M:
+        return
+    block = loaded.blocks[0]
+    shapes = {name: tuple(weight_as_out_in(block.get_submodule(name)).shape) for name in loaded.layout.linear_names}
+    if pattern.kind in (HEADS, CHANNELS):
+        if pattern.kind == HEADS:
+            total, what = attention_geometry(loaded.config)[0], "heads"
+        else:  # MLP channels: the inputs of the MLP's output projection, its widest input
+            total, what = max(cols for name, (_, cols) in shapes.items() if not is_attention(name)), "channels"
+        removed = structured_count(total, pattern.sparsity)
+        if removed == 0:
+            raise ValueError(
+                f"--sparsity {pattern.sparsity:g} with --pattern {pattern.kind} rounds to 0 of the {total} {what} of "
+                f"every block: nothing would be pruned; use --sparsity {0.5 / total:.4g} or more (1 of {total})"
+            )
+        if removed >= total:
+            raise ValueError(
+                f"--sparsity {pattern.sparsity:g} with --pattern {pattern.kind} rounds to all {total} {what} of every "
+                f"block; use --sparsity below {(total - 0.5) / total:.4g} to leave at least one"
+            )
+        return
+    if pattern.kind != UNSTRUCTURED:
+        return
+    per_row = pattern.scope == "row"
+    sizes = [cols if per_row else rows * cols for rows, cols in shapes.values()]  # weights each count rounds over
+    if all(num_pruned(size, pattern.sparsity) == 0 for size in sizes):
+        unit = "row" if per_row else "layer"
+        raise ValueError(
+            f"--sparsity {pattern.sparsity:g} rounds to 0 weights removed per {unit} in every layer (the largest "
+            f"{unit} has {max(sizes)} weights): nothing would be pruned; use --sparsity {1 / max(sizes):.3g} or more"
         )

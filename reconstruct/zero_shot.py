@@ -122,7 +122,7 @@ def continuation_loglikelihoods(lm, requests: list[_Request], batch_size: int) -
             tokens[row, : len(requests[i].inputs)] = torch.tensor(requests[i].inputs)
         token_sets.append(tokens)
     scores = [0.0] * len(requests)
-    for set_index, rows, logits in lm.logits(token_sets, batch_size):
+    for set_index, rows, logits in lm.logits(token_sets, batch_size, desc="zero-shot"):
         for row in range(rows.start, rows.stop):
             request = requests[batches[set_index][row]]
             length, n_cont = len(request.inputs), len(request.continuation)

@@ -1,4 +1,4 @@
-"""Bad input to ``reconstruct run``: one clear ``error:`` line (or typer's usage error), exit code 2, no traceback.
+"""Bad input to ``reconstruct run``: one clear ``error:`` line (usage errors too), exit code 2, no traceback.
 
 Every case passes a local calibration file, a few short samples and ``--device cpu`` so nothing is
 downloaded, and an explicit ``--out`` inside ``tmp_path`` that a refused job must not create.
@@ -27,14 +27,12 @@ def invoke(args: list[str]):
     return runner.invoke(app, ["run", *args])
 
 
-def assert_clean_error(result, usage_error: bool = False) -> str:
-    """Exit 2, no exception escaped, no traceback; one ``error:`` line (or typer's usage box). Returns the message."""
+def assert_clean_error(result) -> str:
+    """Exit 2, no exception escaped, no traceback, no usage box; one ``error:`` line. Returns the message."""
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
-    if usage_error:
-        assert "Usage:" in result.output, result.output
-        return result.output
+    assert "Usage:" not in result.output and "─" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.output
     return errors[0]
@@ -55,30 +53,35 @@ def _in_tmp(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- option values
 @pytest.mark.parametrize(
-    "extra, words, usage_error",
+    "extra, words",
     [
-        (["--pruner", "foo"], ["--pruner"], True),
-        (["--sparsity", "1.0"], ["--sparsity", "[0, 1)"], False),
-        (["--sparsity", "-0.1"], ["--sparsity", "[0, 1)"], False),
-        (["--pattern", "5:4"], ["--pattern", "5:4"], False),
-        (["--pattern", "0:4"], ["--pattern", "0:4"], False),
-        (["--pattern", "2:4", "--sparsity", "0.3"], ["--sparsity", "2:4"], False),
-        (["--pattern", "two-of-four"], ["--pattern"], False),
-        (["--mask-scope", "column"], ["--mask-scope"], False),
-        (["--method", "lora"], ["--allow-dense-merge"], False),
-        (["--method", "bogus"], ["--method"], True),
-        (["--n-samples", "0"], ["--n-samples"], True),
-        (["--device", "tpu"], ["--device"], False),
-        (["--checkpoint-every", "0"], ["--checkpoint-every", "auto"], False),
+        (["--pruner", "foo"], ["--pruner", "'foo'", "wanda", "sparsegpt"]),
+        (["--sparsity", "1.0"], ["--sparsity", "[0, 1)"]),
+        (["--sparsity", "-0.1"], ["--sparsity", "[0, 1)"]),
+        (["--pattern", "5:4"], ["--pattern", "5:4"]),
+        (["--pattern", "0:4"], ["--pattern", "0:4"]),
+        (["--pattern", "2:4", "--sparsity", "0.3"], ["--sparsity", "2:4"]),
+        (["--pattern", "two-of-four"], ["--pattern"]),
+        (["--mask-scope", "column"], ["--mask-scope"]),
+        (["--method", "lora"], ["--allow-dense-merge"]),
+        (["--method", "bogus"], ["--method", "masklora"]),
+        (["--granularity", "layer"], ["--granularity", "sublayer"]),
+        (["--target", "global"], ["--target", "local"]),
+        (["--offload", "tape"], ["--offload", "disk"]),
+        (["--cycle-schedule", "cosine"], ["--cycle-schedule", "cubic"]),
+        (["--n-samples", "0"], ["--n-samples"]),
+        (["--device", "tpu"], ["--device"]),
+        (["--checkpoint-every", "0"], ["--checkpoint-every", "auto"]),
     ],
     ids=["pruner-foo", "sparsity-1", "sparsity-negative", "pattern-5of4", "pattern-0of4", "pattern-2of4-sparsity-0.3",
-         "pattern-garbage", "mask-scope", "lora-without-dense-merge", "method-bogus", "n-samples-0", "device-tpu",
+         "pattern-garbage", "mask-scope", "lora-without-dense-merge", "method-bogus", "granularity-bogus",
+         "target-bogus", "offload-bogus", "cycle-schedule-bogus", "n-samples-0", "device-tpu",
          "checkpoint-every-0"],
 )
-def test_bad_option_value_is_one_clear_error(tiny_model_dir, calib_file, tmp_path, extra, words, usage_error):
+def test_bad_option_value_is_one_clear_error(tiny_model_dir, calib_file, tmp_path, extra, words):
     out = tmp_path / "out"
     result = invoke(["--model", str(tiny_model_dir("llama")), "--out", str(out), *quick_args(calib_file), *extra])
-    message = assert_clean_error(result, usage_error)
+    message = assert_clean_error(result)
     for word in words:
         assert word in message, message
     assert not out.exists()
@@ -196,4 +199,25 @@ def test_console_script_prints_one_line_and_no_traceback(calib_file, tmp_path):
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--model" in errors[0], proc.stderr
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- settings that prune nothing
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--pattern", "heads", "--sparsity", "0.05"], ["--sparsity 0.05", "rounds to 0 of the 4 heads"]),
+        (["--pattern", "channels", "--sparsity", "0.001"], ["--sparsity 0.001", "rounds to 0 of the 128 channels"]),
+        (["--sparsity", "0.001"], ["--sparsity 0.001", "rounds to 0 weights removed per row"]),
+        (["--sparsity", "0.00001", "--mask-scope", "layer"], ["rounds to 0 weights removed per layer"]),
+        (["--pattern", "channels", "--sparsity", "0.999"], ["rounds to all 128 channels"]),
+    ],
+    ids=["heads-0", "channels-0", "row-0", "layer-0", "channels-all"],
+)
+def test_sparsity_that_rounds_to_no_pruning_is_refused(tiny_model_dir, calib_file, tmp_path, extra, words):
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_model_dir("llama")), "--out", str(out), *quick_args(calib_file), *extra])
+    message = assert_clean_error(result)
+    for word in words:
+        assert word in message, message
     assert not out.exists()

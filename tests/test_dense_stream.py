@@ -35,7 +35,7 @@ def test_track_error_measures_the_error_and_changes_no_byte(tiny_model_dir, smal
     assert all(block["mse_before"] is None and block["mse_after"] is None for block in plain_report["blocks"])
     assert all(block["mse_after"] > 0 for block in tracked_report["blocks"])
     assert shard_bytes(plain.out) == shard_bytes(tracked.out)
-    block_rows = [line for line in (plain.out / "report.md").read_text().splitlines() if line.startswith("| 0 |")]
+    block_rows = [line for line in (plain.out / "report.md").read_text().splitlines() if line.startswith("| 1 |")]
     assert block_rows and "| – | – |" in block_rows[0]  # MSE before / after: not measured
 
 

@@ -160,7 +160,7 @@ def test_self_calibration_job_starts_from_the_bos(bos_model, tmp_path):
 
 def test_resume_refuses_a_changed_calib_bos(bos_model, plain_model, small_calib_file, tmp_path):
     _run(bos_model, tmp_path / "bos", small_calib_file, "auto")
-    with pytest.raises(ValueError, match="bos_id"):
+    with pytest.raises(ValueError, match="--calib-bos"):
         _run(bos_model, tmp_path / "bos", small_calib_file, "never")
     _run(plain_model, tmp_path / "plain", small_calib_file, "auto")
     _, again = _run(plain_model, tmp_path / "plain", small_calib_file, "never")  # same framing: the same job
@@ -207,7 +207,7 @@ class RecordingLM:
     def __init__(self):
         self.token_sets: list[torch.Tensor] = []
 
-    def logits(self, token_sets, micro_batch):
+    def logits(self, token_sets, micro_batch, desc: str = "eval"):
         self.token_sets = token_sets
         for set_index, tokens in enumerate(token_sets):
             yield set_index, slice(0, tokens.shape[0]), torch.zeros(*tokens.shape, VOCAB_SIZE)  # (b, T, V)

@@ -110,10 +110,16 @@ def test_unknown_architecture_falls_back_to_tensor_names(tiny_model_dir, tmp_pat
 def test_cli_table_and_json(finished_job):
     job, _ = finished_job("gpt2", "sparsegpt", "2:4", None)
     runner = CliRunner()
-    table = runner.invoke(app, ["inspect", str(job.out), "--nm", "2:4"])
+    summary = runner.invoke(app, ["inspect", str(job.out), "--nm", "2:4"])
+    assert summary.exit_code == 0, summary.output
+    assert "attn.c_attn" not in summary.output and "(--layers: one row per layer)" in summary.output
+    block_rows = [line.split()[0] for line in summary.output.splitlines() if "(block)" in line]
+    assert block_rows == ["1", "2", "3"]  # one row per block, numbered from 1 as in the log and status
+    assert "2:4 compliant: yes, every layer" in summary.output
+    table = runner.invoke(app, ["inspect", str(job.out), "--nm", "2:4", "--layers"])
     assert table.exit_code == 0, table.output
     assert "attn.c_attn" in table.output and "192×64" in table.output
-    assert "2:4 compliant: yes, every layer" in table.output
+    assert len(table.output.splitlines()) > len(summary.output.splitlines())
     as_json = runner.invoke(app, ["inspect", str(job.out), "--nm", "2:4", "--json"])
     assert json.loads(as_json.stdout)["total"]["nm_compliant"] is True
     bad = runner.invoke(app, ["inspect", str(job.out), "--nm", "4:2"])

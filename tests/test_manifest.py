@@ -304,3 +304,19 @@ def test_hash_text_source(tmp_path):
     assert hash_text_source(folder) != before
     with pytest.raises(ValueError, match="calibration source"):
         hash_text_source(tmp_path / "nope.txt")
+
+
+def test_refusal_names_flags_not_fingerprint_fields(tmp_path):
+    """The issue's example: method and sparsity changed → ``--method``, ``--sparsity``; N:M parts once as ``--pattern``."""
+    from reconstruct.manifest import flag_of_field
+
+    old = {"method": {"method": "bias-ln", "steps": 64}, "pattern": {"kind": "unstructured", "sparsity": 0.5,
+                                                                      "n": None, "m": None}}
+    new = {"method": {"method": "masklora", "steps": 64}, "pattern": {"kind": "nm", "sparsity": 0.5, "n": 2, "m": 4}}
+    assert diff_fingerprints(old, new, label=flag_of_field) == [
+        "--method: bias-ln (on disk) vs masklora (now)",
+        "--pattern: unstructured (on disk) vs nm (now)",
+    ]
+    with pytest.raises(ValueError, match="--method: bias-ln") as refused:
+        Manifest.new(old, n_blocks=2).check_same_job(new, tmp_path)
+    assert "method.method" not in str(refused.value)

@@ -223,6 +223,22 @@ def test_plan_command_from_a_bare_config():
     assert "peak GPU" in result.output and "fits in 24.00 GiB" in result.output
 
 
+def test_plan_without_device_but_with_gpu_memory_plans_for_a_gpu_and_exits_3_when_it_does_not_fit():
+    """--gpu-memory asks for a GPU plan: --device auto plans for cuda and says why; "DOES NOT FIT" exits 3."""
+    result = CliRunner().invoke(app, ["plan", "--config", str(OPT_30B), "--gpu-memory", "24GiB",
+                                      "--host-memory", "8GiB"])
+    assert result.exit_code == 3, result.output
+    assert "device: cuda (--device auto" in result.stdout
+    assert "peak GPU" in result.stdout and "DOES NOT FIT" in result.stdout
+
+
+def test_plan_on_cpu_names_the_device_and_ignored_gpu_memory():
+    result = CliRunner().invoke(app, ["plan", "--config", str(OPT_30B), "--device", "cpu", "--gpu-memory", "24GiB",
+                                      "--calib", str(WIKITEXT_VALID), "--host-memory", "1TiB"])
+    assert result.exit_code == 0, result.output
+    assert "device: cpu (--device cpu; --gpu-memory is ignored" in result.stdout
+
+
 def test_run_refuses_an_impossible_budget(tiny_model_dir, small_calib_file, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [

@@ -58,8 +58,12 @@ def test_report_md_has_a_row_per_block_matching_the_json(evaluated_run):
     rows = table_rows(markdown, "| block |")
     assert len(rows) == len(report["blocks"]) == 3
     for row, block in zip(rows, report["blocks"]):
-        index, sparsity, before, after, ratio, trainable, steps = row[:7]
-        assert int(index) == block["index"]
+        index, sparsity, before, after, ratio, relative_before, relative_after, trainable, steps = row[:9]
+        assert int(index) == block["index"] + 1  # numbered from 1, as in the log and status
+        scale = block["target_mean_square"]
+        assert scale > 0
+        assert float(relative_before) == pytest.approx(block["mse_before"] / scale, rel=1e-3)  # printed to 4 digits
+        assert float(relative_after) == pytest.approx(block["mse_after"] / scale, rel=1e-3)
         mean_sparsity = sum(block["sparsity"].values()) / len(block["sparsity"])
         assert float(sparsity) == pytest.approx(mean_sparsity, abs=5e-5)
         assert float(before) == pytest.approx(block["mse_before"], rel=1e-4)

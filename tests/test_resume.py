@@ -251,7 +251,7 @@ def test_crash_then_resume_gives_identical_output(job, reference, tmp_path, poin
     assert_same_output(out, reference)
     assert computed_blocks(resumed) == list(range(resume_from, job.n_blocks)), resumed.stderr
     if 0 < resume_from < job.n_blocks:
-        assert f"resuming after block {resume_from} of {job.n_blocks}" in resumed.stderr
+        assert f"resuming at block {resume_from + 1} of {job.n_blocks}" in resumed.stderr  # numbered from 1
     for index, identity in untouched.items():
         assert file_identity(out / job.shard(index)) == identity, f"finished block {index} was rewritten"
     if done_at_crash:
@@ -299,8 +299,9 @@ def test_changed_job_is_refused_and_force_starts_over(job, reference, tmp_path):
 
     error = refused(job.run(out, seed=1, recon_steps=3))
     assert "holds a different job" in error
-    assert "seed: 0 (on disk) vs 1 (now)" in error
-    assert "method.steps: 4 (on disk) vs 3 (now)" in error
+    assert "--seed: 0 (on disk) vs 1 (now)" in error  # flags, not fingerprint fields
+    assert "--recon-steps: 4 (on disk) vs 3 (now)" in error
+    assert "method.steps" not in error
     assert "--force" in error
     assert snapshot(out) == before, "a refused run changed the folder"
 
@@ -319,7 +320,7 @@ def test_corrupted_block_of_finished_job_is_recomputed(job, reference, tmp_path)
 
     result = ok(job.run(out))
 
-    assert f"block 1: file {job.shard(1)} is missing or damaged" in result.stderr
+    assert f"block 2 of {job.n_blocks}: file {job.shard(1)} is missing or damaged" in result.stderr
     assert 1 in computed_blocks(result)
     assert_same_output(out, reference)
 
@@ -331,7 +332,7 @@ def test_truncated_block_after_crash_is_recomputed(job, reference, crashed_befor
 
     result = ok(job.run(out))
 
-    assert f"block 0: file {job.shard(0)} is missing or damaged" in result.stderr
+    assert f"block 1 of {job.n_blocks}: file {job.shard(0)} is missing or damaged" in result.stderr
     assert computed_blocks(result) == list(range(job.n_blocks))  # the streams into block 0 are gone
     assert_same_output(out, reference)
 
