@@ -37,7 +37,7 @@ from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_n
 from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.report import finish_report, refresh_finished_report
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
-from reconstruct.validation import validate_job
+from reconstruct.validation import resolve_evaluation, validate_job
 from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
 logger = logging.getLogger(__name__)
@@ -342,8 +342,9 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
 
     def prepare():  # rank 0 first: it may convert a GGUF into the cache the others then read
         loaded = load_model(job.model, job.device, job.dtype)
-        validate_job(job, loaded)
-        return loaded, check_memory_plan(job, loaded, budget)
+        resolved = resolve_evaluation(job, loaded.config)  # --eval-seq-len: default and limit from the config
+        validate_job(resolved, loaded)
+        return loaded, check_memory_plan(resolved, loaded, budget)
 
     loaded, job = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     with JobState.open(job, loaded) as state:

@@ -612,6 +612,7 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
     """
     from reconstruct.architecture import load_config
     from reconstruct.runtime import resolve_dtype
+    from reconstruct.validation import check_calib_seq_len
 
     if config_path is not None:
         config_path = Path(config_path).expanduser()
@@ -624,6 +625,7 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
         from reconstruct.model_source import resolve_model
 
         config = load_config(resolve_model(job.model))
+    check_calib_seq_len(job.calib.seq_len, config)  # --seq-len longer than the context: refused like run
     device_type = _device_type(job.device)
     checkpoint_dtype = _config_dtype(config)
     dtype = resolve_dtype(job.dtype, torch.device(device_type), checkpoint_dtype)
