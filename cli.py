@@ -210,7 +210,7 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="Output folder; also holds the resume state.", show_default="MODEL-PRUNER-SHAPE in the current folder")] = None,
     force: Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")] = False,
     eval_data: Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", show_default="no evaluation")] = None,
-    eval_seq_len: Annotated[int, typer.Option(min=2, help="--eval: tokens per window.")] = 2048,
+    eval_seq_len: Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per window.", show_default="the smaller of 2048 and the model's context length")] = None,
     eval_windows: Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
@@ -363,7 +363,7 @@ def evaluate(
     tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: piqa is built in (with --task-data); others need lm-eval-harness installed.", show_default="none")] = None,
     task_data: Annotated[Optional[Path], typer.Option(help="Folder holding piqa/valid.jsonl and piqa/valid-labels.lst (or the piqa folder itself).", show_default="none")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="--tasks: score only the first N questions of each task.", show_default="all")] = None,
-    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window (windows do not overlap).")] = 2048,
+    seq_len: Annotated[Optional[int], typer.Option(min=2, help="Tokens per window (windows do not overlap).", show_default="the smaller of 2048 and the model's context length")] = None,
     max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows (or task sequences) per forward.")] = 1,
     calib_bos: Annotated[BosMode, typer.Option(help=BOS_HELP + " Perplexity windows: BOS + T-1 text tokens; tasks: BOS before each context.")] = BosMode.auto,
@@ -410,7 +410,7 @@ def sweep(
     sparsity: Annotated[str, typer.Option(help="Sparsities for the unstructured pattern, comma-separated, e.g. 0.5,0.6,0.7.")] = "0.5",
     pattern: Annotated[str, typer.Option(help="Patterns, comma-separated: unstructured and/or N:M such as 2:4 (N:M implies its sparsity).")] = "unstructured",
     method: Annotated[str, typer.Option(help="Reconstruction methods, comma-separated, e.g. none,bias-ln,masklora.")] = "none,bias-ln,masklora",
-    eval_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per evaluation window.")] = 2048,
+    eval_seq_len: Annotated[Optional[int], typer.Option(min=2, help="Tokens per evaluation window.", show_default="the smaller of 2048 and the model's context length")] = None,
     eval_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
     **options,
 ) -> None:
@@ -419,7 +419,7 @@ def sweep(
 
     def run_grid():
         from reconstruct.config import EvalSpec
-        from reconstruct.sweep import SweepSpec, flags_from_options, run_sweep
+        from reconstruct.sweep import SweepSpec, checked_spec, flags_from_options, run_sweep
 
         def values(text: str) -> tuple[str, ...]:
             return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -434,6 +434,7 @@ def sweep(
             evaluation=EvalSpec(eval_data, eval_seq_len, eval_windows),
             run_flags=flags_from_options(options, run_defaults),
         )
+        spec = checked_spec(spec, _choice(options["mask_scope"]), options["model"], options["seq_len"])
         rows = run_sweep(spec, _choice(options["mask_scope"]))
         typer.echo(f"wrote {out / 'sweep.md'}, sweep.csv and sweep.png ({len(rows)} cells)")
 

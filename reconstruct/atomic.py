@@ -173,6 +173,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+def atomic_copy_file(source: Path, path: Path, chunk: int = 1 << 20) -> None:
+    """Copy ``source`` to ``path`` atomically and durably, streaming ``chunk`` bytes at a time.
+
+    Raises:
+        DiskWriteError: if the write fails; ``path`` keeps its old content (or stays absent).
+        OSError: if ``source`` cannot be read (nothing is written).
+    """
+    with open(source, "rb") as reader, _atomic_file(Path(path)) as handle:
+        while block := reader.read(chunk):
+            handle.write(block)
+
+
 def atomic_write_json(path: Path, obj) -> None:
     """Write ``obj`` as JSON (sorted keys, indent 2, trailing newline) atomically.
 

@@ -90,3 +90,37 @@ def module_tensors_for_output(
         dtype = stored_dtypes.get(local_name, default_dtype if value.is_floating_point() else value.dtype)
         tensors[prefix + local_name] = value.detach().to("cpu", dtype).contiguous()
     return tensors
+
+
+def smallest_subnormal(dtype: torch.dtype) -> float:
+    """The smallest positive value ``dtype`` holds (2**-24 for float16, 2**-133 for bfloat16)."""
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps
+
+
+@torch.no_grad()
+def keep_nonzero_when_stored(weight: torch.Tensor, keep_mask: torch.Tensor, stored_dtype: torch.dtype) -> int:
+    """Nudge kept weights that the cast to ``stored_dtype`` would turn into zeros; return how many.
+
+    A kept weight that is non-zero in the compute dtype but rounds to 0 in the stored dtype (below
+    half of float16's smallest subnormal, about 3e-8) becomes the stored dtype's smallest subnormal
+    with its sign: the nearest value that stays non-zero, so the file holds exactly the pruner's
+    zeros. Kept weights that are already exactly 0 in the compute dtype stay 0 (they are zeros of the
+    model itself, e.g. from the input checkpoint) and count as zeros in the report.
+
+    Args:
+        weight: (out, in) view of a linear's weight in the compute dtype; changed in place.
+        keep_mask: bool (out, in), True = weight survives pruning.
+        stored_dtype: the dtype the weight is written in.
+    """
+    vanishing = keep_mask.to(weight.device) & (weight != 0) & (weight.to(stored_dtype) == 0)  # (out, in)
+    count = int(vanishing.sum())
+    if count:
+        nudge = torch.full_like(weight, smallest_subnormal(stored_dtype)).copysign(weight)  # (out, in)
+        weight.copy_(torch.where(vanishing, nudge, weight))
+    return count
+
+
+def stored_sparsity(weight: torch.Tensor, stored_dtype: torch.dtype) -> float:
+    """Fraction of zeros of ``weight`` as written in ``stored_dtype``."""
+    return float((weight.to(stored_dtype) == 0).sum().item() / weight.numel())

@@ -47,7 +47,7 @@ class EvalSpec:
     """Perplexity evaluation of the finished output (``run --eval``)."""
 
     data: str  # a local .txt/.jsonl test text or a dataset name (wikitext2, c4, ptb)
-    seq_len: int = 2048  # tokens per window; windows do not overlap
+    seq_len: int | None = None  # tokens per window (None: min(2048, the model's context), resolved on load)
     max_windows: int | None = None  # evaluate only the first windows (None: all)
 
     def __post_init__(self) -> None:
@@ -62,7 +62,7 @@ class EvalSpec:
             raise ValueError(
                 f"--eval/--eval-data {self.data!r} is not a file or a known dataset ({', '.join(HUB_DATASETS)})"
             )
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"--eval-seq-len must be >= 2; got {self.seq_len}")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError(f"--eval-windows must be >= 1; got {self.max_windows}")

@@ -25,7 +25,9 @@ from pruners.structured import ChannelGroups, HeadGroups, find_groups, select_st
 from reconstruct import distributed
 from reconstruct.architecture import BlockLayout, weight_as_out_in
 from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
-from reconstruct.block_io import load_module_weights, module_tensors_for_output, release_module_weights
+from reconstruct.block_io import (
+    keep_nonzero_when_stored, load_module_weights, module_tensors_for_output, release_module_weights, stored_sparsity,
+)
 from reconstruct.config import JobConfig
 from reconstruct.faults import crash_point
 from reconstruct.job_state import JobState
@@ -37,7 +39,7 @@ from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.progress import progress_bar
 from reconstruct.report import finish_report, refresh_finished_report
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
-from reconstruct.validation import validate_job
+from reconstruct.validation import resolve_evaluation, validate_job
 from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
 logger = logging.getLogger(__name__)
@@ -161,13 +163,16 @@ class BlockPipeline:
         return self.call_order(block, linears, sparse)
 
     def process(self, index: int, block: nn.Module, sparse: ActivationStream,
-                dense: ActivationStream | None) -> BlockReport:
+                dense: ActivationStream | None, stored_dtypes: dict[str, torch.dtype] | None = None) -> BlockReport:
         """Prune and reconstruct ``block``; advance both streams past it.
 
         On entry ``sparse`` holds the pruned model's inputs to this block and ``dense`` the dense
         model's; on return they hold the outputs of the pruned (reconstructed) and dense block.
         ``dense`` is None when the job needs no dense stream (``JobConfig.needs_dense_stream``): then the
-        block's error is not measured (``mse_before``/``mse_after`` stay None).
+        block's error is not measured (``mse_before``/``mse_after`` stay None). ``stored_dtypes``
+        (tensor name in the block → dtype it is written in; default: the compute dtype): kept weights
+        stay non-zero in it (:func:`keep_nonzero_when_stored`) and sparsity is measured in it, so the
+        report describes the bytes written.
         """
         started = time.perf_counter()
         self.current_index = index
@@ -195,6 +200,7 @@ class BlockPipeline:
         if dense_copy is not None:
             run_stream(self.forward_fn(dense_copy), dense, micro_batch, destination=dense)
             del dense_copy
+        written_dtypes = self._fit_storage(linears, keep_masks, stored_dtypes or {})
 
         measured = run_stream(forward, sparse, micro_batch, destination=sparse, compare_with=dense)
         if measured is not None:
@@ -202,10 +208,22 @@ class BlockPipeline:
         if report.mse_before is None:
             report.mse_before = report.mse_after
         for name, module in linears.items():
-            weight = weight_as_out_in(module)
-            report.sparsity[name] = float((weight == 0).sum().item() / weight.numel())
+            report.sparsity[name] = stored_sparsity(weight_as_out_in(module), written_dtypes[name])
         report.seconds = time.perf_counter() - started
         return report
+
+    def _fit_storage(self, linears: dict[str, nn.Module], keep_masks: dict[str, torch.Tensor],
+                     stored_dtypes: dict[str, torch.dtype]) -> dict[str, torch.dtype]:
+        """Keep every kept weight non-zero in the dtype it is written in; return linear → that dtype."""
+        written: dict[str, torch.dtype] = {}
+        for name, module in linears.items():
+            weight = weight_as_out_in(module)  # a view: writing it writes the parameter
+            written[name] = stored_dtypes.get(f"{name}.weight", weight.dtype)
+            nudged = keep_nonzero_when_stored(weight, keep_masks[name], written[name]) if name in keep_masks else 0
+            if nudged:
+                logger.debug("%s: %d kept weight(s) below %s's smallest subnormal kept non-zero",
+                             name, nudged, written[name])
+        return written
 
     def _prune(self, block, linears, keep_masks, pattern, sparse, dense, dense_copy, cycle, report) -> None:
         """Prune ``block`` to ``pattern``, nested in ``keep_masks`` (earlier cycles), which it updates."""
@@ -348,8 +366,9 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
 
     def prepare():  # rank 0 first: it may convert a GGUF into the cache the others then read
         loaded = load_model(job.model, job.device, job.dtype)
-        validate_job(job, loaded)
-        return loaded, check_memory_plan(job, loaded, budget)
+        resolved = resolve_evaluation(job, loaded.config)  # --eval-seq-len: default and limit from the config
+        validate_job(resolved, loaded)
+        return loaded, check_memory_plan(resolved, loaded, budget)
 
     loaded, job = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     with JobState.open(job, loaded) as state:
@@ -417,7 +436,7 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         prefix = layout.block_prefix(index)
         stored_dtypes = load_module_weights(block, prefix, loaded.reader, loaded.key_map, loaded.device, loaded.dtype)
         loaded.reader.close()  # unmap the shards: mapped pages of earlier blocks must not stay resident
-        block_report = pipeline.process(index, block, sparse, dense)
+        block_report = pipeline.process(index, block, sparse, dense, stored_dtypes)
         tensors = module_tensors_for_output(block, prefix, stored_dtypes)
         release_module_weights(block)
         digest = (save_safetensors_atomic(job.out / shard_name(index, n_shards), tensors, {"format": "pt"})

@@ -14,9 +14,11 @@ import torch
 
 from calib.framing import resolve_framing
 from calib.text_sources import HUB_EVAL_SPLITS, consecutive_windows, read_text, tokenize_text
+from reconstruct.architecture import load_config
 from reconstruct.model_source import resolve_model
 from reconstruct.runtime import resolve_device, resolve_dtype
 from reconstruct.streaming_eval import open_lm
+from reconstruct.validation import resolve_eval_seq_len
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def window_nll(lm, windows: torch.Tensor, batch_size: int = 1) -> tuple[float, i
 def perplexity(
     model: str,
     data: str,
-    seq_len: int = 2048,
+    seq_len: int | None = None,
     max_windows: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -58,7 +60,8 @@ def perplexity(
     Args:
         model: folder, .gguf, alias or hub id.
         data: a local .txt/.jsonl file or a dataset name (its test split).
-        seq_len: tokens per window; windows do not overlap.
+        seq_len: tokens per window; windows do not overlap. ``None``: the smaller of 2048 and the
+            model's context length.
         max_windows: evaluate only the first windows (None: all).
         batch_size: windows per forward.
         stream: run the model one block at a time (None: when it does not fit in memory).
@@ -71,6 +74,7 @@ def perplexity(
     from transformers import AutoTokenizer
 
     folder = resolve_model(model)
+    seq_len = resolve_eval_seq_len(seq_len, load_config(folder), "--seq-len")  # before any work
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, None)
     started = time.perf_counter()

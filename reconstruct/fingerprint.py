@@ -1,14 +1,15 @@
-"""Cheap identities of a model folder and of calibration text, for the resume check.
+"""Identities of a model folder and of calibration text, for the resume check.
 
-Hashing 60 GB of shards at every resume would take minutes, so weight shards are identified by what
-changes when the model changes, read in a few MiB per shard:
-
-- ``*.safetensors``: size, sha256 of the header (8-byte length + JSON: names, dtypes, shapes,
-  offsets, metadata), and sha256 of the first and last MiB of the tensor data (catches a base vs
-  fine-tuned checkpoint with identical shapes).
-- ``*.bin`` / ``*.pt`` / ``*.pth`` / ``*.gguf``: size and sha256 of the first and last MiB.
-- Small files that shape the result (``*.json`` configs and indexes, tokenizer files, remote
-  ``*.py`` code): sha256 of the whole file.
+Every file that shapes the result (weight shards ``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``,
+``*.gguf``; ``*.json`` configs and indexes, tokenizer files, remote ``*.py`` code) is identified by
+its size and the sha256 of its whole content, so an edit anywhere in a shard changes the job's
+fingerprint. Reading 60 GB at every resume would take minutes, so the hashes are remembered in a
+:class:`HashCache` (``--out/.reconstruct/file-hashes.json``) keyed by the file's path, size,
+``mtime_ns``, ``ctime_ns`` and inode: the model is read once per job, and a resume re-reads only a
+file whose stat changed. The trade-off: a change that keeps size, both timestamps and inode (bytes
+rewritten by a tool that then restores the times within the clock's resolution, or silent disk
+corruption) goes unnoticed; ``ctime`` cannot be set back from user space, so ordinary edits,
+copies and ``touch`` are all caught.
 
 ``README.md``, licences and hidden files are ignored.
 """
@@ -16,77 +17,100 @@ changes when the model changes, read in a few MiB per shard:
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reconstruct.atomic import sha256_file
+from reconstruct.atomic import atomic_write_json, sha256_file
 
-SAMPLE_BYTES = 1 << 20  # bytes hashed at each end of a large file
-WHOLE_FILE_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".py")
-WHOLE_FILE_LIMIT = 256 << 20  # larger "small" files are sampled like shards
-SHARD_SUFFIXES = (".bin", ".pt", ".pth", ".gguf")
-SAFETENSORS_HEADER_LIMIT = 100_000_000  # the safetensors library's own limit
+logger = logging.getLogger(__name__)
 
-
-def _ends_digest(path: Path, start: int, end: int) -> str:
-    """sha256 of bytes [start, start+1 MiB) and [end-1 MiB, end) of a file (overlap-free)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        if end - start <= 2 * SAMPLE_BYTES:
-            handle.seek(start)
-            digest.update(handle.read(end - start))
-        else:
-            handle.seek(start)
-            digest.update(handle.read(SAMPLE_BYTES))
-            handle.seek(end - SAMPLE_BYTES)
-            digest.update(handle.read(SAMPLE_BYTES))
-    return digest.hexdigest()
+SHAPING_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".tiktoken", ".txt", ".py")
+HASH_WORKERS = 4  # files hashed in parallel (hashlib releases the GIL)
 
 
-def _safetensors_identity(path: Path, size: int) -> str:
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < length <= SAFETENSORS_HEADER_LIMIT or 8 + length > size:
-            return f"size={size} invalid-header ends={_ends_digest(path, 0, size)}"
-        header = hashlib.sha256(prefix + handle.read(length)).hexdigest()
-    return f"size={size} header={header} data-ends={_ends_digest(path, 8 + length, size)}"
+def file_stat(path: Path) -> dict[str, int]:
+    """What changes when a file's content is rewritten: size, mtime_ns, ctime_ns, inode."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
-def file_identity(path: Path) -> str | None:
+class HashCache:
+    """Whole-file sha256 digests remembered by :func:`file_stat`; a file is read again only when it changes.
+
+    Args:
+        path: The JSON file the cache is kept in (``None``: in memory only). A missing or damaged
+            file is an empty cache.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        self.changed = False
+        if path is not None and path.is_file():
+            try:
+                loaded = json.loads(path.read_text())
+                self.entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                logger.warning("%s is damaged; hashing the model files again", path)
+
+    def sha256(self, path: Path) -> str:
+        """sha256 of ``path``'s bytes: from the cache when its stat is unchanged, else read and remembered."""
+        key = str(Path(path).resolve())
+        stat = file_stat(path)
+        entry = self.entries.get(key)
+        if isinstance(entry, dict) and entry.get("stat") == stat and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        digest = sha256_file(path)
+        if file_stat(path) == stat:  # not remembered if the file changed while it was read
+            self.entries[key] = {"stat": stat, "sha256": digest}
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        """Write the cache (atomically) if it learned a digest; no-op for an in-memory cache."""
+        if self.path is None or not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, self.entries)
+        self.changed = False
+
+
+def shapes_result(path: Path) -> bool:
+    """True for a model file that shapes the result (not hidden, not README/licence)."""
+    return not path.name.startswith(".") and path.is_file() and path.suffix.lower() in SHAPING_SUFFIXES
+
+
+def file_identity(path: Path, hashes: HashCache | None = None) -> str | None:
     """Identity string of one model file, or ``None`` if the file does not shape the result.
 
     Args:
         path: A file in a model folder.
+        hashes: Where whole-file digests are remembered (default: none, the file is read).
 
     Returns:
-        ``"size=N ..."`` with the hashes described in the module docstring, or ``None``.
+        ``"size=N sha256=HEX"`` (the whole file), or ``None``.
     """
-    name = path.name
-    if name.startswith(".") or not path.is_file():
+    if not shapes_result(path):
         return None
-    size = path.stat().st_size
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return _safetensors_identity(path, size)
-    if suffix in SHARD_SUFFIXES or (suffix in WHOLE_FILE_SUFFIXES and size > WHOLE_FILE_LIMIT):
-        return f"size={size} ends={_ends_digest(path, 0, size)}"
-    if suffix in WHOLE_FILE_SUFFIXES:
-        return f"size={size} sha256={sha256_file(path)}"
-    return None
+    digest = (hashes or HashCache()).sha256(path)
+    return f"size={path.stat().st_size} sha256={digest}"
 
 
-def fingerprint_model_files(model_dir: Path) -> dict[str, str]:
-    """Identify the files of a model folder cheaply (a few MiB read per shard).
+def fingerprint_model_files(model_dir: Path, hashes: HashCache | None = None) -> dict[str, str]:
+    """Identify the files of a model folder by size and whole-file sha256.
 
     Args:
         model_dir: The resolved model folder (top level only, as Hugging Face lays it out), or a
             single model file such as a ``.gguf``.
+        hashes: Remembered digests: only files whose stat changed since are read (default: read all).
 
     Returns:
         File name → identity string, sorted by name. Equal for an unchanged folder; different when
-        a config, index, tokenizer file or shard (header, size or ends) changes.
+        any byte of a config, index, tokenizer file or shard changes.
 
     Raises:
         ValueError: if ``model_dir`` does not exist.
@@ -98,12 +122,10 @@ def fingerprint_model_files(model_dir: Path) -> dict[str, str]:
         files = sorted(model_dir.iterdir(), key=lambda p: p.name)
     else:
         raise ValueError(f"--model {model_dir}: no such file or folder")
-    result: dict[str, str] = {}
-    for path in files:
-        identity = file_identity(path)
-        if identity is not None:
-            result[path.name] = identity
-    return result
+    hashes = hashes or HashCache()
+    with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+        identities = list(pool.map(lambda path: file_identity(path, hashes), files))
+    return {path.name: identity for path, identity in zip(files, identities) if identity is not None}
 
 
 def hash_text_source(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> str:

@@ -31,7 +31,7 @@ from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
 from reconstruct.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
 from reconstruct.checkpoint_policy import CheckpointPolicy
 from reconstruct.config import JobConfig
-from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
+from reconstruct.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
 from reconstruct.loaded_model import LoadedModel
 from reconstruct.lock import JobLock
 from reconstruct.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
@@ -41,12 +41,17 @@ from reconstruct.runtime import dtype_name
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration-tokens.safetensors"
+HASH_CACHE_NAME = "file-hashes.json"  # model files' whole-file sha256 by stat (fingerprint.HashCache)
 AUTO_HOST_SHARE = 0.5  # the activation cache may use this share of available host memory
 AUTO_DEVICE_SHARE = 0.3  # ... and this share of free GPU memory
 
 
-def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
-    """Everything that determines the output bytes; resume refuses a job whose fingerprint differs."""
+def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | None = None) -> dict:
+    """Everything that determines the output bytes; resume refuses a job whose fingerprint differs.
+
+    ``hashes`` remembers the model files' whole-file digests (``fingerprint.HashCache``): without it
+    every model file is read in full.
+    """
     calib = job.calib
     source = calib.source
     if source != SELF and Path(source).expanduser().is_file():
@@ -59,7 +64,7 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel) -> dict:
     if framing.bos_id is not None:  # only with a BOS: fingerprints of jobs framed as before stay as they were
         calibration["bos_id"] = framing.bos_id
     return {
-        "model_files": fingerprint_model_files(loaded.folder),
+        "model_files": fingerprint_model_files(loaded.folder, hashes),
         "model_type": loaded.config.model_type,
         "pruner": prune.pruner,
         "pattern": asdict(prune.pattern),
@@ -132,7 +137,9 @@ class JobState:
             with JobLock(job.out):
                 remove_stale_temp_files(job.out)  # left by a process killed mid-write
                 remove_stale_temp_files(job.out / STATE_DIR)  # ... e.g. an activation checkpoint's
-                manifest = cls._load_or_start(job, job_fingerprint(job, loaded), loaded.layout.n_blocks)
+                hashes = HashCache(job.out / STATE_DIR / HASH_CACHE_NAME)
+                manifest = cls._load_or_start(job, job_fingerprint(job, loaded, hashes), loaded.layout.n_blocks)
+                hashes.save()  # after _load_or_start, which empties the state folder of a new job
                 started_new = manifest.first_unfinished_block() == 0 and manifest.stream_checkpoint is None
                 try:
                     yield cls(job, manifest)
@@ -274,7 +281,8 @@ class JobState:
                    sparse: ActivationStream, dense: ActivationStream | None) -> None:
         """Record a written block; checkpoint the streams when due; save the manifest last."""
         manifest = self.manifest
-        manifest.mark_block_done(index, file, digest, report)
+        stat = file_stat(self.out / file) if distributed.is_main() else None  # lets a resume skip re-hashing it
+        manifest.mark_block_done(index, file, digest, report, stat)
         last = index == manifest.n_blocks - 1
         if not last and distributed.from_main(lambda: self.checkpoints.due(index)):  # every rank decides alike
             started = self.checkpoints.started()

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from reconstruct.atomic import atomic_write_json, sha256_file
+from reconstruct.faults import crash_point
+from reconstruct.fingerprint import file_stat
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class BlockRecord:
     file: str | None = None  # block tensors, relative to the output folder
     sha256: str | None = None  # of that file's bytes
     stats: dict = field(default_factory=dict)  # free-form report: mse, sparsity, seconds ...
+    stat: dict | None = None  # the file's size, mtime_ns, ctime_ns, inode once written (fingerprint.file_stat)
 
 
 @dataclass
@@ -216,7 +219,8 @@ class Manifest:
             raise IndexError(f"block {index} out of range 0..{self.n_blocks - 1}")
         return self.blocks[index]
 
-    def mark_block_done(self, index: int, file: str, sha256: str, stats: dict | None = None) -> None:
+    def mark_block_done(self, index: int, file: str, sha256: str, stats: dict | None = None,
+                        stat: dict | None = None) -> None:
         """Record block ``index`` as finished (call :meth:`save` afterwards).
 
         Args:
@@ -224,17 +228,20 @@ class Manifest:
             file: The block's tensors file, relative to the output folder.
             sha256: Digest of that file, as returned by ``save_safetensors_atomic``.
             stats: Per-block report; numpy/torch scalars are converted to Python numbers.
+            stat: The file's ``fingerprint.file_stat`` once written; while it holds, a resume trusts
+                ``sha256`` without reading the file (None: the file is re-hashed on resume).
         """
         record = self._block(index)
         record.stats = to_jsonable(stats or {})
         record.file = _check_relative(file)
         record.sha256 = sha256
+        record.stat = stat
         record.status = DONE
 
     def mark_block_pending(self, index: int) -> None:
         """Forget block ``index``'s result, so it is computed again."""
         record = self._block(index)
-        record.status, record.file, record.sha256, record.stats = PENDING, None, None, {}
+        record.status, record.file, record.sha256, record.stats, record.stat = PENDING, None, None, {}, None
         self.finished = False
 
     def set_stream_checkpoint(self, after_block: int, file: str, sha256: str) -> None:
@@ -285,7 +292,7 @@ def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
 # Fingerprint field (``reconstruct.job_state.job_fingerprint``, flattened) → the flag a user changes.
 # A field takes the entry of its longest listed prefix; fields no flag sets keep their own name.
 FINGERPRINT_FLAGS: dict[str, str] = {
-    "model_files": "--model (its files)",
+    "model_files": "--model (its file {rest})",
     "model_type": "--model",
     "pruner": "--pruner",
     "pattern.kind": "--pattern",
@@ -330,7 +337,7 @@ def flag_of_field(key: str) -> str:
     for end in range(len(parts), 0, -1):
         flag = FINGERPRINT_FLAGS.get(".".join(parts[:end]))
         if flag is not None:
-            return flag
+            return flag.format(rest=".".join(parts[end:]))  # e.g. the file behind model_files.<name>
     return key
 
 
@@ -396,8 +403,26 @@ def _file_ok(path: Path, expected: str | None) -> bool:
         return False
 
 
+def _block_file_ok(record: BlockRecord, out_dir: Path) -> bool:
+    """True when the block's file is intact: unchanged stat since it was written, or else its sha256."""
+    if record.file is None:
+        return False
+    path = out_dir / record.file
+    try:
+        if record.stat is not None and file_stat(path) == record.stat:
+            return True  # not re-read: see the trade-off in reconstruct/fingerprint.py
+    except OSError:
+        return False
+    crash_point(f"verify:{record.file}")  # tests: prove which files a resume reads
+    return _file_ok(path, record.sha256)
+
+
 def verify_block_files(manifest: Manifest, out_dir: Path, workers: int = 4) -> list[int]:
-    """Re-hash every finished block's file; mark missing or changed ones pending.
+    """Check every finished block's file; mark missing or changed ones pending.
+
+    A file whose size, mtime, ctime and inode are those recorded when it was written is trusted
+    without reading it (a 30B model's 60 GB are not re-hashed at every resume); any other is
+    re-hashed against its recorded sha256.
 
     Args:
         manifest: The loaded manifest; modified in place (call ``save`` afterwards).
@@ -411,7 +436,7 @@ def verify_block_files(manifest: Manifest, out_dir: Path, workers: int = 4) -> l
     out_dir = Path(out_dir)
     done = [r for r in manifest.blocks if r.status == DONE]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        verdicts = list(pool.map(lambda r: r.file is not None and _file_ok(out_dir / r.file, r.sha256), done))
+        verdicts = list(pool.map(lambda r: _block_file_ok(r, out_dir), done))
     broken = [r.index for r, ok in zip(done, verdicts) if not ok]
     for index in broken:
         logger.warning("block %d of %d: file %s is missing or damaged; it will be recomputed",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from reconstruct.atomic import TEMP_SUFFIX, atomic_write_bytes, atomic_write_json
+from reconstruct.atomic import TEMP_SUFFIX, atomic_copy_file, atomic_write_bytes, atomic_write_json
 from reconstruct.lock import LOCK_NAME
 from reconstruct.manifest import MANIFEST_NAME
 
@@ -40,10 +39,10 @@ def shard_name(index: int, n_shards: int) -> str:
 
 
 def copy_side_files(source: Path, out: Path) -> None:
-    """Copy tokenizer and generation files (everything but weights, index and config)."""
+    """Copy tokenizer and generation files (everything but weights, index and config), each atomically."""
     for path in sorted(source.iterdir()):
         if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.name not in SKIPPED_FILES:
-            shutil.copyfile(path, out / path.name)
+            atomic_copy_file(path, out / path.name)
 
 
 def write_config(source: Path, out: Path, enabled_flags: dict[str, bool]) -> None:

@@ -613,6 +613,7 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
     """
     from reconstruct.architecture import load_config
     from reconstruct.runtime import resolve_dtype
+    from reconstruct.validation import check_calib_seq_len
 
     if config_path is not None:
         config_path = Path(config_path).expanduser()
@@ -627,6 +628,7 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
         config = load_config(resolve_model(job.model))
     budget = budget or MemoryBudget()
     device_type, reason = planned_device(job.device, budget.device_bytes)
+    check_calib_seq_len(job.calib.seq_len, config)  # --seq-len longer than the context: refused like run
     checkpoint_dtype = _config_dtype(config)
     dtype = resolve_dtype(job.dtype, torch.device(device_type), checkpoint_dtype)
     plan = _plan(job, config, device_type, dtype, checkpoint_dtype or torch.float32, budget)

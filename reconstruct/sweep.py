@@ -16,6 +16,7 @@ unstructured, such as 2:4, dashed).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -34,6 +35,7 @@ from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
 from reconstruct.output import REPORT_NAME
 from reconstruct.plots import INSTALL_HINT, plot_sweep
 from reconstruct.report import evaluation_settings, format_or_dash
+from reconstruct.validation import check_calib_seq_len, model_config, resolve_eval_seq_len
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +119,37 @@ def build_cells(spec: SweepSpec, mask_scope: str = "row") -> list[Cell]:
     return cells
 
 
+def checked_spec(spec: SweepSpec, mask_scope: str, model: str, seq_len: int) -> SweepSpec:
+    """Check the grid, then its length flags against ``model``, before any cell runs.
+
+    Args:
+        spec: The sweep; an evaluation ``seq_len`` of None becomes min(2048, the model's context).
+        mask_scope: The cells' ``--mask-scope``.
+        model: ``--model`` as given.
+        seq_len: The cells' calibration ``--seq-len``.
+
+    Returns:
+        ``spec`` with its evaluation window resolved.
+
+    Raises:
+        ValueError: one line naming the flag at fault (for lengths: and the model's context length).
+    """
+    build_cells(spec, mask_scope)  # a bad grid is refused before the model is read
+    config = model_config(model)
+    check_calib_seq_len(seq_len, config)
+    window = resolve_eval_seq_len(spec.evaluation.seq_len, config, "--eval-seq-len")
+    return dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, seq_len=window))
+
+
 def cell_command(spec: SweepSpec, cell: Cell) -> list[str]:
     """The ``reconstruct run`` arguments of one cell (without the program name)."""
     args = ["run", "--pruner", cell.pruner, "--pattern", cell.pattern, "--method", cell.method]
     if not cell.implied_sparsity:
         args += ["--sparsity", f"{cell.sparsity:g}"]
     evaluation = spec.evaluation
-    args += ["--eval", evaluation.data, "--eval-seq-len", str(evaluation.seq_len)]
+    args += ["--eval", evaluation.data]
+    if evaluation.seq_len is not None:  # None: the cell's default, min(2048, the model's context)
+        args += ["--eval-seq-len", str(evaluation.seq_len)]
     if evaluation.max_windows is not None:
         args += ["--eval-windows", str(evaluation.max_windows)]
     return [*args, *spec.run_flags, "--out", str(spec.out / cell.name)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from calib.text_sources import HUB_DATASETS, SELF, describe_sources
@@ -25,6 +26,17 @@ def context_length(config) -> int | None:
     return None
 
 
+def check_calib_seq_len(seq_len: int, config) -> None:
+    """Refuse calibration windows (``--seq-len``) longer than the model's context.
+
+    Raises:
+        ValueError: one line naming ``--seq-len`` and the model's context length.
+    """
+    limit = context_length(config)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context length {limit}; use --seq-len {limit} or less")
+
+
 def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     """Refuse settings the model or the inputs cannot satisfy, each with the flag at fault.
 
@@ -32,9 +44,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
         ValueError: one line naming the flag and what is allowed.
     """
     calib = job.calib
-    limit = context_length(loaded.config)
-    if limit is not None and calib.seq_len > limit:
-        raise ValueError(f"--seq-len {calib.seq_len} exceeds the model's context length {limit}; use --seq-len {limit} or less")
+    check_calib_seq_len(calib.seq_len, loaded.config)
     source = calib.source
     if source != SELF and source not in HUB_DATASETS and not Path(source).expanduser().is_file():
         raise ValueError(f"--calib {source}: no such file; use {describe_sources()}")
@@ -124,3 +134,47 @@ def validate_pruning_counts(job: JobConfig, loaded: LoadedModel) -> None:
             f"--sparsity {pattern.sparsity:g} rounds to 0 weights removed per {unit} in every layer (the largest "
             f"{unit} has {max(sizes)} weights): nothing would be pruned; use --sparsity {1 / max(sizes):.3g} or more"
         )
+
+
+DEFAULT_EVAL_SEQ_LEN = 2048  # evaluation window when the model's context allows it (Wanda/SparseGPT's)
+
+
+def default_eval_seq_len(config) -> int:
+    """The evaluation window when none is given: the smaller of 2048 and the model's context length."""
+    limit = context_length(config)
+    return DEFAULT_EVAL_SEQ_LEN if limit is None else min(DEFAULT_EVAL_SEQ_LEN, limit)
+
+
+def resolve_eval_seq_len(seq_len: int | None, config, flag: str) -> int:
+    """``seq_len`` checked against the model's context, or its default when ``None``.
+
+    Args:
+        seq_len: Tokens per evaluation window as given, or ``None`` for the default.
+        config: The model's transformers config.
+        flag: The flag that set it, named in the error (``--eval-seq-len``, ``--seq-len``).
+
+    Raises:
+        ValueError: one line naming ``flag`` and the model's context length.
+    """
+    if seq_len is None:
+        return default_eval_seq_len(config)
+    limit = context_length(config)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"{flag} {seq_len} exceeds the model's context length {limit}; use {flag} {limit} or less")
+    return seq_len
+
+
+def resolve_evaluation(job: JobConfig, config) -> JobConfig:
+    """``job`` with its ``--eval`` window resolved against the model (see :func:`resolve_eval_seq_len`)."""
+    if job.evaluation is None:
+        return job
+    seq_len = resolve_eval_seq_len(job.evaluation.seq_len, config, "--eval-seq-len")
+    return replace(job, evaluation=replace(job.evaluation, seq_len=seq_len))
+
+
+def model_config(model: str):
+    """The transformers config of ``--model`` (resolved to its folder), for checks before any work."""
+    from reconstruct.architecture import load_config
+    from reconstruct.model_source import resolve_model
+
+    return load_config(resolve_model(model))

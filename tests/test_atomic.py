@@ -219,3 +219,28 @@ def test_remove_stale_temp_files(tmp_path):
     assert remove_stale_temp_files(tmp_path) == [stale]
     assert not stale.exists() and keep.exists()
     assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_side_files_are_copied_atomically(tmp_path):
+    """A process killed while copying a tokenizer file leaves the old file whole (temp written, not renamed)."""
+    import subprocess
+    import sys
+
+    source, out = tmp_path / "model", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / "tokenizer.json").write_bytes(b"new tokenizer" * 1000)
+    (source / "model.safetensors").write_bytes(b"weights are not side files")
+    (out / "tokenizer.json").write_bytes(b"old tokenizer")
+    code = "import sys; from pathlib import Path; from reconstruct.output import copy_side_files; " \
+           "copy_side_files(Path(sys.argv[1]), Path(sys.argv[2]))"
+    env = {**os.environ, "RECONSTRUCT_CRASH_AT": "write:tokenizer.json"}
+    killed = subprocess.run([sys.executable, "-c", code, str(source), str(out)], env=env)
+    assert killed.returncode == -9  # reached the atomic writer's crash point, between write and rename
+    assert (out / "tokenizer.json").read_bytes() == b"old tokenizer"
+    assert len(remove_stale_temp_files(out)) == 1
+    from reconstruct.output import copy_side_files
+
+    copy_side_files(source, out)
+    assert (out / "tokenizer.json").read_bytes() == b"new tokenizer" * 1000
+    assert sorted(path.name for path in out.iterdir()) == ["tokenizer.json"]

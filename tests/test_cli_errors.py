@@ -221,3 +221,54 @@ def test_sparsity_that_rounds_to_no_pruning_is_refused(tiny_model_dir, calib_fil
     for word in words:
         assert word in message, message
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- length flags against the model's context
+def _no_block_work(*args, **kwargs):
+    raise AssertionError("a block was processed before the length flags were checked")
+
+
+def test_eval_seq_len_longer_than_the_context_stops_before_any_block(tiny_model_dir, calib_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("reconstruct.engine.BlockPipeline.process", _no_block_work)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model_dir("opt")), "--out", str(out), *quick_args(calib_file), "--method", "none",
+            "--eval", str(calib_file), "--eval-seq-len", "4096"]  # max_position_embeddings = 256
+    message = assert_clean_error(invoke(args))
+    assert "--eval-seq-len 4096" in message and "256" in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, words", [
+    (["eval", "--seq-len", "4096"], ["--seq-len 4096", "256"]),
+    (["plan", "--seq-len", "4096"], ["--seq-len 4096", "256"]),
+    (["sweep", "--eval-seq-len", "4096", "--seq-len", "32"], ["--eval-seq-len 4096", "256"]),
+    (["sweep", "--seq-len", "4096"], ["--seq-len 4096", "256"]),
+], ids=["eval-seq-len", "plan-seq-len", "sweep-eval-seq-len", "sweep-seq-len"])
+def test_length_flags_of_other_commands_are_checked_first(tiny_model_dir, calib_file, tmp_path, monkeypatch,
+                                                          command, words):
+    monkeypatch.setattr("reconstruct.evaluate.open_lm", _no_block_work)
+    monkeypatch.setattr("reconstruct.sweep.run_cell", _no_block_work)
+    name, *flags = command
+    extra = {"eval": ["--data", str(calib_file), "--device", "cpu"],
+             "plan": ["--device", "cpu", "--n-samples", "2"],
+             "sweep": ["--eval-data", str(calib_file), "--out", str(tmp_path / "s"), "--device", "cpu"]}[name]
+    result = runner.invoke(app, [name, "--model", str(tiny_model_dir("opt")), *extra, *flags])
+    message = assert_clean_error(result)
+    for word in words:
+        assert word in message, message
+    assert not (tmp_path / "s").exists()
+
+
+def test_default_eval_window_is_the_smaller_of_2048_and_the_context():
+    from types import SimpleNamespace
+
+    from reconstruct.validation import default_eval_seq_len, resolve_eval_seq_len
+
+    assert default_eval_seq_len(SimpleNamespace(max_position_embeddings=512)) == 512
+    assert default_eval_seq_len(SimpleNamespace(n_positions=1024)) == 1024
+    assert default_eval_seq_len(SimpleNamespace(max_position_embeddings=32768)) == 2048
+    assert default_eval_seq_len(SimpleNamespace()) == 2048  # no limit in the config
+    assert resolve_eval_seq_len(None, SimpleNamespace(max_position_embeddings=512), "--seq-len") == 512
+    assert resolve_eval_seq_len(512, SimpleNamespace(max_position_embeddings=512), "--seq-len") == 512
+    with pytest.raises(ValueError, match="--seq-len 513 exceeds the model's context length 512"):
+        resolve_eval_seq_len(513, SimpleNamespace(max_position_embeddings=512), "--seq-len")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reconstruct.atomic import save_safetensors_atomic
-from reconstruct.fingerprint import fingerprint_model_files, hash_text_source
+from reconstruct.atomic import save_safetensors_atomic, sha256_file
+from reconstruct.fingerprint import HashCache, fingerprint_model_files, hash_text_source
 from reconstruct.manifest import (
     DONE,
     MANIFEST_NAME,
@@ -241,7 +241,7 @@ def test_fingerprint_changes_with_safetensors_header(tmp_path):
     after = fingerprint_model_files(model)
     assert after["model.safetensors"] != before["model.safetensors"]
     assert after["config.json"] == before["config.json"]
-    # same shapes and sizes, other weights: caught by the sampled data ends
+    # same shapes and sizes, other weights
     other = _model_dir(tmp_path / "other", scale=2.0)
     assert fingerprint_model_files(other)["model.safetensors"] != before["model.safetensors"]
 
@@ -259,7 +259,7 @@ def test_fingerprint_bin_shards(tmp_path):
     model.mkdir()
     (model / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
     shard = model / "pytorch_model-00001-of-00001.bin"
-    payload = bytearray(range(256)) * (3 * 4096 + 7)  # > 2 MiB: first and last MiB are sampled
+    payload = bytearray(range(256)) * (3 * 4096 + 7)  # > 2 MiB
     shard.write_bytes(bytes(payload))
     first = fingerprint_model_files(model)
     assert set(first) == {"pytorch_model.bin.index.json", "pytorch_model-00001-of-00001.bin"}
@@ -280,7 +280,8 @@ def test_fingerprint_damaged_safetensors_header_does_not_crash(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     (model / "broken.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
-    assert "invalid-header" in fingerprint_model_files(model)["broken.safetensors"]
+    broken = model / "broken.safetensors"
+    assert fingerprint_model_files(model)["broken.safetensors"] == f"size=10 sha256={sha256_file(broken)}"
 
 
 def test_fingerprint_single_file_and_missing(tmp_path):
@@ -320,3 +321,79 @@ def test_refusal_names_flags_not_fingerprint_fields(tmp_path):
     with pytest.raises(ValueError, match="--method: bias-ln") as refused:
         Manifest.new(old, n_blocks=2).check_same_job(new, tmp_path)
     assert "method.method" not in str(refused.value)
+
+
+# ---------------------------------------------------------------------- whole-file hashes, read once
+def _counting_sha256(monkeypatch, module: str) -> list[Path]:
+    """Record every file ``module`` hashes with ``sha256_file``."""
+    import importlib
+
+    target = importlib.import_module(module)
+    calls: list[Path] = []
+
+    def counting(path, *args, **kwargs):
+        calls.append(Path(path))
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(target, "sha256_file", counting)
+    return calls
+
+
+def test_fingerprint_sees_an_edit_in_the_middle_of_a_shard(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    shard = model / "model.safetensors"
+    save_safetensors_atomic(shard, {"w": torch.zeros(1024, 1024)})  # 4 MiB: the middle is far from both ends
+    before = fingerprint_model_files(model)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert fingerprint_model_files(model)["model.safetensors"] != before["model.safetensors"]
+
+
+def test_hash_cache_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
+    calls = _counting_sha256(monkeypatch, "reconstruct.fingerprint")
+    model = _model_dir(tmp_path / "m")
+    cache_path = tmp_path / "out" / ".reconstruct" / "file-hashes.json"
+    cache = HashCache(cache_path)
+    first = fingerprint_model_files(model, cache)
+    cache.save()
+    assert sorted(path.name for path in calls) == ["config.json", "model.safetensors"]
+    calls.clear()
+    assert fingerprint_model_files(model, HashCache(cache_path)) == first  # a later resume: stat only
+    assert calls == []
+    shard = model / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    changed = fingerprint_model_files(model, HashCache(cache_path))
+    assert [path.name for path in calls] == ["model.safetensors"]
+    assert changed["model.safetensors"] != first["model.safetensors"] and changed["config.json"] == first["config.json"]
+
+
+def test_unchanged_block_files_are_not_re_hashed(tmp_path, monkeypatch):
+    from reconstruct.fingerprint import file_stat
+
+    calls = _counting_sha256(monkeypatch, "reconstruct.manifest")
+    manifest = Manifest.new(_fingerprint(), 3)
+    for i in range(3):
+        name, digest = _write_block(tmp_path, i)
+        manifest.mark_block_done(i, name, digest, {}, file_stat(tmp_path / name))
+    manifest.save(tmp_path)
+    manifest = Manifest.load(tmp_path)  # the stats survive the JSON round trip
+    assert verify_block_files(manifest, tmp_path) == []
+    assert calls == []
+    damaged = tmp_path / manifest.blocks[1].file  # bytes and mtime change
+    data = bytearray(damaged.read_bytes())
+    data[-7] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    assert verify_block_files(manifest, tmp_path) == [1]
+    assert calls == [damaged]
+
+
+def test_block_records_without_stat_are_re_hashed(tmp_path, monkeypatch):
+    calls = _counting_sha256(monkeypatch, "reconstruct.manifest")
+    manifest = Manifest.new(_fingerprint(), 1)
+    manifest.mark_block_done(0, *_write_block(tmp_path, 0), {})  # a manifest written before stats were recorded
+    assert verify_block_files(manifest, tmp_path) == []
+    assert calls == [tmp_path / manifest.blocks[0].file]

@@ -152,3 +152,25 @@ def test_run_cell_starts_a_child_reconstruct_run(monkeypatch):
     assert seen == [[sys.executable, "-m", "reconstruct", "run", "--pruner", "wanda", "--out", "grid/ok"]]
     with pytest.raises(ValueError, match="sweep cell fail failed \\(exit code 2\\)"):
         run_cell(["run", "--out", "grid/fail"])
+
+
+def test_default_evaluation_flags_fit_a_short_context(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
+    """No --eval-seq-len / --eval-windows on a 256-token OPT: windows of 256 tokens, and the table is written."""
+    out = tmp_path / "grid"
+
+    def in_process(command: list[str]) -> None:
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0, result.output
+
+    monkeypatch.setattr(sweep_module, "run_cell", in_process)
+    args = ["sweep", "--model", str(tiny_model_dir("opt")), "--pruner", "magnitude", "--method", "none",
+            "--eval-data", str(small_calib_file), "--calib", str(small_calib_file), "--n-samples", "4",
+            "--seq-len", "32", "--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO((out / "sweep.csv").read_text())))
+    assert [row["cell"] for row in rows] == ["magnitude-s0.5-none"]
+    assert float(rows[0]["perplexity"]) > 1
+    evaluation = json.loads((out / "magnitude-s0.5-none" / "reconstruct.json").read_text())["evaluation"]
+    assert evaluation["seq_len"] == 256 and evaluation["windows"] >= 1
+    assert "× 256 tokens" in (out / "sweep.md").read_text()

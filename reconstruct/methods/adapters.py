@@ -125,7 +125,9 @@ class LowRankLinear(nn.Module):
             merged = torch.where(self.keep_mask, merged, zero)
         # A kept non-zero weight whose update cancels it exactly (W + delta rounds to 0, likely in bf16)
         # would add a zero the pruner did not choose: keep it at the smallest normal value of its sign,
-        # so the sparsity pattern stays exactly the pruner's.
+        # so the sparsity pattern stays exactly the pruner's. This guard lives in the compute dtype; the
+        # cast to the checkpoint's dtype (float32 tiny is 0 in float16) is guarded when the block is
+        # written (block_io.keep_nonzero_when_stored, for every method).
         base = weight_as_out_in(self.base)
         vanished = (merged == 0) & (base != 0) & self.keep_mask
         tiny = torch.full((), torch.finfo(merged.dtype).tiny, dtype=merged.dtype, device=merged.device)
