@@ -35,8 +35,28 @@ def block_rows(report: dict) -> list[dict]:
             "block_params": int(block.get("block_params", 0)),
             "recon_steps": int(block.get("recon_steps", 0)),
             "seconds": float(block.get("seconds", 0.0)),
+            "train_error": block.get("train_error"),
+            "val_before": block.get("val_before"),
+            "val_after": block.get("val_after"),
+            "recon_kept": block.get("recon_kept"),
+            "recon_stopped_at": block.get("recon_stopped_at"),
         })
     return rows
+
+
+def kept_summary(rows: list[dict]) -> str | None:
+    """``"k of n"`` blocks that kept their repair under the guard; None when no block was guarded."""
+    guarded = [row for row in rows if row["recon_kept"] is not None]
+    if not guarded:
+        return None
+    return f"{sum(1 for row in guarded if row['recon_kept'])} of {len(guarded)}"
+
+
+def _verdict(row: dict) -> str:
+    """The guard column: kept / undone / – (no guard)."""
+    if row["recon_kept"] is None:
+        return "–"
+    return "kept" if row["recon_kept"] else "undone"
 
 
 def describe_job(report: dict, model: str | None) -> dict[str, str]:
@@ -117,6 +137,8 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
         f"| mean linear sparsity | {report.get('mean_linear_sparsity', 0.0):.4f} |",
         f"| perplexity | {perplexity} |",
+        *([f"| blocks kept their repair | {kept_summary(rows)} (the others were undone: no better on held-out samples) |"]
+          if kept_summary(rows) else []),
         "",
         "## Blocks",
         "",
@@ -124,15 +146,24 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "before and after reconstruction; – where not measured (`--method none` runs no dense model unless "
         "`--track-error` is given). Sparsity: the mean over the block's linear layers of the share of zero weights.",
         "",
-        "| block | sparsity | MSE before | MSE after | after / before | trainable params | steps | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Train: the reconstruction loss on training batches at the end; val before/after: the same error on the "
+        "held-out calibration samples (`--recon-val`) before training and after the merge; repair: kept, or undone "
+        "(the pruned block written instead) when val after is not below val before; stop: the step whose "
+        "parameters were kept (0 = none improved).",
+        "",
+        "| block | sparsity | MSE before | MSE after | after / before | train | val before | val after | repair | stop "
+        "| trainable params | steps | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         before, after = row["mse_before"], row["mse_after"]
         ratio = after / before if before and after is not None else None
         lines.append(
             f"| {row['index']} | {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
-            f"{format_or_dash(ratio, '.3f')} | {row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} |"
+            f"{format_or_dash(ratio, '.3f')} | {format_or_dash(row['train_error'], '.3e')} | "
+            f"{format_or_dash(row['val_before'], '.3e')} | {format_or_dash(row['val_after'], '.3e')} | {_verdict(row)} | "
+            f"{format_or_dash(row['recon_stopped_at'], 'd')} | {row['trainable_params']:,} | {row['recon_steps']} | "
+            f"{row['seconds']:.1f} |"
         )
     lines.append("")
     if figure_drawn:
