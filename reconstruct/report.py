@@ -151,19 +151,18 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "(the pruned block written instead) when val after is not below val before; stop: the step whose "
         "parameters were kept (0 = none improved).",
         "",
-        "| block | sparsity | MSE before | MSE after | after / before | train | val before | val after | repair | stop "
-        "| trainable params | steps | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|",
+        "| block | sparsity | MSE before | MSE after | after / before | trainable params | steps | seconds "
+        "| train | val before | val after | repair | stop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for row in rows:
         before, after = row["mse_before"], row["mse_after"]
         ratio = after / before if before and after is not None else None
         lines.append(
             f"| {row['index']} | {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
-            f"{format_or_dash(ratio, '.3f')} | {format_or_dash(row['train_error'], '.3e')} | "
-            f"{format_or_dash(row['val_before'], '.3e')} | {format_or_dash(row['val_after'], '.3e')} | {_verdict(row)} | "
-            f"{format_or_dash(row['recon_stopped_at'], 'd')} | {row['trainable_params']:,} | {row['recon_steps']} | "
-            f"{row['seconds']:.1f} |"
+            f"{format_or_dash(ratio, '.3f')} | {row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} | "
+            f"{format_or_dash(row['train_error'], '.3e')} | {format_or_dash(row['val_before'], '.3e')} | "
+            f"{format_or_dash(row['val_after'], '.3e')} | {_verdict(row)} | {format_or_dash(row['recon_stopped_at'], 'd')} |"
         )
     lines.append("")
     if figure_drawn:

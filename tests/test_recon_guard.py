@@ -143,7 +143,10 @@ def test_a_repair_that_raises_the_validation_error_is_undone_bit_for_bit(tiny_mo
     assert all(torch.equal(got[name], want[name]) for name in want), "an undone block differs from the pruned one"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config == json.loads((plain_prune / "config.json").read_text())
-    assert "| blocks kept their repair | 0 of 3 " in (tmp_path / "out" / "report.md").read_text()
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| blocks kept their repair | 0 of 3 " in markdown
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| 0 |")]
+    assert [cell.strip() for cell in rows[0][-3:]] == [f"{report['blocks'][0]['val_after']:.3e}", "undone", "0"]
 
 
 def test_without_the_guard_the_diverged_repair_is_kept(tiny_model_dir, small_calib_file, tmp_path, plain_prune):
