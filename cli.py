@@ -180,6 +180,11 @@ def run(
     mask_scope: Annotated[MaskScope, typer.Option(help="Unstructured: equal sparsity per output row or per layer.")] = MaskScope.row,
     method: Annotated[MethodName, typer.Option(help="Reconstruction: auto = bias-ln below 60% sparsity, masklora at or above.")] = MethodName.auto,
     recon_steps: Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block.", show_default="64")] = None,
+    recon_epochs: Annotated[Optional[float], typer.Option(help="Budget in passes over the training samples instead of --recon-steps: steps = ceil(E x training samples / --recon-batch).", show_default="off")] = None,
+    recon_val: Annotated[float, typer.Option(help="Share of the calibration samples held out to validate each repair, in [0, 1) (at least one sample; 0 = none, every sample trains).")] = 0.125,
+    recon_eval_every: Annotated[int, typer.Option(min=1, help="Guard: validation error measured every this many steps.")] = 8,
+    recon_patience: Annotated[int, typer.Option(min=1, help="Guard: stop after this many evaluations without improvement.")] = 3,
+    recon_guard: Annotated[bool, typer.Option(help="Keep the best validation step's parameters and undo a repair that is not better on the held-out samples than the pruned block (--no-recon-guard: train all steps, keep every repair; the error is still measured).")] = True,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW peak learning rate (linear decay to 0).", show_default="5e-3")] = None,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank (masklora, scalelora, lora).")] = 16,
     alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha; the update is scaled by alpha/rank.")] = 32.0,
@@ -283,10 +288,14 @@ def build_job(options: dict):
     if chosen == "auto":
         chosen = "masklora" if spec.sparsity >= MASKLORA_FROM_SPARSITY else "bias-ln"
         logger.info("--method auto chose %s for sparsity %.2f", chosen, spec.sparsity)
+    if o["recon_steps"] is not None and o.get("recon_epochs") is not None:
+        raise ValueError("give --recon-steps or --recon-epochs, not both")
     overrides = dict(steps=o["recon_steps"], lr=o["lr"], batch_size=o["recon_batch"], weight_decay=o["weight_decay"])
     recon = ReconSpec(
         method=chosen, rank=o["rank"], alpha=o["alpha"], allow_dense_merge=o["allow_dense_merge"],
         granularity=_choice(o["granularity"]), target=_choice(o["target"]), **{k: v for k, v in overrides.items() if v is not None},
+        epochs=o.get("recon_epochs"), val_fraction=o.get("recon_val", 0.125), eval_every=o.get("recon_eval_every", 8),
+        patience=o.get("recon_patience", 3), guard=o.get("recon_guard", True),
     )
     return JobConfig(
         model=o["model"],

@@ -15,7 +15,12 @@ A cell is ``pruner:pattern-or-sparsity:method[+flag=value...]`` where the middle
 9 heads per block; ``channels@0.2``: 20% of the MLP channels). Each ``+flag=value`` (or bare
 ``+flag``) adds ``--flag value`` (``--flag``) to that cell's run, and is part of its name, e.g.
 ``wanda:0.7:masklora+cycles=3`` or ``loraprune:0.5:none+loraprune-steps=40``. Extra ``run`` flags for
-every cell go after ``--``.
+every cell go after ``--``. A cell's flags come last, so ``+n-samples=64`` overrides ``--n-samples``.
+
+The reconstruction guard (held-out samples, docs/benchmarks.md) per cell: ``wanda:0.5:masklora`` runs
+with it (the default), ``wanda:0.5:masklora+no-recon-guard`` measures the held-out error but keeps every
+repair, ``wanda:0.5:masklora+recon-val=0`` trains on every sample as before the guard existed; each row
+reports ``blocks_kept`` of ``blocks_guarded``.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ def run_cell(settings: dict, args, extra: list[str]) -> dict:
         "device": args.device,
         "mse_before_sum": sum(b.get("mse_before") or 0.0 for b in blocks),
         "mse_after_sum": sum(b.get("mse_after") or 0.0 for b in blocks),
+        "blocks_kept": sum(1 for b in blocks if b.get("recon_kept")),  # the guard: repairs kept ...
+        "blocks_guarded": sum(1 for b in blocks if b.get("recon_kept") is not None),  # ... of blocks it judged
         "trainable_share": sum(b.get("trainable_params", 0) for b in blocks) / max(sum(b.get("block_params", 0) for b in blocks), 1),
         "extra_flags": extra,
         "out": str(out),

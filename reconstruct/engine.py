@@ -32,7 +32,9 @@ from reconstruct.config import JobConfig
 from reconstruct.faults import crash_point
 from reconstruct.job_state import JobState
 from reconstruct.loaded_model import LoadedModel, load_model
-from reconstruct.methods import attach_method, evaluate_mse, train_reconstruction
+from reconstruct.methods import SampleSplit, attach_method, evaluate_mse, split_samples, train_reconstruction
+from reconstruct.methods.snapshot import BlockSnapshot
+from reconstruct.methods.train import local_rows, log_training_budget
 from reconstruct.objective import UnitObjective, build_units, discover_units
 from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
@@ -61,6 +63,11 @@ class BlockReport:
     densified_fraction: float = 0.0  # lora only: share of pruned weights that became non-zero
     removed: dict[str, list[int]] = field(default_factory=dict)  # heads/channels: removed heads, kv_heads, channels
     seconds: float = 0.0
+    train_error: float | None = None  # training-batch loss over the last evaluation interval (last cycle)
+    val_before: float | None = None  # error on the held-out samples before reconstruction (first cycle)
+    val_after: float | None = None  # the same after the merge (last cycle), whether kept or undone
+    recon_kept: bool | None = None  # guard: a repair is in the written block (None: no guard)
+    recon_stopped_at: int | None = None  # guard: step whose parameters were kept, last cycle (0: none)
 
 
 @torch.no_grad()
@@ -113,8 +120,11 @@ class BlockPipeline:
     """Prune and reconstruct one block at a time; knows nothing about files."""
 
     def __init__(self, job: JobConfig, layout: BlockLayout, kwargs: BlockKwargs, device: torch.device,
-                 model_config=None):
+                 model_config=None, split: SampleSplit | None = None):
         self.job = job
+        self.split = split  # held-out calibration samples (global indices); None: every sample trains
+        self.val_rows = None if split is None else local_rows(
+            split.val, distributed.split_samples(split.train.numel() + split.val.numel()))
         self.layout = layout
         self.kwargs = kwargs
         self.device = device
@@ -328,24 +338,52 @@ class BlockPipeline:
             objective = UnitObjective(block, dense_copy, self.reconstruction_units(block, linears, sparse),
                                       self.run_block, sparse, dense, recon.target)
             train_forward, targets = objective.forward, objective
+        validating = self.split is not None and self.split.val.numel() > 0
+        snapshot = BlockSnapshot(block) if validating and recon.guard else None
         handle = attach_method(
             recon.method, block, linears, keep_masks,
             rank=recon.rank, alpha=recon.alpha, bias_linears=self.bias_linears(linears), seed=block_seed,
         )
         result = train_reconstruction(
             train_forward, handle.trainable_parameters(), sparse, targets, recon, seed=block_seed,
-            eval_micro_batch=self.job.micro_batch, measure_after=False,
+            eval_micro_batch=self.job.micro_batch, measure_after=False, split=self.split,
         )
         crash_point(f"reconstruction:{index}")
         merge = handle.merge(allow_dense_merge=recon.allow_dense_merge)
+        kept = True
+        if validating:
+            val_after = evaluate_mse(train_forward, sparse, targets, self.job.micro_batch, rows=self.val_rows)
+            kept = self._judge(result.val_before, val_after, snapshot, index, cycle)
+            report.val_before = result.val_before if report.val_before is None else report.val_before
+            report.val_after = val_after
         for param in block.parameters():
             param.requires_grad_(False)
         if report.mse_before is None:
             report.mse_before = result.mse_before
         report.trainable_params = handle.num_trainable
         report.recon_steps += result.steps
-        report.added_biases = sorted(handle.added_biases)
-        report.densified_fraction = getattr(merge, "densified_fraction", 0.0)
+        report.train_error = result.train_error
+        if snapshot is not None:
+            report.recon_kept = kept or bool(report.recon_kept)
+            report.recon_stopped_at = result.stopped_at
+        if kept:
+            report.added_biases = sorted(set(report.added_biases) | handle.added_biases)
+            report.densified_fraction = getattr(merge, "densified_fraction", 0.0)
+
+    @staticmethod
+    def _judge(val_before: float, val_after: float, snapshot: BlockSnapshot | None, index: int, cycle: int) -> bool:
+        """Keep the merged repair only if it is better on the validation samples; else restore ``snapshot``.
+
+        Returns:
+            Whether the repair stays (always True without a snapshot, i.e. with the guard off).
+        """
+        better = val_after < val_before  # NaN is never better
+        if snapshot is None or better:
+            return True
+        snapshot.restore()
+        logger.info("block %d%s: repair undone, validation error %.4g → %.4g is no better than the pruned block",
+                    index, f" cycle {cycle}" if cycle > 1 else "", val_before, val_after)
+        return False
 
     def bias_linears(self, linears: dict[str, nn.Module]) -> set[str]:
         """Linears that may carry a bias in the output: those with one, and those a config flag enables."""
@@ -427,7 +465,11 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     start_block = state.restore_streams(sparse, dense)
     if start_block == 0 and dense is not None:
         dense.copy_from(sparse)
-    pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config)
+    split = None
+    if job.recon is not None and job.recon.method != "none":
+        split = split_samples(shard.total, job.recon.val_fraction, job.calib.seed)  # the same on every rank
+        log_training_budget(job.recon, split)
+    pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config, split=split)
 
     progress = progress_bar(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
                             total=layout.n_blocks)
@@ -446,10 +488,24 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         logger.info(
             "block %d/%d: sparsity %.3f%s, %.1fs", index + 1, layout.n_blocks,
             sum(block_report.sparsity.values()) / max(len(block_report.sparsity), 1),
-            "" if block_report.mse_after is None else
-            f", mse {block_report.mse_before or 0.0:.3g} → {block_report.mse_after:.3g}", block_report.seconds,
+            ("" if block_report.mse_after is None else
+             f", mse {block_report.mse_before or 0.0:.3g} → {block_report.mse_after:.3g}") + describe_guard(block_report),
+            block_report.seconds,
         )
     return assemble_output(job, loaded, state, n_shards)
+
+
+def describe_guard(report: BlockReport) -> str:
+    """``, validation a → b (kept at step s)`` for the block log line; empty without validation."""
+    if report.val_before is None or report.val_after is None:
+        return ""
+    if report.recon_kept is None:
+        verdict = "guard off"
+    elif report.recon_kept:
+        verdict = f"kept, step {report.recon_stopped_at}"
+    else:
+        verdict = "undone"
+    return f", validation {report.val_before:.3g} → {report.val_after:.3g} ({verdict})"
 
 
 def capture_kwargs_and_inputs(loaded: LoadedModel, tokens: torch.Tensor, micro_batch: int,

@@ -47,10 +47,11 @@ def _save(figure, path: Path) -> None:
 
 
 def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, path: Path) -> bool:
-    """Per-block reconstruction MSE (before / after) and achieved sparsity, as a PNG.
+    """Per-block reconstruction MSE (before / after), held-out validation error, and sparsity, as a PNG.
 
     Args:
-        rows: one dict per block with ``index``, ``mse_before``, ``mse_after``, ``sparsity``.
+        rows: one dict per block with ``index``, ``mse_before``, ``mse_after``, ``sparsity`` and, when
+            the job held out samples, ``val_before``, ``val_after``, ``recon_kept``.
         title: figure title.
         target_sparsity: drawn as a dashed line on the sparsity panel (None: not drawn).
         path: where the PNG goes (written atomically).
@@ -75,7 +76,8 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
         nan = float("nan")
         mse_axes.plot(index, [nan if v is None else v for v in before], marker="o", label="before reconstruction")
         mse_axes.plot(index, [nan if v is None else v for v in after], marker="s", label="after reconstruction")
-        if all(value is not None and value > 0 for value in before + after):
+        shown = before + after + _plot_validation(mse_axes, rows)
+        if all(value is not None and value > 0 for value in shown):
             mse_axes.set_yscale("log")
         mse_axes.legend()
     mse_axes.set_ylabel("block output MSE\n(pruned vs dense)")
@@ -91,6 +93,23 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     figure.suptitle(title)
     _save(figure, path)
     return True
+
+
+def _plot_validation(axes, rows: list[dict]) -> list[float]:
+    """Held-out error before / after each repair (dashed), undone repairs crossed; returns the values drawn."""
+    measured = [row for row in rows if row.get("val_before") is not None and row.get("val_after") is not None]
+    if not measured:
+        return []
+    index = [row["index"] for row in measured]
+    axes.plot(index, [row["val_before"] for row in measured], linestyle="--", marker=".", color="tab:green",
+              label="validation before")
+    axes.plot(index, [row["val_after"] for row in measured], linestyle="--", marker="^", color="tab:red",
+              label="validation after")
+    undone = [row for row in measured if row.get("recon_kept") is False]
+    if undone:
+        axes.scatter([row["index"] for row in undone], [row["val_after"] for row in undone], marker="x", s=80,
+                     color="black", zorder=3, label="repair undone")
+    return [row["val_before"] for row in measured] + [row["val_after"] for row in measured]
 
 
 def plot_sweep(rows: list[dict], path: Path) -> bool:

@@ -36,8 +36,28 @@ def block_rows(report: dict) -> list[dict]:
             "block_params": int(block.get("block_params", 0)),
             "recon_steps": int(block.get("recon_steps", 0)),
             "seconds": float(block.get("seconds", 0.0)),
+            "train_error": block.get("train_error"),
+            "val_before": block.get("val_before"),
+            "val_after": block.get("val_after"),
+            "recon_kept": block.get("recon_kept"),
+            "recon_stopped_at": block.get("recon_stopped_at"),
         })
     return rows
+
+
+def kept_summary(rows: list[dict]) -> str | None:
+    """``"k of n"`` blocks that kept their repair under the guard; None when no block was guarded."""
+    guarded = [row for row in rows if row["recon_kept"] is not None]
+    if not guarded:
+        return None
+    return f"{sum(1 for row in guarded if row['recon_kept'])} of {len(guarded)}"
+
+
+def _verdict(row: dict) -> str:
+    """The guard column: kept / undone / – (no guard)."""
+    if row["recon_kept"] is None:
+        return "–"
+    return "kept" if row["recon_kept"] else "undone"
 
 
 def describe_job(report: dict, model: str | None) -> dict[str, str]:
@@ -124,6 +144,8 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
         f"| mean linear sparsity | {report.get('mean_linear_sparsity', 0.0):.4f} |",
         f"| perplexity | {perplexity} |",
+        *([f"| blocks kept their repair | {kept_summary(rows)} (the others were undone: no better on held-out samples) |"]
+          if kept_summary(rows) else []),
         "",
         "## Blocks",
         "",
@@ -137,9 +159,14 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "block exactly, 1 = an error as large as the output itself); well under 0.01 means the pruned block "
         "reproduces the dense one to within 1% of its output's energy, and reconstruction should lower it.",
         "",
+        "Train: the reconstruction loss on training batches at the end; val before/after: the same error on the "
+        "held-out calibration samples (`--recon-val`) before training and after the merge; repair: kept, or undone "
+        "(the pruned block written instead) when val after is not below val before; stop: the step whose "
+        "parameters were kept (0 = none improved).",
+        "",
         "| block | sparsity | MSE before | MSE after | after / before | relative error before | relative error after "
-        "| trainable params | steps | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| trainable params | steps | seconds | train | val before | val after | repair | stop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for row in rows:
         before, after, scale = row["mse_before"], row["mse_after"], row["target_mean_square"]
@@ -148,7 +175,9 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         lines.append(
             f"| {row['index'] + 1} | {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
             f"{format_or_dash(ratio, '.3f')} | {format_or_dash(relative[0], '.3e')} | {format_or_dash(relative[1], '.3e')} | "
-            f"{row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} |"
+            f"{row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} | "
+            f"{format_or_dash(row['train_error'], '.3e')} | {format_or_dash(row['val_before'], '.3e')} | "
+            f"{format_or_dash(row['val_after'], '.3e')} | {_verdict(row)} | {format_or_dash(row['recon_stopped_at'], 'd')} |"
         )
     lines.append("")
     if figure_drawn:

@@ -511,3 +511,20 @@ def test_disk_full_in_process(job, reference, tmp_path, monkeypatch):
     resumed = ok(job.run(out))
     assert computed_blocks(resumed) == list(range(1, job.n_blocks))
     assert_same_output(out, reference)
+
+
+# --------------------------------------------------------------------------- the reconstruction guard
+GUARD_FLAGS = {"lr": "50", "recon_steps": "16", "recon_eval_every": "4"}  # a diverging repair the guard undoes
+
+
+@pytest.mark.parametrize("point", ["reconstruction:1", "statistics:2"])
+def test_resume_with_the_guard_undoing_repairs_gives_identical_output(job, tmp_path, point):
+    reference = tmp_path / "reference"
+    ok(job.run(reference, **GUARD_FLAGS))
+    decisions = [record.stats["recon_kept"] for record in Manifest.load(reference).blocks]
+    assert False in decisions  # the manifest records each block's decision
+    out = tmp_path / "out"
+    crashed(job.run(out, crash=point, **GUARD_FLAGS))
+    ok(job.run(out, **GUARD_FLAGS))
+    assert_same_output(out, reference)
+    assert [record.stats["recon_kept"] for record in Manifest.load(out).blocks] == decisions

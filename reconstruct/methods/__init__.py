@@ -16,7 +16,7 @@ stay exactly zero through every method but lora.
 from reconstruct.methods.attach import MethodHandle, attach_method
 from reconstruct.methods.merge import MergeReport
 from reconstruct.methods.spec import METHOD_NAMES, ReconSpec
-from reconstruct.methods.train import ReconResult, evaluate_mse, train_reconstruction
+from reconstruct.methods.train import ReconResult, SampleSplit, evaluate_mse, split_samples, train_reconstruction
 
 __all__ = [
     "METHOD_NAMES",
@@ -24,7 +24,9 @@ __all__ = [
     "MethodHandle",
     "ReconResult",
     "ReconSpec",
+    "SampleSplit",
     "attach_method",
     "evaluate_mse",
+    "split_samples",
     "train_reconstruction",
 ]

@@ -21,6 +21,7 @@ one sample of 2048 tokens already fills a GPU's matmuls for a 7B+ block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 METHOD_NAMES = ("none", "bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
@@ -47,6 +48,11 @@ class ReconSpec:
     allow_dense_merge: bool = False  # lora only: accept that merging fills the pruned positions
     granularity: str = "block"  # what is matched: "block", "sublayer" (attention, MLP) or "linear"
     target: str = "dense"  # "dense": block_dense(x_dense) (PERP); "local": block_dense(x_sparse)
+    epochs: float | None = None  # budget in passes over the training samples; overrides `steps` when set
+    val_fraction: float = 0.125  # share of calibration samples held out for validation; 0 = none
+    eval_every: int = 8  # optimizer steps between validation evaluations (guard on)
+    patience: int = 3  # evaluations without improvement before training stops (guard on)
+    guard: bool = True  # keep the best evaluation's parameters; undo a repair not better on validation
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -71,3 +77,30 @@ class ReconSpec:
             raise ValueError(f"--granularity must be one of block, sublayer, linear; got {self.granularity!r}")
         if self.target not in ("dense", "local"):
             raise ValueError(f"--target must be one of dense, local; got {self.target!r}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"--recon-epochs must be > 0; got {self.epochs}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--recon-val must be a fraction in [0, 1); got {self.val_fraction}")
+        if self.eval_every < 1:
+            raise ValueError(f"--recon-eval-every must be >= 1; got {self.eval_every}")
+        if self.patience < 1:
+            raise ValueError(f"--recon-patience must be >= 1; got {self.patience}")
+
+    def steps_for(self, n_train: int) -> int:
+        """Optimizer steps for ``n_train`` training samples: ``steps``, or ``ceil(epochs * n_train / batch)``.
+
+        Args:
+            n_train: calibration samples training draws from (all ranks together).
+
+        Returns:
+            The step budget; with ``epochs`` set, the batch is clamped to ``n_train`` as training does.
+        """
+        if self.epochs is None or n_train < 1:
+            return self.steps
+        return math.ceil(self.epochs * n_train / min(self.batch_size, n_train))
+
+    def passes(self, n_train: int) -> float:
+        """How many times the step budget goes over ``n_train`` samples (epochs)."""
+        if n_train < 1:
+            return 0.0
+        return self.steps_for(n_train) * min(self.batch_size, n_train) / n_train

@@ -2,6 +2,11 @@
 
 PERP's layer-wise reconstruction: minimise ``MSE(block_pruned(x_sparse), y_dense)`` with AdamW and a
 linearly decaying learning rate, on the calibration activations of one block.
+
+With a :class:`SampleSplit` that holds out validation samples, training draws only from the training
+samples, and the guard (``ReconSpec.guard``) evaluates the error on the held-out ones every
+``eval_every`` steps, stops after ``patience`` evaluations without improvement, and leaves the
+parameters of the best evaluation (the untrained ones if none improved).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -39,6 +44,72 @@ class ReconResult:
     mse_after: float  # the same after training, before merging (merging does not change outputs)
     steps: int  # optimizer steps taken
     seconds: float  # wall time, both evaluations included
+    val_before: float | None = None  # error on the validation samples before training (None: no split)
+    val_best: float | None = None  # validation error of the parameters left in place (guard on)
+    stopped_at: int | None = None  # step whose parameters were kept (0: none improved; None: no guard)
+    train_error: float | None = None  # mean training-batch loss over the last evaluation interval
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation error), guard on
+
+
+@dataclass(frozen=True)
+class SampleSplit:
+    """Global calibration sample indices (sorted) that training draws from and that validate it."""
+
+    train: Tensor  # (n_train,) int64
+    val: Tensor  # (n_val,) int64; empty: no validation
+
+    @classmethod
+    def everything(cls, n_samples: int) -> SampleSplit:
+        """Every sample trains, none validates (what the loop did before held-out samples)."""
+        return cls(torch.arange(n_samples), torch.empty(0, dtype=torch.long))
+
+
+def split_samples(n_samples: int, val_fraction: float, seed: int) -> SampleSplit:
+    """Hold out ``round(val_fraction * n_samples)`` samples, at least one, at least one left to train.
+
+    The draw comes from a CPU generator seeded with ``seed`` (the job's), so every rank and every
+    resume gets the same split. ``val_fraction == 0`` or a single sample: no validation.
+
+    Args:
+        n_samples: calibration samples, all ranks together.
+        val_fraction: share held out, in [0, 1).
+        seed: the job seed.
+
+    Returns:
+        The split; ``val`` is empty when nothing is held out.
+    """
+    if val_fraction <= 0 or n_samples < 2:
+        return SampleSplit.everything(n_samples)
+    n_val = min(n_samples - 1, max(1, int(n_samples * val_fraction + 0.5)))
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_033 + 7)
+    order = torch.randperm(n_samples, generator=generator)
+    return SampleSplit(torch.sort(order[n_val:]).values, torch.sort(order[:n_val]).values)
+
+
+MANY_EPOCHS = 8.0  # a step budget above this many passes over the training samples gets a warning
+
+
+def log_training_budget(spec: ReconSpec, split: SampleSplit) -> None:
+    """Log the held-out split and the step budget; warn when it means many passes over few samples."""
+    n_train, n_val = split.train.numel(), split.val.numel()
+    if n_val == 0:
+        reason = "--recon-val 0" if spec.val_fraction == 0 else f"only {n_train} calibration sample(s)"
+        logger.info("no held-out validation samples (%s): every block keeps its repair unchecked", reason)
+    else:
+        logger.info("calibration samples: %d train the repair, %d validate it (guard %s)", n_train, n_val,
+                    "on" if spec.guard else "off: measured only")
+    steps, passes = spec.steps_for(n_train), spec.passes(n_train)
+    if passes > MANY_EPOCHS:
+        logger.warning("%d reconstruction steps of %d samples are %.0f passes over %d training samples: "
+                       "expect overfitting (give more --n-samples, fewer --recon-steps, or --recon-epochs)",
+                       steps, min(spec.batch_size, n_train), passes, n_train)
+
+
+def local_rows(indices: Tensor, shard: distributed.Shard) -> Tensor:
+    """The rows of this rank's stream that hold the global sample ``indices`` it owns."""
+    if shard.size == shard.total:
+        return indices
+    return indices[(indices >= shard.start) & (indices < shard.stop)] - shard.start
 
 
 def _output(out: Tensor | tuple) -> Tensor:
@@ -52,7 +123,8 @@ def _trainable_input(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate_mse(
-    forward: Callable[[Tensor], Tensor], inputs: ActivationStream, targets: ActivationStream, micro_batch: int
+    forward: Callable[[Tensor], Tensor], inputs: ActivationStream, targets: ActivationStream, micro_batch: int,
+    rows: Tensor | None = None,
 ) -> float:
     """Mean squared error between ``forward(inputs)`` and ``targets`` over all samples, in float32.
 
@@ -61,6 +133,7 @@ def evaluate_mse(
         inputs: the block's input stream.
         targets: the stream to match (same n_samples).
         micro_batch: samples per forward.
+        rows: only these rows of this rank's streams (sorted; may be empty); None = all.
 
     Returns:
         The mean over every element of every sample (of every rank's samples in a distributed run).
@@ -69,8 +142,11 @@ def evaluate_mse(
     if targets.n_samples != n:
         raise ValueError(f"inputs have {n} samples but targets have {targets.n_samples}")
     total, count = 0.0, 0
-    for start in range(0, n, micro_batch):
-        part = slice(start, min(start + micro_batch, n))
+    parts = ([slice(start, min(start + micro_batch, n)) for start in range(0, n, micro_batch)] if rows is None
+             else list(rows.split(micro_batch)))
+    for part in parts:
+        if isinstance(part, Tensor) and part.numel() == 0:
+            continue
         out = _output(forward(inputs.read(part))).float()
         target = targets.read(part).float()
         total += float(torch.sum((out - target) ** 2, dtype=torch.float64))
@@ -82,16 +158,45 @@ def evaluate_mse(
 class _SampleOrder:
     """Batches of sample indices: each epoch is a fresh permutation drawn from a seeded CPU generator."""
 
-    def __init__(self, n_samples: int, seed: int) -> None:
-        self.n = n_samples
+    def __init__(self, samples: Tensor | int, seed: int) -> None:
+        # (n,) the global indices to draw from; an int n means all of 0..n-1
+        self.samples = torch.arange(samples) if isinstance(samples, int) else samples
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.pending = torch.empty(0, dtype=torch.long)
 
     def take(self, batch: int) -> Tensor:
+        n = self.samples.numel()
         while self.pending.numel() < batch:
-            self.pending = torch.cat([self.pending, torch.randperm(self.n, generator=self.generator)])
+            self.pending = torch.cat([self.pending, torch.randperm(n, generator=self.generator)])
         chosen, self.pending = self.pending[:batch], self.pending[batch:]
-        return torch.sort(chosen).values  # sorted: sequential reads from a disk-backed cache
+        return torch.sort(self.samples[chosen]).values  # sorted: sequential reads from a disk-backed cache
+
+
+class _BestParameters:
+    """Early stopping: remembers the parameters of the best validation evaluation."""
+
+    def __init__(self, params: list[nn.Parameter], val_before: float, patience: int) -> None:
+        self.params = params
+        self.patience = patience
+        self.best = val_before  # the untrained parameters are evaluation 0
+        self.best_step = 0
+        self.saved = [p.detach().clone() for p in params]
+        self.misses = 0
+
+    def observe(self, step: int, val: float) -> bool:
+        """Record the evaluation after ``step``; True when training should stop."""
+        if val < self.best:  # NaN never improves
+            self.best, self.best_step, self.misses = val, step, 0
+            self.saved = [p.detach().clone() for p in self.params]
+            return False
+        self.misses += 1
+        return self.misses >= self.patience
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the best evaluation's values back into the parameters."""
+        for param, saved in zip(self.params, self.saved):
+            param.copy_(saved)
 
 
 def local_micro_batches(indices: Tensor, shard: distributed.Shard, micro_batch: int) -> list[Tensor]:
@@ -107,7 +212,7 @@ def local_micro_batches(indices: Tensor, shard: distributed.Shard, micro_batch: 
         batch lies on other ranks (``Tensor.split`` would give one empty slice: a forward on zero
         samples). Such a rank still joins the step's gradient all-reduce, with no gradients.
     """
-    local = indices[(indices >= shard.start) & (indices < shard.stop)] - shard.start  # (b_local,)
+    local = local_rows(indices, shard)  # (b_local,)
     return list(local.split(micro_batch)) if local.numel() else []
 
 
@@ -123,31 +228,39 @@ def train_reconstruction(
     measure_after: bool = True,
     measure_before: bool = True,
     on_gradients: Callable[[int], None] | None = None,
+    split: SampleSplit | None = None,
 ) -> ReconResult:
     """Train ``params`` so that ``forward(inputs)`` matches ``targets`` (PERP's reconstruction).
 
-    AdamW(lr, weight_decay) with the learning rate decayed linearly to 0 over ``spec.steps``. Every
-    step draws ``spec.batch_size`` samples (clamped to n_samples) without replacement within an
-    epoch, from a CPU generator seeded with ``seed``, and accumulates the gradient of the float32 MSE
-    over slices of ``spec.micro_batch`` samples. Same seed and inputs give bit-identical parameters on
-    the CPU (on a GPU, up to the determinism of its kernels). The block should be in ``eval()`` mode
-    so dropout is off. Do not call it under ``torch.inference_mode`` (``no_grad`` is fine: training
-    re-enables gradients); input activations that are inference tensors are copied per micro-batch,
-    but tensors captured inside ``forward`` (e.g. position embeddings) must be ordinary tensors.
+    AdamW(lr, weight_decay) with the learning rate decayed linearly to 0 over the step budget
+    (``spec.steps_for(n_train)``). Every step draws ``spec.batch_size`` training samples (clamped to
+    n_train) without replacement within an epoch, from a CPU generator seeded with ``seed``, and
+    accumulates the gradient of the float32 MSE over slices of ``spec.micro_batch`` samples. Same
+    seed and inputs give bit-identical parameters on the CPU (on a GPU, up to the determinism of its
+    kernels). The block should be in ``eval()`` mode so dropout is off. Do not call it under
+    ``torch.inference_mode`` (``no_grad`` is fine: training re-enables gradients); input activations
+    that are inference tensors are copied per micro-batch, but tensors captured inside ``forward``
+    (e.g. position embeddings) must be ordinary tensors.
+
+    With validation samples in ``split``, ``val_before`` is measured on them; with ``spec.guard`` also
+    every ``spec.eval_every`` steps and at the last step, training stops after ``spec.patience``
+    evaluations without improvement, and the parameters of the best evaluation are left in place
+    (the initial ones when none improved: ``stopped_at == 0``).
 
     Distributed (``reconstruct.distributed``): ``inputs``/``targets`` hold this rank's contiguous
     rows of the global sample axis, ranks in order. Every rank draws the same global batch from the
-    same generator and computes the part it holds; the loss is divided by the global batch size and
-    the gradients are summed over ranks before each step, so the result equals one process's up to
-    float summation order. Every rank must call this (it is collective); ranks end with rank 0's
-    parameter values.
+    same generator and computes the part it holds (possibly none: it still joins the all-reduce);
+    the loss is divided by the global batch size and the gradients are summed over ranks before each
+    step, so the result equals one process's up to float summation order. Validation errors are
+    summed over ranks, so every rank takes the same early-stopping decision. Every rank must call
+    this (it is collective); ranks end with rank 0's parameter values.
 
     Args:
         forward: runs the block (with its adapters) on (b, T, H) and returns (b, T, H).
         params: the trainable parameters (``MethodHandle.trainable_parameters()``).
         inputs: the pruned model's activation stream into this block.
         targets: the dense block's outputs.
-        spec: steps, lr, weight_decay, batch_size, micro_batch.
+        spec: steps (or epochs), lr, weight_decay, batch_size, micro_batch, guard settings.
         seed: seeds the sample order.
         progress: show a tqdm bar over the steps.
         eval_micro_batch: samples per forward when measuring the MSE (default: ``spec.micro_batch``).
@@ -157,6 +270,7 @@ def train_reconstruction(
         on_gradients: called as ``on_gradients(step)`` once per step, after the step's gradients are
             accumulated (and summed over ranks) and before the optimizer uses them (LoRAPrune reads
             the adapters' gradients here).
+        split: global sample indices to train on and to validate on (default: train on all).
 
     Returns:
         ReconResult with the MSE before and after; ``steps == 0`` or no params: no training.
@@ -166,14 +280,25 @@ def train_reconstruction(
     mse_before = evaluate_mse(forward, inputs, targets, eval_micro_batch) if measure_before else math.nan
     params = [p for p in params if p.requires_grad]
     shard = distributed.local_shard(inputs.n_samples)  # this rank's rows of the global sample axis
-    if spec.steps == 0 or not params or shard.total == 0:
-        return ReconResult(mse_before, mse_before, 0, time.perf_counter() - started)
+    split = split if split is not None else SampleSplit.everything(shard.total)
+    val_rows = local_rows(split.val, shard)
 
-    batch = min(spec.batch_size, shard.total)
+    def validate() -> float:
+        return evaluate_mse(forward, inputs, targets, eval_micro_batch, rows=val_rows)
+
+    val_before = validate() if split.val.numel() else None
+    n_train = split.train.numel()
+    total_steps = spec.steps_for(n_train)
+    if total_steps == 0 or not params or n_train == 0:
+        return ReconResult(mse_before, mse_before, 0, time.perf_counter() - started, val_before, val_before)
+
+    batch = min(spec.batch_size, n_train)
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / spec.steps)
-    order = _SampleOrder(shard.total, seed)  # global indices: the same draw on every rank
-    steps = range(spec.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    order = _SampleOrder(split.train, seed)  # global indices: the same draw on every rank
+    best = _BestParameters(params, val_before, spec.patience) if spec.guard and val_before is not None else None
+    curve: list[tuple[int, float]] = []
+    steps = range(total_steps)
     if progress:
         from tqdm.auto import tqdm
 
@@ -181,6 +306,8 @@ def train_reconstruction(
     # Step of the first non-finite loss, kept on the device: reading it back every micro-step would
     # synchronise the GPU once per micro-step just to warn once.
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=params[0].device)
+    interval_loss = torch.zeros((), dtype=torch.float64, device=params[0].device)  # since the last evaluation
+    interval_steps, train_error, taken = 0, None, 0
     with torch.enable_grad():
         for step in steps:
             optimizer.zero_grad(set_to_none=True)
@@ -197,11 +324,29 @@ def train_reconstruction(
                 on_gradients(step)
             optimizer.step()
             schedule.step()
+            taken = step + 1
             bad = (first_bad_step < 0) & ~torch.isfinite(step_loss)
             first_bad_step = torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
+            interval_loss += step_loss
+            interval_steps += 1
+            if taken % spec.eval_every == 0 or taken == total_steps:
+                train_error = distributed.all_reduce_sum(float(interval_loss) / interval_steps)[0]
+                interval_loss.zero_()
+                interval_steps = 0
+                if best is not None:
+                    curve.append((taken, validate()))
+                    if best.observe(taken, curve[-1][1]):
+                        break
     if int(first_bad_step) >= 0:
-        logger.warning("reconstruction loss became non-finite at step %d; the merge will refuse", int(first_bad_step))
+        logger.warning("reconstruction loss became non-finite at step %d%s", int(first_bad_step),
+                       "" if best is not None else "; the merge will refuse")
     optimizer.zero_grad(set_to_none=True)
+    if best is not None:
+        best.restore()
     distributed.broadcast_from_main_(params)  # ranks continue from identical bytes
     mse_after = evaluate_mse(forward, inputs, targets, eval_micro_batch) if measure_after else math.nan
-    return ReconResult(mse_before, mse_after, spec.steps, time.perf_counter() - started)
+    return ReconResult(
+        mse_before, mse_after, taken, time.perf_counter() - started, val_before,
+        val_best=best.best if best is not None else None, stopped_at=best.best_step if best is not None else None,
+        train_error=train_error, val_curve=curve,
+    )
