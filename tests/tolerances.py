@@ -38,11 +38,12 @@ def dot_sum_bound(abs_products_sum: Tensor, n_terms: int, dtype: torch.dtype = t
 def assert_within(actual: Tensor, expected: Tensor, bound: Tensor | float) -> None:
     """Assert ``|actual - expected| <= bound`` elementwise (compared in float64), naming the worst element."""
     error = (actual.detach().double() - expected.detach().double()).abs()
-    excess = error - torch.as_tensor(bound, dtype=torch.float64)
+    bound = torch.as_tensor(bound, dtype=torch.float64).detach()
+    excess = error - bound
     worst = int(excess.argmax())
     assert float(excess.reshape(-1)[worst]) <= 0, (
         f"element {worst}: error {float(error.reshape(-1)[worst]):.3g} exceeds its bound "
-        f"{float(torch.as_tensor(bound, dtype=torch.float64).expand_as(error).reshape(-1)[worst]):.3g}"
+        f"{float(bound.expand_as(error).reshape(-1)[worst]):.3g}"
     )
 
 
