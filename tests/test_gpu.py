@@ -80,7 +80,9 @@ def test_cuda_prune_is_exact_and_matches_cpu(tiny_model_dir, small_calib_file, t
         assert agree >= MIN_MASK_AGREEMENT, agree
     both_kept = {k: (cpu[k] != 0) & (cuda[k] != 0) for k in cpu}
     kept_error = sum(((cuda[k] - cpu[k]) * both_kept[k]).norm() ** 2 for k in cpu) ** 0.5
-    assert kept_error <= 1e-2 * sum(w.norm() ** 2 for w in cpu.values()) ** 0.5  # SparseGPT's updates agree too
+    # not a rounding bound: a mask decision that flips (allowed above) changes the next blocks' inputs, so the
+    # two devices' weights differ by more than rounding; 1% of the weights' norm says the updates still agree
+    assert kept_error <= 1e-2 * sum(w.norm() ** 2 for w in cpu.values()) ** 0.5
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -55,8 +55,9 @@ def test_three_items_equal_a_hand_computed_loglikelihood_comparison(tiny_model_d
         assert item["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
         assert (item["pred"], item["pred_norm"], item["label"]) == (pred, pred_norm, label)
     assert metrics["n"] == 3
-    assert metrics["acc"] == pytest.approx(sum(p == y for p, y in zip(expected_pred, labels)) / 3)
-    assert metrics["acc_norm"] == pytest.approx(sum(p == y for p, y in zip(expected_norm, labels)) / 3)
+    # a count over 3, one correctly rounded division of integers on both sides: exact
+    assert metrics["acc"] == sum(p == y for p, y in zip(expected_pred, labels)) / 3
+    assert metrics["acc_norm"] == sum(p == y for p, y in zip(expected_norm, labels)) / 3
 
 
 def test_accuracy_in_unit_interval_and_streamed_equals_in_memory(tiny_model_dir):
@@ -68,9 +69,10 @@ def test_accuracy_in_unit_interval_and_streamed_equals_in_memory(tiny_model_dir)
     assert whole["n"] == streamed["n"] == 40
     for metrics in (whole, streamed):
         assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
-        assert metrics["acc"] * 40 == pytest.approx(round(metrics["acc"] * 40))  # a share of 40 questions
+        assert metrics["acc"] == round(metrics["acc"] * 40) / 40  # a share of 40 questions (k / 40, rounded once)
     for a, b in zip(whole_items, streamed_items):
-        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+        # the same modules on the same micro-batches (streaming only moves the hidden states): the same bits
+        assert a["loglikelihoods"] == b["loglikelihoods"]
     assert (whole["acc"], whole["acc_norm"]) == (streamed["acc"], streamed["acc_norm"])
 
 

@@ -73,7 +73,8 @@ def test_self_calibrated_job_completes(self_calibrated):
         assert report["job"]["calibration"]["source"] == {"name": "self"}
         assert report["job"]["calibration"]["n_samples"] == N_SAMPLES
         assert len(report["blocks"]) == 3
-        assert report["mean_linear_sparsity"] == pytest.approx(0.5)
+        # every row keeps exactly half of an even width: each fraction is 0.5 and so is their mean, exactly
+        assert report["mean_linear_sparsity"] == 0.5
         assert json.loads((out / "reconstruct-manifest.json").read_text())["finished"] is True
     model = AutoModelForCausalLM.from_pretrained(self_calibrated["seed0"]).eval()
     with torch.no_grad():

@@ -28,7 +28,9 @@ pytestmark = [
 def test_dense_perplexity_matches_the_published_figure():
     result = perplexity("smollm2-135m", str(WIKITEXT_TEST), seq_len=512, max_windows=20, device="cpu")
     assert result["windows"] == 20
-    assert 28.5 < result["perplexity"] < 30.0  # about 29.2 in fp32 on CPU
+    # a recorded figure (about 29.2 in float32), not a rounding bound: the window is ~3% wide, far wider than
+    # what another summation order (another CPU's kernels) changes in a float32 forward
+    assert 28.5 < result["perplexity"] < 30.0
 
 
 def test_wanda_2of4_with_bias_ln_on_the_real_model(tmp_path):
@@ -49,4 +51,4 @@ def test_wanda_2of4_with_bias_ln_on_the_real_model(tmp_path):
     assert config["attention_bias"] is True and config["mlp_bias"] is True  # biases added by bias-ln
     assert all(torch.isfinite(p).all() for p in model.parameters())
     pruned = perplexity(str(out), str(WIKITEXT_TEST), seq_len=256, max_windows=4, device="cpu")
-    assert 29.0 < pruned["perplexity"] < 500.0  # worse than dense, far from broken
+    assert 29.0 < pruned["perplexity"] < 500.0  # worse than dense, far from broken: a quality window, not rounding

@@ -37,10 +37,28 @@ def dot_sum_bound(abs_products_sum: Tensor, n_terms: int, dtype: torch.dtype = t
 
 def assert_within(actual: Tensor, expected: Tensor, bound: Tensor | float) -> None:
     """Assert ``|actual - expected| <= bound`` elementwise (compared in float64), naming the worst element."""
-    error = (actual.double() - expected.double()).abs()
-    excess = error - torch.as_tensor(bound, dtype=torch.float64)
+    error = (actual.detach().double() - expected.detach().double()).abs()
+    bound = torch.as_tensor(bound, dtype=torch.float64).detach()
+    excess = error - bound
     worst = int(excess.argmax())
     assert float(excess.reshape(-1)[worst]) <= 0, (
         f"element {worst}: error {float(error.reshape(-1)[worst]):.3g} exceeds its bound "
-        f"{float(torch.as_tensor(bound, dtype=torch.float64).expand_as(error).reshape(-1)[worst]):.3g}"
+        f"{float(bound.expand_as(error).reshape(-1)[worst]):.3g}"
     )
+
+
+def linear_bound(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Rounding bound of one float32 evaluation of ``x @ weight.T + bias``, elementwise, float64.
+
+    Each output is a sum of ``in_features`` products plus the bias (one more term, a product with 1),
+    so it lies within ``gamma_(in+1) (|x| |W|^T + |b|)`` of the exact value in any summation order.
+
+    Args:
+        x: inputs (..., in).
+        weight: (out, in).
+        bias: (out,) or None.
+    """
+    abs_sum = x.detach().double().abs() @ weight.detach().double().abs().T  # (..., out)
+    if bias is not None:
+        abs_sum = abs_sum + bias.detach().double().abs()
+    return dot_sum_bound(abs_sum, weight.shape[1] + (bias is not None))
