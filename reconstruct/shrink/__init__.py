@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 SHRUNK_DIR = "shrunk"  # run --shrink: the smaller model goes to OUT/shrunk (OUT keeps the job and its resume state)
 
-__all__ = ["SHRUNK_DIR", "check_shrinkable", "shrink_folder", "find_roles", "find_removed", "ShrinkPlan", "BlockRoles"]
+__all__ = ["SHRUNK_DIR", "check_shrinkable", "count_parameters", "shrink_folder", "find_roles", "find_removed", "ShrinkPlan", "BlockRoles"]
 
 
 def shard_entries(path: Path) -> dict[str, tuple[list[int], int]]:
