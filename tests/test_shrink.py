@@ -257,3 +257,16 @@ def test_inspect_shows_parameters_size_and_groups_per_block(shrunk_job):
     assert [block["groups"] for block in data["blocks"]] == [{"heads": 2, "kv_heads": 2, "channels": 128}] * 3
     table = run_cli("inspect", str(shrunk))
     assert "parameters" in table.output and "heads 2, key/value heads 2, channels 128" in table.output
+
+
+def test_per_kv_group_selection_takes_the_lowest_heads_of_every_group_and_nests():
+    from pruners.structured import select_removed_per_kv_group
+
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.7, 0.05, 0.5, 0.6])  # 9 query heads, 3 key/value groups
+    removed = select_removed_per_kv_group(scores, 3, 3)
+    assert torch.nonzero(removed).flatten().tolist() == [0, 5, 6]  # the lowest of each group, not 0, 1, 6
+    earlier = torch.zeros(9, dtype=torch.bool)
+    earlier[4] = True
+    assert torch.nonzero(select_removed_per_kv_group(scores, 3, 3, earlier)).flatten().tolist() == [0, 4, 6]
+    with pytest.raises(ValueError, match="not a multiple of the 3 key/value groups"):
+        select_removed_per_kv_group(scores, 2, 3)
