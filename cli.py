@@ -1,4 +1,4 @@
-"""Command line: ``reconstruct run | plan | eval | sweep | inspect | status``. Parses, validates, builds a JobConfig; no logic."""
+"""Command line: ``reconstruct run | plan | eval | sweep | inspect | status | shrink``. Parses, validates, builds a JobConfig; no logic."""
 
 from __future__ import annotations
 
@@ -218,6 +218,7 @@ def run(
     eval_seq_len: Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per window.", show_default="the smaller of 2048 and the model's context length")] = None,
     eval_windows: Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")] = 1,
+    shrink: Annotated[bool, typer.Option("--shrink", help="--pattern heads/channels: at the end, also write OUT/shrunk, the smaller model with the removed heads/channels deleted (stock transformers loads it); heads with grouped-query attention are then removed equally from every key/value group.", show_default="off")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
 ) -> None:
     """Prune every linear layer of every block, reconstruct, and write a loadable model folder (+ report.md, report.png)."""
@@ -244,8 +245,19 @@ def run(
             typer.echo(f"{job.out} already holds this finished job; its model files were not rewritten ({summary})")
         else:
             typer.echo(f"wrote {job.out} ({summary})")
+        if job.shrink:
+            from reconstruct.shrink import SHRUNK_DIR, shrink_folder
+
+            _echo_shrunk(job.out / SHRUNK_DIR, shrink_folder(job.out, job.out / SHRUNK_DIR))
 
     _guarded(build_and_run)
+
+
+def _echo_shrunk(out: Path, summary: dict) -> None:
+    """One line on a shrunk folder: parameters and weight bytes before and after."""
+    params, size = summary["parameters"], summary["file_bytes"]
+    typer.echo(f"wrote {out} (shrunk: {params['after']:,} parameters, was {params['before']:,}; "
+               f"weight files {size['after'] / 2**20:.1f} MiB, was {size['before'] / 2**20:.1f} MiB)")
 
 
 def _stop_interrupted(out: Path) -> None:
@@ -302,6 +314,7 @@ def build_job(options: dict):
         out=o["out"] or _default_out(o["model"], o["pruner"].value, o["pattern"], o["sparsity"]),
         prune=PruneSpec(
             pruner=o["pruner"].value, pattern=spec, sequential=o["sequential"], cycles=o.get("cycles", 1),
+            heads_per_kv_group=bool(o.get("shrink")) and spec.kind == "heads",
             cycle_schedule=_choice(o.get("cycle_schedule", "cubic")), loraprune_steps=o.get("loraprune_steps", 20),
             loraprune_rank=o.get("loraprune_rank", 8), loraprune_lr=o.get("loraprune_lr", 2e-2),
         ),
@@ -316,6 +329,7 @@ def build_job(options: dict):
         track_error=o.get("track_error", False),
         force=o["force"],
         evaluation=EvalSpec(o["eval_data"], o["eval_seq_len"], o["eval_windows"]) if o.get("eval_data") else None,
+        shrink=bool(o.get("shrink")),
     )
 
 
@@ -360,7 +374,7 @@ def plan(
 # `plan` takes every flag of `run` (same names, types and help) except those about the output folder.
 plan.__signature__ = inspect.Signature(
     [inspect.signature(plan, eval_str=True).parameters["config"]]
-    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items() if name not in ("out", "force", *EVAL_FLAGS)]
+    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items() if name not in ("out", "force", "shrink", *EVAL_FLAGS)]
 )
 app.command("plan")(plan)
 
@@ -456,9 +470,26 @@ _SWEEP_OWN = [p for p in inspect.signature(sweep, eval_str=True).parameters.valu
 sweep.__signature__ = inspect.Signature(
     _SWEEP_OWN
     + [p for name, p in inspect.signature(run, eval_str=True).parameters.items()
-       if name not in ("pruner", "sparsity", "pattern", "method", "out", "force", *EVAL_FLAGS)]
+       if name not in ("pruner", "sparsity", "pattern", "method", "out", "force", "shrink", *EVAL_FLAGS)]
 )
 app.command("sweep")(sweep)
+
+
+@app.command("shrink")
+def shrink_model_folder(
+    folder: Annotated[Path, typer.Argument(help="A model folder whose heads or MLP channels are zeroed (a reconstruct run output, or any folder: all-zero groups are found).")],
+    out: Annotated[Path, typer.Option(help="The new, smaller model folder (an interrupted shrink there resumes).")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
+) -> None:
+    """Delete removed heads/channels: smaller matrices and config that stock transformers loads, same function."""
+    _setup_logging(verbose)
+
+    def write():
+        from reconstruct.shrink import shrink_folder
+
+        _echo_shrunk(out, shrink_folder(folder, out))
+
+    _guarded(write)
 
 
 @app.command("inspect")

@@ -298,11 +298,30 @@ def removed_groups(groups: HeadGroups | ChannelGroups, keep_masks: dict[str, Ten
     return ~column_group_sums(mask.float(), n).bool()
 
 
+def select_removed_per_kv_group(scores: Tensor, count: int, num_kv_heads: int,
+                                already_removed: Tensor | None = None) -> Tensor:
+    """:func:`select_removed` inside every key/value group: ``count / num_kv_heads`` query heads from each.
+
+    Keeps a grouped-query layout expressible by a config after the heads are deleted
+    (``reconstruct shrink``: every key/value head keeps the same number of query heads).
+
+    Raises:
+        ValueError: ``count`` is not a multiple of ``num_kv_heads``.
+    """
+    if count % num_kv_heads:
+        raise ValueError(f"--shrink with --pattern heads removes {count} query heads, not a multiple of the "
+                         f"{num_kv_heads} key/value groups; choose --sparsity so that it is")
+    per_group = scores.reshape(num_kv_heads, -1)  # (num_kv, queries_per_kv)
+    earlier = already_removed.reshape(num_kv_heads, -1) if already_removed is not None else [None] * num_kv_heads
+    return torch.cat([select_removed(per_group[g], count // num_kv_heads, earlier[g]) for g in range(num_kv_heads)])
+
+
 def select_structured(
     pattern: SparsityPattern,
     groups: HeadGroups | ChannelGroups,
     importance: dict[str, Tensor],
     previous: dict[str, Tensor] | None = None,
+    per_kv_group: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
     """Choose the heads or channels to remove and the keep masks that remove them.
 
@@ -311,6 +330,8 @@ def select_structured(
         groups: from :func:`find_groups`.
         importance: linear name -> ``(out, in)`` element importance (``Pruner.importance``).
         previous: keep masks of an earlier cycle (the result removes a superset of its groups).
+        per_kv_group: heads with grouped-query attention: remove the same number of query heads
+            from every key/value group (``run --shrink``).
 
     Returns:
         ``(keep_masks, removed)``: ``(out, in)`` bool masks for ``groups.linears``, and the removed
@@ -324,7 +345,11 @@ def select_structured(
     if torch.isnan(scores).any():
         raise ValueError("structured pruning scores contain NaN: a weight or its calibration statistics are not finite")
     already = removed_groups(groups, previous) if previous else None
-    removed = select_removed(scores, structured_count(total, pattern.sparsity), already)
+    count = structured_count(total, pattern.sparsity)
+    if per_kv_group and isinstance(groups, HeadGroups) and groups.queries_per_kv > 1:
+        removed = select_removed_per_kv_group(scores, count, groups.num_kv_heads, already)
+    else:
+        removed = select_removed(scores, count, already)
     masks = structured_keep_masks(groups, removed, shapes)
     indices = torch.nonzero(removed).flatten().tolist()
     if isinstance(groups, HeadGroups):

@@ -40,6 +40,7 @@ class PruneSpec:
     loraprune_steps: int = 20  # LoRAPrune: LoRA warm-up steps per block (and per cycle)
     loraprune_rank: int = 8  # LoRAPrune: warm-up adapter rank (alpha = 2 * rank)
     loraprune_lr: float = 2e-2  # LoRAPrune: warm-up AdamW learning rate
+    heads_per_kv_group: bool = False  # --pattern heads with GQA: as many query heads from every kv group (--shrink)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class JobConfig:
     track_error: bool = False  # --method none: keep the dense stream anyway, to report each block's error
     force: bool = False  # start over even if --out holds another job
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity
+    shrink: bool = False  # at the end, delete the removed heads/channels into OUT/shrunk (reconstruct.shrink)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint_every", parse_checkpoint_every(self.checkpoint_every))

@@ -261,7 +261,8 @@ class BlockPipeline:
         }
         del stats
         previous = {name: keep_masks[name] for name in members if name in keep_masks}
-        masks, report.removed = select_structured(pattern, self.structure, importance, previous or None)
+        masks, report.removed = select_structured(pattern, self.structure, importance, previous or None,
+                                                    self.job.prune.heads_per_kv_group)
         with torch.no_grad():
             for name, keep_mask in masks.items():
                 weight = weight_as_out_in(linears[name])  # a view: writing it writes the parameter
@@ -304,7 +305,8 @@ class BlockPipeline:
     def _select_masks(self, scores: dict[str, torch.Tensor], pattern, within: dict[str, torch.Tensor]) -> dict:
         """Keep masks ``pattern`` chooses from ``scores`` (per linear), nested in ``within``; changes no weight."""
         if pattern.structured:
-            masks, _ = select_structured(pattern, self.structure, scores, within or None)
+            masks, _ = select_structured(pattern, self.structure, scores, within or None,
+                                           self.job.prune.heads_per_kv_group)
             return masks
         return {name: select_keep_mask(value, pattern, within.get(name)) for name, value in scores.items()}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from reconstruct.checkpoint import CheckpointReader
+from reconstruct.output import WEIGHT_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +167,47 @@ def inspect_folder(folder: Path, nm: str | None = None) -> dict:
             outside_numel += tensor.numel()
             outside_zeros += int((tensor == 0).sum())
     reader.close()
+    groups = _group_counts(folder)
+    blocks = _summaries(layers, pair)
+    for block in blocks:
+        if groups is not None and block["index"] < len(groups):
+            block["groups"] = groups[block["index"]]
     return {
         "folder": str(folder),
+        "parameters": _parameters(folder),
+        "file_bytes": sum(path.stat().st_size for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES),
         "architecture": architecture,
         "nm": nm,
         "layers": [{**asdict(layer), "sparsity": layer.sparsity} for layer in layers],
-        "blocks": _summaries(layers, pair),
+        "blocks": blocks,
         "total": _summary(layers, pair),
         "outside_blocks": {
             "tensors": len(outside), "numel": outside_numel, "zeros": outside_zeros,
             "sparsity": outside_zeros / outside_numel if outside_numel else 0.0,
         },
     }
+
+
+def _parameters(folder: Path) -> int:
+    """Elements of every tensor stored in the folder's checkpoint (read one at a time)."""
+    reader = CheckpointReader(folder)
+    try:
+        return sum(reader.read(key).numel() for key in reader.keys())
+    finally:
+        reader.close()
+
+
+def _group_counts(folder: Path) -> list[dict[str, int]] | None:
+    """Heads, key/value heads and MLP channels per block (``reconstruct.shrink``); None where not found."""
+    from reconstruct.loaded_model import load_model
+    from reconstruct.shrink.roles import block_group_counts, find_roles
+
+    try:
+        loaded = load_model(str(folder), "cpu", "float32")
+        return block_group_counts(loaded, find_roles(loaded))
+    except (ValueError, RuntimeError, KeyError) as error:
+        logger.info("no per-block head/channel counts: %s", error)
+        return None
 
 
 def _summary(layers: list[LayerSparsity], pair) -> dict:
@@ -195,6 +225,21 @@ def _summaries(layers: list[LayerSparsity], pair) -> list[dict]:
     for layer in layers:
         blocks.setdefault(layer.block, []).append(layer)
     return [{"index": index, **_summary(members, pair)} for index, members in sorted(blocks.items())]
+
+
+def _group_lines(blocks: list[dict]) -> list[str]:
+    """``heads 2, key/value heads 2, channels 96`` for all blocks (one line when every block is the same)."""
+    labels = {"heads": "heads", "kv_heads": "key/value heads", "channels": "channels"}
+
+    def text(groups: dict) -> str:
+        return ", ".join(f"{labels[kind]} {count}" for kind, count in groups.items())
+
+    groups = [block.get("groups") for block in blocks]
+    if not groups or any(not g for g in groups):
+        return []
+    if all(g == groups[0] for g in groups):
+        return [f"groups per block (all {len(groups)} blocks): {text(groups[0])}"]
+    return ["groups per block:"] + [f"  block {block['index'] + 1}: {text(block['groups'])}" for block in blocks]
 
 
 def format_table(result: dict, per_layer: bool = False) -> str:
@@ -239,6 +284,8 @@ def format_table(result: dict, per_layer: bool = False) -> str:
     total = result["total"]
     ok = f"{total['nm_compliant_layers']}/{total['layers']}" if nm else None
     lines.append(row("all", f"({total['layers']} layers)", "", total["zeros"], total["numel"], total["sparsity"], ok))
+    lines.append(f"\nparameters: {result['parameters']:,}; weight files: {result['file_bytes'] / 2**20:.2f} MiB")
+    lines.extend(_group_lines(result["blocks"]))
     outside = result["outside_blocks"]
     lines.append(f"\noutside the blocks (embeddings, norms, head; never pruned): {outside['tensors']} tensors, "
                  f"sparsity {outside['sparsity']:.4f}")

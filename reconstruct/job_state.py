@@ -74,6 +74,7 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
         **({"loraprune": {"steps": prune.loraprune_steps, "rank": prune.loraprune_rank, "lr": prune.loraprune_lr}}
            if prune.pruner == "loraprune" else {}),
         **({"cycles": {"cycles": prune.cycles, "schedule": prune.cycle_schedule}} if prune.cycles != 1 else {}),
+        **({"heads_per_kv_group": True} if prune.heads_per_kv_group else {}),  # --shrink's head selection
         "method": asdict(job.recon) if job.recon is not None else None,
         "calibration": calibration,
         "seed": calib.seed,

@@ -50,6 +50,10 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
         raise ValueError(f"--calib {source}: no such file; use {describe_sources()}")
     loaded.framing(calib.bos)  # --calib-bos always needs a BOS token
     pattern = job.prune.pattern
+    if job.shrink:
+        from reconstruct.shrink.families import check_run_shrink
+
+        check_run_shrink(pattern.kind, pattern.sparsity, loaded.config)
     validate_prune_options(job, loaded)
     validate_pruning_counts(job, loaded)
     if pattern.kind == N_OF_M:

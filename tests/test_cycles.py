@@ -120,8 +120,8 @@ def test_heads_cycles_only_ever_add_heads(tiny_model_dir, small_calib_file, tmp_
     seen: list[tuple[int, list[int]]] = []
     original = engine.select_structured
 
-    def recording(pattern, groups, importance, previous=None):
-        masks, removed = original(pattern, groups, importance, previous)
+    def recording(pattern, groups, importance, previous=None, per_kv_group=False):
+        masks, removed = original(pattern, groups, importance, previous, per_kv_group)
         seen.append((id(importance[groups.query]), removed["heads"]))
         return masks, removed
 
