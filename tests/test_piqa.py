@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import SHARED_DATA
+from tolerances import gamma
 from reconstruct.streaming_eval import InMemoryLM, StreamedLM
 from reconstruct.zero_shot import evaluate_tasks, load_piqa, piqa_folder, score_multiple_choice
 
@@ -33,16 +34,30 @@ def hand_loglikelihood(model, tokenizer, goal: str, solution: str) -> float:
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     continuation = whole[len(context_ids):]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([whole])).logits[0].float()  # (T, V)
+        logits = model(input_ids=torch.tensor([whole])).logits[0].double()  # (T, V)
     log_probs = torch.log_softmax(logits, dim=-1)
     return sum(float(log_probs[len(context_ids) - 1 + j, token]) for j, token in enumerate(continuation))
+
+
+def float32_log_softmax_bound(model, tokenizer, goal: str, solution: str) -> float:
+    """Rounding bound of summing the continuation's float32 log-softmax values (see the test below)."""
+    context = f"Question: {goal}\nAnswer:"
+    whole = tokenizer(context + " " + solution, add_special_tokens=False)["input_ids"]
+    n_cont = len(whole) - len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([whole])).logits[0]  # (T, V)
+    u = torch.finfo(torch.float32).eps / 2
+    return n_cont * (gamma(logits.shape[-1]) + 4 * u * float(logits.abs().max()))
 
 
 def test_three_items_equal_a_hand_computed_loglikelihood_comparison(tiny_model_dir):
     folder = tiny_model_dir("llama")
     rows = [json.loads(line) for line in (PIQA / "valid.jsonl").read_text().splitlines()[:3]]
     labels = [int(label) for label in (PIQA / "valid-labels.lst").read_text().split()[:3]]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # float64 models on both sides, so the network's rounding is negligible (float64); what remains is the
+    # scorer's float32 log-softmax: per continuation token at most gamma_V (the sum of V exponentials) plus
+    # a few roundings of the logits' size, so c tokens stay within c * (gamma_V + 4 u max|logit|).
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     expected_lls = [[hand_loglikelihood(model, tokenizer, row["goal"], row[key]) for key in ("sol1", "sol2")] for row in rows]
     expected_pred = [max((0, 1), key=lambda i, lls=lls: lls[i]) for lls in expected_lls]
@@ -50,9 +65,12 @@ def test_three_items_equal_a_hand_computed_loglikelihood_comparison(tiny_model_d
                      for lls, row in zip(expected_lls, rows)]
 
     docs = load_piqa(PIQA, limit=3)
-    metrics, items = score_multiple_choice(InMemoryLM(folder, CPU, torch.float32), tokenizer, docs, batch_size=2)
-    for item, lls, pred, pred_norm, label in zip(items, expected_lls, expected_pred, expected_norm, labels):
-        assert item["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
+    metrics, items = score_multiple_choice(InMemoryLM(folder, CPU, torch.float64), tokenizer, docs, batch_size=2)
+    bounds = [[float32_log_softmax_bound(model, tokenizer, row["goal"], row[key]) for key in ("sol1", "sol2")]
+              for row in rows]
+    for item, lls, bound, pred, pred_norm, label in zip(items, expected_lls, bounds, expected_pred, expected_norm, labels):
+        for got, want, tolerance in zip(item["loglikelihoods"], lls, bound):
+            assert got == pytest.approx(want, rel=0, abs=tolerance)
         assert (item["pred"], item["pred_norm"], item["label"]) == (pred, pred_norm, label)
     assert metrics["n"] == 3
     # a count over 3, one correctly rounded division of integers on both sides: exact

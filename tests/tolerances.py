@@ -62,3 +62,18 @@ def linear_bound(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     if bias is not None:
         abs_sum = abs_sum + bias.detach().double().abs()
     return dot_sum_bound(abs_sum, weight.shape[1] + (bias is not None))
+
+
+def inverse_rtol(matrix: Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """Relative forward error of a Cholesky inverse or solve of a symmetric positive definite ``matrix``.
+
+    A backward-stable Cholesky solve in ``dtype`` perturbs the matrix by at most ``gamma_(3n+1)``
+    relatively (Higham, Theorem 10.4), which moves the solution by at most ``kappa_2 * gamma_(3n+1)``
+    to first order: the error is governed by the conditioning of the matrix, not by one machine.
+
+    Args:
+        matrix: ``(n, n)`` the matrix as the code under test received it (its condition is computed in float64).
+        dtype: the precision of the computation under test.
+    """
+    n = matrix.shape[0]
+    return float(torch.linalg.cond(matrix.double())) * gamma(3 * n + 1, dtype)
