@@ -1,0 +1,1 @@
+"""The memory planner: budget, estimate and plan of a job's peak bytes before any work."""
