@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct import model_source
+from reconstruct.modelio import source as model_source
 from reconstruct.progress import PROGRESS_ENV
 
 runner = CliRunner()

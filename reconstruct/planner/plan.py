@@ -309,7 +309,7 @@ class ModelProbe:
     n_blocks: int
     hidden: int
     block: nn.Module  # on meta, in the compute dtype
-    layout: object  # reconstruct.architecture.BlockLayout of the probe model
+    layout: object  # reconstruct.modelio.architecture.BlockLayout of the probe model
     kwargs: object  # calib.capture.BlockKwargs on meta
     block_numel: int  # floating parameters and buffers of one block
     block_other_bytes: int  # non-floating tensors of one block
@@ -337,7 +337,7 @@ def probe_model(config, dtype: torch.dtype, seq_len: int, layout=None) -> ModelP
     ``layout`` (the engine's, when it has one) saves discovering it again.
     """
     from calib.capture import BlockKwargs, capture_block_inputs
-    from reconstruct.architecture import build_skeleton, discover_layout
+    from reconstruct.modelio.architecture import build_skeleton, discover_layout
 
     n_blocks = int(config.num_hidden_layers)
     try:
@@ -427,7 +427,7 @@ def _forward(block, kwargs):
 def trace_block(probe: ModelProbe, dtype: torch.dtype, seq_len: int, micro_batch: int, recon_micro_batch: int,
                 input_copy: bool, pruner: str, groups: list[list[str]], recon) -> dict[str, int]:
     """Traced peaks of one block's passes (meta, exact shapes): forward, statistics, reconstruction."""
-    from reconstruct.statistics import feeding_statistics
+    from reconstruct.loop.hooks import feeding_statistics
     from pruners import get_pruner
 
     block = probe.block
@@ -490,7 +490,7 @@ def _unit_objective(recon) -> bool:
 
 
 def _in_out(linear: nn.Module) -> tuple[int, int]:
-    from reconstruct.architecture import weight_as_out_in
+    from reconstruct.modelio.architecture import weight_as_out_in
 
     out_features, in_features = weight_as_out_in(linear).shape
     return int(out_features), int(in_features)
@@ -534,7 +534,7 @@ def _attach_on_meta(block, linears, recon, layout):
 
 def _sequential_groups(probe: ModelProbe, seq_len: int) -> list[list[str]]:
     """Sub-layer groups as the engine finds them (linears reading the same tensor), on the meta block."""
-    from reconstruct.statistics import group_by_shared_input
+    from reconstruct.loop.hooks import group_by_shared_input
 
     linears = {name: probe.block.get_submodule(name) for name in probe.layout.linear_names}
     record: list = []
@@ -611,7 +611,7 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
     The device may be one this machine lacks (``--device cuda`` on a laptop): give its memory with
     ``budget.device_bytes``.
     """
-    from reconstruct.architecture import load_config
+    from reconstruct.modelio.architecture import load_config
     from reconstruct.runtime import resolve_dtype
     from reconstruct.validation import check_calib_seq_len
 
@@ -623,7 +623,7 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
             raise ValueError(f"--config {config_path}: no such file")
         config = _load_config_file(config_path)
     else:
-        from reconstruct.model_source import resolve_model
+        from reconstruct.modelio.source import resolve_model
 
         config = load_config(resolve_model(job.model))
     budget = budget or MemoryBudget()
@@ -663,7 +663,7 @@ def _load_config_file(path: Path):
 
     from transformers import AutoConfig
 
-    from reconstruct.architecture import CAUSAL_LM_SUFFIXES
+    from reconstruct.modelio.architecture import CAUSAL_LM_SUFFIXES
 
     try:
         data = json.loads(path.read_text())
@@ -741,7 +741,7 @@ def _plan(job, config, device_type: str, dtype: torch.dtype, stored_dtype: torch
 
 def _samples_of_this_rank(n_samples: int) -> int:
     """Calibration samples this process holds: all of them, or its share under torchrun."""
-    from reconstruct import distributed
+    from reconstruct.parallel import distributed
 
     shard = distributed.split_samples(n_samples)
     return shard.stop - shard.start

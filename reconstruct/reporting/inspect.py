@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from reconstruct.checkpoint import CheckpointReader
+from reconstruct.modelio.checkpoint import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ def _layers_from_config(folder: Path):
     """``(architecture, [(block, name, key, stored_as_in_out)], outside keys, reader)`` via the engine's discovery."""
     from transformers.pytorch_utils import Conv1D
 
-    from reconstruct.architecture import is_prunable_linear
-    from reconstruct.loaded_model import load_model
+    from reconstruct.modelio.architecture import is_prunable_linear
+    from reconstruct.modelio.loaded import load_model
 
     loaded = load_model(str(folder), "cpu", "float32")
     entries = []

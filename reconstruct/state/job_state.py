@@ -24,18 +24,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import reconstruct
-from reconstruct import distributed
+from reconstruct.parallel import distributed
 from calib.activations import ActivationStream
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
-from reconstruct.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
-from reconstruct.checkpoint_policy import CheckpointPolicy
+from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
+from reconstruct.state.checkpoint_policy import CheckpointPolicy
 from reconstruct.config import JobConfig
-from reconstruct.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
-from reconstruct.loaded_model import LoadedModel
-from reconstruct.lock import JobLock
-from reconstruct.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
-from reconstruct.output import STATE_DIR, check_out_dir
+from reconstruct.state.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
+from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.state.lock import JobLock
+from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
+from reconstruct.modelio.output import STATE_DIR, check_out_dir
 from reconstruct.runtime import dtype_name
 
 logger = logging.getLogger(__name__)
