@@ -325,7 +325,7 @@ def _choice(value) -> str:
 
 
 def _memory_budget(options: dict):
-    from reconstruct.planner.plan import MemoryBudget, parse_bytes
+    from reconstruct.planner import MemoryBudget, parse_bytes
 
     gpu, host = options["gpu_memory"], options["host_memory"]
     return MemoryBudget(
@@ -346,7 +346,7 @@ def plan(
     _setup_logging(options["verbose"])
 
     def show():
-        from reconstruct.planner.plan import plan_from_config
+        from reconstruct.planner import plan_from_config
 
         job = build_job({"out": None, "force": False, **options})
         memory_plan = plan_from_config(job, config, _memory_budget(options))

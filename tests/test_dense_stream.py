@@ -20,7 +20,7 @@ from reconstruct.loop.engine import run_job
 from reconstruct.modelio.loaded import load_model
 from reconstruct.methods.spec import ReconSpec
 from reconstruct.modelio.output import STATE_DIR
-from reconstruct.planner.plan import plan_job
+from reconstruct.planner import plan_job
 
 
 def shard_bytes(out) -> dict[str, bytes]:

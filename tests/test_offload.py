@@ -19,7 +19,7 @@ from conftest import make_job
 from cli import app
 from reconstruct.modelio.loaded import load_model
 from reconstruct.methods.spec import ReconSpec
-from reconstruct.planner.plan import MemoryBudget, plan_job
+from reconstruct.planner import MemoryBudget, plan_job
 
 N_SAMPLES, SEQ_LEN = 48, 64  # two streams of 768 KiB each at hidden 64, float32
 CALIB_CHARS = 6_000  # a short text: tokenizing it needs less host memory than the streams

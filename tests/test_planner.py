@@ -40,7 +40,7 @@ from reconstruct.modelio.block_io import load_module_weights
 from reconstruct.loop.engine import capture_kwargs_and_inputs, prune_layer
 from reconstruct.modelio.loaded import load_model
 from reconstruct.methods import ReconSpec, attach_method
-from reconstruct.planner.plan import GIB, MemoryBudget, parse_bytes, plan_from_config, plan_job, prune_temporary_bytes
+from reconstruct.planner import GIB, MemoryBudget, parse_bytes, plan_from_config, plan_job, prune_temporary_bytes
 
 OPT_30B = Path(__file__).parent / "fixtures" / "opt-30b-config.json"
 TOLERANCE = 0.20

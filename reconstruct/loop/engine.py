@@ -37,7 +37,7 @@ from reconstruct.methods.snapshot import BlockSnapshot
 from reconstruct.methods.train import local_rows, log_training_budget
 from reconstruct.loop.objective import UnitObjective, build_units, discover_units
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
-from reconstruct.planner.plan import MemoryBudget, check_memory_plan
+from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.progress import progress_bar
 from reconstruct.reporting.report import finish_report, refresh_finished_report
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
@@ -394,7 +394,7 @@ class BlockPipeline:
 def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
     """Run (or resume) a job end to end; returns the report written to ``reconstruct.json``.
 
-    First the memory plan (``reconstruct.planner.plan``) is logged; a job whose plan exceeds ``budget``
+    First the memory plan (``reconstruct.planner``) is logged; a job whose plan exceeds ``budget``
     (``--gpu-memory``/``--host-memory``, default: this machine's free memory) is refused with a
     ValueError naming the flags to change, and ``--offload auto`` becomes the tier the plan chose.
     """
