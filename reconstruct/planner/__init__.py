@@ -28,10 +28,12 @@ from reconstruct.planner.entry import check_memory_plan, plan_from_config, plan_
 from reconstruct.planner.estimate import prune_temporary_bytes, statistics_bytes, stream_bytes
 from reconstruct.planner.plan import Item, MemoryPlan, Phase, log_plan
 from reconstruct.planner.probe import ModelProbe, probe_model
+from reconstruct.planner.tier import auto_tiers, choose_stream_tier, streams_fit_free_memory
 from reconstruct.planner.tracing import trace_block, trace_peak
 
 __all__ = [
     "GIB", "KIB", "MIB", "Item", "MemoryBudget", "MemoryPlan", "ModelProbe", "Phase", "check_memory_plan", "human",
     "log_plan", "parse_bytes", "plan_from_config", "plan_job", "planned_device", "probe_model",
-    "prune_temporary_bytes", "statistics_bytes", "stream_bytes", "trace_block", "trace_peak",
+    "prune_temporary_bytes", "statistics_bytes", "stream_bytes", "trace_block", "trace_peak", "auto_tiers",
+    "choose_stream_tier", "streams_fit_free_memory",
 ]

@@ -12,6 +12,7 @@ from reconstruct.planner.budget import MemoryBudget
 from reconstruct.planner.estimate import PlanInputs, plan_for_tier
 from reconstruct.planner.plan import MemoryPlan, log_plan
 from reconstruct.planner.probe import probe_model
+from reconstruct.planner.tier import choose_stream_tier
 from reconstruct.planner.tracing import sequential_groups
 
 logger = logging.getLogger(__name__)
@@ -165,18 +166,19 @@ def _plan(job, config, device_type: str, dtype: torch.dtype, stored_dtype: torch
     probe = probe_model(config, dtype, seq_len, layout)
     groups = sequential_groups(probe, seq_len) if inputs.sequential else [list(probe.layout.linear_names)]
     traces: dict[str, dict] = {}
-    tiers = [job.offload] if job.offload != "auto" else (["device", "cpu", "disk"] if device_type == "cuda" else ["cpu", "disk"])
-    plan = None
-    for tier in tiers:
-        plan = plan_for_tier(inputs, probe, groups, tier, device_budget, host_budget, traces)
-        if job.offload == "auto":
-            plan.tier_note = f"--offload auto chose {tier}" + (
-                " (the fastest tier that fits)" if plan.fits else " (nothing fits)")
-            if plan.fits:
-                break
-        else:
-            plan.tier_note = f"--offload {tier}"
-    assert plan is not None
+    plans: dict[str, MemoryPlan] = {}
+
+    def plan_on(tier: str) -> MemoryPlan:
+        if tier not in plans:
+            plans[tier] = plan_for_tier(inputs, probe, groups, tier, device_budget, host_budget, traces)
+        return plans[tier]
+
+    tier = choose_stream_tier(job.offload, device_type, lambda candidate: plan_on(candidate).fits)
+    plan = plan_on(tier)
+    if job.offload == "auto":
+        plan.tier_note = f"--offload auto chose {tier}" + (" (the fastest tier that fits)" if plan.fits else " (nothing fits)")
+    else:
+        plan.tier_note = f"--offload {tier}"
     return plan
 
 
