@@ -37,6 +37,7 @@ from reconstruct.state.lock import JobLock
 from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
 from reconstruct.modelio.output import STATE_DIR, check_out_dir
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
+from reconstruct.progress import progress_bar
 from reconstruct.runtime import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -216,9 +217,12 @@ class JobState:
         logger.info("calibration windows: %s", framing.describe())
         if calib.source == SELF:
             logger.info("sampling %d × %d calibration tokens from the dense model", calib.n_samples, calib.seq_len)
-            tokens = generate_self_calibration(
-                loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype, framing=framing
-            )
+            bar = progress_bar(desc="self-calibration", unit="token", total=calib.n_samples * (calib.seq_len - 1))
+            with bar:
+                tokens = generate_self_calibration(
+                    loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype,
+                    framing=framing, on_tokens=bar.update,
+                )
         else:
             ids = tokenize_text(read_text(calib.source), loaded.tokenizer())
             tokens = sample_windows(ids, calib.n_samples, calib.seq_len, calib.seed, framing=framing)
