@@ -226,8 +226,8 @@ def run(
     _setup_logging(verbose)
 
     def build_and_run():
-        from reconstruct import distributed
-        from reconstruct.engine import run_job
+        from reconstruct.parallel import distributed
+        from reconstruct.loop.engine import run_job
 
         job = build_job(options)
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
@@ -262,8 +262,8 @@ def _echo_shrunk(out: Path, summary: dict) -> None:
 
 def _stop_interrupted(out: Path) -> None:
     """After Ctrl-C: one line on where the job stopped and how to resume it, then exit 130."""
-    from reconstruct import distributed
-    from reconstruct.job_status import interrupted_summary
+    from reconstruct.parallel import distributed
+    from reconstruct.state.status import interrupted_summary
 
     if distributed.is_main():
         typer.echo(f"\n{interrupted_summary(out)}", err=True)
@@ -399,8 +399,8 @@ def evaluate(
     _setup_logging(verbose)
 
     def evaluate_model():
-        from reconstruct.evaluate import perplexity
-        from reconstruct.zero_shot import evaluate_tasks
+        from reconstruct.evaluation.perplexity import perplexity
+        from reconstruct.evaluation.zero_shot import evaluate_tasks
 
         task_names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
         common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream, bos=calib_bos.value)
@@ -419,7 +419,7 @@ def status(out: Annotated[Path, typer.Argument(help="A job's output folder.")]) 
     """Blocks done / total, elapsed and estimated time left, and the job's settings."""
 
     def show():
-        from reconstruct.job_status import describe_job
+        from reconstruct.state.status import describe_job
 
         typer.echo(describe_job(out))
 
@@ -442,7 +442,7 @@ def sweep(
 
     def run_grid():
         from reconstruct.config import EvalSpec
-        from reconstruct.sweep import SweepSpec, checked_spec, flags_from_options, run_sweep
+        from reconstruct.reporting.sweep import SweepSpec, checked_spec, flags_from_options, run_sweep
 
         def values(text: str) -> tuple[str, ...]:
             return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -502,7 +502,7 @@ def inspect_model_folder(
     """Sparsity per block of a model folder (per layer with --layers), read tensor by tensor; N:M compliance with --nm."""
 
     def show():
-        from reconstruct.inspect_model import format_table, inspect_folder
+        from reconstruct.reporting.inspect import format_table, inspect_folder
 
         result = inspect_folder(folder, nm)
         typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))

@@ -5,7 +5,7 @@ compute dtype, to one safetensors file through the same atomic writer the engine
 fsync, rename). This times that write for a given shape and prints one JSON object: bytes written,
 seconds per checkpoint (each repeat), throughput, and, for ``--block-seconds`` of compute per block,
 how many blocks ``auto`` lets pass between checkpoints and the overhead that leaves
-(``reconstruct/checkpoint_policy.py``).
+(``reconstruct/state/checkpoint_policy.py``).
 
 Usage::
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from reconstruct.atomic import save_safetensors_atomic
-from reconstruct.checkpoint_policy import simulate_schedule
+from reconstruct.state.atomic import save_safetensors_atomic
+from reconstruct.state.checkpoint_policy import simulate_schedule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIMULATED_BLOCKS = 240  # long enough for auto's steady cadence to show

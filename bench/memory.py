@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         models = {depth: write_model(work, depth, args.calib, args.seed) for depth in depths}
         build_seconds = time.perf_counter() - started
 
-        baseline = measure([sys.executable, "-c", "import cli, reconstruct.engine, reconstruct.methods"],
+        baseline = measure([sys.executable, "-c", "import cli, reconstruct.loop.engine, reconstruct.methods"],
                            work / "baseline.log")
         plan = [(depth, "none") for depth in depths]
         if not args.no_masklora:

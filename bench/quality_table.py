@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from reconstruct.report import format_or_dash
+from reconstruct.reporting.report import format_or_dash
 
 
 def key(row: dict) -> tuple:

@@ -21,10 +21,10 @@ from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
 from calib.text_sources import read_text, sample_windows, tokenize_text
 from pruners import SparsityPattern, get_pruner
-from reconstruct.architecture import find_block_list, is_prunable_linear, weight_as_out_in
+from reconstruct.modelio.architecture import find_block_list, is_prunable_linear, weight_as_out_in
 from reconstruct.methods import ReconSpec, attach_method, evaluate_mse, train_reconstruction
-from reconstruct.model_source import resolve_model
-from reconstruct.statistics import feeding_statistics
+from reconstruct.modelio.source import resolve_model
+from reconstruct.loop.hooks import feeding_statistics
 
 SETTINGS = [(20, 1, 5e-4), (20, 1, 2e-3), (64, 2, 5e-4), (64, 2, 2e-3), (64, 2, 5e-3), (128, 4, 2e-3)]
 

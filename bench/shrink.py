@@ -1,7 +1,7 @@
 """Benchmark: a zeroed structured-pruning output beside its shrunk model, measured side by side in one run.
 
 For each of the two folders (``DIR`` as written by ``reconstruct run``, ``DIR/shrunk`` or ``--shrunk``):
-perplexity with the project's evaluation (``reconstruct.evaluate.perplexity``: non-overlapping windows),
+perplexity with the project's evaluation (``reconstruct.evaluation.perplexity.perplexity``: non-overlapping windows),
 parameter count, weight-file bytes, and throughput with plain transformers: prompt processing (one
 forward over a ``--prompt-len`` prompt, tokens/s) and generation (``--new-tokens`` greedy tokens with the
 KV cache after that prompt, tokens/s). Timings alternate dense/shrunk for ``--repeats`` rounds and
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconstruct.evaluate import perplexity  # noqa: E402
-from reconstruct.output import WEIGHT_SUFFIXES  # noqa: E402
+from reconstruct.evaluation.perplexity import perplexity  # noqa: E402
+from reconstruct.modelio.output import WEIGHT_SUFFIXES  # noqa: E402
 from reconstruct.shrink import SHRUNK_DIR, count_parameters  # noqa: E402
 
 

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for outputs and logs (default: temp)")
     args = parser.parse_args()
 
-    from reconstruct.model_source import resolve_model
+    from reconstruct.modelio.source import resolve_model
 
     model_dir = resolve_model(args.model)  # converted once, before any timing
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-speed-"))

@@ -10,12 +10,12 @@ for models that fit; larger models should calibrate on text.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from calib.framing import SequenceFraming
-from reconstruct.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,13 @@ def generate_self_calibration(
     batch_size: int = 16,
     *,
     framing: SequenceFraming | None = None,
+    on_tokens: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Sample ``n_samples`` sequences of ``seq_len`` tokens from the model, shape (n, T), int64 on CPU.
 
     ``framing`` (default: no BOS) decides the first token: its BOS, or a seeded uniform draw.
+    ``on_tokens`` (e.g. a progress bar's ``update``) is called with the number of tokens generated
+    at every step, ``n_samples * (seq_len - 1)`` in all; it does not change the samples.
     """
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
@@ -41,14 +44,13 @@ def generate_self_calibration(
     vocab_size = model.get_input_embeddings().weight.shape[0]
     first_tokens = _first_tokens(framing or SequenceFraming(), n_samples, vocab_size, seed)  # (n, 1)
     sequences = []
-    bar = progress_bar(desc="self-calibration", unit="token", total=n_samples * (seq_len - 1))
-    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, n_samples, batch_size):
             prompt = first_tokens[start : start + batch_size].to(device)  # (b, 1)
             out = model.generate(
                 prompt,
-                logits_processor=LogitsProcessorList([_TickPerToken(bar, prompt.shape[0])]),
+                logits_processor=LogitsProcessorList([_TickPerToken(on_tokens, prompt.shape[0])]),
                 attention_mask=torch.ones_like(prompt),
                 do_sample=True,
                 temperature=1.0,
@@ -73,17 +75,18 @@ def _first_tokens(framing: SequenceFraming, n_samples: int, vocab_size: int, see
 
 
 class _TickPerToken:
-    """A logits processor that changes nothing and advances ``bar`` by one token per sequence per step.
+    """A logits processor that changes nothing and reports one token per sequence per step.
 
-    ``generate`` calls it once per generated position, so the bar moves from the first token on;
-    it draws no random numbers, so the sampled sequences are the same with or without it.
+    ``generate`` calls it once per generated position, so a progress bar moves from the first token
+    on; it draws no random numbers, so the sampled sequences are the same with or without it.
     """
 
-    def __init__(self, bar, batch: int):
-        self.bar = bar
+    def __init__(self, on_tokens: Callable[[int], object] | None, batch: int):
+        self.on_tokens = on_tokens
         self.batch = batch
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Return ``scores`` (b, V) unchanged after ticking the bar."""
-        self.bar.update(self.batch)
+        """Return ``scores`` (b, V) unchanged after reporting ``batch`` new tokens."""
+        if self.on_tokens is not None:
+            self.on_tokens(self.batch)
         return scores

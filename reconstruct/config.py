@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pruners.pattern import SparsityPattern
-from reconstruct.checkpoint_policy import parse_checkpoint_every
+from reconstruct.state.checkpoint_policy import parse_checkpoint_every
 
 
 @dataclass(frozen=True)

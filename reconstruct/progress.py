@@ -18,7 +18,7 @@ PROGRESS_ENV = "RECONSTRUCT_PROGRESS"
 
 def _disabled() -> bool | None:
     """tqdm's ``disable``: True off the main rank or when switched off, None = on a terminal only."""
-    from reconstruct import distributed
+    from reconstruct.parallel import distributed
 
     if not distributed.is_main():
         return True

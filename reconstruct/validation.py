@@ -10,9 +10,9 @@ from pruners.masks import num_pruned
 from pruners.pattern import CHANNELS, HEADS, N_OF_M, UNSTRUCTURED
 from pruners.schedule import SCHEDULES
 from pruners.structured import attention_geometry, is_attention, structured_count
-from reconstruct.architecture import weight_as_out_in
+from reconstruct.modelio.architecture import weight_as_out_in
 from reconstruct.config import JobConfig
-from reconstruct.loaded_model import LoadedModel
+from reconstruct.modelio.loaded import LoadedModel
 
 CONTEXT_LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
 
@@ -178,7 +178,7 @@ def resolve_evaluation(job: JobConfig, config) -> JobConfig:
 
 def model_config(model: str):
     """The transformers config of ``--model`` (resolved to its folder), for checks before any work."""
-    from reconstruct.architecture import load_config
-    from reconstruct.model_source import resolve_model
+    from reconstruct.modelio.architecture import load_config
+    from reconstruct.modelio.source import resolve_model
 
     return load_config(resolve_model(model))

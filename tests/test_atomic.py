@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from reconstruct import atomic
-from reconstruct.atomic import (
+from reconstruct.state import atomic
+from reconstruct.state.atomic import (
     TEMP_SUFFIX,
     DiskWriteError,
     atomic_write_bytes,
@@ -232,14 +232,14 @@ def test_side_files_are_copied_atomically(tmp_path):
     (source / "tokenizer.json").write_bytes(b"new tokenizer" * 1000)
     (source / "model.safetensors").write_bytes(b"weights are not side files")
     (out / "tokenizer.json").write_bytes(b"old tokenizer")
-    code = "import sys; from pathlib import Path; from reconstruct.output import copy_side_files; " \
+    code = "import sys; from pathlib import Path; from reconstruct.modelio.output import copy_side_files; " \
            "copy_side_files(Path(sys.argv[1]), Path(sys.argv[2]))"
     env = {**os.environ, "RECONSTRUCT_CRASH_AT": "write:tokenizer.json"}
     killed = subprocess.run([sys.executable, "-c", code, str(source), str(out)], env=env)
     assert killed.returncode == -9  # reached the atomic writer's crash point, between write and rename
     assert (out / "tokenizer.json").read_bytes() == b"old tokenizer"
     assert len(remove_stale_temp_files(out)) == 1
-    from reconstruct.output import copy_side_files
+    from reconstruct.modelio.output import copy_side_files
 
     copy_side_files(source, out)
     assert (out / "tokenizer.json").read_bytes() == b"new tokenizer" * 1000

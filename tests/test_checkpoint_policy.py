@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from reconstruct.checkpoint_policy import (
+from reconstruct.state.checkpoint_policy import (
     CHEAP_SECONDS,
     MAX_OVERHEAD,
     CheckpointPolicy,

@@ -229,7 +229,7 @@ def _no_block_work(*args, **kwargs):
 
 
 def test_eval_seq_len_longer_than_the_context_stops_before_any_block(tiny_model_dir, calib_file, tmp_path, monkeypatch):
-    monkeypatch.setattr("reconstruct.engine.BlockPipeline.process", _no_block_work)
+    monkeypatch.setattr("reconstruct.loop.engine.BlockPipeline.process", _no_block_work)
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir("opt")), "--out", str(out), *quick_args(calib_file), "--method", "none",
             "--eval", str(calib_file), "--eval-seq-len", "4096"]  # max_position_embeddings = 256
@@ -246,8 +246,8 @@ def test_eval_seq_len_longer_than_the_context_stops_before_any_block(tiny_model_
 ], ids=["eval-seq-len", "plan-seq-len", "sweep-eval-seq-len", "sweep-seq-len"])
 def test_length_flags_of_other_commands_are_checked_first(tiny_model_dir, calib_file, tmp_path, monkeypatch,
                                                           command, words):
-    monkeypatch.setattr("reconstruct.evaluate.open_lm", _no_block_work)
-    monkeypatch.setattr("reconstruct.sweep.run_cell", _no_block_work)
+    monkeypatch.setattr("reconstruct.evaluation.perplexity.open_lm", _no_block_work)
+    monkeypatch.setattr("reconstruct.reporting.sweep.run_cell", _no_block_work)
     name, *flags = command
     extra = {"eval": ["--data", str(calib_file), "--device", "cpu"],
              "plan": ["--device", "cpu", "--n-samples", "2"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import reconstruct.engine as engine
+import reconstruct.loop.engine as engine
 from conftest import make_job
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern

@@ -1,4 +1,4 @@
-"""Data-parallel runs (``reconstruct.distributed``): 2 gloo processes on the CPU equal one process.
+"""Data-parallel runs (``reconstruct.parallel.distributed``): 2 gloo processes on the CPU equal one process.
 
 One module-scoped fixture runs every single-process reference in this process, then spawns 2
 worker processes once (``torch.multiprocessing``, a gloo group over TCP) that run the same jobs
@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from conftest import make_job
 from tolerances import gamma
-from reconstruct import distributed
+from reconstruct.parallel import distributed
 from reconstruct.methods import ReconSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +71,8 @@ def _run(job, interrupt: str | None = None) -> int:
     """``run_job``; returns the block it started from (0 = fresh). ``interrupt`` stops it at that crash point."""
     from unittest import mock
 
-    from reconstruct import engine
-    from reconstruct.job_state import JobState
+    from reconstruct.loop import engine
+    from reconstruct.state.job_state import JobState
 
     starts: list[int] = []
     restore = JobState.restore_streams

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from reconstruct import distributed
+from reconstruct.parallel import distributed
 
 WORLD = 2
 GROUP_TIMEOUT_S = 60  # a rank stuck in a collective fails only after this; every case must end far sooner

@@ -42,7 +42,7 @@ def written_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_report_sparsity_is_the_written_files(tmp_path, small_calib_file):
-    from reconstruct.engine import run_job
+    from reconstruct.loop.engine import run_job
     from reconstruct.methods import ReconSpec
 
     model = save_fp16_opt(tmp_path / "model")
@@ -64,7 +64,7 @@ def test_report_sparsity_is_the_written_files(tmp_path, small_calib_file):
 
 @pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float32])
 def test_kept_weights_stay_non_zero_in_the_stored_dtype(stored):
-    from reconstruct.block_io import keep_nonzero_when_stored, smallest_subnormal, stored_sparsity
+    from reconstruct.modelio.block_io import keep_nonzero_when_stored, smallest_subnormal, stored_sparsity
 
     guard = torch.finfo(torch.float32).tiny  # MaskLoRA's guard in a float32 block: 0 in float16
     weight = torch.tensor([[guard, -1e-9, 0.0, 0.0, 0.5, -2e-8]])  # (1, 6), float32 compute dtype
@@ -81,7 +81,7 @@ def test_kept_weights_stay_non_zero_in_the_stored_dtype(stored):
 
 
 def test_smallest_subnormal():
-    from reconstruct.block_io import smallest_subnormal
+    from reconstruct.modelio.block_io import smallest_subnormal
 
     assert smallest_subnormal(torch.float16) == 2.0 ** -24
     assert smallest_subnormal(torch.bfloat16) == 2.0 ** -133

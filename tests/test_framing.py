@@ -26,8 +26,8 @@ from calib.framing import SequenceFraming, resolve_framing, tokenizer_bos_id
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import consecutive_windows, read_text, sample_windows, tokenize_text
 from cli import app
-from reconstruct.evaluate import perplexity
-from reconstruct.zero_shot import MultipleChoiceDoc, score_multiple_choice
+from reconstruct.evaluation.perplexity import perplexity
+from reconstruct.evaluation.zero_shot import MultipleChoiceDoc, score_multiple_choice
 from tests.conftest import VOCAB_SIZE, WIKITEXT_VALID, build_word_tokenizer, make_job
 
 BOS_ID = 1  # "<s>" in conftest's word tokenizer
@@ -123,7 +123,7 @@ def test_self_generated_sequences_start_from_the_bos(plain_model, framing):
 
 # --------------------------------------------------------------------------- the job
 def _run(model: Path, out: Path, calib, bos: str = "auto", n_samples: int = 4):
-    from reconstruct.engine import run_job
+    from reconstruct.loop.engine import run_job
 
     job = make_job(model, out, "magnitude", sparsity=0.5, calib=calib, n_samples=n_samples, seq_len=16)
     job = dataclasses.replace(job, calib=dataclasses.replace(job.calib, bos=bos))
@@ -247,7 +247,7 @@ def test_sweep_and_plan_pass_calib_bos_on():
     import inspect
 
     from cli import BosMode, build_job, plan, run, sweep
-    from reconstruct.sweep import flags_from_options
+    from reconstruct.reporting.sweep import flags_from_options
 
     assert {"calib_bos"} <= set(inspect.signature(sweep).parameters) & set(inspect.signature(plan).parameters)
     defaults = {name: p.default for name, p in inspect.signature(run, eval_str=True).parameters.items()}

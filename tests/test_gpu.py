@@ -19,7 +19,7 @@ from conftest import make_job
 from test_engine_output import linear_weight_keys, output_tensors
 
 from pruners.pattern import SparsityPattern
-from reconstruct.faults import CRASH_ENV
+from reconstruct.state.faults import CRASH_ENV
 from reconstruct.methods.spec import ReconSpec
 
 pytestmark = [
@@ -39,7 +39,7 @@ MIN_MASK_AGREEMENT = 0.99
 
 
 def run(job):
-    from reconstruct.engine import run_job
+    from reconstruct.loop.engine import run_job
 
     return run_job(job)
 

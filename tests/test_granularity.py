@@ -12,9 +12,9 @@ from safetensors import safe_open
 
 from pruners.pattern import SparsityPattern
 from reconstruct.config import CalibSpec, JobConfig, PruneSpec
-from reconstruct.engine import run_job
+from reconstruct.loop.engine import run_job
 from reconstruct.methods import ReconSpec
-from reconstruct.objective import build_units, discover_units, starting_at_input_norms
+from reconstruct.loop.objective import build_units, discover_units, starting_at_input_norms
 
 LLAMA_ORDER = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],

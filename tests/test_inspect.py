@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct.inspect_model import count_layer, inspect_folder
+from reconstruct.reporting.inspect import count_layer, inspect_folder
 
 LLAMA_LINEARS = {  # tiny llama: (out, in) of each prunable layer
     "self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),

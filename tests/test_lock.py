@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from reconstruct import lock as lock_module
-from reconstruct.lock import LOCK_NAME, JobLock
+from reconstruct.state import lock as lock_module
+from reconstruct.state.lock import LOCK_NAME, JobLock
 
 
 @pytest.fixture(params=["flock", "fallback"])
@@ -82,7 +82,7 @@ def test_live_subprocess_holds_lock(tmp_path, mode):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from reconstruct import lock
+        from reconstruct.state import lock
         if {mode == "fallback"!r}:
             lock.fcntl = None
         with lock.JobLock(sys.argv[1]):
@@ -112,7 +112,7 @@ def test_live_subprocess_holds_lock(tmp_path, mode):
 def test_stale_lock_with_dead_pid_taken_over(tmp_path, mode, caplog):
     dead = _dead_pid()
     _write_lock(tmp_path, dead)
-    with caplog.at_level(logging.WARNING, logger="reconstruct.lock"):
+    with caplog.at_level(logging.WARNING, logger="reconstruct.state.lock"):
         with JobLock(tmp_path):
             assert _owner(tmp_path) == os.getpid()
     assert f"pid {dead}" in caplog.text and "taking over" in caplog.text
@@ -123,7 +123,7 @@ def test_stale_lock_with_dead_pid_taken_over(tmp_path, mode, caplog):
 @pytest.mark.parametrize("garbage", [b"", b"{not json", b"\xff\xfe\x00", b'{"pid": "7"}', b"[1, 2]"])
 def test_garbage_lock_taken_over(tmp_path, mode, caplog, garbage):
     (tmp_path / LOCK_NAME).write_bytes(garbage)
-    with caplog.at_level(logging.WARNING, logger="reconstruct.lock"):
+    with caplog.at_level(logging.WARNING, logger="reconstruct.state.lock"):
         with JobLock(tmp_path):
             assert _owner(tmp_path) == os.getpid()
     if garbage:
@@ -161,7 +161,7 @@ def test_flock_mode_ignores_pid_file_without_kernel_lock(tmp_path, caplog):
     if lock_module.fcntl is None:
         pytest.skip("no fcntl on this platform")
     _write_lock(tmp_path, os.getppid())
-    with caplog.at_level(logging.WARNING, logger="reconstruct.lock"):
+    with caplog.at_level(logging.WARNING, logger="reconstruct.state.lock"):
         with JobLock(tmp_path):
             assert _owner(tmp_path) == os.getpid()
     assert "pid reused" in caplog.text
@@ -217,7 +217,7 @@ def test_threads_racing_for_stale_lock_never_overlap(tmp_path, mode):
 
 _RACER = """
 import os, sys, time
-from reconstruct import lock
+from reconstruct.state import lock
 if sys.argv[3] == "fallback":
     lock.fcntl = None
 out, log, start = sys.argv[1], sys.argv[2], float(sys.argv[4])

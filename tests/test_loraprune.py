@@ -21,7 +21,7 @@ from pruners.loraprune import (
 )
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
-from reconstruct.engine import run_job
+from reconstruct.loop.engine import run_job
 from reconstruct.methods import ReconSpec
 from tolerances import assert_within, gamma
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reconstruct.atomic import save_safetensors_atomic, sha256_file
-from reconstruct.fingerprint import HashCache, fingerprint_model_files, hash_text_source
-from reconstruct.manifest import (
+from reconstruct.state.atomic import save_safetensors_atomic, sha256_file
+from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
+from reconstruct.state.manifest import (
     DONE,
     MANIFEST_NAME,
     PENDING,
@@ -309,7 +309,7 @@ def test_hash_text_source(tmp_path):
 
 def test_refusal_names_flags_not_fingerprint_fields(tmp_path):
     """The issue's example: method and sparsity changed → ``--method``, ``--sparsity``; N:M parts once as ``--pattern``."""
-    from reconstruct.manifest import flag_of_field
+    from reconstruct.state.manifest import flag_of_field
 
     old = {"method": {"method": "bias-ln", "steps": 64}, "pattern": {"kind": "unstructured", "sparsity": 0.5,
                                                                       "n": None, "m": None}}
@@ -352,7 +352,7 @@ def test_fingerprint_sees_an_edit_in_the_middle_of_a_shard(tmp_path):
 
 
 def test_hash_cache_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
-    calls = _counting_sha256(monkeypatch, "reconstruct.fingerprint")
+    calls = _counting_sha256(monkeypatch, "reconstruct.state.fingerprint")
     model = _model_dir(tmp_path / "m")
     cache_path = tmp_path / "out" / ".reconstruct" / "file-hashes.json"
     cache = HashCache(cache_path)
@@ -372,9 +372,9 @@ def test_hash_cache_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
 
 
 def test_unchanged_block_files_are_not_re_hashed(tmp_path, monkeypatch):
-    from reconstruct.fingerprint import file_stat
+    from reconstruct.state.fingerprint import file_stat
 
-    calls = _counting_sha256(monkeypatch, "reconstruct.manifest")
+    calls = _counting_sha256(monkeypatch, "reconstruct.state.manifest")
     manifest = Manifest.new(_fingerprint(), 3)
     for i in range(3):
         name, digest = _write_block(tmp_path, i)
@@ -392,7 +392,7 @@ def test_unchanged_block_files_are_not_re_hashed(tmp_path, monkeypatch):
 
 
 def test_block_records_without_stat_are_re_hashed(tmp_path, monkeypatch):
-    calls = _counting_sha256(monkeypatch, "reconstruct.manifest")
+    calls = _counting_sha256(monkeypatch, "reconstruct.state.manifest")
     manifest = Manifest.new(_fingerprint(), 1)
     manifest.mark_block_done(0, *_write_block(tmp_path, 0), {})  # a manifest written before stats were recorded
     assert verify_block_files(manifest, tmp_path) == []

@@ -7,7 +7,7 @@ import json
 import pytest
 import transformers
 
-from reconstruct import model_source
+from reconstruct.modelio import source as model_source
 
 
 class _FakeSaved:

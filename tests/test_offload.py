@@ -12,14 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import make_job
 
 from cli import app
-from reconstruct.loaded_model import load_model
+from reconstruct.modelio.loaded import load_model
 from reconstruct.methods.spec import ReconSpec
-from reconstruct.planner import MemoryBudget, plan_job
+from reconstruct.planner import GIB, MemoryBudget, choose_stream_tier, plan_job, streams_fit_free_memory
+from reconstruct.planner.tier import AUTO_HOST_SHARE
+from reconstruct.state.job_state import JobState
 
 N_SAMPLES, SEQ_LEN = 48, 64  # two streams of 768 KiB each at hidden 64, float32
 CALIB_CHARS = 6_000  # a short text: tokenizing it needs less host memory than the streams
@@ -71,3 +74,53 @@ def test_disk_tier_under_a_budget_smaller_than_the_streams(tiny_model_dir, short
     assert len(cpu_shards) == loaded.layout.n_blocks + 1
     assert disk_shards == cpu_shards
     assert not list((tmp_path / "disk" / ".reconstruct").glob("stream-*.bin"))  # working files removed at the end
+
+
+def test_auto_takes_the_fastest_tier_that_fits():
+    asked: list[str] = []
+
+    def fits_from_cpu(tier: str) -> bool:
+        asked.append(tier)
+        return tier != "device"
+
+    assert choose_stream_tier("auto", "cuda", fits_from_cpu) == "cpu"
+    assert asked == ["device", "cpu"]  # fastest first, stops at the first that fits
+    assert choose_stream_tier("auto", "cpu", lambda tier: False) == "disk"  # nothing fits: disk always runs
+    assert choose_stream_tier("auto", "cpu", lambda tier: True) == "cpu"  # no device tier on CPU runs
+    assert choose_stream_tier("device", "cpu", fits_from_cpu) == "device"  # an explicit --offload is kept
+    assert asked == ["device", "cpu"]  # ... without asking
+
+
+def test_without_a_plan_the_streams_need_a_share_of_free_memory(monkeypatch):
+    class Memory:
+        available = 1000
+
+    monkeypatch.setattr("psutil.virtual_memory", lambda: Memory)
+    cpu = torch.device("cpu")
+    assert choose_stream_tier("auto", "cpu", streams_fit_free_memory(int(AUTO_HOST_SHARE * 1000), cpu)) == "cpu"
+    assert choose_stream_tier("auto", "cpu", streams_fit_free_memory(int(AUTO_HOST_SHARE * 1000) + 1, cpu)) == "disk"
+
+
+@pytest.mark.parametrize("tight", [False, True], ids=["cpu", "disk"])
+def test_the_job_streams_on_the_tier_its_plan_chose(tiny_model_dir, short_calib, tmp_path, monkeypatch, tight):
+    """``run --offload auto``: the tier the job state opens its streams on is the plan's, for each budget."""
+    model = tiny_model_dir("llama")
+    loaded = load_model(str(model), "cpu", "float32")
+    job = make_job(model, tmp_path / "unused", "wanda", sparsity=0.5, calib=short_calib, n_samples=N_SAMPLES,
+                   seq_len=SEQ_LEN, recon=ReconSpec(method="bias-ln", steps=1))
+    disk_plan = plan_job(replace(job, offload="disk"), loaded)
+    budget = disk_plan.host_peak + disk_plan.sizes["stream"] if tight else 64 * GIB  # tight: under the cpu tier's peak
+    planned = plan_job(job, loaded, MemoryBudget(host_bytes=budget))
+    assert planned.fits and planned.stream_tier == ("disk" if tight else "cpu"), planned.format()
+
+    chosen: list[str] = []
+    offload_tier = JobState.offload_tier
+
+    def recording(self, *args, **kwargs):
+        chosen.append(offload_tier(self, *args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(JobState, "offload_tier", recording)
+    result = run(model, short_calib, tmp_path / "out", "--offload", "auto", "--host-memory", str(budget))
+    assert result.exit_code == 0, result.output
+    assert chosen == [planned.stream_tier]

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import SHARED_DATA
 from tolerances import gamma
-from reconstruct.streaming_eval import InMemoryLM, StreamedLM
-from reconstruct.zero_shot import evaluate_tasks, load_piqa, piqa_folder, score_multiple_choice
+from reconstruct.evaluation.streaming import InMemoryLM, StreamedLM
+from reconstruct.evaluation.zero_shot import evaluate_tasks, load_piqa, piqa_folder, score_multiple_choice
 
 PIQA = SHARED_DATA / "piqa"
 pytestmark = pytest.mark.skipif(not (PIQA / "valid.jsonl").is_file(), reason=f"no PIQA copy at {PIQA}")

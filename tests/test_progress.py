@@ -6,8 +6,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct import model_source
-from reconstruct.progress import PROGRESS_ENV
+from reconstruct.modelio import source as model_source
+from reconstruct.progress import PROGRESS_ENV, progress_bar
 
 runner = CliRunner()
 
@@ -28,8 +28,10 @@ def test_self_calibration_bar_ticks_per_token_and_keeps_the_samples(tiny_model_d
     from calib.self_generated import generate_self_calibration
 
     def sample() -> torch.Tensor:
-        return generate_self_calibration(tiny_model_dir("llama"), n_samples=3, seq_len=6, seed=0,
-                                         device=torch.device("cpu"), dtype=torch.float32, batch_size=2)
+        with progress_bar(desc="self-calibration", unit="token", total=3 * 5) as bar:  # the caller owns the bar
+            return generate_self_calibration(tiny_model_dir("llama"), n_samples=3, seq_len=6, seed=0,
+                                             device=torch.device("cpu"), dtype=torch.float32, batch_size=2,
+                                             on_tokens=bar.update)
 
     monkeypatch.setenv(PROGRESS_ENV, "0")
     quiet = sample()

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import make_job
-from reconstruct import plots
+from reconstruct.reporting import plots
 from reconstruct.config import EvalSpec
-from reconstruct.engine import run_job
-from reconstruct.manifest import Manifest
+from reconstruct.loop.engine import run_job
+from reconstruct.state.manifest import Manifest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVAL_FLAGS = ["--eval-seq-len", "32", "--eval-windows", "4"]
@@ -143,7 +143,7 @@ def test_run_without_matplotlib_writes_the_report_and_says_how_to_get_the_figure
 def test_eval_added_to_a_finished_job_is_recorded_once(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
     import dataclasses
 
-    from reconstruct import engine
+    from reconstruct.loop import engine
 
     job = make_job(tiny_model_dir("gpt2"), tmp_path / "out", "magnitude", calib=small_calib_file)
     run_job(job)
@@ -159,7 +159,7 @@ def test_eval_added_to_a_finished_job_is_recorded_once(tiny_model_dir, small_cal
         raise AssertionError("a finished, evaluated job did work again")
 
     monkeypatch.setattr(engine, "_run_blocks", no_work)
-    monkeypatch.setattr("reconstruct.evaluate.perplexity", no_work)
+    monkeypatch.setattr("reconstruct.evaluation.perplexity.perplexity", no_work)
     again = run_job(evaluated)  # the rewritten reconstruct.json is the job's recorded output: nothing to redo
     assert again["already_finished"] and again["evaluation"] == stored["evaluation"]
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from reconstruct.faults import CRASH_ENV
-from reconstruct.lock import LOCK_NAME
-from reconstruct.manifest import DONE, MANIFEST_NAME, Manifest, verify_block_files
-from reconstruct.output import REPORT_NAME, STATE_DIR, shard_name
+from reconstruct.state.faults import CRASH_ENV
+from reconstruct.state.lock import LOCK_NAME
+from reconstruct.state.manifest import DONE, MANIFEST_NAME, Manifest, verify_block_files
+from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "llama"
@@ -34,7 +34,7 @@ RUN_TIMEOUT_S = 240
 CALIB_CHARS = 50_000  # enough text for 8 × 32-token windows; the whole file costs ~1 s of tokenizing a run
 # Fields of reconstruct.json that measure the run rather than the result.
 VOLATILE_REPORT_KEYS = ("elapsed_seconds", "peak_rss_mb", "peak_gpu_mb", "host_memory_total_mb", "seconds_this_session")
-BLOCK_LOG = re.compile(r"reconstruct\.engine: block (\d+)/(\d+):")  # one line per computed block
+BLOCK_LOG = re.compile(r"reconstruct\.loop\.engine: block (\d+)/(\d+):")  # one line per computed block
 DEFAULT_FLAGS = {  # the job under test; a test overrides single flags by name
     "n_samples": "8",
     "seq_len": "32",

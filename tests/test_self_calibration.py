@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import VOCAB_SIZE, make_job
-from reconstruct.engine import run_job
+from reconstruct.loop.engine import run_job
 
 N_SAMPLES, SEQ_LEN = 4, 16
 TOKENS_FILE = Path(".reconstruct") / "calibration-tokens.safetensors"

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from conftest import WIKITEXT_TEST, WIKITEXT_VALID
 from pruners.pattern import SparsityPattern
 from reconstruct.config import CalibSpec, JobConfig, PruneSpec
-from reconstruct.engine import run_job
-from reconstruct.evaluate import perplexity
+from reconstruct.loop.engine import run_job
+from reconstruct.evaluation.perplexity import perplexity
 from reconstruct.methods import ReconSpec
 
 pytestmark = [

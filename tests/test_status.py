@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct.faults import CRASH_ENV
-from reconstruct.job_status import describe_job, format_duration
-from reconstruct.lock import LOCK_NAME
-from reconstruct.manifest import MANIFEST_NAME, Manifest
+from reconstruct.state.faults import CRASH_ENV
+from reconstruct.state.status import describe_job, format_duration
+from reconstruct.state.lock import LOCK_NAME
+from reconstruct.state.manifest import MANIFEST_NAME, Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB_CHARS = 50_000

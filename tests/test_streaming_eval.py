@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import TINY_CONFIGS
-from reconstruct import streaming_eval
-from reconstruct.evaluate import perplexity
-from reconstruct.streaming_eval import InMemoryLM, StreamedLM, open_lm
+from reconstruct.evaluation import streaming as streaming_eval
+from reconstruct.evaluation.perplexity import perplexity
+from reconstruct.evaluation.streaming import InMemoryLM, StreamedLM, open_lm
 
 EVAL_ARGS = dict(seq_len=32, max_windows=5, device="cpu", dtype="float32")
 

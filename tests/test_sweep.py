@@ -19,10 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct import sweep as sweep_module
+from reconstruct.reporting import sweep as sweep_module
 from reconstruct.config import EvalSpec
-from reconstruct.plots import matplotlib_available
-from reconstruct.sweep import Cell, SweepSpec, build_cells, cell_command, is_done, run_cell
+from reconstruct.reporting.plots import matplotlib_available
+from reconstruct.reporting.sweep import Cell, SweepSpec, build_cells, cell_command, is_done, run_cell
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -88,8 +88,8 @@ def test_rerun_does_no_work(swept, monkeypatch):
         raise AssertionError("a finished cell was run again")
 
     monkeypatch.setattr(sweep_module, "run_cell", no_work)
-    monkeypatch.setattr("reconstruct.engine.run_job", no_work)
-    monkeypatch.setattr("reconstruct.evaluate.perplexity", no_work)
+    monkeypatch.setattr("reconstruct.loop.engine.run_job", no_work)
+    monkeypatch.setattr("reconstruct.evaluation.perplexity.perplexity", no_work)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert {name: (out / name).read_bytes() for name in before} == before

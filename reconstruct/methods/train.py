@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from reconstruct import distributed
+from reconstruct.parallel import distributed
 from reconstruct.methods.spec import ReconSpec
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def train_reconstruction(
     evaluations without improvement, and the parameters of the best evaluation are left in place
     (the initial ones when none improved: ``stopped_at == 0``).
 
-    Distributed (``reconstruct.distributed``): ``inputs``/``targets`` hold this rank's contiguous
+    Distributed (``reconstruct.parallel.distributed``): ``inputs``/``targets`` hold this rank's contiguous
     rows of the global sample axis, ranks in order. Every rank draws the same global batch from the
     same generator and computes the part it holds (possibly none: it still joins the all-reduce);
     the loss is divided by the global batch size and the gradients are summed over ranks before each

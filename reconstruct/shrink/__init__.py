@@ -18,8 +18,8 @@ import math
 import struct
 from pathlib import Path
 
-from reconstruct.lock import JobLock
-from reconstruct.loaded_model import load_model
+from reconstruct.state.lock import JobLock
+from reconstruct.modelio.loaded import load_model
 from reconstruct.shrink.families import check_shrinkable, shrunk_config
 from reconstruct.shrink.removed import ShrinkPlan, find_removed
 from reconstruct.shrink.roles import BlockRoles, find_roles

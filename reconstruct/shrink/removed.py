@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from pruners.structured import ChannelGroups, HeadGroups, kv_heads_removed
-from reconstruct.loaded_model import LoadedModel
-from reconstruct.output import REPORT_NAME
+from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.modelio.output import REPORT_NAME
 from reconstruct.shrink.families import ShrunkSizes, check_shrinkable
 from reconstruct.shrink.roles import BlockRoles
 

@@ -15,10 +15,10 @@ from transformers.pytorch_utils import Conv1D
 
 from calib.capture import block_output, capture_block_inputs
 from pruners.structured import ChannelGroups, HeadGroups, find_channel_groups, find_head_groups
-from reconstruct.architecture import weight_as_out_in
-from reconstruct.block_io import load_module_weights, release_module_weights
-from reconstruct.loaded_model import LoadedModel
-from reconstruct.statistics import group_by_shared_input, recording_linear_inputs
+from reconstruct.modelio.architecture import weight_as_out_in
+from reconstruct.modelio.block_io import load_module_weights, release_module_weights
+from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.loop.hooks import group_by_shared_input, recording_linear_inputs
 
 logger = logging.getLogger(__name__)
 

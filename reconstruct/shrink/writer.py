@@ -4,7 +4,7 @@ Layout: one safetensors shard per block plus one for the tensors outside the blo
 ``shard_name``), ``config.json`` with the kept sizes, the tokenizer and generation files, ``shrink.json``
 (what was deleted, parameter counts before and after) and, last, the index: the file that makes the
 folder loadable, so a folder without it is visibly unfinished. Every file is written to a temp file,
-fsynced and renamed (``reconstruct.atomic``). ``.shrink-state.json`` records the source's identity,
+fsynced and renamed (``reconstruct.state.atomic``). ``.shrink-state.json`` records the source's identity,
 the plan and the sha256 of each finished shard: a rerun after a kill re-verifies them and writes only
 what is missing; a rerun after the end does nothing; an ``--out`` holding anything else is refused.
 """
@@ -16,10 +16,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from reconstruct.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
-from reconstruct.fingerprint import fingerprint_model_files
-from reconstruct.lock import LOCK_NAME
-from reconstruct.output import INDEX_NAME, WEIGHT_SUFFIXES, shard_name, write_index
+from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
+from reconstruct.state.fingerprint import fingerprint_model_files
+from reconstruct.state.lock import LOCK_NAME
+from reconstruct.modelio.output import INDEX_NAME, WEIGHT_SUFFIXES, shard_name, write_index
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "recons
 
 
 def source_identity(folder: Path) -> dict[str, str]:
-    """Cheap identity of the source's weights and config (``reconstruct.fingerprint``), reports left out."""
+    """Cheap identity of the source's weights and config (``reconstruct.state.fingerprint``), reports left out."""
     files = fingerprint_model_files(folder)
     return {name: ident for name, ident in files.items()
             if name.endswith(WEIGHT_SUFFIXES) or name in ("config.json", INDEX_NAME)}

@@ -17,7 +17,7 @@ context ``"Question: {goal}\\nAnswer:"``, choices ``[sol1, sol2]`` and the defau
 
 Requests are sorted by length and batched with right padding: causal attention means the padding
 after a sequence never changes its logits, so the in-memory and the streamed model
-(``reconstruct.streaming_eval``) both serve them. Tasks other than PIQA go to lm-evaluation-harness
+(``reconstruct.evaluation.streaming``) both serve them. Tasks other than PIQA go to lm-evaluation-harness
 when it is installed (it needs the hub for its data); it is never required.
 """
 
@@ -218,9 +218,9 @@ def evaluate_tasks(
     """
     from transformers import AutoTokenizer
 
-    from reconstruct.model_source import resolve_model
+    from reconstruct.modelio.source import resolve_model
     from reconstruct.runtime import resolve_device, resolve_dtype
-    from reconstruct.streaming_eval import open_lm
+    from reconstruct.evaluation.streaming import open_lm
 
     builtin = [task for task in tasks if task in BUILTIN_TASKS and (task_data is not None or not _has_lm_eval())]
     external = [task for task in tasks if task not in builtin]

@@ -10,8 +10,8 @@ import json
 import socket
 from pathlib import Path
 
-from reconstruct.lock import LOCK_NAME, pid_alive
-from reconstruct.manifest import DONE, MANIFEST_NAME, BlockRecord, Manifest
+from reconstruct.state.lock import LOCK_NAME, pid_alive
+from reconstruct.state.manifest import DONE, MANIFEST_NAME, BlockRecord, Manifest
 
 
 def describe_job(out: Path) -> str:

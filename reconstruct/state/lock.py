@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from reconstruct.atomic import DiskWriteError
+from reconstruct.state.atomic import DiskWriteError
 
 try:
     import fcntl

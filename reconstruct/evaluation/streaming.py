@@ -28,9 +28,9 @@ from torch import nn
 
 from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
-from reconstruct.block_io import load_module_weights, release_module_weights
-from reconstruct.checkpoint import CheckpointReader
-from reconstruct.loaded_model import LoadedModel, load_model
+from reconstruct.modelio.block_io import load_module_weights, release_module_weights
+from reconstruct.modelio.checkpoint import CheckpointReader
+from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.progress import progress_bar
 from reconstruct.runtime import dtype_name
 

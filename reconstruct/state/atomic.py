@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-from reconstruct.faults import crash_point
+from reconstruct.state.faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     """Delete temp files that an interrupted atomic write left in ``folder``.
 
     Only files named by this module (``.*.reconstruct-tmp``) are touched. Call it while holding the
-    folder's :class:`~reconstruct.lock.JobLock`, so no live writer's temp file is removed.
+    folder's :class:`~reconstruct.state.lock.JobLock`, so no live writer's temp file is removed.
 
     Args:
         folder: The folder to clean (not recursive). A missing folder is fine.

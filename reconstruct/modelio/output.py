@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reconstruct.atomic import TEMP_SUFFIX, atomic_copy_file, atomic_write_bytes, atomic_write_json
-from reconstruct.lock import LOCK_NAME
-from reconstruct.manifest import MANIFEST_NAME
+from reconstruct.state.atomic import TEMP_SUFFIX, atomic_copy_file, atomic_write_bytes, atomic_write_json
+from reconstruct.state.lock import LOCK_NAME
+from reconstruct.state.manifest import MANIFEST_NAME
 
 INDEX_NAME = "model.safetensors.index.json"
 REPORT_NAME = "reconstruct.json"

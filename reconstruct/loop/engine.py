@@ -22,27 +22,27 @@ from pruners.base import BlockTraining, GivenScores
 from pruners.masks import select_keep_mask
 from pruners.schedule import cycle_pattern, scaled_pattern, schedule_fraction
 from pruners.structured import ChannelGroups, HeadGroups, find_groups, select_structured
-from reconstruct import distributed
-from reconstruct.architecture import BlockLayout, weight_as_out_in
-from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
-from reconstruct.block_io import (
+from reconstruct.parallel import distributed
+from reconstruct.modelio.architecture import BlockLayout, weight_as_out_in
+from reconstruct.state.atomic import atomic_write_json, save_safetensors_atomic
+from reconstruct.modelio.block_io import (
     keep_nonzero_when_stored, load_module_weights, module_tensors_for_output, release_module_weights, stored_sparsity,
 )
 from reconstruct.config import JobConfig
-from reconstruct.faults import crash_point
-from reconstruct.job_state import JobState
-from reconstruct.loaded_model import LoadedModel, load_model
+from reconstruct.state.faults import crash_point
+from reconstruct.state.job_state import JobState
+from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.methods import SampleSplit, attach_method, evaluate_mse, split_samples, train_reconstruction
 from reconstruct.methods.snapshot import BlockSnapshot
 from reconstruct.methods.train import local_rows, log_training_budget
-from reconstruct.objective import UnitObjective, build_units, discover_units
-from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
+from reconstruct.loop.objective import UnitObjective, build_units, discover_units
+from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.progress import progress_bar
-from reconstruct.report import finish_report, refresh_finished_report
+from reconstruct.reporting.report import finish_report, refresh_finished_report
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.validation import resolve_evaluation, validate_job
-from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
+from reconstruct.loop.hooks import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from reconstruct.atomic import atomic_write_json, sha256_file
-from reconstruct.faults import crash_point
-from reconstruct.fingerprint import file_stat
+from reconstruct.state.atomic import atomic_write_json, sha256_file
+from reconstruct.state.faults import crash_point
+from reconstruct.state.fingerprint import file_stat
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
         )
 
 
-# Fingerprint field (``reconstruct.job_state.job_fingerprint``, flattened) → the flag a user changes.
+# Fingerprint field (``reconstruct.state.job_state.job_fingerprint``, flattened) → the flag a user changes.
 # A field takes the entry of its longest listed prefix; fields no flag sets keep their own name.
 FINGERPRINT_FLAGS: dict[str, str] = {
     "model_files": "--model (its file {rest})",
@@ -410,7 +410,7 @@ def _block_file_ok(record: BlockRecord, out_dir: Path) -> bool:
     path = out_dir / record.file
     try:
         if record.stat is not None and file_stat(path) == record.stat:
-            return True  # not re-read: see the trade-off in reconstruct/fingerprint.py
+            return True  # not re-read: see the trade-off in reconstruct/state/fingerprint.py
     except OSError:
         return False
     crash_point(f"verify:{record.file}")  # tests: prove which files a resume reads

@@ -14,10 +14,10 @@ import torch
 
 from calib.framing import resolve_framing
 from calib.text_sources import HUB_EVAL_SPLITS, consecutive_windows, read_text, tokenize_text
-from reconstruct.architecture import load_config
-from reconstruct.model_source import resolve_model
+from reconstruct.modelio.architecture import load_config
+from reconstruct.modelio.source import resolve_model
 from reconstruct.runtime import resolve_device, resolve_dtype
-from reconstruct.streaming_eval import open_lm
+from reconstruct.evaluation.streaming import open_lm
 from reconstruct.validation import resolve_eval_seq_len
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def window_nll(lm, windows: torch.Tensor, batch_size: int = 1) -> tuple[float, i
     """Summed next-token negative log-likelihood over ``windows`` (n, T), and the token count.
 
     Args:
-        lm: an ``InMemoryLM`` or ``StreamedLM`` (``reconstruct.streaming_eval``).
+        lm: an ``InMemoryLM`` or ``StreamedLM`` (``reconstruct.evaluation.streaming``).
         windows: (n, T) token ids.
         batch_size: windows per forward.
     """

@@ -24,26 +24,26 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import reconstruct
-from reconstruct import distributed
+from reconstruct.parallel import distributed
 from calib.activations import ActivationStream
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
-from reconstruct.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
-from reconstruct.checkpoint_policy import CheckpointPolicy
+from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
+from reconstruct.state.checkpoint_policy import CheckpointPolicy
 from reconstruct.config import JobConfig
-from reconstruct.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
-from reconstruct.loaded_model import LoadedModel
-from reconstruct.lock import JobLock
-from reconstruct.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
-from reconstruct.output import STATE_DIR, check_out_dir
+from reconstruct.state.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
+from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.state.lock import JobLock
+from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
+from reconstruct.modelio.output import STATE_DIR, check_out_dir
+from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
+from reconstruct.progress import progress_bar
 from reconstruct.runtime import dtype_name
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration-tokens.safetensors"
 HASH_CACHE_NAME = "file-hashes.json"  # model files' whole-file sha256 by stat (fingerprint.HashCache)
-AUTO_HOST_SHARE = 0.5  # the activation cache may use this share of available host memory
-AUTO_DEVICE_SHARE = 0.3  # ... and this share of free GPU memory
 
 
 def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | None = None) -> dict:
@@ -218,9 +218,12 @@ class JobState:
         logger.info("calibration windows: %s", framing.describe())
         if calib.source == SELF:
             logger.info("sampling %d × %d calibration tokens from the dense model", calib.n_samples, calib.seq_len)
-            tokens = generate_self_calibration(
-                loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype, framing=framing
-            )
+            bar = progress_bar(desc="self-calibration", unit="token", total=calib.n_samples * (calib.seq_len - 1))
+            with bar:
+                tokens = generate_self_calibration(
+                    loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype,
+                    framing=framing, on_tokens=bar.update,
+                )
         else:
             ids = tokenize_text(read_text(calib.source), loaded.tokenizer())
             tokens = sample_windows(ids, calib.n_samples, calib.seq_len, calib.seed, framing=framing)
@@ -234,17 +237,14 @@ class JobState:
         return (self.scratch or self.state_dir) / f"stream-{name}.bin"
 
     def offload_tier(self, loaded: LoadedModel, n_tokens: int) -> str:
-        """The activation-cache tier: ``--offload`` unless ``auto``, else the fastest that fits."""
-        if self.job.offload != "auto":
-            return self.job.offload
+        """The activation-cache tier: ``--offload`` unless ``auto``, else the fastest that fits.
+
+        ``run`` resolves ``auto`` to the memory plan's tier before the state is opened, so ``auto``
+        is left here only when no plan could be made; the rule is ``planner.tier``'s either way.
+        """
         stream_bytes = self.job.n_streams * n_tokens * loaded.hidden_size * torch.finfo(loaded.dtype).bits // 8
-        if loaded.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(loaded.device)
-            if stream_bytes <= AUTO_DEVICE_SHARE * free:
-                return "device"
-        if stream_bytes <= AUTO_HOST_SHARE * psutil.virtual_memory().available:
-            return "cpu"
-        return "disk"
+        return choose_stream_tier(self.job.offload, loaded.device.type,
+                                  streams_fit_free_memory(stream_bytes, loaded.device))
 
     def restore_streams(self, sparse: ActivationStream, dense: ActivationStream | None) -> int:
         """Load the latest intact activation checkpoint; return the first block still to compute.

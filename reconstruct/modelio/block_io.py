@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reconstruct.checkpoint import CheckpointReader
+from reconstruct.modelio.checkpoint import CheckpointReader
 
 
 def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:

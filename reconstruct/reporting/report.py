@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reconstruct.atomic import atomic_write_bytes
-from reconstruct.plots import INSTALL_HINT, matplotlib_available, plot_blocks
+from reconstruct.state.atomic import atomic_write_bytes
+from reconstruct.reporting.plots import INSTALL_HINT, matplotlib_available, plot_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def add_evaluation(job, report: dict) -> tuple[dict, bool]:
     recorded = report.get("evaluation") or {}
     if {key: recorded.get(key) for key in settings} == settings:
         return report, False
-    from reconstruct.evaluate import perplexity
+    from reconstruct.evaluation.perplexity import perplexity
 
     spec = job.evaluation
     logger.info("evaluating %s on %s", job.out, spec.data)

@@ -11,10 +11,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from calib.framing import SequenceFraming, resolve_framing
-from reconstruct.architecture import BlockLayout, build_skeleton, discover_layout, load_config
-from reconstruct.block_io import load_module_weights
-from reconstruct.checkpoint import CheckpointReader, match_checkpoint_keys
-from reconstruct.model_source import resolve_model
+from reconstruct.modelio.architecture import BlockLayout, build_skeleton, discover_layout, load_config
+from reconstruct.modelio.block_io import load_module_weights
+from reconstruct.modelio.checkpoint import CheckpointReader, match_checkpoint_keys
+from reconstruct.modelio.source import resolve_model
 from reconstruct.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)

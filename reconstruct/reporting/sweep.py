@@ -28,13 +28,13 @@ from pathlib import Path
 
 from pruners.pattern import N_OF_M, UNSTRUCTURED, SparsityPattern
 from pruners.registry import PRUNER_NAMES
-from reconstruct.atomic import atomic_write_bytes, atomic_write_json
+from reconstruct.state.atomic import atomic_write_bytes, atomic_write_json
 from reconstruct.config import EvalSpec
-from reconstruct.manifest import Manifest
+from reconstruct.state.manifest import Manifest
 from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
-from reconstruct.output import REPORT_NAME
-from reconstruct.plots import INSTALL_HINT, plot_sweep
-from reconstruct.report import evaluation_settings, format_or_dash
+from reconstruct.modelio.output import REPORT_NAME
+from reconstruct.reporting.plots import INSTALL_HINT, plot_sweep
+from reconstruct.reporting.report import evaluation_settings, format_or_dash
 from reconstruct.validation import check_calib_seq_len, model_config, resolve_eval_seq_len
 
 logger = logging.getLogger(__name__)

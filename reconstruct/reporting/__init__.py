@@ -1,0 +1,1 @@
+"""Reporting tools: report.md / report.png, sweeps, and inspection of a pruned folder."""

@@ -1,0 +1,1 @@
+"""Durable job state in --out: lock, manifest, fingerprint, atomic writes, activation checkpoints, status."""
