@@ -40,7 +40,7 @@ from reconstruct.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_n
 from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.progress import progress_bar
 from reconstruct.report import finish_report, refresh_finished_report
-from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
+from reconstruct.runtime import peak_gpu_mb, peak_rss_mb, unpool_large_allocations
 from reconstruct.validation import resolve_evaluation, validate_job
 from reconstruct.statistics import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
@@ -418,27 +418,6 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
         report = _run_blocks(job, loaded, state)
         report["seconds_this_session"] = time.perf_counter() - started
         return report
-
-
-def unpool_large_allocations(threshold: int = 1 << 20) -> None:
-    """Serve every host allocation of ``threshold`` bytes or more with its own mmap (glibc only).
-
-    glibc starts with a 128 KiB mmap threshold and raises it, up to 32 MiB, each time such a chunk
-    is freed. After the first block is freed, every tensor below 32 MiB (weights, activations,
-    statistics) comes from the heap, where blocks of ever-shifting sizes fragment it and peak RSS
-    creeps up block after block (1.16 GB at 2 blocks, 2.04 GB at 16 in bench/memory.py). A fixed
-    threshold (set through mallopt, which also stops the adjustment) returns each freed tensor to
-    the OS at once, so host memory stays flat with depth. Elsewhere this is a no-op.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        logger.debug("mallopt unavailable; large allocations stay pooled")
 
 
 def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
