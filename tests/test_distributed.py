@@ -290,13 +290,13 @@ def test_helpers_are_no_ops_in_one_process():
 
 
 def test_command_line_for_torchrun_drops_nproc_and_keeps_changed_flags():
-    import inspect
-
     import cli
 
-    options = {name: p.default for name, p in inspect.signature(cli.run, eval_str=True).parameters.items()}
-    options.update(nproc=4, pruner=cli.PrunerName.sparsegpt, sequential=True, eval_data="t.txt", lr=0.001,
-                   out=Path("o"), verbose=True)
-    assert cli._command_line(options) == [
+    options = cli.RunOptions(
+        shape=cli.ShapeOptions(pruner=cli.PrunerName.sparsegpt), recon=cli.ReconOptions(lr=0.001),
+        prune=cli.PruneOptions(sequential=True), output=cli.OutputOptions(out=Path("o"), eval_data="t.txt"),
+        process=cli.ProcessOptions(nproc=4, verbose=True),
+    )
+    assert options.command_line() == [
         "run", "--pruner", "sparsegpt", "--lr", "0.001", "--sequential", "--out", "o", "--eval", "t.txt", "--verbose",
     ]
