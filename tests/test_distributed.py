@@ -72,6 +72,7 @@ def _run(job, interrupt: str | None = None) -> int:
 
     from reconstruct import engine
     from reconstruct.job_state import JobState
+    from reconstruct.loop import pipeline
 
     starts: list[int] = []
     restore = JobState.restore_streams
@@ -84,7 +85,7 @@ def _run(job, interrupt: str | None = None) -> int:
         if interrupt is None:
             engine.run_job(job)
         else:
-            with mock.patch.object(engine, "crash_point", _interrupting(interrupt)), pytest.raises(Interrupted):
+            with mock.patch.object(pipeline, "crash_point", _interrupting(interrupt)), pytest.raises(Interrupted):
                 engine.run_job(job)
     return starts[0]
 

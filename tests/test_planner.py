@@ -37,7 +37,8 @@ from pruners import get_pruner
 from pruners.pattern import SparsityPattern
 from reconstruct.architecture import weight_as_out_in
 from reconstruct.block_io import load_module_weights
-from reconstruct.engine import capture_kwargs_and_inputs, prune_layer
+from reconstruct.engine import capture_kwargs_and_inputs
+from reconstruct.loop.pipeline import prune_layer
 from reconstruct.loaded_model import load_model
 from reconstruct.methods import ReconSpec, attach_method
 from reconstruct.planner import GIB, MemoryBudget, parse_bytes, plan_from_config, plan_job, prune_temporary_bytes
