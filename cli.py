@@ -347,7 +347,7 @@ class RunOptions:
     @classmethod
     def from_params(cls, params: Mapping[str, object], groups: tuple[str, ...]) -> RunOptions:
         """The groups named in ``groups`` from a command's parsed parameters; the others at their defaults."""
-        return cls(**{item.name: item.default_factory().from_params(params) for item in fields(cls) if item.name in groups})
+        return cls(**{item.name: item.default_factory.from_params(params) for item in fields(cls) if item.name in groups})
 
     def shared_flags(self) -> list[str]:
         """The flags every cell of a sweep shares (all but the shape and the output folder)."""
