@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -125,8 +126,6 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
-MASKLORA_FROM_SPARSITY = 0.6  # --method auto: bias-ln below this sparsity, masklora at or above
-EVAL_FLAGS = ("eval_data", "eval_seq_len", "eval_windows")  # run's end-of-job evaluation: not for plan or sweep cells
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -171,58 +170,257 @@ def _default_out(model: str, pruner: str, pattern: str, sparsity: float | None) 
     return Path(f"{stem}-{pruner}-{shape}")
 
 
+# --------------------------------------------------------------------------- the flags of run
+# Each flag of `run` is declared once here (type and help); `run`, `plan` and `sweep` list the ones
+# they take, with the defaults of the option groups below.
+Model = Annotated[str, typer.Option(help="Local HF folder, .gguf file, hub id or alias (opt-30b, smollm2-135m).")]
+Pruner = Annotated[PrunerName, typer.Option(help="How weights are scored.")]
+Sparsity = Annotated[Optional[float], typer.Option(help="Fraction of weights removed, in [0, 1) (heads/channels: of heads/channels removed per block); implied by N:M.", show_default="0.5")]
+Pattern = Annotated[str, typer.Option(help="'unstructured', N:M (N kept of every M along the input, e.g. 2:4), 'heads' (whole attention heads) or 'channels' (MLP intermediate channels); heads/channels: --sparsity is the fraction of them removed per block, rounded to whole heads (0.2222 of 9 = 2).")]
+Scope = Annotated[MaskScope, typer.Option(help="Unstructured: equal sparsity per output row or per layer.")]
+Method = Annotated[MethodName, typer.Option(help="Reconstruction: auto = bias-ln below 60% sparsity, masklora at or above.")]
+ReconSteps = Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block.", show_default="64")]
+ReconEpochs = Annotated[Optional[float], typer.Option(help="Budget in passes over the training samples instead of --recon-steps: steps = ceil(E x training samples / --recon-batch).", show_default="off")]
+ReconVal = Annotated[float, typer.Option(help="Share of the calibration samples held out to validate each repair, in [0, 1) (at least one sample; 0 = none, every sample trains).")]
+ReconEvalEvery = Annotated[int, typer.Option(min=1, help="Guard: validation error measured every this many steps.")]
+ReconPatience = Annotated[int, typer.Option(min=1, help="Guard: stop after this many evaluations without improvement.")]
+ReconGuard = Annotated[bool, typer.Option(help="Keep the best validation step's parameters and undo a repair that is not better on the held-out samples than the pruned block (--no-recon-guard: train all steps, keep every repair; the error is still measured).")]
+Lr = Annotated[Optional[float], typer.Option(min=0.0, help="AdamW peak learning rate (linear decay to 0).", show_default="5e-3")]
+Rank = Annotated[int, typer.Option(min=1, help="LoRA rank (masklora, scalelora, lora).")]
+Alpha = Annotated[float, typer.Option(min=0.0, help="LoRA alpha; the update is scaled by alpha/rank.")]
+ReconBatch = Annotated[Optional[int], typer.Option(min=1, help="Calibration samples per optimizer step.", show_default="2")]
+WeightDecay = Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay.", show_default="0")]
+GranularityFlag = Annotated[Granularity, typer.Option(help="What reconstruction matches: the whole block, each sublayer (attention and MLP separately) or each linear.")]
+TargetFlag = Annotated[Target, typer.Option(help="Reconstruction target: dense = dense block on the dense stream (PERP), local = dense block on the pruned stream.")]
+AllowDenseMerge = Annotated[bool, typer.Option(help="--method lora only: accept that merging refills pruned weights.")]
+Calib = Annotated[str, typer.Option(help="Calibration text: 'self' (sampled from the model, no data needed), wikitext2, c4, ptb, or a .txt/.jsonl file.")]
+NSamples = Annotated[int, typer.Option(min=1, help="Calibration sequences.")]
+SeqLen = Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and reconstruction.")]
+CalibBos = Annotated[BosMode, typer.Option(help=BOS_HELP + " Also frames the --eval windows.")]
+Sequential = Annotated[bool, typer.Option(help="Prune sub-layer groups in order (q/k/v, o, up/gate, down), re-collecting statistics between them.")]
+Cycles = Annotated[int, typer.Option(min=1, help="Reach the pattern in this many prune -> reconstruct cycles per block (statistics re-collected each cycle; earlier zeros stay zero).")]
+CycleScheduleFlag = Annotated[CycleSchedule, typer.Option(help="How the sparsity grows over --cycles: cubic (LoRAPrune's, front-loaded) or linear.")]
+LorapruneSteps = Annotated[int, typer.Option(min=1, help="--pruner loraprune: LoRA warm-up steps per block (per cycle) that accumulate the importance.")]
+LorapruneRank = Annotated[int, typer.Option(min=1, help="--pruner loraprune: rank of the warm-up adapters (alpha = 2 x rank).")]
+LorapruneLr = Annotated[float, typer.Option(min=0.0, help="--pruner loraprune: AdamW learning rate of the warm-up.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeFlag = Annotated[Dtype, typer.Option(help="Compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")]
+MicroBatch = Annotated[int, typer.Option(min=1, help="Samples per block forward.")]
+OffloadFlag = Annotated[Offload, typer.Option(help="Where the activation cache lives.")]
+CheckpointEvery = Annotated[str, typer.Option(help="When to checkpoint the activation streams (what a resume restarts from): every k blocks, or auto = after every block while that is cheap, else so that checkpoints cost at most 10% of the block time.")]
+TrackError = Annotated[bool, typer.Option(help="--method none: also run the dense model alongside, to report each block's output error (one more block forward per block; reconstruction always does).")]
+GpuMemory = Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB.", show_default="the GPU's free memory")]
+HostMemory = Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB.", show_default="available memory")]
+Out = Annotated[Optional[Path], typer.Option(help="Output folder; also holds the resume state.", show_default="MODEL-PRUNER-SHAPE in the current folder")]
+Force = Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")]
+EvalData = Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", show_default="no evaluation")]
+EvalSeqLen = Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per window.", show_default="the smaller of 2048 and the model's context length")]
+EvalWindows = Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")]
+Shrink = Annotated[bool, typer.Option("--shrink", help="--pattern heads/channels: at the end, also write OUT/shrunk, the smaller model with the removed heads/channels deleted (stock transformers loads it); heads with grouped-query attention are then removed equally from every key/value group.", show_default="off")]
+Nproc = Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")]
+
+
+class OptionGroup:
+    """A group of ``run``'s flags as a frozen dataclass whose fields are named as the parameters."""
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]):
+        """The group's fields picked from a command's parsed parameters (``typer.Context.params``)."""
+        return cls(**{item.name: params[item.name] for item in fields(cls)})
+
+    def flags(self) -> list[str]:
+        """``--name value`` for every field that differs from its default (booleans as ``--x``/``--no-x``)."""
+        args: list[str] = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None or value == item.default:
+                continue
+            flag = item.metadata.get("flag", "--" + item.name.replace("_", "-"))
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + item.name.replace("_", "-"))
+            else:
+                args += [flag, str(value.value if isinstance(value, Enum) else value)]
+        return args
+
+
+@dataclass(frozen=True)
+class ShapeOptions(OptionGroup):
+    """What to prune and how to repair it (the grid axes of ``sweep``)."""
+
+    pruner: PrunerName = PrunerName.wanda
+    sparsity: float | None = None  # None: 0.5, or implied by N:M
+    pattern: str = "unstructured"
+    method: MethodName = MethodName.auto
+
+
+@dataclass(frozen=True)
+class ReconOptions(OptionGroup):
+    """Reconstruction: training budget, the held-out guard, adapters, objective."""
+
+    recon_steps: int | None = None  # None: ReconSpec's default
+    recon_epochs: float | None = None
+    recon_val: float = 0.125
+    recon_eval_every: int = 8
+    recon_patience: int = 3
+    recon_guard: bool = True
+    lr: float | None = None
+    rank: int = 16
+    alpha: float = 32.0
+    recon_batch: int | None = None
+    weight_decay: float | None = None
+    granularity: Granularity = Granularity.block
+    target: Target = Target.dense
+    allow_dense_merge: bool = False
+    track_error: bool = False
+
+
+@dataclass(frozen=True)
+class PruneOptions(OptionGroup):
+    """How the pattern is reached: mask scope, sub-layer order, cycles, LoRAPrune's warm-up."""
+
+    mask_scope: MaskScope = MaskScope.row
+    sequential: bool = False
+    cycles: int = 1
+    cycle_schedule: CycleSchedule = CycleSchedule.cubic
+    loraprune_steps: int = 20
+    loraprune_rank: int = 8
+    loraprune_lr: float = 2e-2
+
+
+@dataclass(frozen=True)
+class CalibOptions(OptionGroup):
+    """Calibration samples."""
+
+    calib: str = "self"
+    n_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    calib_bos: BosMode = BosMode.auto
+
+
+@dataclass(frozen=True)
+class MachineOptions(OptionGroup):
+    """The model and where it runs: device, dtype, batch, activation cache, checkpoints, memory budgets."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: Dtype = Dtype.auto
+    micro_batch: int = 8
+    offload: Offload = Offload.auto
+    checkpoint_every: str = "auto"
+    gpu_memory: str | None = None
+    host_memory: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputOptions(OptionGroup):
+    """``run`` alone: the output folder and the end-of-job evaluation."""
+
+    out: Path | None = None  # None: MODEL-PRUNER-SHAPE
+    force: bool = False
+    eval_data: str | None = field(default=None, metadata={"flag": "--eval"})
+    eval_seq_len: int | None = None
+    eval_windows: int | None = None
+    shrink: bool = False  # also write OUT/shrunk (reconstruct.shrink)
+
+
+@dataclass(frozen=True)
+class ProcessOptions(OptionGroup):
+    """Processes and logging."""
+
+    nproc: int = 1
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Every flag of ``run``, by group; ``plan`` and ``sweep`` leave the groups they do not take at their defaults."""
+
+    shape: ShapeOptions = field(default_factory=ShapeOptions)
+    recon: ReconOptions = field(default_factory=ReconOptions)
+    prune: PruneOptions = field(default_factory=PruneOptions)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    machine: MachineOptions = field(default_factory=MachineOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    process: ProcessOptions = field(default_factory=ProcessOptions)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object], groups: tuple[str, ...]) -> RunOptions:
+        """The groups named in ``groups`` from a command's parsed parameters; the others at their defaults."""
+        return cls(**{item.name: item.default_factory.from_params(params) for item in fields(cls) if item.name in groups})
+
+    def shared_flags(self) -> list[str]:
+        """The flags every cell of a sweep shares (all but the shape and the output folder)."""
+        groups = (self.recon, self.prune, self.calib, self.machine, self.process)
+        return [flag for group in groups for flag in group.flags()]
+
+    def command_line(self) -> list[str]:
+        """``run`` and its flags that differ from their defaults, ``--nproc`` left out (what torchrun starts)."""
+        groups = (self.shape, self.recon, self.prune, self.calib, self.machine, self.output,
+                  replace(self.process, nproc=ProcessOptions.nproc))
+        return ["run", *(flag for group in groups for flag in group.flags())]
+
+
+ALL_GROUPS = ("shape", "recon", "prune", "calib", "machine", "output", "process")
+PLAN_GROUPS = ("shape", "recon", "prune", "calib", "machine", "process")  # not the output folder
+SWEEP_GROUPS = ("recon", "prune", "calib", "machine", "process")  # the grid and the sweep folder are its own
+
+
 @app.command()
 def run(
-    model: Annotated[str, typer.Option(help="Local HF folder, .gguf file, hub id or alias (opt-30b, smollm2-135m).")] = DEFAULT_MODEL,
-    pruner: Annotated[PrunerName, typer.Option(help="How weights are scored.")] = PrunerName.wanda,
-    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights removed, in [0, 1) (heads/channels: of heads/channels removed per block); implied by N:M.", show_default="0.5")] = None,
-    pattern: Annotated[str, typer.Option(help="'unstructured', N:M (N kept of every M along the input, e.g. 2:4), 'heads' (whole attention heads) or 'channels' (MLP intermediate channels); heads/channels: --sparsity is the fraction of them removed per block, rounded to whole heads (0.2222 of 9 = 2).")] = "unstructured",
-    mask_scope: Annotated[MaskScope, typer.Option(help="Unstructured: equal sparsity per output row or per layer.")] = MaskScope.row,
-    method: Annotated[MethodName, typer.Option(help="Reconstruction: auto = bias-ln below 60% sparsity, masklora at or above.")] = MethodName.auto,
-    recon_steps: Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block.", show_default="64")] = None,
-    recon_epochs: Annotated[Optional[float], typer.Option(help="Budget in passes over the training samples instead of --recon-steps: steps = ceil(E x training samples / --recon-batch).", show_default="off")] = None,
-    recon_val: Annotated[float, typer.Option(help="Share of the calibration samples held out to validate each repair, in [0, 1) (at least one sample; 0 = none, every sample trains).")] = 0.125,
-    recon_eval_every: Annotated[int, typer.Option(min=1, help="Guard: validation error measured every this many steps.")] = 8,
-    recon_patience: Annotated[int, typer.Option(min=1, help="Guard: stop after this many evaluations without improvement.")] = 3,
-    recon_guard: Annotated[bool, typer.Option(help="Keep the best validation step's parameters and undo a repair that is not better on the held-out samples than the pruned block (--no-recon-guard: train all steps, keep every repair; the error is still measured).")] = True,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW peak learning rate (linear decay to 0).", show_default="5e-3")] = None,
-    rank: Annotated[int, typer.Option(min=1, help="LoRA rank (masklora, scalelora, lora).")] = 16,
-    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha; the update is scaled by alpha/rank.")] = 32.0,
-    recon_batch: Annotated[Optional[int], typer.Option(min=1, help="Calibration samples per optimizer step.", show_default="2")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay.", show_default="0")] = None,
-    granularity: Annotated[Granularity, typer.Option(help="What reconstruction matches: the whole block, each sublayer (attention and MLP separately) or each linear.")] = Granularity.block,
-    target: Annotated[Target, typer.Option(help="Reconstruction target: dense = dense block on the dense stream (PERP), local = dense block on the pruned stream.")] = Target.dense,
-    allow_dense_merge: Annotated[bool, typer.Option(help="--method lora only: accept that merging refills pruned weights.")] = False,
-    calib: Annotated[str, typer.Option(help="Calibration text: 'self' (sampled from the model, no data needed), wikitext2, c4, ptb, or a .txt/.jsonl file.")] = "self",
-    n_samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 128,
-    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed for calibration sampling and reconstruction.")] = 0,
-    calib_bos: Annotated[BosMode, typer.Option(help=BOS_HELP + " Also frames the --eval windows.")] = BosMode.auto,
-    sequential: Annotated[bool, typer.Option(help="Prune sub-layer groups in order (q/k/v, o, up/gate, down), re-collecting statistics between them.")] = False,
-    cycles: Annotated[int, typer.Option(min=1, help="Reach the pattern in this many prune -> reconstruct cycles per block (statistics re-collected each cycle; earlier zeros stay zero).")] = 1,
-    cycle_schedule: Annotated[CycleSchedule, typer.Option(help="How the sparsity grows over --cycles: cubic (LoRAPrune's, front-loaded) or linear.")] = CycleSchedule.cubic,
-    loraprune_steps: Annotated[int, typer.Option(min=1, help="--pruner loraprune: LoRA warm-up steps per block (per cycle) that accumulate the importance.")] = 20,
-    loraprune_rank: Annotated[int, typer.Option(min=1, help="--pruner loraprune: rank of the warm-up adapters (alpha = 2 x rank).")] = 8,
-    loraprune_lr: Annotated[float, typer.Option(min=0.0, help="--pruner loraprune: AdamW learning rate of the warm-up.")] = 2e-2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="Compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")] = Dtype.auto,
-    micro_batch: Annotated[int, typer.Option(min=1, help="Samples per block forward.")] = 8,
-    offload: Annotated[Offload, typer.Option(help="Where the activation cache lives.")] = Offload.auto,
-    checkpoint_every: Annotated[str, typer.Option(help="When to checkpoint the activation streams (what a resume restarts from): every k blocks, or auto = after every block while that is cheap, else so that checkpoints cost at most 10% of the block time.")] = "auto",
-    track_error: Annotated[bool, typer.Option(help="--method none: also run the dense model alongside, to report each block's output error (one more block forward per block; reconstruction always does).")] = False,
-    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB.", show_default="the GPU's free memory")] = None,
-    host_memory: Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB.", show_default="available memory")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder; also holds the resume state.", show_default="MODEL-PRUNER-SHAPE in the current folder")] = None,
-    force: Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")] = False,
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", show_default="no evaluation")] = None,
-    eval_seq_len: Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per window.", show_default="the smaller of 2048 and the model's context length")] = None,
-    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")] = None,
-    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")] = 1,
-    shrink: Annotated[bool, typer.Option("--shrink", help="--pattern heads/channels: at the end, also write OUT/shrunk, the smaller model with the removed heads/channels deleted (stock transformers loads it); heads with grouped-query attention are then removed equally from every key/value group.", show_default="off")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
+    ctx: typer.Context,
+    model: Model = MachineOptions.model,
+    pruner: Pruner = ShapeOptions.pruner,
+    sparsity: Sparsity = ShapeOptions.sparsity,
+    pattern: Pattern = ShapeOptions.pattern,
+    mask_scope: Scope = PruneOptions.mask_scope,
+    method: Method = ShapeOptions.method,
+    recon_steps: ReconSteps = ReconOptions.recon_steps,
+    recon_epochs: ReconEpochs = ReconOptions.recon_epochs,
+    recon_val: ReconVal = ReconOptions.recon_val,
+    recon_eval_every: ReconEvalEvery = ReconOptions.recon_eval_every,
+    recon_patience: ReconPatience = ReconOptions.recon_patience,
+    recon_guard: ReconGuard = ReconOptions.recon_guard,
+    lr: Lr = ReconOptions.lr,
+    rank: Rank = ReconOptions.rank,
+    alpha: Alpha = ReconOptions.alpha,
+    recon_batch: ReconBatch = ReconOptions.recon_batch,
+    weight_decay: WeightDecay = ReconOptions.weight_decay,
+    granularity: GranularityFlag = ReconOptions.granularity,
+    target: TargetFlag = ReconOptions.target,
+    allow_dense_merge: AllowDenseMerge = ReconOptions.allow_dense_merge,
+    calib: Calib = CalibOptions.calib,
+    n_samples: NSamples = CalibOptions.n_samples,
+    seq_len: SeqLen = CalibOptions.seq_len,
+    seed: Seed = CalibOptions.seed,
+    calib_bos: CalibBos = CalibOptions.calib_bos,
+    sequential: Sequential = PruneOptions.sequential,
+    cycles: Cycles = PruneOptions.cycles,
+    cycle_schedule: CycleScheduleFlag = PruneOptions.cycle_schedule,
+    loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
+    loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
+    loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    device: Device = MachineOptions.device,
+    dtype: DtypeFlag = MachineOptions.dtype,
+    micro_batch: MicroBatch = MachineOptions.micro_batch,
+    offload: OffloadFlag = MachineOptions.offload,
+    checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
+    track_error: TrackError = ReconOptions.track_error,
+    gpu_memory: GpuMemory = MachineOptions.gpu_memory,
+    host_memory: HostMemory = MachineOptions.host_memory,
+    out: Out = OutputOptions.out,
+    force: Force = OutputOptions.force,
+    eval_data: EvalData = OutputOptions.eval_data,
+    eval_seq_len: EvalSeqLen = OutputOptions.eval_seq_len,
+    eval_windows: EvalWindows = OutputOptions.eval_windows,
+    shrink: Shrink = OutputOptions.shrink,
+    nproc: Nproc = ProcessOptions.nproc,
+    verbose: Verbose = ProcessOptions.verbose,
 ) -> None:
     """Prune every linear layer of every block, reconstruct, and write a loadable model folder (+ report.md, report.png)."""
-    options = dict(locals())  # every flag by name: build_job and the memory budget read them
+    options = RunOptions.from_params(ctx.params, ALL_GROUPS)
     _setup_logging(verbose)
 
     def build_and_run():
@@ -231,9 +429,9 @@ def run(
 
         job = build_job(options)
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
-            raise typer.Exit(distributed.relaunch(nproc, _command_line(options)))
+            raise typer.Exit(distributed.relaunch(nproc, options.command_line()))
         try:
-            report = run_job(job, _memory_budget(options))
+            report = run_job(job, _memory_budget(options.machine))
         except KeyboardInterrupt:
             _stop_interrupted(job.out)
         if not distributed.is_main():
@@ -270,113 +468,129 @@ def _stop_interrupted(out: Path) -> None:
     raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _command_line(options: dict) -> list[str]:
-    """``run`` and its flags that differ from their defaults, ``--nproc`` left out (what torchrun starts)."""
-    args = ["run"]
-    for name, param in inspect.signature(run, eval_str=True).parameters.items():
-        value = options.get(name)
-        if name == "nproc" or value is None or value == param.default:
-            continue
-        info = next((m for m in getattr(param.annotation, "__metadata__", ()) if hasattr(m, "param_decls")), None)
-        decls = (info.default, *(info.param_decls or ())) if info is not None else ()  # Option("--eval", ...)
-        flag = next((d.split("/")[0] for d in decls if isinstance(d, str) and d.startswith("--")),
-                    "--" + name.replace("_", "-"))
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:
-            args += [flag, str(value.value if isinstance(value, Enum) else value)]
-    return args
-
-
-def build_job(options: dict):
-    """The JobConfig for the flags of ``run`` (``options``: its parameters by name)."""
+def build_job(options: RunOptions):
+    """The JobConfig for the flags of ``run``."""
     from pruners.pattern import SparsityPattern
-    from reconstruct.config import CalibSpec, EvalSpec, JobConfig, PruneSpec
+    from reconstruct.config import CalibSpec, EvalSpec, JobConfig, PruneSpec, resolve_method
+
+    shape, prune, calib, machine, output = options.shape, options.prune, options.calib, options.machine, options.output
+    spec = SparsityPattern.parse(shape.pattern, shape.sparsity, prune.mask_scope.value)
+    chosen = resolve_method(shape.method.value, spec.sparsity)
+    if shape.method == MethodName.auto:
+        logger.info("--method auto chose %s for sparsity %.2f", chosen, spec.sparsity)
+    return JobConfig(
+        model=machine.model,
+        out=output.out or _default_out(machine.model, shape.pruner.value, shape.pattern, shape.sparsity),
+        prune=PruneSpec(
+            pruner=shape.pruner.value, pattern=spec, sequential=prune.sequential, cycles=prune.cycles,
+            heads_per_kv_group=output.shrink and spec.kind == "heads",
+            cycle_schedule=prune.cycle_schedule.value, loraprune_steps=prune.loraprune_steps,
+            loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr,
+        ),
+        calib=CalibSpec(source=calib.calib, n_samples=calib.n_samples, seq_len=calib.seq_len, seed=calib.seed,
+                        bos=calib.calib_bos.value),
+        recon=_recon_spec(options.recon, chosen),
+        device=machine.device,
+        dtype=machine.dtype.value,
+        micro_batch=machine.micro_batch,
+        offload=machine.offload.value,
+        checkpoint_every=machine.checkpoint_every,
+        track_error=options.recon.track_error,
+        force=output.force,
+        evaluation=EvalSpec(output.eval_data, output.eval_seq_len, output.eval_windows) if output.eval_data else None,
+        shrink=output.shrink,
+    )
+
+
+def _recon_spec(recon: ReconOptions, method: str):
+    """The ReconSpec of the reconstruction flags, for ``method`` (``--method auto`` already resolved)."""
     from reconstruct.methods import ReconSpec
 
-    o = options
-    spec = SparsityPattern.parse(o["pattern"], o["sparsity"], _choice(o["mask_scope"]))
-    chosen = o["method"].value
-    if chosen == "auto":
-        chosen = "masklora" if spec.sparsity >= MASKLORA_FROM_SPARSITY else "bias-ln"
-        logger.info("--method auto chose %s for sparsity %.2f", chosen, spec.sparsity)
-    if o["recon_steps"] is not None and o.get("recon_epochs") is not None:
+    if recon.recon_steps is not None and recon.recon_epochs is not None:
         raise ValueError("give --recon-steps or --recon-epochs, not both")
-    overrides = dict(steps=o["recon_steps"], lr=o["lr"], batch_size=o["recon_batch"], weight_decay=o["weight_decay"])
-    recon = ReconSpec(
-        method=chosen, rank=o["rank"], alpha=o["alpha"], allow_dense_merge=o["allow_dense_merge"],
-        granularity=_choice(o["granularity"]), target=_choice(o["target"]), **{k: v for k, v in overrides.items() if v is not None},
-        epochs=o.get("recon_epochs"), val_fraction=o.get("recon_val", 0.125), eval_every=o.get("recon_eval_every", 8),
-        patience=o.get("recon_patience", 3), guard=o.get("recon_guard", True),
-    )
-    return JobConfig(
-        model=o["model"],
-        out=o["out"] or _default_out(o["model"], o["pruner"].value, o["pattern"], o["sparsity"]),
-        prune=PruneSpec(
-            pruner=o["pruner"].value, pattern=spec, sequential=o["sequential"], cycles=o.get("cycles", 1),
-            heads_per_kv_group=bool(o.get("shrink")) and spec.kind == "heads",
-            cycle_schedule=_choice(o.get("cycle_schedule", "cubic")), loraprune_steps=o.get("loraprune_steps", 20),
-            loraprune_rank=o.get("loraprune_rank", 8), loraprune_lr=o.get("loraprune_lr", 2e-2),
-        ),
-        calib=CalibSpec(source=o["calib"], n_samples=o["n_samples"], seq_len=o["seq_len"], seed=o["seed"],
-                        bos=_choice(o.get("calib_bos", "auto"))),
-        recon=recon,
-        device=o["device"],
-        dtype=o["dtype"].value,
-        micro_batch=o["micro_batch"],
-        offload=o["offload"].value,
-        checkpoint_every=o["checkpoint_every"],
-        track_error=o.get("track_error", False),
-        force=o["force"],
-        evaluation=EvalSpec(o["eval_data"], o["eval_seq_len"], o["eval_windows"]) if o.get("eval_data") else None,
-        shrink=bool(o.get("shrink")),
+    overrides = dict(steps=recon.recon_steps, lr=recon.lr, batch_size=recon.recon_batch, weight_decay=recon.weight_decay)
+    return ReconSpec(
+        method=method, rank=recon.rank, alpha=recon.alpha, allow_dense_merge=recon.allow_dense_merge,
+        granularity=recon.granularity.value, target=recon.target.value,
+        **{k: v for k, v in overrides.items() if v is not None},
+        epochs=recon.recon_epochs, val_fraction=recon.recon_val, eval_every=recon.recon_eval_every,
+        patience=recon.recon_patience, guard=recon.recon_guard,
     )
 
 
-def _choice(value) -> str:
-    """An Enum option's string (options built by hand may hold the plain string)."""
-    return value.value if isinstance(value, Enum) else value
-
-
-def _memory_budget(options: dict):
+def _memory_budget(machine: MachineOptions):
     from reconstruct.planner import MemoryBudget, parse_bytes
 
-    gpu, host = options["gpu_memory"], options["host_memory"]
+    gpu, host = machine.gpu_memory, machine.host_memory
     return MemoryBudget(
         device_bytes=parse_bytes(gpu, "--gpu-memory") if gpu is not None else None,
         host_bytes=parse_bytes(host, "--host-memory") if host is not None else None,
     )
 
 
+@app.command("plan")
 def plan(
+    ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option(help="Plan from this config.json alone (no weights needed).", show_default="--model's config")] = None,
-    **options,
+    model: Model = MachineOptions.model,
+    pruner: Pruner = ShapeOptions.pruner,
+    sparsity: Sparsity = ShapeOptions.sparsity,
+    pattern: Pattern = ShapeOptions.pattern,
+    mask_scope: Scope = PruneOptions.mask_scope,
+    method: Method = ShapeOptions.method,
+    recon_steps: ReconSteps = ReconOptions.recon_steps,
+    recon_epochs: ReconEpochs = ReconOptions.recon_epochs,
+    recon_val: ReconVal = ReconOptions.recon_val,
+    recon_eval_every: ReconEvalEvery = ReconOptions.recon_eval_every,
+    recon_patience: ReconPatience = ReconOptions.recon_patience,
+    recon_guard: ReconGuard = ReconOptions.recon_guard,
+    lr: Lr = ReconOptions.lr,
+    rank: Rank = ReconOptions.rank,
+    alpha: Alpha = ReconOptions.alpha,
+    recon_batch: ReconBatch = ReconOptions.recon_batch,
+    weight_decay: WeightDecay = ReconOptions.weight_decay,
+    granularity: GranularityFlag = ReconOptions.granularity,
+    target: TargetFlag = ReconOptions.target,
+    allow_dense_merge: AllowDenseMerge = ReconOptions.allow_dense_merge,
+    calib: Calib = CalibOptions.calib,
+    n_samples: NSamples = CalibOptions.n_samples,
+    seq_len: SeqLen = CalibOptions.seq_len,
+    seed: Seed = CalibOptions.seed,
+    calib_bos: CalibBos = CalibOptions.calib_bos,
+    sequential: Sequential = PruneOptions.sequential,
+    cycles: Cycles = PruneOptions.cycles,
+    cycle_schedule: CycleScheduleFlag = PruneOptions.cycle_schedule,
+    loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
+    loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
+    loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    device: Device = MachineOptions.device,
+    dtype: DtypeFlag = MachineOptions.dtype,
+    micro_batch: MicroBatch = MachineOptions.micro_batch,
+    offload: OffloadFlag = MachineOptions.offload,
+    checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
+    track_error: TrackError = ReconOptions.track_error,
+    gpu_memory: GpuMemory = MachineOptions.gpu_memory,
+    host_memory: HostMemory = MachineOptions.host_memory,
+    nproc: Nproc = ProcessOptions.nproc,
+    verbose: Verbose = ProcessOptions.verbose,
 ) -> None:
     """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work.
 
     --device auto plans for a GPU when this machine has one or --gpu-memory is given, else for the CPU.
     Exit code 0 when the plan fits its budgets, 3 when it does not, 2 on bad input.
     """
-    _setup_logging(options["verbose"])
+    options = RunOptions.from_params(ctx.params, PLAN_GROUPS)
+    _setup_logging(verbose)
 
     def show():
         from reconstruct.planner import plan_from_config
 
-        job = build_job({"out": None, "force": False, **options})
-        memory_plan = plan_from_config(job, config, _memory_budget(options))
+        memory_plan = plan_from_config(build_job(options), config, _memory_budget(options.machine))
         typer.echo(memory_plan.format())
         if not memory_plan.fits:
             raise typer.Exit(EXIT_PLAN_DOES_NOT_FIT)
 
     _guarded(show)
-
-
-# `plan` takes every flag of `run` (same names, types and help) except those about the output folder.
-plan.__signature__ = inspect.Signature(
-    [inspect.signature(plan, eval_str=True).parameters["config"]]
-    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items() if name not in ("out", "force", "shrink", *EVAL_FLAGS)]
-)
-app.command("plan")(plan)
 
 
 @app.command("eval")
@@ -426,7 +640,9 @@ def status(out: Annotated[Path, typer.Argument(help="A job's output folder.")]) 
     _guarded(show)
 
 
+@app.command("sweep")
 def sweep(
+    ctx: typer.Context,
     eval_data: Annotated[str, typer.Option(help="Perplexity test text for every cell (.txt/.jsonl file or wikitext2, c4, ptb).")],
     out: Annotated[Path, typer.Option(help="Sweep folder: cells go to OUT/<cell>, results to OUT/sweep.{md,csv,png}.")],
     pruner: Annotated[str, typer.Option(help="Pruners, comma-separated: magnitude, wanda, sparsegpt.")] = "wanda",
@@ -435,14 +651,51 @@ def sweep(
     method: Annotated[str, typer.Option(help="Reconstruction methods, comma-separated, e.g. none,bias-ln,masklora.")] = "none,bias-ln,masklora",
     eval_seq_len: Annotated[Optional[int], typer.Option(min=2, help="Tokens per evaluation window.", show_default="the smaller of 2048 and the model's context length")] = None,
     eval_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
-    **options,
+    model: Model = MachineOptions.model,
+    mask_scope: Scope = PruneOptions.mask_scope,
+    recon_steps: ReconSteps = ReconOptions.recon_steps,
+    recon_epochs: ReconEpochs = ReconOptions.recon_epochs,
+    recon_val: ReconVal = ReconOptions.recon_val,
+    recon_eval_every: ReconEvalEvery = ReconOptions.recon_eval_every,
+    recon_patience: ReconPatience = ReconOptions.recon_patience,
+    recon_guard: ReconGuard = ReconOptions.recon_guard,
+    lr: Lr = ReconOptions.lr,
+    rank: Rank = ReconOptions.rank,
+    alpha: Alpha = ReconOptions.alpha,
+    recon_batch: ReconBatch = ReconOptions.recon_batch,
+    weight_decay: WeightDecay = ReconOptions.weight_decay,
+    granularity: GranularityFlag = ReconOptions.granularity,
+    target: TargetFlag = ReconOptions.target,
+    allow_dense_merge: AllowDenseMerge = ReconOptions.allow_dense_merge,
+    calib: Calib = CalibOptions.calib,
+    n_samples: NSamples = CalibOptions.n_samples,
+    seq_len: SeqLen = CalibOptions.seq_len,
+    seed: Seed = CalibOptions.seed,
+    calib_bos: CalibBos = CalibOptions.calib_bos,
+    sequential: Sequential = PruneOptions.sequential,
+    cycles: Cycles = PruneOptions.cycles,
+    cycle_schedule: CycleScheduleFlag = PruneOptions.cycle_schedule,
+    loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
+    loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
+    loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    device: Device = MachineOptions.device,
+    dtype: DtypeFlag = MachineOptions.dtype,
+    micro_batch: MicroBatch = MachineOptions.micro_batch,
+    offload: OffloadFlag = MachineOptions.offload,
+    checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
+    track_error: TrackError = ReconOptions.track_error,
+    gpu_memory: GpuMemory = MachineOptions.gpu_memory,
+    host_memory: HostMemory = MachineOptions.host_memory,
+    nproc: Nproc = ProcessOptions.nproc,
+    verbose: Verbose = ProcessOptions.verbose,
 ) -> None:
     """Run a grid of pruner × pattern × sparsity × method (each cell a resumable job), evaluate each, and tabulate."""
-    _setup_logging(options["verbose"])
+    options = RunOptions.from_params(ctx.params, SWEEP_GROUPS)
+    _setup_logging(verbose)
 
     def run_grid():
         from reconstruct.config import EvalSpec
-        from reconstruct.reporting.sweep import SweepSpec, checked_spec, flags_from_options, run_sweep
+        from reconstruct.reporting.sweep import SweepSpec, checked_spec, run_sweep
 
         def values(text: str) -> tuple[str, ...]:
             return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -451,35 +704,22 @@ def sweep(
             sparsities = tuple(float(value) for value in values(sparsity))
         except ValueError:
             raise ValueError(f"--sparsity must be comma-separated numbers such as 0.5,0.6; got {sparsity!r}") from None
-        run_defaults = {name: p.default for name, p in inspect.signature(run, eval_str=True).parameters.items()}
         spec = SweepSpec(
             out=out, pruners=values(pruner), patterns=values(pattern), sparsities=sparsities, methods=values(method),
-            evaluation=EvalSpec(eval_data, eval_seq_len, eval_windows),
-            run_flags=flags_from_options(options, run_defaults),
+            evaluation=EvalSpec(eval_data, eval_seq_len, eval_windows), run_flags=tuple(options.shared_flags()),
         )
-        spec = checked_spec(spec, _choice(options["mask_scope"]), options["model"], options["seq_len"])
-        rows = run_sweep(spec, _choice(options["mask_scope"]))
+        spec = checked_spec(spec, mask_scope.value, model, seq_len)
+        rows = run_sweep(spec, mask_scope.value)
         typer.echo(f"wrote {out / 'sweep.md'}, sweep.csv and sweep.png ({len(rows)} cells)")
 
     _guarded(run_grid)
-
-
-# `sweep` takes the flags of `run` that every cell shares (model, calibration, device, ...); the grid's
-# own lists replace --pruner/--sparsity/--pattern/--method, and --out/--eval are the sweep's.
-_SWEEP_OWN = [p for p in inspect.signature(sweep, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
-sweep.__signature__ = inspect.Signature(
-    _SWEEP_OWN
-    + [p for name, p in inspect.signature(run, eval_str=True).parameters.items()
-       if name not in ("pruner", "sparsity", "pattern", "method", "out", "force", "shrink", *EVAL_FLAGS)]
-)
-app.command("sweep")(sweep)
 
 
 @app.command("shrink")
 def shrink_model_folder(
     folder: Annotated[Path, typer.Argument(help="A model folder whose heads or MLP channels are zeroed (a reconstruct run output, or any folder: all-zero groups are found).")],
     out: Annotated[Path, typer.Option(help="The new, smaller model folder (an interrupted shrink there resumes).")],
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Delete removed heads/channels: smaller matrices and config that stock transformers loads, same function."""
     _setup_logging(verbose)

@@ -62,7 +62,8 @@ def timed_run(job) -> dict:
     """``run_job(job)`` with the seconds of each engine phase summed over blocks."""
     from unittest import mock
 
-    from reconstruct.loop import engine
+    from reconstruct import engine
+    from reconstruct.loop import pipeline as block_pipeline
 
     seconds: dict[str, float] = defaultdict(float)
 
@@ -78,7 +79,7 @@ def timed_run(job) -> dict:
 
     pipeline = engine.BlockPipeline
     with mock.patch.object(pipeline, "_collect_statistics", timing("statistics", pipeline._collect_statistics)), \
-            mock.patch.object(engine, "prune_layer", timing("prune", engine.prune_layer)), \
+            mock.patch.object(block_pipeline, "prune_layer", timing("prune", block_pipeline.prune_layer)), \
             mock.patch.object(pipeline, "_reconstruct", timing("reconstruction", pipeline._reconstruct)), \
             mock.patch.object(pipeline, "process", timing("blocks", pipeline.process)):
         engine.run_job(job)

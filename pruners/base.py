@@ -49,6 +49,11 @@ class BlockTraining:
     # block's pattern (unstructured, N:M, heads or channels) would choose from ``scores`` at
     # ``fraction`` (0..1) of its sparsity, nested in ``within``: for provisional pruning while training.
     select_masks: Callable[[dict[str, Tensor], float, dict[str, Tensor]], dict[str, Tensor]]
+    # train(params, *, steps, lr, batch_size, on_gradients) -> None: the engine's reconstruction trainer
+    # on this block's objective (``forward`` on ``inputs`` against ``targets``, AdamW with linear decay,
+    # samples drawn from ``seed``); ``on_gradients(step)`` runs after each step's gradients are
+    # accumulated, before the optimizer uses them. Pruners get training without importing the engine.
+    train: Callable[..., None]
 
 
 class GivenScores:

@@ -13,11 +13,12 @@ and ``I`` is smoothed over the training steps with an exponential moving average
 also writes the squared form ``(G * (W + s B A))^2``; we follow the released code's absolute value.
 
 Here the loss is the block reconstruction objective (pruned-stream input, dense targets: the same MSE
-that ``reconstruct.methods.train_reconstruction`` minimises, with its seeded sampling and AdamW), and
+that ``reconstruct.methods.train_reconstruction`` minimises, with its seeded sampling and AdamW; the
+engine hands that trainer over as ``BlockTraining.train``), and
 the training is a short warm-up per block (``steps``, default 20, one sample a step). As in LoRAPrune,
-pruning happens *during* the LoRA training: the adapters live in a :class:`ScoringLoRALinear` whose
-forward is ``P * (W + s B A)`` with a provisional keep mask ``P``, and ``PROVISIONAL_EVENTS - 1``
-times during the warm-up (steps 5, 10, 15 of 20) ``P`` is re-chosen from the importance so far at
+pruning happens *during* the LoRA training: the adapters (``pruners.lowrank.LowRankLinear`` with
+``provisional=True``) compute ``P * (W + s B A)`` with a provisional keep mask ``P``, and
+``PROVISIONAL_EVENTS - 1`` times during the warm-up (steps 5, 10, 15 of 20) ``P`` is re-chosen from the importance so far at
 1/4, 2/4, 3/4 of the target sparsity, each nested in the one before (nothing is un-pruned). The
 final mask, at the target, is chosen from the importance after the last step (see
 ``BlockTraining.select_masks``: the engine's pattern, N:M or heads/channels, and ``--cycles``).
@@ -49,15 +50,13 @@ it over heads or channels (``pruners.structured``), as LoRAPrune's own head/chan
 from __future__ import annotations
 
 import logging
-import math
-import zlib
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pruners.layers import weight_as_out_in
+from pruners.lowrank import LowRankLinear, layer_seed, swap_module
 from pruners.base import BlockTraining, GivenScores, Pruner, apply_keep_mask, prepare_weight
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
@@ -120,73 +119,32 @@ class ImportanceEMA:
         value.mul_(self.decay).add_(step_importance.to(value.device, value.dtype), alpha=1.0 - self.decay)
 
 
-class ScoringLoRALinear(nn.Module):
-    """A frozen linear plus a LoRA adapter under a provisional keep mask: ``W_eff = P * (W + s B A)``.
-
-    LoRAPrune's masked forward (its ``lora_mask``): a provisionally pruned weight is removed together
-    with its adapter update. A and B start as in peft (``B = 0``), so the layer starts at ``P * W``.
-
-    Args:
-        base: the ``nn.Linear`` / ``Conv1D`` to wrap (left untouched).
-        keep_mask: ``(out, in)`` bool initial provisional mask.
-        rank: adapter rank r; the update is scaled by ``ALPHA_PER_RANK``.
-        seed: seed of A's init (CPU generator: the same on every device).
-    """
-
-    def __init__(self, base: nn.Module, keep_mask: Tensor, rank: int, seed: int) -> None:
-        super().__init__()
-        self.base = base
-        weight = weight_as_out_in(base)
-        out_features, in_features = weight.shape
-        self.scaling = ALPHA_PER_RANK
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        bound = 1.0 / math.sqrt(in_features)  # peft's kaiming_uniform(a=sqrt(5)) for A
-        a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-        self.lora_A = nn.Parameter(a.to(weight.device))  # (r, in) float32
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device))  # (out, r) float32
-        self.register_buffer("provisional", keep_mask.to(device=weight.device, dtype=torch.bool).clone(), persistent=False)
-
-    @property
-    def weight(self) -> Tensor:  # attention code may read a projection's weight dtype
-        return self.base.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base.bias
-
-    def adapted_weight(self) -> Tensor:
-        """``W + s B A``, ``(out, in)`` float32, differentiable in A and B."""
-        return weight_as_out_in(self.base).float() + self.scaling * (self.lora_B @ self.lora_A)
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self.adapted_weight() * self.provisional  # (out, in)
-        return F.linear(x, weight.to(x.dtype), self.base.bias)
-
-
 def attach_scoring_adapters(block: nn.Module, linears: dict[str, nn.Module], keep_masks: dict[str, Tensor],
-                            rank: int, seed: int) -> dict[str, ScoringLoRALinear]:
-    """Wrap each of ``linears`` in the block (by its path) with a :class:`ScoringLoRALinear`."""
-    wrappers: dict[str, ScoringLoRALinear] = {}
+                            rank: int, seed: int) -> dict[str, LowRankLinear]:
+    """Wrap each of ``linears`` in the block (by its path) with a provisional LoRA adapter.
+
+    The adapter (``pruners.lowrank.LowRankLinear``, kind ``lora``, ``provisional=True``) computes
+    LoRAPrune's masked forward ``P * (W + s B A)``, s = ``ALPHA_PER_RANK``, with its own copy of
+    ``keep_masks[name]`` as the provisional mask ``P``; A starts as in peft and B at 0, so the layer
+    starts at ``P * W``.
+    """
+    wrappers: dict[str, LowRankLinear] = {}
     try:
         for name, linear in linears.items():
-            parent_name, _, attr = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            if getattr(parent, attr) is not linear:
-                raise ValueError(f"linears[{name!r}] is not the module at that path in the block")
-            layer_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-            wrappers[name] = ScoringLoRALinear(linear, keep_masks[name], rank, layer_seed)
-            setattr(parent, attr, wrappers[name])
+            wrapper = LowRankLinear(linear, keep_masks[name], kind="lora", rank=rank, alpha=ALPHA_PER_RANK * rank,
+                                    seed=layer_seed(seed, name), provisional=True)
+            swap_module(block, name, linear, wrapper)
+            wrappers[name] = wrapper
     except Exception:
         detach_scoring_adapters(block, wrappers)
         raise
     return wrappers
 
 
-def detach_scoring_adapters(block: nn.Module, wrappers: dict[str, ScoringLoRALinear]) -> None:
+def detach_scoring_adapters(block: nn.Module, wrappers: dict[str, LowRankLinear]) -> None:
     """Put the original linears back (the block is then exactly as before the attach)."""
     for name, wrapper in wrappers.items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(block.get_submodule(parent_name), attr, wrapper.base)
+        swap_module(block, name, wrapper, wrapper.base)
 
 
 def provisional_events(steps: int, events: int) -> dict[int, float]:
@@ -232,8 +190,6 @@ class LoRAPrunePruner(Pruner):
         See the module docstring for the schedule. The adapters are removed afterwards (also when
         training fails), so the block leaves exactly as it came. See :meth:`Pruner.score_block`.
         """
-        from reconstruct.methods import ReconSpec, train_reconstruction
-
         linears = training.linears
         shapes = {name: tuple(weight_as_out_in(module).shape) for name, module in linears.items()}
         device = weight_as_out_in(next(iter(linears.values()))).device
@@ -253,7 +209,7 @@ class LoRAPrunePruner(Pruner):
             chosen = training.select_masks(scores_now(), fraction, provisional)
             for name, wrapper in wrappers.items():
                 provisional[name] = chosen[name]
-                wrapper.provisional.copy_(chosen[name])
+                wrapper.keep_mask.copy_(chosen[name])
 
         def on_gradients(step: int) -> None:
             for name, wrapper in wrappers.items():
@@ -268,15 +224,9 @@ class LoRAPrunePruner(Pruner):
 
         if 0 in events:
             set_provisional(events[0])
-        spec = ReconSpec(method="lora", allow_dense_merge=True, steps=self.steps, lr=self.lr, rank=self.rank,
-                         alpha=ALPHA_PER_RANK * self.rank, batch_size=BATCH_SIZE, micro_batch=1)
         params = [param for wrapper in wrappers.values() for param in (wrapper.lora_A, wrapper.lora_B)]
         try:
-            train_reconstruction(
-                training.forward, params, training.inputs, training.targets, spec, seed=training.seed,
-                eval_micro_batch=training.micro_batch, measure_before=False, measure_after=False,
-                on_gradients=on_gradients,
-            )
+            training.train(params, steps=self.steps, lr=self.lr, batch_size=BATCH_SIZE, on_gradients=on_gradients)
         finally:
             detach_scoring_adapters(training.block, wrappers)
         for name, value in ema.values.items():

@@ -9,6 +9,25 @@ from pruners.pattern import SparsityPattern
 from reconstruct.state.checkpoint_policy import parse_checkpoint_every
 
 
+MASKLORA_FROM_SPARSITY = 0.6  # --method auto: bias-ln below this sparsity, masklora at or above
+
+
+def resolve_method(method: str, sparsity: float) -> str:
+    """The reconstruction method a job runs: ``--method`` itself, or what ``auto`` means at ``sparsity``.
+
+    Args:
+        method: the ``--method`` value (``auto`` or a method name).
+        sparsity: the pattern's fraction of weights removed (implied by N:M).
+
+    Returns:
+        ``method`` unless it is ``auto``: then ``masklora`` at or above :data:`MASKLORA_FROM_SPARSITY`,
+        else ``bias-ln``.
+    """
+    if method != "auto":
+        return method
+    return "masklora" if sparsity >= MASKLORA_FROM_SPARSITY else "bias-ln"
+
+
 @dataclass(frozen=True)
 class CalibSpec:
     """Where calibration samples come from and how many."""

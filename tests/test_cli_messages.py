@@ -19,13 +19,13 @@ def quick_run(model, calib, out) -> list[str]:
 
 
 def test_ctrl_c_says_where_the_job_stopped_and_how_to_resume(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
-    import reconstruct.loop.engine as engine
+    import reconstruct.loop.pipeline as pipeline
 
     def interrupt_in_block_2(point: str) -> None:
         if point == "statistics:1":  # 0-based index 1: the second block
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "crash_point", interrupt_in_block_2)
+    monkeypatch.setattr(pipeline, "crash_point", interrupt_in_block_2)
     out = tmp_path / "out"
     result = runner.invoke(app, quick_run(tiny_model_dir("llama"), small_calib_file, out))
     assert result.exit_code == 130, result.output

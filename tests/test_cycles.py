@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import reconstruct.loop.engine as engine
+import reconstruct.loop.pipeline as pipeline
 from conftest import make_job
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
@@ -70,14 +71,14 @@ def test_a_previous_mask_sparser_than_the_pattern_is_refused():
 def _record_masks(monkeypatch) -> dict[int, list[tuple[float, torch.Tensor]]]:
     """Record every keep mask prune_layer returns, per linear module."""
     recorded: dict[int, list[tuple[float, torch.Tensor]]] = {}
-    original = engine.prune_layer
+    original = pipeline.prune_layer
 
     def recording(module, pruner, stats, pattern, within=None):
         keep = original(module, pruner, stats, pattern, within)
         recorded.setdefault(id(module), []).append((pattern.sparsity, keep.clone()))
         return keep
 
-    monkeypatch.setattr(engine, "prune_layer", recording)
+    monkeypatch.setattr(pipeline, "prune_layer", recording)
     return recorded
 
 
@@ -118,14 +119,14 @@ def test_heads_cycles_only_ever_add_heads(tiny_model_dir, small_calib_file, tmp_
     from dataclasses import replace
 
     seen: list[tuple[int, list[int]]] = []
-    original = engine.select_structured
+    original = pipeline.select_structured
 
     def recording(pattern, groups, importance, previous=None, per_kv_group=False):
         masks, removed = original(pattern, groups, importance, previous, per_kv_group)
         seen.append((id(importance[groups.query]), removed["heads"]))
         return masks, removed
 
-    monkeypatch.setattr(engine, "select_structured", recording)
+    monkeypatch.setattr(pipeline, "select_structured", recording)
     job = make_job(tiny_model_dir("opt"), tmp_path / "out", "wanda", "heads", 0.5, calib=small_calib_file,
                    recon=ReconSpec(method="bias", steps=2))
     job = replace(job, prune=replace(job.prune, cycles=2, cycle_schedule="linear"))

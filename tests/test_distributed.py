@@ -71,8 +71,9 @@ def _run(job, interrupt: str | None = None) -> int:
     """``run_job``; returns the block it started from (0 = fresh). ``interrupt`` stops it at that crash point."""
     from unittest import mock
 
-    from reconstruct.loop import engine
+    from reconstruct import engine
     from reconstruct.state.job_state import JobState
+    from reconstruct.loop import pipeline
 
     starts: list[int] = []
     restore = JobState.restore_streams
@@ -85,7 +86,7 @@ def _run(job, interrupt: str | None = None) -> int:
         if interrupt is None:
             engine.run_job(job)
         else:
-            with mock.patch.object(engine, "crash_point", _interrupting(interrupt)), pytest.raises(Interrupted):
+            with mock.patch.object(pipeline, "crash_point", _interrupting(interrupt)), pytest.raises(Interrupted):
                 engine.run_job(job)
     return starts[0]
 
@@ -292,13 +293,13 @@ def test_helpers_are_no_ops_in_one_process():
 
 
 def test_command_line_for_torchrun_drops_nproc_and_keeps_changed_flags():
-    import inspect
-
     import cli
 
-    options = {name: p.default for name, p in inspect.signature(cli.run, eval_str=True).parameters.items()}
-    options.update(nproc=4, pruner=cli.PrunerName.sparsegpt, sequential=True, eval_data="t.txt", lr=0.001,
-                   out=Path("o"), verbose=True)
-    assert cli._command_line(options) == [
+    options = cli.RunOptions(
+        shape=cli.ShapeOptions(pruner=cli.PrunerName.sparsegpt), recon=cli.ReconOptions(lr=0.001),
+        prune=cli.PruneOptions(sequential=True), output=cli.OutputOptions(out=Path("o"), eval_data="t.txt"),
+        process=cli.ProcessOptions(nproc=4, verbose=True),
+    )
+    assert options.command_line() == [
         "run", "--pruner", "sparsegpt", "--lr", "0.001", "--sequential", "--out", "o", "--eval", "t.txt", "--verbose",
     ]

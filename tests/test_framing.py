@@ -246,11 +246,9 @@ def test_calib_bos_always_without_a_bos_token_exits_2(plain_model, small_calib_f
 def test_sweep_and_plan_pass_calib_bos_on():
     import inspect
 
-    from cli import BosMode, build_job, plan, run, sweep
-    from reconstruct.reporting.sweep import flags_from_options
+    from cli import BosMode, CalibOptions, RunOptions, build_job, plan, sweep
 
     assert {"calib_bos"} <= set(inspect.signature(sweep).parameters) & set(inspect.signature(plan).parameters)
-    defaults = {name: p.default for name, p in inspect.signature(run, eval_str=True).parameters.items()}
-    options = {**defaults, "calib_bos": BosMode.never}
-    assert flags_from_options(options, defaults) == ("--calib-bos", "never")  # every sweep cell's `run` gets it
-    assert build_job({**options, "out": Path("out")}).calib.bos == "never"
+    options = RunOptions(calib=CalibOptions(calib_bos=BosMode.never))
+    assert options.shared_flags() == ["--calib-bos", "never"]  # every sweep cell's `run` gets it
+    assert build_job(options).calib.bos == "never"

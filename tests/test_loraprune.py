@@ -22,7 +22,7 @@ from pruners.loraprune import (
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
 from reconstruct.loop.engine import run_job
-from reconstruct.methods import ReconSpec
+from reconstruct.methods import ReconSpec, block_trainer
 from tolerances import assert_within, gamma
 
 
@@ -105,6 +105,7 @@ def test_score_block_trains_on_the_block_and_leaves_it_exactly_as_it_was():
     training = BlockTraining(
         block=block, linears=linears, keep_masks={n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in linears.items()},
         forward=block, inputs=inputs, targets=targets, seed=3, micro_batch=2, select_masks=select_masks,
+        train=block_trainer(block, inputs, targets, seed=3, eval_micro_batch=2),
     )
     pruner = LoRAPrunePruner(loraprune_steps=8, loraprune_rank=2)
     scores = pruner.score_block(training)
@@ -174,3 +175,34 @@ def test_cli_rejects_a_bad_loraprune_option_with_exit_code_2(tiny_model_dir, tmp
     assert result.exit_code == 2
     assert "--loraprune-lr" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_pruners_import_nothing_from_reconstruct():
+    """The arrow points one way: the engine hands pruners what they need (``BlockTraining.train``)."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "pruners").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        assert not [name for name in imported if name.split(".")[0] == "reconstruct"], path.name
+
+
+def test_one_adapter_class_for_reconstruction_and_loraprune():
+    from pruners.loraprune import attach_scoring_adapters, detach_scoring_adapters
+    from pruners.lowrank import LowRankLinear
+    from reconstruct.methods import attach_method
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    keep = {n: torch.ones_like(block[int(n)].weight, dtype=torch.bool) for n in ("0", "2")}
+    linears = {"0": block[0], "2": block[2]}
+    scoring = attach_scoring_adapters(block, linears, keep, rank=4, seed=5)
+    assert all(type(wrapper) is LowRankLinear and wrapper.provisional for wrapper in scoring.values())
+    scoring_a = {name: wrapper.lora_A.detach().clone() for name, wrapper in scoring.items()}
+    detach_scoring_adapters(block, scoring)
+    handle = attach_method("lora", block, linears, keep, rank=4, alpha=8.0, bias_linears=set(), seed=5)
+    for name, wrapper in handle.wrappers.items():
+        assert type(wrapper) is LowRankLinear
+        assert torch.equal(wrapper.lora_A, scoring_a[name])  # one init, one per-layer seed

@@ -170,7 +170,7 @@ def test_kept_repairs_are_better_on_validation_and_stop_at_the_best_step(tiny_mo
 def test_cycles_apply_the_guard_per_cycle(tiny_model_dir, small_calib_file, tmp_path, plain_prune, caplog):
     job = _guarded_job(tiny_model_dir, small_calib_file, tmp_path / "out", lr=DIVERGING_LR, steps=8)
     job = replace(job, prune=replace(job.prune, cycles=2))
-    with caplog.at_level(logging.INFO, logger="reconstruct.loop.engine"):
+    with caplog.at_level(logging.INFO, logger="reconstruct"):
         report = run_job(job)
     assert all(block["recon_kept"] is False for block in report["blocks"])
     assert caplog.text.count("cycle 2: repair undone") == len(report["blocks"])

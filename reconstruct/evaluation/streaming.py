@@ -15,9 +15,7 @@ token set; token sets are (n, T) tensors and may differ in T.
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +28,7 @@ from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.checkpoint import CheckpointReader
+from reconstruct.modelio.safetensors_header import header_numel, read_safetensors_header
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.progress import progress_bar
 from reconstruct.runtime import dtype_name
@@ -50,15 +49,7 @@ def model_bytes(folder: Path, dtype: torch.dtype) -> int:
     for name in CheckpointReader(folder).files():
         path = Path(folder) / name
         if name.endswith(".safetensors"):
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            header.pop("__metadata__", None)
-            for entry in header.values():
-                numel = 1
-                for size in entry["shape"]:
-                    numel *= size
-                total += numel * itemsize
+            total += sum(header_numel(entry) for entry in read_safetensors_header(path).values()) * itemsize
         else:  # .bin: no cheap header; assume 16-bit storage
             total += path.stat().st_size * itemsize // 2
     return total

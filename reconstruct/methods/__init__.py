@@ -16,7 +16,9 @@ stay exactly zero through every method but lora.
 from reconstruct.methods.attach import MethodHandle, attach_method
 from reconstruct.methods.merge import MergeReport
 from reconstruct.methods.spec import METHOD_NAMES, ReconSpec
-from reconstruct.methods.train import ReconResult, SampleSplit, evaluate_mse, split_samples, train_reconstruction
+from reconstruct.methods.train import (
+    ReconResult, SampleSplit, block_trainer, evaluate_mse, split_samples, sum_of_squares, train_reconstruction,
+)
 
 __all__ = [
     "METHOD_NAMES",
@@ -26,7 +28,9 @@ __all__ = [
     "ReconSpec",
     "SampleSplit",
     "attach_method",
+    "block_trainer",
     "evaluate_mse",
     "split_samples",
+    "sum_of_squares",
     "train_reconstruction",
 ]

@@ -7,13 +7,11 @@ everything back so the block has its original module types, parameter names and 
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch import Tensor, nn
 
 from pruners.layers import weight_as_out_in
-from reconstruct.methods.adapters import LowRankLinear
+from pruners.lowrank import LowRankLinear, layer_seed, swap_module
 from reconstruct.methods.bias_norm import MasterParam, bias_masters, norm_masters
 from reconstruct.methods.merge import (
     MergeReport,
@@ -24,11 +22,6 @@ from reconstruct.methods.merge import (
     verify_sparsity,
 )
 from reconstruct.methods.spec import LOW_RANK_METHODS, METHOD_NAMES, SPARSITY_PRESERVING
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A per-layer seed for adapter init: stable across runs, processes and devices."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 class MethodHandle:
@@ -189,10 +182,6 @@ def attach_method(
     masters: dict[str, MasterParam] = {}
     if method in LOW_RANK_METHODS:
         for name, linear in linears.items():
-            parent_name, _, attr = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            if getattr(parent, attr) is not linear:
-                raise ValueError(f"linears[{name!r}] is not the module at that path in the block")
             wrapper = LowRankLinear(
                 linear,
                 keep_masks[name],
@@ -202,7 +191,7 @@ def attach_method(
                 seed=layer_seed(seed, name),
                 param_dtype=dtype_for_params,
             )
-            setattr(parent, attr, wrapper)
+            swap_module(block, name, linear, wrapper)
             wrappers[name] = wrapper
     if method in ("bias", "bias-ln"):
         masters.update(bias_masters(linears, set(bias_linears), dtype_for_params))

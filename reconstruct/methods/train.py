@@ -121,12 +121,22 @@ def _trainable_input(x: Tensor) -> Tensor:
     return x.clone() if x.is_inference() else x
 
 
+def sum_of_squares(values: Tensor) -> float:
+    """``Σ values²`` over every element: float32 squares summed in float64.
+
+    The one arithmetic of the block MSE: :func:`evaluate_mse` (the error before reconstruction and
+    on the held-out samples) and the engine's propagation pass (the error after) both use it, so a
+    report's before and after are comparable to the last bit.
+    """
+    return float(torch.sum(values.float() ** 2, dtype=torch.float64))
+
+
 @torch.no_grad()
 def evaluate_mse(
     forward: Callable[[Tensor], Tensor], inputs: ActivationStream, targets: ActivationStream, micro_batch: int,
     rows: Tensor | None = None,
 ) -> float:
-    """Mean squared error between ``forward(inputs)`` and ``targets`` over all samples, in float32.
+    """Mean squared error between ``forward(inputs)`` and ``targets`` over all samples (:func:`sum_of_squares`).
 
     Args:
         forward: runs the block on (b, T, H) and returns (b, T, H).
@@ -149,7 +159,7 @@ def evaluate_mse(
             continue
         out = _output(forward(inputs.read(part))).float()
         target = targets.read(part).float()
-        total += float(torch.sum((out - target) ** 2, dtype=torch.float64))
+        total += sum_of_squares(out - target)  # (b, T, H) float32 differences
         count += out.numel()
     total, count = distributed.all_reduce_sum(total, count)
     return total / max(count, 1)
@@ -350,3 +360,21 @@ def train_reconstruction(
         val_best=best.best if best is not None else None, stopped_at=best.best_step if best is not None else None,
         train_error=train_error, val_curve=curve,
     )
+
+
+def block_trainer(forward: Callable[[Tensor], Tensor], inputs: ActivationStream, targets: ActivationStream,
+                  seed: int, eval_micro_batch: int) -> Callable[..., None]:
+    """``train(params, *, steps, lr, batch_size, on_gradients)`` on one block's objective, for a pruner.
+
+    What ``pruners.base.BlockTraining.train`` holds: :func:`train_reconstruction` of ``params`` (one
+    sample per forward, every sample trains, no measurements), so a block-training pruner (LoRAPrune)
+    trains exactly as reconstruction does without importing it.
+    """
+
+    def train(params: list[nn.Parameter], *, steps: int, lr: float, batch_size: int,
+              on_gradients: Callable[[int], None] | None = None) -> None:
+        spec = ReconSpec(steps=steps, lr=lr, batch_size=batch_size, micro_batch=1)
+        train_reconstruction(forward, params, inputs, targets, spec, seed=seed, eval_micro_batch=eval_micro_batch,
+                             measure_before=False, measure_after=False, on_gradients=on_gradients)
+
+    return train

@@ -23,7 +23,6 @@ import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from pruners.pattern import N_OF_M, UNSTRUCTURED, SparsityPattern
@@ -153,20 +152,6 @@ def cell_command(spec: SweepSpec, cell: Cell) -> list[str]:
     if evaluation.max_windows is not None:
         args += ["--eval-windows", str(evaluation.max_windows)]
     return [*args, *spec.run_flags, "--out", str(spec.out / cell.name)]
-
-
-def flags_from_options(options: dict, defaults: dict) -> tuple[str, ...]:
-    """``--name value`` for every option that differs from its default (booleans as bare flags)."""
-    flags: list[str] = []
-    for name, value in options.items():
-        if value is None or value == defaults.get(name):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + name.replace("_", "-"))
-            continue
-        flags += [flag, str(value.value if isinstance(value, Enum) else value)]
-    return tuple(flags)
 
 
 def is_done(spec: SweepSpec, cell: Cell, command: list[str], recorded: dict) -> bool:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import shutil
-import struct
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -34,6 +33,7 @@ from reconstruct.config import JobConfig
 from reconstruct.state.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.state.lock import JobLock
+from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
 from reconstruct.modelio.output import STATE_DIR, check_out_dir
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
@@ -320,7 +320,7 @@ class JobState:
         """Tensor name → shard file for every written block (read from the shard headers)."""
         weight_map = {}
         for record in self.manifest.blocks:
-            for name in _safetensors_header(self.out / record.file):
+            for name in read_safetensors_header(self.out / record.file):
                 weight_map[name] = record.file
         return weight_map
 
@@ -328,7 +328,7 @@ class JobState:
         """Total tensor bytes of the written blocks."""
         total = 0
         for record in self.manifest.blocks:
-            for entry in _safetensors_header(self.out / record.file).values():
+            for entry in read_safetensors_header(self.out / record.file).values():
                 start, end = entry["data_offsets"]
                 total += end - start
         return total
@@ -392,11 +392,3 @@ def _load_checked(path: Path) -> torch.Tensor | None:
     except Exception:  # truncated or garbled file: rebuild it
         return None
     return tokens if expected == _tensor_digest(tokens) else None
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header

@@ -1,0 +1,407 @@
+"""The per-block pipeline: dense targets, pruner statistics, prune, reconstruct, propagate.
+
+``BlockPipeline.process`` takes one block already loaded on the compute device and both activation
+streams at its input, and leaves the streams at its output. It knows nothing about files: loading,
+writing and checkpoints are ``reconstruct.loop.engine``'s. Each step takes the block's
+:class:`~reconstruct.loop.context.BlockContext`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from calib.activations import ActivationStream
+from calib.capture import BlockKwargs, block_output
+from pruners import get_pruner
+from pruners.base import BlockTraining, GivenScores
+from pruners.masks import select_keep_mask
+from pruners.schedule import cycle_pattern, scaled_pattern, schedule_fraction
+from pruners.structured import ChannelGroups, HeadGroups, find_groups, select_structured
+from reconstruct.parallel import distributed
+from reconstruct.modelio.architecture import BlockLayout, weight_as_out_in
+from reconstruct.modelio.block_io import keep_nonzero_when_stored, stored_sparsity
+from reconstruct.config import JobConfig
+from reconstruct.state.faults import crash_point
+from reconstruct.loop.context import BlockContext
+from reconstruct.methods import (
+    SampleSplit, attach_method, block_trainer, evaluate_mse, sum_of_squares, train_reconstruction,
+)
+from reconstruct.methods.snapshot import BlockSnapshot
+from reconstruct.methods.train import local_rows
+from reconstruct.loop.objective import UnitObjective, build_units, discover_units
+from reconstruct.loop.hooks import feeding_statistics, group_by_shared_input, recording_linear_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockReport:
+    """What happened to one block; stored in the manifest and in ``reconstruct.json``."""
+
+    index: int
+    sparsity: dict[str, float] = field(default_factory=dict)  # linear → fraction of zeros
+    mse_before: float | None = None  # pruned block on pruned stream vs dense targets, before reconstruction
+    mse_after: float | None = None  # same, after reconstruction and merge
+    target_mean_square: float | None = None  # mean square of the dense targets: the scale of the MSEs
+    trainable_params: int = 0
+    block_params: int = 0
+    recon_steps: int = 0
+    added_biases: list[str] = field(default_factory=list)
+    densified_fraction: float = 0.0  # lora only: share of pruned weights that became non-zero
+    removed: dict[str, list[int]] = field(default_factory=dict)  # heads/channels: removed heads, kv_heads, channels
+    seconds: float = 0.0
+    train_error: float | None = None  # training-batch loss over the last evaluation interval (last cycle)
+    val_before: float | None = None  # error on the held-out samples before reconstruction (first cycle)
+    val_after: float | None = None  # the same after the merge (last cycle), whether kept or undone
+    recon_kept: bool | None = None  # guard: a repair is in the written block (None: no guard)
+    recon_stopped_at: int | None = None  # guard: step whose parameters were kept, last cycle (0: none)
+
+
+@torch.no_grad()
+def run_stream(
+    forward, source: ActivationStream, micro_batch: int, destination: ActivationStream | None = None,
+    compare_with: ActivationStream | None = None,
+) -> tuple[float, float] | None:
+    """Run ``forward`` over every micro-batch of ``source``.
+
+    Outputs go to ``destination`` (may be ``source`` itself: samples are independent). If
+    ``compare_with`` is given, returns the mean squared error of the outputs against it and the mean
+    square of ``compare_with`` itself, the scale of that error (over every rank's samples in a
+    distributed run: then every rank must call it); both summed as ``methods.sum_of_squares`` does,
+    the arithmetic of ``methods.evaluate_mse``.
+    """
+    squared_error, target_square, count = 0.0, 0.0, 0
+    for start in range(0, source.n_samples, micro_batch):
+        rows = slice(start, min(start + micro_batch, source.n_samples))
+        output = forward(source.read(rows))  # (b, T, H)
+        if compare_with is not None:
+            target = compare_with.read(rows).float()  # (b, T, H)
+            squared_error += sum_of_squares(output.float() - target)
+            target_square += sum_of_squares(target)
+            count += target.numel()
+        if destination is not None:
+            destination.write(rows, output)
+    if compare_with is None:
+        return None
+    squared_error, target_square, count = distributed.all_reduce_sum(squared_error, target_square, count)
+    return squared_error / count, target_square / count
+
+
+def prune_layer(module: nn.Module, pruner, stats, pattern, within: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune one linear in place and return its keep mask, shape (out, in) (a subset of ``within``)."""
+    weight = weight_as_out_in(module).detach().float().clone()  # (out, in)
+    new_weight, keep_mask = pruner.prune(weight, stats, pattern, within)
+    assert bool((keep_mask | (new_weight == 0)).all()), "pruner returned non-zero pruned weights"
+    with torch.no_grad():
+        target = weight_as_out_in(module)  # a view: writing it writes the parameter
+        target.copy_(new_weight.to(target.dtype))
+    return keep_mask
+
+
+def uses_unit_objective(recon) -> bool:
+    """True when reconstruction matches sub-layers/linears or local targets (needs a dense block copy)."""
+    return recon.granularity != "block" or recon.target != "dense"
+
+
+class BlockPipeline:
+    """Prune and reconstruct one block at a time; knows nothing about files."""
+
+    def __init__(self, job: JobConfig, layout: BlockLayout, kwargs: BlockKwargs, device: torch.device,
+                 model_config=None, split: SampleSplit | None = None):
+        self.job = job
+        self.split = split  # held-out calibration samples (global indices); None: every sample trains
+        self.val_rows = None if split is None else local_rows(
+            split.val, distributed.split_samples(split.train.numel() + split.val.numel()))
+        self.layout = layout
+        self.kwargs = kwargs
+        self.device = device
+        self.model_config = model_config  # transformers config: head geometry for --pattern heads
+        prune = job.prune
+        self.pruner = get_pruner(
+            prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp, loraprune_steps=prune.loraprune_steps,
+            loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr,
+        )
+        self.structure: HeadGroups | ChannelGroups | None = None  # structured patterns: found on block 0
+        self.linear_call_order: list[list[str]] | None = None
+        self.units: list | None = None  # --granularity sublayer/linear: found on the first block that trains
+
+    @property
+    def reconstructing(self) -> bool:
+        """True when the job trains a reconstruction method (not ``--method none``)."""
+        return self.job.recon is not None and self.job.recon.method != "none"
+
+    def run_block(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``module(hidden)`` for a block-shaped module, with the captured keyword arguments."""
+        return block_output(module(hidden, **self.kwargs.for_batch(hidden.shape[0])))
+
+    def forward_fn(self, block: nn.Module):
+        """``x (b, T, H) → block(x) (b, T, H)``."""
+        return lambda hidden: self.run_block(block, hidden)
+
+    def call_order(self, ctx: BlockContext) -> list[list[str]]:
+        """The block's linears grouped by shared input, in execution order (found once, on block 0)."""
+        if self.linear_call_order is None:
+            record: list = []
+            with torch.no_grad(), recording_linear_inputs(ctx.linears, record):
+                self.run_block(ctx.block, ctx.sparse.read(slice(0, 1)))
+            self.linear_call_order = group_by_shared_input(record)
+            logger.info("sub-layer order: %s", self.linear_call_order)
+        return self.linear_call_order
+
+    def reconstruction_units(self, ctx: BlockContext) -> list:
+        """``--granularity`` units (``objective.build_units``), found once, on the first block that trains."""
+        if self.units is None:
+            self.units = build_units(self.job.recon.granularity, self.call_order(ctx), ctx.block,
+                                     self.run_block, ctx.sparse.read(slice(0, 1)))
+            logger.info("reconstruction units: %s", [(unit.name, unit.entries, unit.exit) for unit in self.units])
+        return self.units
+
+    def groups(self, ctx: BlockContext) -> list[list[str]]:
+        """Sub-layer groups to prune in order (one group with every linear unless --sequential)."""
+        if not self.job.prune.sequential:
+            return [list(ctx.linears)]
+        return self.call_order(ctx)
+
+    def process(self, index: int, block: nn.Module, sparse: ActivationStream,
+                dense: ActivationStream | None, stored_dtypes: dict[str, torch.dtype] | None = None) -> BlockReport:
+        """Prune and reconstruct ``block``; advance both streams past it.
+
+        On entry ``sparse`` holds the pruned model's inputs to this block and ``dense`` the dense
+        model's; on return they hold the outputs of the pruned (reconstructed) and dense block.
+        ``dense`` is None when the job needs no dense stream (``JobConfig.needs_dense_stream``): then the
+        block's error is not measured (``mse_before``/``mse_after`` stay None). ``stored_dtypes``
+        (tensor name in the block → dtype it is written in; default: the compute dtype): kept weights
+        stay non-zero in it (:func:`keep_nonzero_when_stored`) and sparsity is measured in it, so the
+        report describes the bytes written.
+        """
+        started = time.perf_counter()
+        ctx = self._open(index, block, sparse, dense)
+        # --cycles K: K prune -> reconstruct steps whose patterns grow to the target (pruners.schedule);
+        # each step's keep masks are nested in the previous ones. K = 1 is the plain prune, reconstruct.
+        prune = self.job.prune
+        for cycle in range(1, prune.cycles + 1):
+            ctx.cycle = cycle
+            self._prune(ctx, cycle_pattern(prune.pattern, cycle, prune.cycles, prune.cycle_schedule))
+            if self.reconstructing:
+                self._reconstruct(ctx)
+        if ctx.dense_copy is not None:
+            run_stream(self.forward_fn(ctx.dense_copy), dense, self.job.micro_batch, destination=dense)
+            ctx.dense_copy = ctx.objective = ctx.targets = None
+        self._propagate(ctx, self._fit_storage(ctx, stored_dtypes or {}))
+        ctx.report.seconds = time.perf_counter() - started
+        return ctx.report
+
+    def _open(self, index: int, block: nn.Module, sparse: ActivationStream,
+              dense: ActivationStream | None) -> BlockContext:
+        """The block's context, with the dense targets ready: the dense stream advanced, or a dense copy.
+
+        Unit objectives (sub-layer/linear granularity, local targets) need the dense block's inputs
+        during training, so then the dense stream advances only after the block, from a dense copy.
+        """
+        ctx = BlockContext(
+            index=index, block=block, linears={name: block.get_submodule(name) for name in self.layout.linear_names},
+            sparse=sparse, dense=dense, forward=self.forward_fn(block),
+            report=BlockReport(index=index, block_params=sum(p.numel() for p in block.parameters())),
+        )
+        if self.reconstructing and uses_unit_objective(self.job.recon):
+            ctx.dense_copy = copy.deepcopy(block)
+            whole = UnitObjective(block, ctx.dense_copy, discover_units("block", []), self.run_block, sparse, dense,
+                                  "dense")  # the dense copy on the dense stream
+            ctx.objective, ctx.targets = whole.forward, whole
+            return ctx
+        if dense is not None:
+            run_stream(ctx.forward, dense, self.job.micro_batch, destination=dense)  # dense targets, in place
+        ctx.objective, ctx.targets = ctx.forward, dense
+        return ctx
+
+    def _propagate(self, ctx: BlockContext, written_dtypes: dict[str, torch.dtype]) -> None:
+        """``sparse ← block(sparse)``, measuring the error against the targets; record the stored sparsity."""
+        report = ctx.report
+        measured = run_stream(ctx.forward, ctx.sparse, self.job.micro_batch, destination=ctx.sparse,
+                              compare_with=ctx.dense)
+        if measured is not None:
+            report.mse_after, report.target_mean_square = measured
+        if report.mse_before is None:
+            report.mse_before = report.mse_after
+        for name, module in ctx.linears.items():
+            report.sparsity[name] = stored_sparsity(weight_as_out_in(module), written_dtypes[name])
+
+    def _fit_storage(self, ctx: BlockContext, stored_dtypes: dict[str, torch.dtype]) -> dict[str, torch.dtype]:
+        """Keep every kept weight non-zero in the dtype it is written in; return linear → that dtype."""
+        written: dict[str, torch.dtype] = {}
+        for name, module in ctx.linears.items():
+            weight = weight_as_out_in(module)  # a view: writing it writes the parameter
+            written[name] = stored_dtypes.get(f"{name}.weight", weight.dtype)
+            keep_mask = ctx.keep_masks.get(name)
+            nudged = keep_nonzero_when_stored(weight, keep_mask, written[name]) if keep_mask is not None else 0
+            if nudged:
+                logger.debug("%s: %d kept weight(s) below %s's smallest subnormal kept non-zero",
+                             name, nudged, written[name])
+        return written
+
+    def _prune(self, ctx: BlockContext, pattern) -> None:
+        """Prune the block to ``pattern``, nested in ``ctx.keep_masks`` (earlier cycles), which it updates."""
+        if pattern.structured:
+            self._prune_structured(ctx, pattern)
+            return
+        for group in self.groups(ctx):
+            stats = self._pruner_inputs(ctx, {name: ctx.linears[name] for name in group})
+            for name in group:
+                ctx.keep_masks[name] = prune_layer(ctx.linears[name], self.pruner, stats.get(name), pattern,
+                                                   ctx.keep_masks.get(name))
+            del stats
+
+    def _prune_structured(self, ctx: BlockContext, pattern) -> None:
+        """Remove whole heads or channels (pruners.structured); the other linears stay dense."""
+        if self.structure is None:
+            shapes = {name: tuple(weight_as_out_in(module).shape) for name, module in ctx.linears.items()}
+            self.structure = find_groups(pattern, self.call_order(ctx), shapes, self.model_config)
+            logger.info("--pattern %s prunes %s", pattern.kind, self.structure)
+        members = {name: ctx.linears[name] for name in self.structure.linears}
+        stats = self._pruner_inputs(ctx, members)
+        importance = {
+            name: self.pruner.importance(weight_as_out_in(module).detach().float(), stats.get(name))
+            for name, module in members.items()
+        }
+        del stats
+        previous = {name: ctx.keep_masks[name] for name in members if name in ctx.keep_masks}
+        masks, ctx.report.removed = select_structured(pattern, self.structure, importance, previous or None,
+                                                        self.job.prune.heads_per_kv_group)
+        with torch.no_grad():
+            for name, keep_mask in masks.items():
+                weight = weight_as_out_in(ctx.linears[name])  # a view: writing it writes the parameter
+                weight.masked_fill_(~keep_mask.to(weight.device), 0.0)
+                ctx.keep_masks[name] = keep_mask
+        for name, module in ctx.linears.items():  # untouched linears: everything kept
+            ctx.keep_masks.setdefault(name, self._keep_all(module))
+
+    def _pruner_inputs(self, ctx: BlockContext, group: dict[str, nn.Module]) -> dict:
+        """What the pruner needs for ``group``: hook statistics, or scores from block training (LoRAPrune)."""
+        if not self.pruner.needs_block_training:
+            return self._collect_statistics(ctx, group)
+        scores = self.pruner.score_block(self._block_training(ctx, group))
+        crash_point(f"statistics:{ctx.index}")
+        return {name: GivenScores(scores[name]) for name in group}
+
+    def _block_training(self, ctx: BlockContext, group: dict[str, nn.Module]) -> BlockTraining:
+        """The block, its objective and the trainer, for a block-training pruner (LoRAPrune)."""
+        current = {name: ctx.keep_masks[name] if name in ctx.keep_masks else self._keep_all(module)
+                   for name, module in group.items()}
+        prune = self.job.prune  # provisional masks ramp from the previous cycle's sparsity to this one's
+        start = schedule_fraction(ctx.cycle - 1, prune.cycles, prune.cycle_schedule) if ctx.cycle > 1 else 0.0
+        end = schedule_fraction(ctx.cycle, prune.cycles, prune.cycle_schedule)
+        seed = self.block_seed(ctx.index, ctx.cycle)
+        return BlockTraining(
+            block=ctx.block, linears=group, keep_masks=current, forward=ctx.objective, inputs=ctx.sparse,
+            targets=ctx.targets, seed=seed, micro_batch=self.job.micro_batch,
+            select_masks=lambda scores, fraction, within: self._select_masks(
+                scores, scaled_pattern(prune.pattern, start + fraction * (end - start)), within),
+            train=block_trainer(ctx.objective, ctx.sparse, ctx.targets, seed, self.job.micro_batch),
+        )
+
+    def _keep_all(self, module: nn.Module) -> torch.Tensor:
+        """A keep mask that keeps every weight of ``module``, shape (out, in)."""
+        return torch.ones(weight_as_out_in(module).shape, dtype=torch.bool, device=self.device)
+
+    def _select_masks(self, scores: dict[str, torch.Tensor], pattern, within: dict[str, torch.Tensor]) -> dict:
+        """Keep masks ``pattern`` chooses from ``scores`` (per linear), nested in ``within``; changes no weight."""
+        if pattern.structured:
+            masks, _ = select_structured(pattern, self.structure, scores, within or None,
+                                           self.job.prune.heads_per_kv_group)
+            return masks
+        return {name: select_keep_mask(value, pattern, within.get(name)) for name, value in scores.items()}
+
+    def block_seed(self, index: int, cycle: int = 1) -> int:
+        """Seed of block ``index`` (and cycle): resume needs no global RNG state."""
+        return self.job.calib.seed * 100_003 + index + (cycle - 1) * 1_000_003
+
+    def _collect_statistics(self, ctx: BlockContext, group: dict[str, nn.Module]) -> dict:
+        """Hook statistics of ``group``'s inputs on the pruned stream, summed over ranks (empty if none needed)."""
+        if not self.pruner.needs_calibration:
+            return {}
+        stats = {
+            name: self.pruner.new_stats(weight_as_out_in(module).shape[1], self.device) for name, module in group.items()
+        }
+        with feeding_statistics(group, stats) as cut_short:
+            run_stream(cut_short(ctx.forward), ctx.sparse, self.job.micro_batch)  # outputs unused: stop once all are fed
+        distributed.all_reduce_statistics(stats.values())  # every rank's tokens, before any mask is chosen
+        crash_point(f"statistics:{ctx.index}")
+        return stats
+
+    def _reconstruct(self, ctx: BlockContext) -> None:
+        """Train the method's parameters, merge them, and record what happened (``mse_before``: first cycle's)."""
+        recon, report = self.job.recon, ctx.report
+        block_seed = self.block_seed(ctx.index, ctx.cycle)
+        if ctx.dense_copy is not None and report.mse_before is None:
+            report.mse_before = evaluate_mse(ctx.objective, ctx.sparse, ctx.targets, self.job.micro_batch)
+        train_forward, targets = self._training_objective(ctx)
+        validating = self.split is not None and self.split.val.numel() > 0
+        snapshot = BlockSnapshot(ctx.block) if validating and recon.guard else None
+        handle = attach_method(
+            recon.method, ctx.block, ctx.linears, ctx.keep_masks,
+            rank=recon.rank, alpha=recon.alpha, bias_linears=self.bias_linears(ctx.linears), seed=block_seed,
+        )
+        result = train_reconstruction(
+            train_forward, handle.trainable_parameters(), ctx.sparse, targets, recon, seed=block_seed,
+            eval_micro_batch=self.job.micro_batch, measure_after=False, split=self.split,
+        )
+        crash_point(f"reconstruction:{ctx.index}")
+        merge = handle.merge(allow_dense_merge=recon.allow_dense_merge)
+        kept = True
+        if validating:
+            val_after = evaluate_mse(train_forward, ctx.sparse, targets, self.job.micro_batch, rows=self.val_rows)
+            kept = self._judge(result.val_before, val_after, snapshot, ctx.index, ctx.cycle)
+            report.val_before = result.val_before if report.val_before is None else report.val_before
+            report.val_after = val_after
+        for param in ctx.block.parameters():
+            param.requires_grad_(False)
+        self._record_reconstruction(report, result, handle, merge, kept=kept, guarded=snapshot is not None)
+
+    def _training_objective(self, ctx: BlockContext):
+        """``(forward, targets)`` that training matches: the whole block's, or ``--granularity`` units'."""
+        if ctx.dense_copy is None:  # PERP's objective: block(x_sparse) ≈ y_dense, the dense stream
+            return ctx.objective, ctx.targets
+        objective = UnitObjective(ctx.block, ctx.dense_copy, self.reconstruction_units(ctx), self.run_block,
+                                  ctx.sparse, ctx.dense, self.job.recon.target)
+        return objective.forward, objective
+
+    @staticmethod
+    def _record_reconstruction(report: BlockReport, result, handle, merge, *, kept: bool, guarded: bool) -> None:
+        """Copy one cycle's training and merge outcome into ``report``."""
+        if report.mse_before is None:
+            report.mse_before = result.mse_before
+        report.trainable_params = handle.num_trainable
+        report.recon_steps += result.steps
+        report.train_error = result.train_error
+        if guarded:
+            report.recon_kept = kept or bool(report.recon_kept)
+            report.recon_stopped_at = result.stopped_at
+        if kept:
+            report.added_biases = sorted(set(report.added_biases) | handle.added_biases)
+            report.densified_fraction = getattr(merge, "densified_fraction", 0.0)
+
+    @staticmethod
+    def _judge(val_before: float, val_after: float, snapshot: BlockSnapshot | None, index: int, cycle: int) -> bool:
+        """Keep the merged repair only if it is better on the validation samples; else restore ``snapshot``.
+
+        Returns:
+            Whether the repair stays (always True without a snapshot, i.e. with the guard off).
+        """
+        better = val_after < val_before  # NaN is never better
+        if snapshot is None or better:
+            return True
+        snapshot.restore()
+        logger.info("block %d%s: repair undone, validation error %.4g → %.4g is no better than the pruned block",
+                    index, f" cycle {cycle}" if cycle > 1 else "", val_before, val_after)
+        return False
+
+    def bias_linears(self, linears: dict[str, nn.Module]) -> set[str]:
+        """Linears that may carry a bias in the output: those with one, and those a config flag enables."""
+        enabled = {name for names in self.layout.bias_flags.values() for name in names}
+        return {name for name, module in linears.items() if module.bias is not None or name in enabled}
