@@ -71,7 +71,7 @@ def _run(job, interrupt: str | None = None) -> int:
     """``run_job``; returns the block it started from (0 = fresh). ``interrupt`` stops it at that crash point."""
     from unittest import mock
 
-    from reconstruct import engine
+    from reconstruct.loop import engine
     from reconstruct.state.job_state import JobState
     from reconstruct.loop import pipeline
 
