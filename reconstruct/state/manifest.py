@@ -2,7 +2,7 @@
 
 It stores what determines the result (the *fingerprint*), which blocks are finished (file name and
 sha256 of each block's tensors) and where the activation checkpoint stands. A resumed run compares
-fingerprints (:func:`diff_fingerprints`, :meth:`Manifest.check_same_job`), re-checks the finished
+fingerprints (:meth:`Manifest.check_same_job`, with :mod:`reconstruct.state.job_diff`), re-checks the finished
 block files (:func:`verify_block_files`) and continues at :meth:`Manifest.first_unfinished_block`.
 The file is rewritten atomically after every change, so a crash leaves the previous version.
 """
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import enum
 import json
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,6 +20,9 @@ from pathlib import Path, PurePosixPath
 from reconstruct.state.atomic import atomic_write_json, sha256_file
 from reconstruct.state.faults import crash_point
 from reconstruct.state.fingerprint import file_stat
+from reconstruct.state.job_diff import (  # noqa: F401  (re-exported: the manifest is where callers look)
+    WORLD_SIZE_KEY, check_same_world_size, diff_fingerprints, flag_of_field, to_jsonable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,38 +30,10 @@ MANIFEST_NAME = "reconstruct-manifest.json"
 MANIFEST_VERSION = 1
 PENDING = "pending"
 DONE = "done"
-_ABSENT = "<absent>"
-WORLD_SIZE_KEY = "world_size"  # fingerprint key: processes of a distributed job (absent: one)
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _json_default(obj):
-    """JSON encoding for the values a fingerprint or a stats dict typically holds."""
-    if isinstance(obj, Path):
-        return obj.as_posix()
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if type(obj).__module__ == "torch" and type(obj).__name__ == "dtype":  # torch.float16 → "float16"
-        return str(obj).removeprefix("torch.")
-    raise TypeError(f"{type(obj).__name__} {obj!r} is not JSON-serialisable")
-
-
-def to_jsonable(obj):
-    """Return ``obj`` as it reads back from JSON (tuples → lists, Paths/enums/dtypes → str...).
-
-    Raises:
-        TypeError: for values with no faithful JSON form.
-    """
-    return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
 
 
 def _check_relative(file: str) -> str:
@@ -268,131 +241,6 @@ class Manifest:
                 f"--out {out_dir} holds a different job ({'; '.join(changes)}); rerun with the "
                 f"original arguments to resume, choose another --out, or pass --force to start over"
             )
-
-
-# ---------------------------------------------------------------------- fingerprints
-def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
-    """Refuse to resume with another number of processes than the job started with.
-
-    Another count splits the calibration samples differently, so float sums (statistics, gradients)
-    round differently and a resumed job would not write the bytes of an uninterrupted one. A
-    fingerprint without ``WORLD_SIZE_KEY`` was made by one process.
-
-    Raises:
-        ValueError: one line naming ``--nproc``, both counts and the ways out.
-    """
-    before, now = old.get(WORLD_SIZE_KEY, 1), new.get(WORLD_SIZE_KEY, 1)
-    if before != now:
-        raise ValueError(
-            f"--nproc: --out {out_dir} was started with {before} process(es) and this run has {now}; resume with "
-            f"--nproc {before} (under torchrun: {before} processes in all), or pass --force to start over"
-        )
-
-
-# Fingerprint field (``reconstruct.state.job_state.job_fingerprint``, flattened) → the flag a user changes.
-# A field takes the entry of its longest listed prefix; fields no flag sets keep their own name.
-FINGERPRINT_FLAGS: dict[str, str] = {
-    "model_files": "--model (its file {rest})",
-    "model_type": "--model",
-    "pruner": "--pruner",
-    "pattern.kind": "--pattern",
-    "pattern.n": "--pattern",
-    "pattern.m": "--pattern",
-    "pattern.sparsity": "--sparsity",
-    "pattern.scope": "--mask-scope",
-    "sequential": "--sequential",
-    "loraprune.steps": "--loraprune-steps",
-    "loraprune.rank": "--loraprune-rank",
-    "loraprune.lr": "--loraprune-lr",
-    "cycles.cycles": "--cycles",
-    "cycles.schedule": "--cycle-schedule",
-    "cycles": "--cycles",
-    "method": "--method",
-    "method.method": "--method",
-    "method.steps": "--recon-steps",
-    "method.lr": "--lr",
-    "method.rank": "--rank",
-    "method.alpha": "--alpha",
-    "method.batch_size": "--recon-batch",
-    "method.weight_decay": "--weight-decay",
-    "method.allow_dense_merge": "--allow-dense-merge",
-    "method.granularity": "--granularity",
-    "method.target": "--target",
-    "calibration.source": "--calib",
-    "calibration.source.sha256": "--calib (the file's contents)",
-    "calibration.n_samples": "--n-samples",
-    "calibration.seq_len": "--seq-len",
-    "seed": "--seed",
-    "dtype": "--dtype",
-    "device_type": "--device",
-    "micro_batch": "--micro-batch",
-    "track_error": "--track-error",
-    "calibration.bos_id": "--calib-bos",
-}
-
-
-def flag_of_field(key: str) -> str:
-    """The flag behind a flattened fingerprint field (``method.steps`` → ``--recon-steps``), else the field."""
-    parts = key.split(".")
-    for end in range(len(parts), 0, -1):
-        flag = FINGERPRINT_FLAGS.get(".".join(parts[:end]))
-        if flag is not None:
-            return flag.format(rest=".".join(parts[end:]))  # e.g. the file behind model_files.<name>
-    return key
-
-
-def _flatten(obj, prefix: str = "") -> dict[str, object]:
-    if isinstance(obj, dict) and obj:
-        flat: dict[str, object] = {}
-        for key, value in obj.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: obj}
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
-
-
-def _show(value) -> str:
-    if value is _ABSENT:
-        return _ABSENT
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True)
-
-
-def diff_fingerprints(old: dict, new: dict, label=None) -> list[str]:
-    """Human-readable differences between two fingerprints.
-
-    Nested dicts are flattened to dotted keys; values are compared in their JSON form, so a tuple
-    equals the list it was saved as, and ``True`` differs from ``1``.
-
-    Args:
-        old: The fingerprint on disk.
-        new: The fingerprint of the job being started.
-        label: names a flattened field in the lines (default: the field itself); ``flag_of_field``
-            names the flag instead. Fields with the same label are listed once.
-
-    Returns:
-        One line per differing field, sorted by key, e.g. ``"sparsity: 0.5 (on disk) vs 0.6 (now)"``;
-        empty if they match.
-    """
-    flat_old = _flatten(to_jsonable(old))
-    flat_new = _flatten(to_jsonable(new))
-    lines, named = [], set()
-    for key in sorted(flat_old.keys() | flat_new.keys()):
-        a = flat_old.get(key, _ABSENT)
-        b = flat_new.get(key, _ABSENT)
-        name = label(key) if label is not None else key
-        if (a is _ABSENT or b is _ABSENT or not _same(a, b)) and name not in named:
-            named.add(name)
-            lines.append(f"{name}: {_show(a)} (on disk) vs {_show(b)} (now)")
-    return lines
 
 
 # ---------------------------------------------------------------------- file checks
