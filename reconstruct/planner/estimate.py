@@ -48,7 +48,7 @@ def statistics_bytes(pruner: str, in_features: list[int]) -> int:
 
 
 def prune_temporary_bytes(pruner: str, out_features: int, in_features: int, dtype: torch.dtype, pattern) -> int:
-    """Peak temporaries of ``engine.prune_layer`` for one (out, in) linear, statistics excluded."""
+    """Peak temporaries of ``loop.pipeline.prune_layer`` for one (out, in) linear, statistics excluded."""
     oi = out_features * in_features
     clone = 4 * oi if dtype == torch.float32 else 8 * oi  # .float().clone(): two copies for a moment
     if pruner == "sparsegpt":
@@ -68,7 +68,7 @@ def prune_temporary_bytes(pruner: str, out_features: int, in_features: int, dtyp
 
 
 def _unit_objective(recon) -> bool:
-    """engine.uses_unit_objective: sub-layer/linear granularity or local targets need a dense block copy."""
+    """loop.pipeline.uses_unit_objective: sub-layer/linear granularity or local targets need a dense block copy."""
     return getattr(recon, "granularity", "block") != "block" or getattr(recon, "target", "dense") != "dense"
 
 

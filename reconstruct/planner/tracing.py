@@ -96,7 +96,7 @@ def trace_block(probe: ModelProbe, dtype: torch.dtype, seq_len: int, micro_batch
     def read(size: int) -> torch.Tensor:
         return batch(size) if input_copy else outside[size]
 
-    def compare_pass(size: int):  # engine.run_stream with compare_with / methods.evaluate_mse
+    def compare_pass(size: int):  # loop.pipeline.run_stream with compare_with / methods.evaluate_mse
         output = forward(read(size))
         diff = output.float() - read(size).float()
         return diff.pow(2).sum(), output
