@@ -115,6 +115,21 @@ def _rough_traces(inputs: PlanInputs, probe: ModelProbe) -> dict[str, int]:
 
 def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, device_budget, host_budget,
                    traces: dict) -> MemoryPlan:
+    """The plan of the job with its activation streams on one tier.
+
+    Args:
+        inputs: the job's resolved numbers.
+        probe: one block of the model on ``meta`` and the model's sizes.
+        groups: the linears pruned together (one group unless ``--sequential``).
+        tier: where the streams live: ``device``, ``cpu`` or ``disk``.
+        device_budget: bytes of GPU memory the job may use (unused on CPU).
+        host_budget: bytes of host memory the job may use.
+        traces: cache of block traces, keyed by whether reads copy micro-batches to the device;
+            filled on first use and shared between tiers.
+
+    Returns:
+        The phases, their peaks, and whether they fit the budgets.
+    """
     cuda = inputs.device_type == "cuda"
     dev = "device" if cuda else "host"
     e, es = _element_size(inputs.dtype), _element_size(inputs.stored_dtype)
