@@ -64,6 +64,8 @@ logger = logging.getLogger("reconstruct")
 
 
 class PrunerName(str, Enum):
+    """How weights are scored (``--pruner``)."""
+
     magnitude = "magnitude"
     wanda = "wanda"
     sparsegpt = "sparsegpt"
@@ -71,11 +73,15 @@ class PrunerName(str, Enum):
 
 
 class CycleSchedule(str, Enum):
+    """How the sparsity grows over ``--cycles``."""
+
     cubic = "cubic"
     linear = "linear"
 
 
 class MethodName(str, Enum):
+    """What reconstruction trains (``--method``)."""
+
     auto = "auto"
     none = "none"
     bias = "bias"
@@ -87,6 +93,8 @@ class MethodName(str, Enum):
 
 
 class BosMode(str, Enum):
+    """How token windows start (``--calib-bos``)."""
+
     auto = "auto"
     always = "always"
     never = "never"
@@ -97,6 +105,8 @@ BOS_HELP = ("How token windows start: auto = with the BOS exactly when the token
 
 
 class Offload(str, Enum):
+    """Where the activation cache lives (``--offload``)."""
+
     auto = "auto"
     device = "device"
     cpu = "cpu"
@@ -104,22 +114,30 @@ class Offload(str, Enum):
 
 
 class MaskScope(str, Enum):
+    """Unstructured sparsity per output row or per layer (``--mask-scope``)."""
+
     row = "row"
     layer = "layer"
 
 
 class Granularity(str, Enum):
+    """What reconstruction matches (``--granularity``)."""
+
     block = "block"
     sublayer = "sublayer"
     linear = "linear"
 
 
 class Target(str, Enum):
+    """The reconstruction target (``--target``)."""
+
     dense = "dense"
     local = "local"
 
 
 class Dtype(str, Enum):
+    """The compute dtype (``--dtype``)."""
+
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"

@@ -17,7 +17,7 @@ difference. Prints one JSON object.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/data_parallel.py [--work /tmp/bench-dp] [--n-samples 32 --seq-len 128]
+    OMP_NUM_THREADS=1 python bench/data_parallel.py [--work ../bench-dp] [--n-samples 32 --seq-len 128]
     OMP_NUM_THREADS=1 python bench/data_parallel.py --pruner wanda --method none --configs 1x1 2x1
 """
 

@@ -19,7 +19,7 @@ about 50M parameters or 200 MB of float32 per block) and growing depth (2, 4, 8,
 Usage::
 
     python bench/memory.py                      # depths 2 4 8 16, 8 x 128 tokens of WikiText-2 valid
-    python bench/memory.py --depths 2 16 --calib my.txt --work /tmp/bench-memory --keep
+    python bench/memory.py --depths 2 16 --calib my.txt --work ../bench-memory --keep
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ def folder_facts(folder: Path, args) -> dict:
 
 
 def main() -> None:
+    """Measure the zeroed folder and its shrunk version side by side and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dense", type=Path, help="the zeroed folder (a reconstruct run output)")
     parser.add_argument("--shrunk", type=Path, default=None, help=f"the shrunk folder (default DENSE/{SHRUNK_DIR})")

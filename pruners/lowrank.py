@@ -108,10 +108,12 @@ class LowRankLinear(nn.Module):
     # Attributes some attention code reads from its projections (e.g. ``q_proj.weight.dtype``).
     @property
     def weight(self) -> Tensor:
+        """The base layer's weight (stored layout: (in, out) for ``Conv1D``)."""
         return self.base.weight
 
     @property
     def bias(self) -> Tensor | None:
+        """The base layer's bias, or None."""
         return self.base.bias
 
     def delta(self) -> Tensor:
@@ -134,6 +136,7 @@ class LowRankLinear(nn.Module):
         return weight_as_out_in(self.base).float() + self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The adapted linear: (..., in) -> (..., out)."""
         if self.provisional:  # LoRAPrune: a provisionally pruned weight goes with its adapter update
             weight = self.adapted_weight() * self.keep_mask  # (out, in) float32
             return F.linear(x, weight.to(x.dtype), self.base.bias)

@@ -175,7 +175,7 @@ def test_reconstruction_working_set_matches_the_profiler(arch, method, small_mod
     ("magnitude", ("unstructured", 0.5, "row")), ("sparsegpt", ("unstructured", 0.5, "row")),
 ])
 def test_pruner_temporaries_match_the_profiler(pruner, pattern):
-    """``engine.prune_layer`` on one (out, in) linear: the planner's formula against the allocator's peak."""
+    """``loop.pipeline.prune_layer`` on one (out, in) linear: the planner's formula against the allocator's peak."""
     out_features, in_features = 384, 512
     linear = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False)
     pruner_obj = get_pruner(pruner)

@@ -5,8 +5,8 @@ pruner × method on the tiny OPT, LLaMA and GPT-2 models that the tests build, p
 patterns, and prints one JSON object ``{job: {file: sha256}}`` covering every weight shard, the
 index and the config (``reconstruct.json`` holds timings, so it is left out).
 
-    python tools/output_hashes.py --work /tmp/hashes-old > old.json   # at the old commit
-    python tools/output_hashes.py --work /tmp/hashes-new > new.json   # at the new commit
+    python tools/output_hashes.py --work ../hashes-old > old.json   # at the old commit (--work: a new folder)
+    python tools/output_hashes.py --work ../hashes-new > new.json   # at the new commit
     python tools/output_hashes.py --compare old.json new.json
 """
 
@@ -84,6 +84,7 @@ def compare(old: dict, new: dict) -> int:
 
 
 def main() -> None:
+    """Hash a new grid of jobs into ``--work`` and print the JSON, or ``--compare`` two such files (exit 1 when they differ)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="empty folder for the models and outputs")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"))

@@ -48,7 +48,7 @@ def statistics_bytes(pruner: str, in_features: list[int]) -> int:
 
 
 def prune_temporary_bytes(pruner: str, out_features: int, in_features: int, dtype: torch.dtype, pattern) -> int:
-    """Peak temporaries of ``engine.prune_layer`` for one (out, in) linear, statistics excluded."""
+    """Peak temporaries of ``loop.pipeline.prune_layer`` for one (out, in) linear, statistics excluded."""
     oi = out_features * in_features
     clone = 4 * oi if dtype == torch.float32 else 8 * oi  # .float().clone(): two copies for a moment
     if pruner == "sparsegpt":
@@ -68,7 +68,7 @@ def prune_temporary_bytes(pruner: str, out_features: int, in_features: int, dtyp
 
 
 def _unit_objective(recon) -> bool:
-    """engine.uses_unit_objective: sub-layer/linear granularity or local targets need a dense block copy."""
+    """loop.pipeline.uses_unit_objective: sub-layer/linear granularity or local targets need a dense block copy."""
     return getattr(recon, "granularity", "block") != "block" or getattr(recon, "target", "dense") != "dense"
 
 
@@ -115,6 +115,21 @@ def _rough_traces(inputs: PlanInputs, probe: ModelProbe) -> dict[str, int]:
 
 def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, device_budget, host_budget,
                    traces: dict) -> MemoryPlan:
+    """The plan of the job with its activation streams on one tier.
+
+    Args:
+        inputs: the job's resolved numbers.
+        probe: one block of the model on ``meta`` and the model's sizes.
+        groups: the linears pruned together (one group unless ``--sequential``).
+        tier: where the streams live: ``device``, ``cpu`` or ``disk``.
+        device_budget: bytes of GPU memory the job may use (unused on CPU).
+        host_budget: bytes of host memory the job may use.
+        traces: cache of block traces, keyed by whether reads copy micro-batches to the device;
+            filled on first use and shared between tiers.
+
+    Returns:
+        The phases, their peaks, and whether they fit the budgets.
+    """
     cuda = inputs.device_type == "cuda"
     dev = "device" if cuda else "host"
     e, es = _element_size(inputs.dtype), _element_size(inputs.stored_dtype)

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calib.capture import BlockKwargs, capture_block_inputs
+from reconstruct.modelio.architecture import build_skeleton, discover_layout, weight_as_out_in
+
 
 @dataclass
 class ModelProbe:
@@ -45,9 +48,6 @@ def probe_model(config, dtype: torch.dtype, seq_len: int, layout=None) -> ModelP
     the engine's capture does; their memory is touched only where the zero tokens read it.
     ``layout`` (the engine's, when it has one) saves discovering it again.
     """
-    from calib.capture import BlockKwargs, capture_block_inputs
-    from reconstruct.modelio.architecture import build_skeleton, discover_layout
-
     n_blocks = int(config.num_hidden_layers)
     try:
         model = build_skeleton(_one_block_config(config), dtype)
@@ -88,7 +88,6 @@ def probe_model(config, dtype: torch.dtype, seq_len: int, layout=None) -> ModelP
 
 
 def in_out(linear: nn.Module) -> tuple[int, int]:
-    from reconstruct.modelio.architecture import weight_as_out_in
-
+    """``(out_features, in_features)`` of a linear or ``Conv1D``, whatever its storage layout."""
     out_features, in_features = weight_as_out_in(linear).shape
     return int(out_features), int(in_features)

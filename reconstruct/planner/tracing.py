@@ -10,6 +10,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from calib.capture import block_output
+from pruners import get_pruner
+from reconstruct.loop.hooks import feeding_statistics, group_by_shared_input
+from reconstruct.methods.adapters import LowRankLinear
+from reconstruct.methods.bias_norm import bias_masters, norm_masters
+from reconstruct.methods.spec import LOW_RANK_METHODS
 from reconstruct.planner.probe import ModelProbe, in_out
 
 
@@ -72,17 +78,12 @@ def trace_peak(fn: Callable[[], object]) -> int:
 
 
 def _forward(block, kwargs):
-    from calib.capture import block_output
-
     return lambda hidden: block_output(block(hidden, **kwargs.for_batch(hidden.shape[0])))
 
 
 def trace_block(probe: ModelProbe, dtype: torch.dtype, seq_len: int, micro_batch: int, recon_micro_batch: int,
                 input_copy: bool, pruner: str, groups: list[list[str]], recon) -> dict[str, int]:
     """Traced peaks of one block's passes (meta, exact shapes): forward, statistics, reconstruction."""
-    from reconstruct.loop.hooks import feeding_statistics
-    from pruners import get_pruner
-
     block = probe.block
     forward = _forward(block, probe.kwargs)
     hidden = probe.hidden
@@ -96,7 +97,7 @@ def trace_block(probe: ModelProbe, dtype: torch.dtype, seq_len: int, micro_batch
     def read(size: int) -> torch.Tensor:
         return batch(size) if input_copy else outside[size]
 
-    def compare_pass(size: int):  # engine.run_stream with compare_with / methods.evaluate_mse
+    def compare_pass(size: int):  # loop.pipeline.run_stream with compare_with / methods.evaluate_mse
         output = forward(read(size))
         diff = output.float() - read(size).float()
         return diff.pow(2).sum(), output
@@ -139,10 +140,6 @@ def trace_block(probe: ModelProbe, dtype: torch.dtype, seq_len: int, micro_batch
 
 def _attach_on_meta(block, linears, recon, layout):
     """The method's trainable state on the meta block, as ``attach_method`` builds it (no data checks)."""
-    from reconstruct.methods.adapters import LowRankLinear
-    from reconstruct.methods.bias_norm import bias_masters, norm_masters
-    from reconstruct.methods.spec import LOW_RANK_METHODS
-
     wrappers, masters = [], {}
     swapped = []
     if recon.method in LOW_RANK_METHODS:
@@ -175,8 +172,6 @@ def _attach_on_meta(block, linears, recon, layout):
 
 def sequential_groups(probe: ModelProbe, seq_len: int) -> list[list[str]]:
     """Sub-layer groups as the engine finds them (linears reading the same tensor), on the meta block."""
-    from reconstruct.loop.hooks import group_by_shared_input
-
     linears = {name: probe.block.get_submodule(name) for name in probe.layout.linear_names}
     record: list = []
     handles = []

@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 from pathlib import Path
 
 from reconstruct.state.lock import JobLock
 from reconstruct.modelio.loaded import load_model
+from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.shrink.families import check_shrinkable, shrunk_config
 from reconstruct.shrink.removed import ShrinkPlan, find_removed
 from reconstruct.shrink.roles import BlockRoles, find_roles
@@ -38,11 +38,8 @@ __all__ = ["SHRUNK_DIR", "check_shrinkable", "count_parameters", "shrink_folder"
 
 def shard_entries(path: Path) -> dict[str, tuple[list[int], int]]:
     """Tensor name -> (shape, data bytes), from a safetensors file's header (no data read)."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
     return {name: (entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0])
-            for name, entry in header.items() if name != "__metadata__"}
+            for name, entry in read_safetensors_header(path).items()}
 
 
 def count_parameters(folder: Path) -> int:
