@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
-from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
+from reconstruct.state.atomic import (
+    atomic_copy_file, atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file,
+)
 from reconstruct.state.fingerprint import fingerprint_model_files
 from reconstruct.state.lock import LOCK_NAME
 from reconstruct.modelio.output import INDEX_NAME, WEIGHT_SUFFIXES, shard_name, write_index
@@ -109,9 +110,7 @@ def copy_side_files(source: Path, out: Path) -> None:
     for path in sorted(source.iterdir()):
         if path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES \
                 and path.name not in NOT_COPIED:
-            tmp = out / f".{path.name}.copy-tmp"
-            shutil.copyfile(path, tmp)
-            tmp.replace(out / path.name)
+            atomic_copy_file(path, out / path.name)  # temp file, fsync, rename, as every other write
 
 
 def finish_folder(state: ShrinkState, weight_map: dict[str, str], total_bytes: int) -> None:
