@@ -222,6 +222,9 @@ CycleScheduleFlag = Annotated[CycleSchedule, typer.Option(help="How the sparsity
 LorapruneSteps = Annotated[int, typer.Option(min=1, help="--pruner loraprune: LoRA warm-up steps per block (per cycle) that accumulate the importance.")]
 LorapruneRank = Annotated[int, typer.Option(min=1, help="--pruner loraprune: rank of the warm-up adapters (alpha = 2 x rank).")]
 LorapruneLr = Annotated[float, typer.Option(min=0.0, help="--pruner loraprune: AdamW learning rate of the warm-up.")]
+Allocation = Annotated[str, typer.Option(help="Sparsity per block: uniform (every block at --sparsity), owl (blocks with more activation outliers pruned less, mean weighted by size = --sparsity; one more pass over the dense model first), or FILE.json (a list of one sparsity per block, each in [0, 1)). Unstructured patterns only.")]
+OwlM = Annotated[float, typer.Option(help="--allocation owl: a Wanda score is an outlier above M x its block's mean score.")]
+OwlLambda = Annotated[float, typer.Option(help="--allocation owl: largest deviation of a block's sparsity from --sparsity, in [0, 1).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeFlag = Annotated[Dtype, typer.Option(help="Compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")]
 MicroBatch = Annotated[int, typer.Option(min=1, help="Samples per block forward.")]
@@ -305,6 +308,9 @@ class PruneOptions(OptionGroup):
     loraprune_steps: int = 20
     loraprune_rank: int = 8
     loraprune_lr: float = 2e-2
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
 
 @dataclass(frozen=True)
@@ -420,6 +426,9 @@ def run(
     loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
     loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
     loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    allocation: Allocation = PruneOptions.allocation,
+    owl_m: OwlM = PruneOptions.owl_m,
+    owl_lambda: OwlLambda = PruneOptions.owl_lambda,
     device: Device = MachineOptions.device,
     dtype: DtypeFlag = MachineOptions.dtype,
     micro_batch: MicroBatch = MachineOptions.micro_batch,
@@ -489,7 +498,7 @@ def _stop_interrupted(out: Path) -> None:
 def build_job(options: RunOptions):
     """The JobConfig for the flags of ``run``."""
     from pruners.pattern import SparsityPattern
-    from reconstruct.config import CalibSpec, EvalSpec, JobConfig, PruneSpec, resolve_method
+    from reconstruct.config import AllocationSpec, CalibSpec, EvalSpec, JobConfig, PruneSpec, resolve_method
 
     shape, prune, calib, machine, output = options.shape, options.prune, options.calib, options.machine, options.output
     spec = SparsityPattern.parse(shape.pattern, shape.sparsity, prune.mask_scope.value)
@@ -504,6 +513,7 @@ def build_job(options: RunOptions):
             heads_per_kv_group=output.shrink and spec.kind == "heads",
             cycle_schedule=prune.cycle_schedule.value, loraprune_steps=prune.loraprune_steps,
             loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr,
+            allocation=AllocationSpec.parse(prune.allocation, prune.owl_m, prune.owl_lambda),
         ),
         calib=CalibSpec(source=calib.calib, n_samples=calib.n_samples, seq_len=calib.seq_len, seed=calib.seed,
                         bos=calib.calib_bos.value),
@@ -581,6 +591,9 @@ def plan(
     loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
     loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
     loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    allocation: Allocation = PruneOptions.allocation,
+    owl_m: OwlM = PruneOptions.owl_m,
+    owl_lambda: OwlLambda = PruneOptions.owl_lambda,
     device: Device = MachineOptions.device,
     dtype: DtypeFlag = MachineOptions.dtype,
     micro_batch: MicroBatch = MachineOptions.micro_batch,
@@ -696,6 +709,9 @@ def sweep(
     loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
     loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
     loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    allocation: Allocation = PruneOptions.allocation,
+    owl_m: OwlM = PruneOptions.owl_m,
+    owl_lambda: OwlLambda = PruneOptions.owl_lambda,
     device: Device = MachineOptions.device,
     dtype: DtypeFlag = MachineOptions.dtype,
     micro_batch: MicroBatch = MachineOptions.micro_batch,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pruners.allocation import OWL_LAMBDA, OWL_M, check_explicit_sparsities
 from pruners.pattern import SparsityPattern
 from reconstruct.state.checkpoint_policy import parse_checkpoint_every
 
@@ -45,6 +48,71 @@ class CalibSpec:
             raise ValueError(f"--calib-bos must be one of {', '.join(BOS_MODES)}; got {self.bos!r}")
 
 
+ALLOCATIONS = ("uniform", "owl")  # --allocation: besides these, a .json file of per-block sparsities
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """How the target sparsity is spread over the blocks (``--allocation``, ``--owl-m``, ``--owl-lambda``)."""
+
+    kind: str = "uniform"  # "uniform", "owl" (pre-pass over the dense model) or "file" (explicit sparsities)
+    owl_m: float = OWL_M  # OWL: a Wanda score is an outlier above M x its block's mean score
+    owl_lambda: float = OWL_LAMBDA  # OWL: largest deviation of a block's sparsity from the target
+    file: str | None = None  # "file": the JSON file's name, for messages
+    sparsities: tuple[float, ...] | None = None  # "file": one sparsity per block, as read
+    sha256: str | None = None  # "file": the file's content hash (the job fingerprint holds it)
+
+    def __post_init__(self) -> None:
+        if self.owl_m <= 0:
+            raise ValueError(f"--owl-m must be > 0, got {self.owl_m}")
+        if not 0.0 <= self.owl_lambda < 1.0:
+            raise ValueError(f"--owl-lambda must be in [0, 1), got {self.owl_lambda}")
+
+    @property
+    def uniform(self) -> bool:
+        """True when every block gets the target sparsity (the default)."""
+        return self.kind == "uniform"
+
+    @classmethod
+    def parse(cls, value: str, owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA) -> AllocationSpec:
+        """The spec of ``--allocation uniform|owl|FILE.json``; a file is read and checked here.
+
+        The file holds a JSON list of sparsities, one per block in [0, 1) (``{"sparsities": [...]}``
+        also works); the count is checked against the model later (``validation.validate_job``).
+
+        Raises:
+            ValueError: one line naming ``--allocation`` and what is allowed.
+        """
+        if value in ALLOCATIONS:
+            return cls(kind=value, owl_m=owl_m, owl_lambda=owl_lambda)
+        path = Path(value).expanduser()
+        if path.suffix != ".json":
+            raise ValueError(f"--allocation must be {', '.join(ALLOCATIONS)} or a .json file of per-block "
+                             f"sparsities, got {value!r}")
+        try:
+            raw = path.read_bytes()
+            data = json.loads(raw)
+        except OSError as exc:
+            raise ValueError(f"--allocation {value}: cannot read it ({exc.strerror})") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--allocation {value}: not valid JSON ({str(exc).splitlines()[0]})") from exc
+        if isinstance(data, dict):
+            data = data.get("sparsities")
+        if not isinstance(data, list) or not data:
+            raise ValueError(f"--allocation {value}: expected a JSON list of per-block sparsities in [0, 1)")
+        values = check_explicit_sparsities(data, len(data), path.name)  # each in [0, 1); the count: later
+        return cls(kind="file", owl_m=owl_m, owl_lambda=owl_lambda, file=path.name, sparsities=tuple(values),
+                   sha256=hashlib.sha256(raw).hexdigest())
+
+    def fingerprint(self) -> dict:
+        """What of the allocation determines the output (the content hash of a file, not its name)."""
+        if self.kind == "owl":
+            return {"kind": "owl", "owl_m": self.owl_m, "owl_lambda": self.owl_lambda}
+        if self.kind == "file":
+            return {"kind": "file", "sha256": self.sha256}
+        return {"kind": self.kind}
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     """Which pruner, which pattern, and its options."""
@@ -60,6 +128,7 @@ class PruneSpec:
     loraprune_rank: int = 8  # LoRAPrune: warm-up adapter rank (alpha = 2 * rank)
     loraprune_lr: float = 2e-2  # LoRAPrune: warm-up AdamW learning rate
     heads_per_kv_group: bool = False  # --pattern heads with GQA: as many query heads from every kv group (--shrink)
+    allocation: AllocationSpec = field(default_factory=AllocationSpec)  # per-block sparsities (uniform, OWL, file)
 
 
 @dataclass(frozen=True)
@@ -123,6 +192,15 @@ class JobConfig:
         return reconstructing or self.prune.pruner == "loraprune" or self.track_error
 
     @property
+    def needs_allocation_pass(self) -> bool:
+        """True when a pre-pass over the dense model sets the blocks' sparsities (``--allocation owl``)."""
+        return self.prune.allocation.kind == "owl"
+
+    @property
     def n_streams(self) -> int:
-        """Activation streams the job carries: pruned, plus dense when :attr:`needs_dense_stream`."""
-        return 2 if self.needs_dense_stream else 1
+        """Activation streams the job carries: pruned, plus dense when :attr:`needs_dense_stream`.
+
+        ``--allocation owl`` also carries two: its pre-pass runs the dense model on a copy of block 0's
+        inputs (in the dense stream when the job has one, else in a second stream kept for the pre-pass).
+        """
+        return 2 if self.needs_dense_stream or self.needs_allocation_pass else 1

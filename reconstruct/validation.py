@@ -55,6 +55,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
 
         check_run_shrink(pattern.kind, pattern.sparsity, loaded.config)
     validate_prune_options(job, loaded)
+    validate_allocation(job, loaded.layout.n_blocks)
     validate_pruning_counts(job, loaded)
     if pattern.kind == N_OF_M:
         block = loaded.blocks[0]
@@ -94,6 +95,27 @@ def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:
             f"--sparsity {pattern.sparsity:g} with --pattern heads removes {removed} of the {num_heads} heads of every "
             "block; it must leave at least one"
         )
+
+
+def validate_allocation(job: JobConfig, n_blocks: int) -> None:
+    """``--allocation`` against the pattern and the model: unstructured only, one file value per block.
+
+    N:M and structured patterns keep one sparsity for every block (OWL's N:M variant, which varies N
+    per block, and per-block head / channel fractions are not implemented).
+
+    Raises:
+        ValueError: one line naming ``--allocation`` and what is allowed.
+    """
+    allocation, pattern = job.prune.allocation, job.prune.pattern
+    if allocation.uniform:
+        return
+    if pattern.kind != UNSTRUCTURED:
+        raise ValueError(f"--allocation {allocation.file or allocation.kind} works with --pattern unstructured only "
+                         f"(not {pattern.label}); use --allocation uniform with N:M, heads or channels")
+    if allocation.kind == "file":
+        from pruners.allocation import check_explicit_sparsities
+
+        check_explicit_sparsities(list(allocation.sparsities), n_blocks, allocation.file)
 
 
 def validate_pruning_counts(job: JobConfig, loaded: LoadedModel) -> None:

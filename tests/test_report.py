@@ -172,3 +172,23 @@ def test_bad_eval_is_refused_before_any_work(tiny_model_dir, small_calib_file, t
         assert result.exit_code == 2, result.output
         assert "--eval" in result.output and words in result.output
         assert not out.exists()
+
+
+def test_validation_curve_is_numbered_like_the_mse_curve():
+    """report.png numbers blocks from 1; the held-out error must sit over the same blocks as the MSE."""
+
+    class RecordingAxes:
+        def __init__(self):
+            self.xs: list[list[int]] = []
+
+        def plot(self, xs, ys, **style):
+            self.xs.append(list(xs))
+
+        def scatter(self, xs, ys, **style):
+            self.xs.append(list(xs))
+
+    rows = [{"index": 0, "val_before": 2.0, "val_after": 1.0, "recon_kept": True},
+            {"index": 1, "val_before": 2.0, "val_after": 3.0, "recon_kept": False}]
+    axes = RecordingAxes()
+    plots._plot_validation(axes, rows)
+    assert axes.xs == [[1, 2], [1, 2], [2]]  # before, after, the undone block

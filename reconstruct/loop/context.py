@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from calib.activations import ActivationStream
+from pruners.pattern import SparsityPattern
 
 if TYPE_CHECKING:
     from reconstruct.loop.pipeline import BlockReport
@@ -40,3 +41,4 @@ class BlockContext:
     targets: Any = None  # .n_samples, .read(indices) -> (b, T, H); None without a dense stream
     keep_masks: dict[str, Tensor] = field(default_factory=dict)  # name -> (out, in) bool, True = kept
     cycle: int = 1  # --cycles: the prune -> reconstruct step (1-based)
+    pattern: SparsityPattern | None = None  # the block's target pattern (its --allocation sparsity)

@@ -22,7 +22,9 @@ from reconstruct.modelio.block_io import load_module_weights, module_tensors_for
 from reconstruct.config import JobConfig
 from reconstruct.state.job_state import JobState
 from reconstruct.modelio.loaded import LoadedModel, load_model
+from reconstruct.loop.allocation import compute_allocation
 from reconstruct.loop.pipeline import BlockPipeline, BlockReport
+from reconstruct.state.faults import crash_point
 from reconstruct.methods import split_samples
 from reconstruct.methods.train import log_training_budget
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
@@ -85,14 +87,15 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
                     "add --track-error to report each block's error")
 
     kwargs = capture_kwargs_and_inputs(loaded, tokens, job.micro_batch, sparse)
-    start_block = state.restore_streams(sparse, dense)
-    if start_block == 0 and dense is not None:
-        dense.copy_from(sparse)
     split = None
     if job.recon is not None and job.recon.method != "none":
         split = split_samples(shard.total, job.recon.val_fraction, job.calib.seed)  # the same on every rank
         log_training_budget(job.recon, split)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config, split=split)
+    pipeline.block_sparsities = block_sparsities(job, loaded, state, pipeline, sparse, dense, stream_args)
+    start_block = state.restore_streams(sparse, dense)
+    if start_block == 0 and dense is not None:
+        dense.copy_from(sparse)
 
     progress = progress_bar(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
                             total=layout.n_blocks)
@@ -116,6 +119,29 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
             block_report.seconds,
         )
     return assemble_output(job, loaded, state, n_shards)
+
+
+def block_sparsities(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: BlockPipeline,
+                     sparse: ActivationStream, dense: ActivationStream | None, stream_args: dict) -> list[float] | None:
+    """Each block's sparsity under ``--allocation`` (None: uniform), from the manifest or computed now.
+
+    Called while ``sparse`` still holds block 0's inputs. OWL's pre-pass runs the dense model on a
+    copy of them: in the dense stream (it is set from ``sparse`` again afterwards), else in a spare
+    stream of the same tier, removed afterwards. The result is saved in the manifest before block 0.
+    """
+    if job.prune.allocation.uniform:
+        return None
+    if state.manifest.allocation is None:
+        scratch = dense
+        if scratch is None and job.needs_allocation_pass:  # a file's sparsities need no pass
+            scratch = ActivationStream(sparse.n_samples, sparse.shape[1], sparse.shape[2],
+                                       disk_path=state.stream_path("allocation"), **stream_args)
+        state.record_allocation(compute_allocation(job, loaded, pipeline.forward_fn, sparse, scratch))
+        if scratch is not dense and scratch is not None:
+            del scratch
+            state.stream_path("allocation").unlink(missing_ok=True)
+        crash_point("allocation")
+    return list(state.manifest.allocation["sparsities"])
 
 
 def describe_guard(report: BlockReport) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from calib.capture import BlockKwargs, block_output
 from pruners import get_pruner
 from pruners.base import BlockTraining, GivenScores
 from pruners.masks import select_keep_mask
+from pruners.pattern import SparsityPattern
 from pruners.schedule import cycle_pattern, scaled_pattern, schedule_fraction
 from pruners.structured import ChannelGroups, HeadGroups, find_groups, select_structured
 from reconstruct.parallel import distributed
@@ -61,6 +62,7 @@ class BlockReport:
     val_after: float | None = None  # the same after the merge (last cycle), whether kept or undone
     recon_kept: bool | None = None  # guard: a repair is in the written block (None: no guard)
     recon_stopped_at: int | None = None  # guard: step whose parameters were kept, last cycle (0: none)
+    target_sparsity: float | None = None  # the block's target (--allocation: its own; else --sparsity)
 
 
 @torch.no_grad()
@@ -130,6 +132,7 @@ class BlockPipeline:
         self.structure: HeadGroups | ChannelGroups | None = None  # structured patterns: found on block 0
         self.linear_call_order: list[list[str]] | None = None
         self.units: list | None = None  # --granularity sublayer/linear: found on the first block that trains
+        self.block_sparsities: list[float] | None = None  # --allocation: each block's sparsity (None: uniform)
 
     @property
     def reconstructing(self) -> bool:
@@ -162,6 +165,13 @@ class BlockPipeline:
             logger.info("reconstruction units: %s", [(unit.name, unit.entries, unit.exit) for unit in self.units])
         return self.units
 
+    def block_pattern(self, index: int) -> SparsityPattern:
+        """The pattern block ``index`` is pruned to: ``--pattern`` at the block's ``--allocation`` sparsity."""
+        pattern = self.job.prune.pattern
+        if self.block_sparsities is None:
+            return pattern
+        return replace(pattern, sparsity=self.block_sparsities[index])
+
     def groups(self, ctx: BlockContext) -> list[list[str]]:
         """Sub-layer groups to prune in order (one group with every linear unless --sequential)."""
         if not self.job.prune.sequential:
@@ -185,9 +195,11 @@ class BlockPipeline:
         # --cycles K: K prune -> reconstruct steps whose patterns grow to the target (pruners.schedule);
         # each step's keep masks are nested in the previous ones. K = 1 is the plain prune, reconstruct.
         prune = self.job.prune
+        ctx.pattern = self.block_pattern(index)
+        ctx.report.target_sparsity = ctx.pattern.sparsity
         for cycle in range(1, prune.cycles + 1):
             ctx.cycle = cycle
-            self._prune(ctx, cycle_pattern(prune.pattern, cycle, prune.cycles, prune.cycle_schedule))
+            self._prune(ctx, cycle_pattern(ctx.pattern, cycle, prune.cycles, prune.cycle_schedule))
             if self.reconstructing:
                 self._reconstruct(ctx)
         if ctx.dense_copy is not None:
@@ -301,7 +313,7 @@ class BlockPipeline:
             block=ctx.block, linears=group, keep_masks=current, forward=ctx.objective, inputs=ctx.sparse,
             targets=ctx.targets, seed=seed, micro_batch=self.job.micro_batch,
             select_masks=lambda scores, fraction, within: self._select_masks(
-                scores, scaled_pattern(prune.pattern, start + fraction * (end - start)), within),
+                scores, scaled_pattern(ctx.pattern, start + fraction * (end - start)), within),
             train=block_trainer(ctx.objective, ctx.sparse, ctx.targets, seed, self.job.micro_batch),
         )
 

@@ -90,6 +90,7 @@ class PlanInputs:
     calib: str
     checkpoint_streams: bool
     n_streams: int  # 2 with the dense stream (reconstruction, LoRAPrune, --track-error), else 1
+    allocation_pass: bool = False  # --allocation owl: a dense pass over every block before block 0
 
 
 def _trace_cached(traces: dict, key: bool, inputs: PlanInputs, probe: ModelProbe, groups) -> dict:
@@ -190,6 +191,17 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
         Item("block-0 only: pages of the modules before it, still mapped", probe.outside_numel * es, "host"),
     ]))
     base = held + [weights]
+    if inputs.allocation_pass:
+        all_inputs = [i for _, i in linears.values()]
+        phases.append(Phase(f"allocation pre-pass (--micro-batch {inputs.micro_batch})", base + [
+            Item("wanda statistics (every linear)", statistics_bytes("wanda", all_inputs), dev),
+            Item("forward activations", trace["forward_plain"], dev),
+            Item("outlier scores (largest linear, float32)", 4 * largest[0] * largest[1], dev),
+            Item("allocator slack", slack(trace["forward_plain"]), dev),
+        ]))
+        notes.append("--allocation owl: before block 1, one more pass over the dense model (every block read once "
+                     "more and run forward once, nothing pruned; the time of about one dense pass per block); its "
+                     "per-block sparsities are saved in the manifest, so a resume does not repeat it")
     if inputs.n_streams == 2:
         phases.append(Phase(f"dense pass (--micro-batch {inputs.micro_batch})", base + [
             Item("forward activations", trace["forward_plain"], dev), Item("allocator slack", slack(trace["forward_plain"]), dev),

@@ -53,7 +53,8 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
         rows: one dict per block with ``index``, ``mse_before``, ``mse_after``, ``sparsity`` and, when
             the job held out samples, ``val_before``, ``val_after``, ``recon_kept``.
         title: figure title.
-        target_sparsity: drawn as a dashed line on the sparsity panel (None: not drawn).
+        target_sparsity: drawn as a dashed line on the sparsity panel (None: not drawn). Rows whose
+            ``target_sparsity`` differs from it (``--allocation``) get their own target marked on their bar.
         path: where the PNG goes (written atomically).
 
     Returns:
@@ -83,7 +84,14 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     mse_axes.set_ylabel("block output MSE\n(pruned vs dense)")
     mse_axes.grid(True, alpha=0.3)
     sparsity_axes.bar(index, [row["sparsity"] for row in rows], color="tab:gray")
-    if target_sparsity is not None:
+    targets = [row.get("target_sparsity") for row in rows]
+    if target_sparsity is not None and any(t is not None and t != target_sparsity for t in targets):
+        # --allocation: every block has its own target, drawn on its bar; the job's mean dashed
+        sparsity_axes.scatter(index, [float("nan") if t is None else t for t in targets], marker="_", s=400,
+                              color="tab:red", zorder=3, label="block target")
+        sparsity_axes.axhline(target_sparsity, color="tab:red", linestyle="--", linewidth=1, label="mean target")
+        sparsity_axes.legend(loc="lower right")
+    elif target_sparsity is not None:
         sparsity_axes.axhline(target_sparsity, color="tab:red", linestyle="--", linewidth=1, label="target")
         sparsity_axes.legend(loc="lower right")
     sparsity_axes.set_ylim(0, 1)
@@ -100,14 +108,14 @@ def _plot_validation(axes, rows: list[dict]) -> list[float]:
     measured = [row for row in rows if row.get("val_before") is not None and row.get("val_after") is not None]
     if not measured:
         return []
-    index = [row["index"] for row in measured]
+    index = [row["index"] + 1 for row in measured]  # numbered from 1, as the MSE curve
     axes.plot(index, [row["val_before"] for row in measured], linestyle="--", marker=".", color="tab:green",
               label="validation before")
     axes.plot(index, [row["val_after"] for row in measured], linestyle="--", marker="^", color="tab:red",
               label="validation after")
     undone = [row for row in measured if row.get("recon_kept") is False]
     if undone:
-        axes.scatter([row["index"] for row in undone], [row["val_after"] for row in undone], marker="x", s=80,
+        axes.scatter([row["index"] + 1 for row in undone], [row["val_after"] for row in undone], marker="x", s=80,
                      color="black", zorder=3, label="repair undone")
     return [row["val_before"] for row in measured] + [row["val_after"] for row in measured]
 

@@ -41,6 +41,7 @@ def block_rows(report: dict) -> list[dict]:
             "val_after": block.get("val_after"),
             "recon_kept": block.get("recon_kept"),
             "recon_stopped_at": block.get("recon_stopped_at"),
+            "target_sparsity": block.get("target_sparsity"),
         })
     return rows
 
@@ -112,6 +113,24 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
 
 
+def allocation_note(allocation: dict) -> str:
+    """The paragraph above the block table of a job with ``--allocation`` (OWL or a file)."""
+    how = (f"OWL (outlier threshold M = {allocation.get('owl_m')}, λ = {allocation.get('owl_lambda')}): blocks "
+           "whose Wanda scores on the dense model hold more outliers are pruned less"
+           if allocation.get("kind") == "owl" else f"explicit, from {allocation.get('file', 'a file')}")
+    return (f"Allocation: {how}. Target: each block's own sparsity; their mean weighted by the blocks' prunable "
+            f"weights is {allocation.get('mean_sparsity', 0.0):.4f} (asked: {allocation.get('target', 0.0):.4f}). "
+            "Pruners remove a whole number of weights per row, so a block's sparsity is below its target by less "
+            "than one weight per row.")
+
+
+def target_cell(report: dict, row: dict) -> str:
+    """`` 0.6756 |`` (the block's target) when the job has an allocation, else nothing."""
+    if not report.get("allocation"):
+        return ""
+    return f" {format_or_dash(row['target_sparsity'], '.4f')} |"
+
+
 def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
     """The text of ``report.md``."""
     rows = block_rows(report)
@@ -164,16 +183,18 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "(the pruned block written instead) when val after is not below val before; stop: the step whose "
         "parameters were kept (0 = none improved).",
         "",
-        "| block | sparsity | MSE before | MSE after | after / before | relative error before | relative error after "
-        "| trainable params | steps | seconds | train | val before | val after | repair | stop |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        *([allocation_note(report["allocation"]), ""] if report.get("allocation") else []),
+        f"| block |{' target |' if report.get('allocation') else ''} sparsity | MSE before | MSE after | after / before "
+        "| relative error before | relative error after | trainable params | steps | seconds | train | val before "
+        "| val after | repair | stop |",
+        f"|---:|{'---:|' if report.get('allocation') else ''}---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for row in rows:
         before, after, scale = row["mse_before"], row["mse_after"], row["target_mean_square"]
         ratio = after / before if before and after is not None else None
         relative = [value / scale if value is not None and scale else None for value in (before, after)]
         lines.append(
-            f"| {row['index'] + 1} | {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
+            f"| {row['index'] + 1} |{target_cell(report, row)} {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
             f"{format_or_dash(ratio, '.3f')} | {format_or_dash(relative[0], '.3e')} | {format_or_dash(relative[1], '.3e')} | "
             f"{row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} | "
             f"{format_or_dash(row['train_error'], '.3e')} | {format_or_dash(row['val_before'], '.3e')} | "

@@ -101,6 +101,11 @@ FINGERPRINT_FLAGS: dict[str, str] = {
     "micro_batch": "--micro-batch",
     "track_error": "--track-error",
     "calibration.bos_id": "--calib-bos",
+    "allocation": "--allocation",
+    "allocation.kind": "--allocation",
+    "allocation.sha256": "--allocation (the file's contents)",
+    "allocation.owl_m": "--owl-m",
+    "allocation.owl_lambda": "--owl-lambda",
 }
 
 

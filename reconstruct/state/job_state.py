@@ -75,6 +75,7 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
            if prune.pruner == "loraprune" else {}),
         **({"cycles": {"cycles": prune.cycles, "schedule": prune.cycle_schedule}} if prune.cycles != 1 else {}),
         **({"heads_per_kv_group": True} if prune.heads_per_kv_group else {}),  # --shrink's head selection
+        **({"allocation": prune.allocation.fingerprint()} if not prune.allocation.uniform else {}),  # per-block sparsity
         "method": asdict(job.recon) if job.recon is not None else None,
         "calibration": calibration,
         "seed": calib.seed,
@@ -278,6 +279,11 @@ class JobState:
         return start
 
     # --------------------------------------------------------------- progress
+    def record_allocation(self, allocation: dict) -> None:
+        """Save the per-block sparsities (``reconstruct.loop.allocation``) in the manifest before block 0."""
+        self.manifest.set_allocation(allocation)
+        self._save()
+
     def block_done(self, index: int, file: str, digest: str, report: dict,
                    sparse: ActivationStream, dense: ActivationStream | None) -> None:
         """Record a written block; checkpoint the streams when due; save the manifest last."""
@@ -350,6 +356,7 @@ class JobState:
             "peak_rss_mb": peak_rss_mb,
             "peak_gpu_mb": peak_gpu_mb,
             "host_memory_total_mb": psutil.virtual_memory().total / 2**20,
+            **({"allocation": self.manifest.allocation} if self.manifest.allocation is not None else {}),
         }
 
     def finish(self, output_files: list[str]) -> None:

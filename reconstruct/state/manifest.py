@@ -68,6 +68,8 @@ class Manifest:
     updated: str = ""  # ISO-8601 UTC, at the last save
     elapsed_seconds: float = 0.0  # working time summed over sessions; the engine adds to it
     outputs: dict[str, str] = field(default_factory=dict)  # finished job: non-block output file → sha256
+    # --allocation owl / FILE.json: {"kind", "sparsities", "outlier_ratios" (owl), "param_counts"}, once known
+    allocation: dict | None = None
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -147,6 +149,7 @@ class Manifest:
             "updated": self.updated,
             "elapsed_seconds": self.elapsed_seconds,
             "outputs": self.outputs,
+            **({"allocation": self.allocation} if self.allocation is not None else {}),  # absent: uniform
         }
 
     @classmethod
@@ -183,6 +186,7 @@ class Manifest:
             updated=str(data["updated"]),
             elapsed_seconds=float(data["elapsed_seconds"]),
             outputs=dict(data.get("outputs") or {}),
+            allocation=data.get("allocation"),
         )
         return manifest
 
@@ -216,6 +220,10 @@ class Manifest:
         record = self._block(index)
         record.status, record.file, record.sha256, record.stats, record.stat = PENDING, None, None, {}, None
         self.finished = False
+
+    def set_allocation(self, allocation: dict) -> None:
+        """Record the per-block sparsities (and OWL's outlier ratios) so a resume does not compute them again."""
+        self.allocation = to_jsonable(allocation)
 
     def set_stream_checkpoint(self, after_block: int, file: str, sha256: str) -> None:
         """Record that the activation checkpoint ``file`` holds the streams after ``after_block``."""

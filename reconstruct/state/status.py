@@ -51,6 +51,8 @@ def describe_job(out: Path) -> str:
         *([f"resume:     {_resume_point(manifest, done)}"] if done and not manifest.finished else []),
         f"model:      {settings.get('model_type', '?')}",
         f"pruner:     {settings.get('pruner', '?')}, pattern {_pattern(settings.get('pattern'))}",
+        *([f"allocation: {_allocation(settings['allocation'], manifest.allocation)}"]
+          if settings.get("allocation") else []),
         f"method:     {_method(settings.get('method'))}",
         f"calib:      {_calibration(settings.get('calibration'))}",
         f"seed:       {settings.get('seed', '?')}, dtype {settings.get('dtype', '?')}",
@@ -161,6 +163,18 @@ def _pattern(pattern) -> str:
     if pattern.get("kind") in ("heads", "channels"):
         return f"{pattern['kind']} {share} removed per block"
     return f"unstructured {share} per {pattern.get('scope', 'row')}"
+
+
+def _allocation(settings: dict, allocation: dict | None) -> str:
+    """``owl (M 5, λ 0.08): 0.676 0.604 0.520 (weighted mean 0.6000)``, or that the pre-pass is still to run."""
+    kind = settings.get("kind", "?")
+    label = f"owl (M {settings.get('owl_m')}, λ {settings.get('owl_lambda')})" if kind == "owl" else kind
+    if allocation is None:
+        return f"{label}: not computed yet (the pre-pass runs before block 1)"
+    if kind == "file":
+        label = f"file {allocation.get('file', '?')}"
+    sparsities = " ".join(f"{value:.3f}" for value in allocation.get("sparsities", []))
+    return f"{label}: {sparsities} (weighted mean {allocation.get('mean_sparsity', 0.0):.4f})"
 
 
 def _method(method) -> str:
