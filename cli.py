@@ -230,6 +230,7 @@ DtypeFlag = Annotated[Dtype, typer.Option(help="Compute dtype; auto = float32 on
 MicroBatch = Annotated[int, typer.Option(min=1, help="Samples per block forward.")]
 OffloadFlag = Annotated[Offload, typer.Option(help="Where the activation cache lives.")]
 CheckpointEvery = Annotated[str, typer.Option(help="When to checkpoint the activation streams (what a resume restarts from): every k blocks, or auto = after every block while that is cheap, else so that checkpoints cost at most 10% of the block time.")]
+Overlap = Annotated[bool, typer.Option(help="Read the next block and write the last one (shard, stream checkpoint, manifest) in the background while a block computes; --no-overlap runs them one after another (same output bytes).")]
 TrackError = Annotated[bool, typer.Option(help="--method none: also run the dense model alongside, to report each block's output error (one more block forward per block; reconstruction always does).")]
 GpuMemory = Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB.", show_default="the GPU's free memory")]
 HostMemory = Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB.", show_default="available memory")]
@@ -334,6 +335,7 @@ class MachineOptions(OptionGroup):
     micro_batch: int = 8
     offload: Offload = Offload.auto
     checkpoint_every: str = "auto"
+    overlap: bool = True
     gpu_memory: str | None = None
     host_memory: str | None = None
 
@@ -434,6 +436,7 @@ def run(
     micro_batch: MicroBatch = MachineOptions.micro_batch,
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
+    overlap: Overlap = MachineOptions.overlap,
     track_error: TrackError = ReconOptions.track_error,
     gpu_memory: GpuMemory = MachineOptions.gpu_memory,
     host_memory: HostMemory = MachineOptions.host_memory,
@@ -523,6 +526,7 @@ def build_job(options: RunOptions):
         micro_batch=machine.micro_batch,
         offload=machine.offload.value,
         checkpoint_every=machine.checkpoint_every,
+        overlap=machine.overlap,
         track_error=options.recon.track_error,
         force=output.force,
         evaluation=EvalSpec(output.eval_data, output.eval_seq_len, output.eval_windows) if output.eval_data else None,
@@ -599,6 +603,7 @@ def plan(
     micro_batch: MicroBatch = MachineOptions.micro_batch,
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
+    overlap: Overlap = MachineOptions.overlap,
     track_error: TrackError = ReconOptions.track_error,
     gpu_memory: GpuMemory = MachineOptions.gpu_memory,
     host_memory: HostMemory = MachineOptions.host_memory,
@@ -717,6 +722,7 @@ def sweep(
     micro_batch: MicroBatch = MachineOptions.micro_batch,
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
+    overlap: Overlap = MachineOptions.overlap,
     track_error: TrackError = ReconOptions.track_error,
     gpu_memory: GpuMemory = MachineOptions.gpu_memory,
     host_memory: HostMemory = MachineOptions.host_memory,

@@ -33,7 +33,11 @@ ARCH = "llama"
 RUN_TIMEOUT_S = 240
 CALIB_CHARS = 50_000  # enough text for 8 × 32-token windows; the whole file costs ~1 s of tokenizing a run
 # Fields of reconstruct.json that measure the run rather than the result.
-VOLATILE_REPORT_KEYS = ("elapsed_seconds", "peak_rss_mb", "peak_gpu_mb", "host_memory_total_mb", "seconds_this_session")
+VOLATILE_REPORT_KEYS = ("elapsed_seconds", "peak_rss_mb", "peak_gpu_mb", "host_memory_total_mb", "seconds_this_session",
+                        "io")
+# Per-block fields that measure the run: the block's time, and its compute / IO split (loop.overlap).
+VOLATILE_BLOCK_KEYS = ("seconds", "compute_seconds", "read_wait_seconds", "write_wait_seconds", "read_seconds",
+                       "write_seconds", "checkpoint_seconds")
 BLOCK_LOG = re.compile(r"reconstruct\.loop\.engine: block (\d+)/(\d+):")  # one line per computed block
 DEFAULT_FLAGS = {  # the job under test; a test overrides single flags by name
     "n_samples": "8",
@@ -110,7 +114,8 @@ def comparable_report(path: Path) -> dict:
     for key in VOLATILE_REPORT_KEYS:
         report.pop(key, None)
     for block in report.get("blocks", []):
-        block.pop("seconds", None)
+        for key in VOLATILE_BLOCK_KEYS:
+            block.pop(key, None)
     return report
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -18,11 +18,12 @@ from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, capture_block_inputs
 from reconstruct.parallel import distributed
 from reconstruct.state.atomic import atomic_write_json, save_safetensors_atomic
-from reconstruct.modelio.block_io import load_module_weights, module_tensors_for_output, release_module_weights
+from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
 from reconstruct.config import JobConfig
 from reconstruct.state.job_state import JobState
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.loop.allocation import compute_allocation
+from reconstruct.loop.overlap import BlockReads, BlockWrite, BlockWriter, io_totals
 from reconstruct.loop.pipeline import BlockPipeline, BlockReport
 from reconstruct.state.faults import crash_point
 from reconstruct.methods import split_samples
@@ -99,26 +100,77 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
 
     progress = progress_bar(range(start_block, layout.n_blocks), desc="blocks", unit="block", initial=start_block,
                             total=layout.n_blocks)
-    for index in progress:
-        block = loaded.blocks[index]
-        prefix = layout.block_prefix(index)
-        stored_dtypes = load_module_weights(block, prefix, loaded.reader, loaded.key_map, loaded.device, loaded.dtype)
+    writer = BlockWriter(background=job.overlap)
+    failed = True
+    with BlockReads(loaded, background=job.overlap) as reads:
+        step = BlockStep(job, loaded, state, pipeline, reads, writer)
+        try:
+            for index in progress:
+                run_block(step, index, sparse, dense)
+            failed = False
+        finally:
+            final_wait = writer.close(failed)
+    if final_wait:
+        logger.info("waited %.1fs for the last block's writes", final_wait)
+    return assemble_output(job, loaded, state, n_shards, final_write_wait=final_wait)
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """What :func:`run_block` needs besides the block index and the streams."""
+
+    job: JobConfig
+    loaded: LoadedModel
+    state: JobState
+    pipeline: BlockPipeline
+    reads: BlockReads
+    writer: BlockWriter
+
+
+def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: ActivationStream | None) -> None:
+    """One block: take its tensors (read ahead), process it, hand its writes to the writer, log its times.
+
+    With the overlap on (``loop.overlap``), block ``index + 1`` is read while this one computes, and
+    this block's shard, checkpoint and manifest are written while the next one computes.
+    """
+    job, loaded, layout = step.job, step.loaded, step.loaded.layout
+    n_shards = layout.n_blocks + 1
+    read, read_wait = step.reads.take(index)
+    step.reads.prefetch(index + 1)
+    started = time.perf_counter()
+    block = loaded.blocks[index]
+    prefix = layout.block_prefix(index)
+    stored_dtypes = install_module_tensors(block, read.tensors, loaded.device, loaded.dtype, owned=read.owned)
+    read.tensors = {}  # the block owns them now
+    if not read.owned:
         loaded.reader.close()  # unmap the shards: mapped pages of earlier blocks must not stay resident
-        block_report = pipeline.process(index, block, sparse, dense, stored_dtypes)
-        tensors = module_tensors_for_output(block, prefix, stored_dtypes)
-        release_module_weights(block)
-        digest = (save_safetensors_atomic(job.out / shard_name(index, n_shards), tensors, {"format": "pt"})
+    block_report = step.pipeline.process(index, block, sparse, dense, stored_dtypes)
+    tensors = module_tensors_for_output(block, prefix, stored_dtypes)
+    release_module_weights(block)
+    tier_on_disk = sparse.tier == "disk"
+    streams = step.state.stream_snapshot(index, sparse, dense, private=job.overlap and not tier_on_disk)
+    stats = {**asdict(block_report), "overlap": job.overlap, "read_seconds": read.read_seconds,
+             "read_wait_seconds": read_wait, "compute_seconds": time.perf_counter() - started}
+    name = shard_name(index, n_shards)
+
+    def write() -> None:  # in the writer's thread when the overlap is on
+        crash_point(f"writer:{index}")
+        write_started = time.perf_counter()
+        digest = (save_safetensors_atomic(job.out / name, tensors, {"format": "pt"})
                   if distributed.is_main() else "")  # rank 0 alone writes
-        state.block_done(index, shard_name(index, n_shards), digest, asdict(block_report), sparse, dense)
-        del tensors  # else this block's tensors (its weights on CPU) stay alive through the next block's load
-        logger.info(
-            "block %d/%d: sparsity %.3f%s, %.1fs", index + 1, layout.n_blocks,
-            sum(block_report.sparsity.values()) / max(len(block_report.sparsity), 1),
-            ("" if block_report.mse_after is None else
-             f", mse {block_report.mse_before or 0.0:.3g} → {block_report.mse_after:.3g}") + describe_guard(block_report),
-            block_report.seconds,
-        )
-    return assemble_output(job, loaded, state, n_shards)
+        stats["write_seconds"] = time.perf_counter() - write_started
+        step.state.block_done(index, name, digest, stats, streams)
+
+    # A disk-tier stream is a memory map: its checkpoint is written before the next block changes it.
+    step.writer.submit(BlockWrite(index, write, stats), sync=streams is not None and tier_on_disk)
+    logger.info(
+        "block %d/%d: sparsity %.3f%s, %.1fs (compute %.1fs, read wait %.1fs, write wait %.1fs)",
+        index + 1, layout.n_blocks,
+        sum(block_report.sparsity.values()) / max(len(block_report.sparsity), 1),
+        ("" if block_report.mse_after is None else
+         f", mse {block_report.mse_before or 0.0:.3g} → {block_report.mse_after:.3g}") + describe_guard(block_report),
+        block_report.seconds, stats["compute_seconds"], read_wait, stats["write_wait_seconds"],
+    )
 
 
 def block_sparsities(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: BlockPipeline,
@@ -171,10 +223,12 @@ def capture_kwargs_and_inputs(loaded: LoadedModel, tokens: torch.Tensor, micro_b
     return BlockKwargs(by_size)
 
 
-def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shards: int) -> dict:
+def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shards: int,
+                    final_write_wait: float = 0.0) -> dict:
     """Write the tensors outside the blocks, config, tokenizer, index and report; mark the job finished.
 
     Rank 0's work alone in a distributed run; the other ranks return ``{"rank", "size"}``.
+    ``final_write_wait``: seconds the loop waited for the last block's writes after its compute.
     """
     if not distributed.is_main():
         return asdict(distributed.world())
@@ -189,6 +243,7 @@ def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shar
     write_config(loaded.folder, out, state.bias_flags_to_enable(loaded.layout))
     write_index(out, weight_map, total_bytes)
     report = state.final_report(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(loaded.device))
+    report["io"] = io_totals(report["blocks"], final_write_wait)  # compute vs read and write waits (loop.overlap)
     report["world_size"] = distributed.world().size  # processes that shared the calibration samples
     report["framing"] = {"calib_bos": job.calib.bos, **loaded.framing(job.calib.bos).record()}  # how windows started
     report = finish_report(job, report)  # --eval, then report.md / report.png

@@ -17,6 +17,87 @@ def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(module_path) if module_path else root), leaf
 
 
+def read_module_tensors(
+    module: nn.Module,
+    prefix: str,
+    reader: CheckpointReader,
+    key_map: dict[str, str],
+    own: bool = False,
+    pin: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Read ``module``'s tensors from the checkpoint as CPU tensors in their stored dtype.
+
+    The first half of :func:`load_module_weights`: it touches only the checkpoint, never the module's
+    parameters, so it may run in a background thread while another block computes.
+
+    Args:
+        module: a block (or any sub-tree) of the skeleton; only its state-dict names and shapes are read.
+        prefix: its state-dict prefix in the full model, e.g. ``"model.layers.3."``.
+        reader: the checkpoint.
+        key_map: full-model key → checkpoint key.
+        own: copy every tensor out of the shard's memory map, so the pages are read now and the
+            reader may be closed (a background read); else the tensors may be views of the map.
+        pin: with ``own``, copy into page-locked memory (fast, asynchronous copies to a GPU).
+
+    Returns:
+        Local name → tensor, for every tensor the checkpoint holds (buffers computed at init are left out).
+
+    Raises:
+        ValueError: a parameter missing from the checkpoint, or a shape that differs from the model's.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for local_name, current in module.state_dict(keep_vars=True).items():
+        full_name = prefix + local_name
+        if full_name not in key_map:
+            if isinstance(current, nn.Parameter) or current.is_meta:
+                raise ValueError(f"checkpoint has no tensor for {full_name}; the checkpoint does not match its config")
+            continue  # a buffer computed at init (kept as is)
+        tensor = reader.read(key_map[full_name])
+        if tensor.shape != current.shape:
+            raise ValueError(f"{full_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(current.shape)}")
+        if own:
+            tensor = torch.empty_like(tensor, pin_memory=pin).copy_(tensor)  # pages read here, not at install
+        tensors[local_name] = tensor
+    return tensors
+
+
+def install_module_tensors(
+    module: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    owned: bool = False,
+) -> dict[str, torch.dtype]:
+    """Swap ``tensors`` (from :func:`read_module_tensors`) into ``module`` on ``device``.
+
+    Args:
+        module: the skeleton sub-tree the tensors were read for.
+        tensors: local name → CPU tensor in its stored dtype.
+        device: where the weights go.
+        dtype: floating-point parameters are cast to this compute dtype.
+        owned: the tensors are private copies (``read_module_tensors(own=True)``): one already on
+            ``device`` in ``dtype`` becomes the parameter itself instead of being copied again.
+
+    Returns:
+        The dtype each tensor has in the checkpoint (local name → dtype), to write it back alike.
+    """
+    stored_dtypes: dict[str, torch.dtype] = {}
+    for local_name, tensor in tensors.items():
+        stored_dtypes[local_name] = tensor.dtype
+        owner, leaf = _owner(module, local_name)
+        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        value = tensor.to(device=device, dtype=target_dtype, copy=not owned)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+    for buffer_owner in module.modules():  # non-persistent buffers (rotary inv_freq) follow the module
+        for name, buffer in buffer_owner._buffers.items():
+            if buffer is not None and buffer.device != device and not buffer.is_meta:
+                buffer_owner._buffers[name] = buffer.to(device)
+    return stored_dtypes
+
+
 def load_module_weights(
     module: nn.Module,
     prefix: str,
@@ -26,6 +107,8 @@ def load_module_weights(
     dtype: torch.dtype,
 ) -> dict[str, torch.dtype]:
     """Fill ``module``'s parameters and persistent buffers from the checkpoint.
+
+    :func:`read_module_tensors` then :func:`install_module_tensors`, in the calling thread.
 
     Args:
         module: a block (or any sub-tree) of the skeleton.
@@ -38,29 +121,7 @@ def load_module_weights(
     Returns:
         The dtype each tensor has in the checkpoint (local name → dtype), to write it back alike.
     """
-    stored_dtypes: dict[str, torch.dtype] = {}
-    for local_name, current in module.state_dict(keep_vars=True).items():
-        full_name = prefix + local_name
-        if full_name not in key_map:
-            if isinstance(current, nn.Parameter) or current.is_meta:
-                raise ValueError(f"checkpoint has no tensor for {full_name}; the checkpoint does not match its config")
-            continue  # a buffer computed at init (kept as is)
-        tensor = reader.read(key_map[full_name])
-        stored_dtypes[local_name] = tensor.dtype
-        owner, leaf = _owner(module, local_name)
-        if tensor.shape != current.shape:
-            raise ValueError(f"{full_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(current.shape)}")
-        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        value = tensor.to(device=device, dtype=target_dtype, copy=True)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-        else:
-            owner._buffers[leaf] = value
-    for buffer_owner in module.modules():  # non-persistent buffers (rotary inv_freq) follow the module
-        for name, buffer in buffer_owner._buffers.items():
-            if buffer is not None and buffer.device != device and not buffer.is_meta:
-                buffer_owner._buffers[name] = buffer.to(device)
-    return stored_dtypes
+    return install_module_tensors(module, read_module_tensors(module, prefix, reader, key_map), device, dtype)
 
 
 def release_module_weights(module: nn.Module) -> None:

@@ -284,27 +284,54 @@ class JobState:
         self.manifest.set_allocation(allocation)
         self._save()
 
+    def stream_snapshot(self, index: int, sparse: ActivationStream, dense: ActivationStream | None,
+                        private: bool = False) -> dict[str, torch.Tensor] | None:
+        """The streams to checkpoint after block ``index``, as CPU tensors; None when no checkpoint is due.
+
+        Called in the block loop's thread (every rank decides alike, rank 0 gathers every rank's
+        rows: collectives), before the next block changes the streams in place. Other ranks get None.
+
+        Args:
+            index: the block just computed (0-based).
+            sparse: the pruned stream.
+            dense: the dense stream, if the job carries one.
+            private: copy a stream that the CPU tensor would otherwise share (CPU tier, one
+                process), so a background write reads this block's values while the next block
+                computes (``loop.overlap``). The device tier's copy to host is private already.
+        """
+        if index == self.manifest.n_blocks - 1 or not distributed.from_main(lambda: self.checkpoints.due(index)):
+            return None
+        # Full streams: rank 0 gathers every rank's rows (collective), so any number of processes can resume.
+        streams = {}
+        for name, stream in _named_streams(sparse, dense).items():
+            values = distributed.gather_rows(stream.to_cpu())
+            if private and values.untyped_storage().data_ptr() == stream.data.untyped_storage().data_ptr():
+                values = values.clone()  # (n, T, H): the next block overwrites the stream in place
+            streams[name] = values
+        return streams if distributed.is_main() else None
+
     def block_done(self, index: int, file: str, digest: str, report: dict,
-                   sparse: ActivationStream, dense: ActivationStream | None) -> None:
-        """Record a written block; checkpoint the streams when due; save the manifest last."""
+                   streams: dict[str, torch.Tensor] | None) -> None:
+        """Record a written block; write the activation checkpoint ``streams`` if given; save the manifest last.
+
+        ``streams`` comes from :meth:`stream_snapshot`. Safe to call from the background writer
+        thread (``loop.overlap``): the loop makes every manifest change there, in block order.
+        """
         manifest = self.manifest
         stat = file_stat(self.out / file) if distributed.is_main() else None  # lets a resume skip re-hashing it
-        manifest.mark_block_done(index, file, digest, report, stat)
-        last = index == manifest.n_blocks - 1
-        if not last and distributed.from_main(lambda: self.checkpoints.due(index)):  # every rank decides alike
+        manifest.mark_block_done(index, file, digest, report, stat)  # before the checkpoint that follows it
+        if streams is not None:
             started = self.checkpoints.started()
-            self._checkpoint_streams(index, sparse, dense)
+            self._checkpoint_streams(index, streams)
             self.checkpoints.finished(started)
+            manifest.blocks[index].stats["checkpoint_seconds"] = self.checkpoints.last_seconds
             if self.checkpoints.expensive:
                 logger.info("activation checkpoint after block %d took %.1fs; --checkpoint-every %s",
                             index + 1, self.checkpoints.last_seconds, self.checkpoints.describe_next())
         self._save()
 
-    def _checkpoint_streams(self, index: int, sparse: ActivationStream, dense: ActivationStream | None) -> None:
-        # Full streams: rank 0 gathers every rank's rows (collective), so any number of processes can resume.
-        streams = {name: distributed.gather_rows(stream.to_cpu()) for name, stream in _named_streams(sparse, dense).items()}
-        if not distributed.is_main():
-            return
+    def _checkpoint_streams(self, index: int, streams: dict[str, torch.Tensor]) -> None:
+        """Write the checkpoint file; the manifest is saved pointing at it before the previous one goes."""
         name = f"{STATE_DIR}/streams-after-{index:05d}.safetensors"
         digest = save_safetensors_atomic(self.out / name, streams)
         previous = self.manifest.stream_checkpoint
