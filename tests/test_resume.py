@@ -35,9 +35,9 @@ CALIB_CHARS = 50_000  # enough text for 8 × 32-token windows; the whole file co
 # Fields of reconstruct.json that measure the run rather than the result.
 VOLATILE_REPORT_KEYS = ("elapsed_seconds", "peak_rss_mb", "peak_gpu_mb", "host_memory_total_mb", "seconds_this_session",
                         "io")
-# Per-block fields that measure the run: the block's time, and its compute / IO split (loop.overlap).
+# Per-block fields that describe the run: the block's time, its compute / IO split and whether its IO overlapped.
 VOLATILE_BLOCK_KEYS = ("seconds", "compute_seconds", "read_wait_seconds", "write_wait_seconds", "read_seconds",
-                       "write_seconds", "checkpoint_seconds")
+                       "write_seconds", "checkpoint_seconds", "overlap")
 BLOCK_LOG = re.compile(r"reconstruct\.loop\.engine: block (\d+)/(\d+):")  # one line per computed block
 DEFAULT_FLAGS = {  # the job under test; a test overrides single flags by name
     "n_samples": "8",

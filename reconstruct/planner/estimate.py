@@ -91,6 +91,7 @@ class PlanInputs:
     checkpoint_streams: bool
     n_streams: int  # 2 with the dense stream (reconstruction, LoRAPrune, --track-error), else 1
     allocation_pass: bool = False  # --allocation owl: a dense pass over every block before block 0
+    overlap: bool = False  # block IO in the background (loop.overlap): one block read ahead, one written behind
 
 
 def _trace_cached(traces: dict, key: bool, inputs: PlanInputs, probe: ModelProbe, groups) -> dict:
@@ -112,6 +113,24 @@ def _rough_traces(inputs: PlanInputs, probe: ModelProbe) -> dict[str, int]:
     recon = 3 * inputs.recon_micro_batch * inputs.seq_len * per_token
     return {"forward_plain": forward, "forward": forward, "statistics_pass": forward, "recon_eval": forward,
             "merge": 0, "recon_step": recon, "trainable_bytes": 0}
+
+
+def in_flight_items(inputs: PlanInputs, tier: str, block_stored: int, streams: int) -> list[Item]:
+    """Host buffers of the blocks in flight besides the computing one, with the overlap on (``loop.overlap``).
+
+    One block read ahead (pinned on a GPU) and one written behind (its output tensors), both in the
+    stored dtype, and the previous block's activation checkpoint: a private host copy of the streams
+    unless they live on disk (a disk-tier checkpoint is written before the next block starts).
+    A fixed count: the buffers do not grow with the number of blocks.
+    """
+    if not inputs.overlap:
+        return []
+    pinned = " (pinned)" if inputs.device_type == "cuda" else ""
+    items = [Item(f"next block read ahead{pinned}", block_stored, "host"),
+             Item("previous block's tensors being written", block_stored, "host")]
+    if inputs.checkpoint_streams and tier != "disk":
+        items.append(Item("previous block's stream checkpoint being written (a copy)", streams, "host"))
+    return items
 
 
 def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, device_budget, host_budget,
@@ -159,6 +178,7 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
     kwargs_bytes = _kwargs_bytes(probe, inputs)
     kwargs = Item("block keyword arguments", kwargs_bytes, dev)
     held = baseline + [tokens, streams, kwargs]
+    in_flight = in_flight_items(inputs, tier, block_stored, inputs.n_streams * stream)
     weights = Item("block weights", block, dev)
     mask_item = Item("keep masks (bool)", masks, dev)
     dtype_name = str(inputs.dtype).removeprefix("torch.")
@@ -185,12 +205,12 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
         Item("their checkpoint pages (memory-mapped)", probe.outside_numel * es, "host"),
         Item("capture activations", capture_act, dev),
     ]))
-    phases.append(Phase("block load", held + [
+    phases.append(Phase("block load", held + in_flight + [
         weights,
         Item("the block's checkpoint pages (memory-mapped, unmapped after the load)", block_stored, "host"),
         Item("block-0 only: pages of the modules before it, still mapped", probe.outside_numel * es, "host"),
     ]))
-    base = held + [weights]
+    base = held + [weights] + in_flight
     if inputs.allocation_pass:
         all_inputs = [i for _, i in linears.values()]
         phases.append(Phase(f"allocation pre-pass (--micro-batch {inputs.micro_batch})", base + [
@@ -242,7 +262,7 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
         mask_item, Item("forward activations + MSE", trace["forward"], dev), Item("allocator slack", slack(trace["forward"]), dev),
     ]))
     output_copy = cuda or inputs.stored_dtype != inputs.dtype
-    phases.append(Phase("block write", held + [
+    phases.append(Phase("block write", held + in_flight + [
         weights, *([Item("block tensors for the output shard", block_stored, "host")] if output_copy else []),
     ]))
     if cuda and tier == "device":
@@ -254,6 +274,9 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
     if tier == "disk":
         notes.append("disk tier: the streams are memory-mapped files; their pages show in RSS while resident but "
                      "the kernel can drop them under pressure; resuming still loads a checkpoint whole into host memory")
+    if in_flight:
+        notes.append("block IO overlaps the compute: one block read ahead and one written behind (with its stream "
+                     "checkpoint) are held in host memory; --no-overlap drops them and runs the IO serially")
     if cuda and tier == "device":
         notes.append("device tier: every stream checkpoint (--checkpoint-every) copies the streams to host memory")
     if inputs.pruner == "sparsegpt":

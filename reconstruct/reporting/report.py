@@ -104,6 +104,14 @@ def format_or_dash(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def io_summary(io: dict) -> str:
+    """What bounds the job, from ``reconstruct.json``'s ``io`` totals (``loop.overlap.io_totals``), in one line."""
+    mode = {(True,): "IO in the background", (False,): "IO in series (--no-overlap)"}.get(tuple(io.get("overlap", [])),
+                                                                                      "IO in the background in part")
+    return (f"computing {_duration(io['compute_seconds'])}, waiting for reads {_duration(io['read_wait_seconds'])}, "
+            f"waiting for writes {_duration(io['write_wait_seconds'])} ({mode}): bound by {io['bound_by']}")
+
+
 def _duration(seconds: float) -> str:
     seconds = float(seconds)
     if seconds < 120:
@@ -158,6 +166,7 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "| | |",
         "|---|---|",
         f"| time | {_duration(report.get('elapsed_seconds', 0.0))} |",
+        *([f"| block time | {io_summary(report['io'])} |"] if report.get("io", {}).get("bound_by") else []),
         f"| peak host memory (RSS) | {format_or_dash(report.get('peak_rss_mb'), '.0f')} MiB |",
         f"| peak GPU memory | {'–' if gpu is None else format(gpu, '.0f') + ' MiB'} |",
         f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
