@@ -105,7 +105,11 @@ def run_once(model: Path, out: Path, method: str, overlap: bool, args, log: Path
     if row["rc"] != 0:
         row["log_tail"] = log.read_text(errors="replace")[-2000:]
         return row
-    io = json.loads((out / "reconstruct.json").read_text())["io"]
+    report = json.loads((out / "reconstruct.json").read_text())
+    io = report["io"]
+    row["reported_peak_rss_mb"] = round(report["peak_rss_mb"], 1)
+    if report.get("peak_gpu_mb") is not None:
+        row["peak_gpu_mb"] = round(report["peak_gpu_mb"], 1)
     row["io"] = {key: round(value, 3) if isinstance(value, float) else value for key, value in io.items()}
     row["loop_s"] = round(io["compute_seconds"] + io["read_wait_seconds"] + io["write_wait_seconds"], 3)
     row["io_alone_s"] = round(io["read_seconds"] + io["write_seconds"] + io["checkpoint_seconds"], 3)
