@@ -304,8 +304,8 @@ class JobState:
         # Full streams: rank 0 gathers every rank's rows (collective), so any number of processes can resume.
         streams = {}
         for name, stream in _named_streams(sparse, dense).items():
-            values = distributed.gather_rows(stream.to_cpu())
-            if private and values.untyped_storage().data_ptr() == stream.data.untyped_storage().data_ptr():
+            values = distributed.gather_rows(stream.to_cpu())  # None on ranks other than 0
+            if private and values is not None and values.untyped_storage().data_ptr() == stream.data.untyped_storage().data_ptr():
                 values = values.clone()  # (n, T, H): the next block overwrites the stream in place
             streams[name] = values
         return streams if distributed.is_main() else None
