@@ -117,6 +117,20 @@ def test_cuda_offload_tiers_write_the_same_bytes(tiny_model_dir, small_calib_fil
     assert outputs["device"] and outputs["device"] == outputs["cpu"] == outputs["disk"]
 
 
+
+@pytest.mark.parametrize("tier", ["device", "cpu"])
+def test_cuda_overlap_on_and_off_write_the_same_bytes(tiny_model_dir, small_calib_file, tmp_path, tier):
+    """Reads into pinned host memory ahead of the block, writes behind it: the serial order's bytes."""
+    model = tiny_model_dir(ARCH)
+    job = make_job(model, tmp_path / "on", "wanda", calib=small_calib_file, recon=ReconSpec(method="masklora", steps=4))
+    job = replace(job, device="cuda", offload=tier, checkpoint_every=1)
+    outputs = {}
+    for overlap in (True, False):
+        mode_job = replace(job, out=tmp_path / str(overlap), overlap=overlap)
+        run(mode_job)
+        outputs[overlap] = {p.name: p.read_bytes() for p in sorted(mode_job.out.glob("model-*.safetensors"))}
+    assert outputs[True] and outputs[True] == outputs[False]
+
 def test_cuda_resume_after_a_kill_is_bit_identical(tiny_model_dir, small_calib_file, tmp_path):
     model = tiny_model_dir(ARCH)
 
