@@ -36,7 +36,6 @@ from reconstruct.modelio.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-IN_FLIGHT = {"read_ahead": 1, "write_behind": 1}  # blocks held besides the one computing (the planner counts them)
 TIMING_KEYS = ("compute_seconds", "read_wait_seconds", "write_wait_seconds")  # per block, in the manifest stats
 IO_KEYS = ("read_seconds", "write_seconds", "checkpoint_seconds")  # how long the IO itself took, per block
 
