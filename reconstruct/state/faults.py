@@ -5,7 +5,8 @@
 calls them, e.g. ``statistics:1`` (block 1's statistics collected), ``reconstruction:0``,
 ``write:model-00002-of-00004.safetensors`` (temp file written, not yet renamed),
 ``write:reconstruct-manifest.json``, ``writer:2`` (block 2 computed, its writes not started; in the
-background writer thread with ``--overlap``, after every earlier block's writes). Unset in normal use: the check is one dictionary lookup.
+background writer thread with ``--overlap``, after every earlier block's writes). Unset in normal
+use: the check is one dictionary lookup.
 """
 
 from __future__ import annotations
