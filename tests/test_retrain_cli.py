@@ -170,6 +170,7 @@ def test_run_with_retrain_steps_retrains_after_the_loop(run_reference, tiny_mode
     assert report["retrain"]["steps"] == 3 and len(report["retrain"]["loss_curve"]) == 3
     assert read_stage_finished(run_reference)
     assert not (run_reference / STATE_DIR / "retrained").exists()
+    assert "## Model-level retraining" in (run_reference / "report.md").read_text()
 
 
 def read_stage_finished(out: Path) -> bool:

@@ -28,7 +28,8 @@ from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, is_own_leftover
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
-from reconstruct.retrain.engine import Checkpointing, RetrainResult, retrain_model
+from reconstruct.retrain.engine import Checkpointing, RetrainResult, choose_stream, retrain_model
+from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
 from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files
@@ -146,6 +147,7 @@ def run_retrain(job: RetrainJob) -> dict:
     check_calib_seq_len(job.spec.seq_len, loaded.config)
     check_out(Path(job.out))
     sparsity = check_looks_pruned(job, loaded)
+    check_fits(job.spec, loaded, choose_stream(job.spec, loaded))
     framing = loaded.framing(job.bos)
     tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, job.spec.n_windows, job.spec.seq_len,
                                                            job.spec.seed, framing))

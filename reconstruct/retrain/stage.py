@@ -26,6 +26,7 @@ from pathlib import Path
 
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
+from reconstruct.reporting.report import write_run_report
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
 from reconstruct.retrain.engine import Checkpointing, retrain_model
@@ -99,6 +100,7 @@ def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
     report = assemble(job, loaded, state)
     report = {**report, "retrain": stage["result"], "evaluation_before_retrain": stage.get("layerwise_evaluation")}
     state.update_report(report)
+    write_run_report(out, report, job.model)  # report.md with the retraining section
     atomic_write_json(_stage_path(out), {**read_stage(out), "finished": True})
     shutil.rmtree(out / STATE_DIR / STAGING_DIR, ignore_errors=True)
     return report
