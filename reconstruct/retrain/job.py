@@ -143,6 +143,9 @@ def check_same_job(manifest: dict, fingerprint: dict, out: Path) -> None:
 def run_retrain(job: RetrainJob) -> dict:
     """Run (or resume, or report a finished) retraining job; returns the content of ``reconstruct.json``."""
     started = time.perf_counter()
+    if distributed.launched():
+        raise ValueError("reconstruct retrain runs in one process for now (started under torchrun); "
+                         "run it without torchrun")
     loaded = load_model(job.model, job.device, job.dtype)
     check_calib_seq_len(job.spec.seq_len, loaded.config)
     check_out(Path(job.out))
