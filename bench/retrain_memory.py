@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row["seconds_per_step"] = round(report["retrain"]["seconds_per_step"], 2)
                 row["read_share"] = round(report["retrain"]["read_share"], 3)
                 row["streamed"] = report["retrain"]["streamed"]
+                if report.get("peak_gpu_mb") is not None:
+                    row["peak_gpu_mb"] = round(report["peak_gpu_mb"], 1)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             if not args.keep:
