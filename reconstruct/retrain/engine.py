@@ -23,6 +23,7 @@ from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
 from reconstruct.progress import progress_bar
 from reconstruct.retrain.data import held_out_split, retrain_windows, step_rows
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
@@ -69,12 +70,22 @@ def choose_stream(spec: RetrainSpec, loaded: LoadedModel) -> bool:
     return should_stream(loaded.folder, loaded.device, loaded.dtype)
 
 
+def boundary_tier(spec: RetrainSpec, loaded: LoadedModel) -> str:
+    """Where a streamed step keeps its boundary hidden states: the calibration streams' rule (``planner.tier``).
+
+    A step holds ``n_blocks + 2`` streams of (batch, T, H): every block's input, the last output and the
+    gradient; the fastest tier they fit in a share of free memory (device, cpu, then disk).
+    """
+    itemsize = torch.finfo(loaded.dtype).bits // 8
+    stream_bytes = (loaded.layout.n_blocks + 2) * spec.batch * spec.seq_len * loaded.hidden_size * itemsize
+    return choose_stream_tier("auto", loaded.device.type, streams_fit_free_memory(stream_bytes, loaded.device))
+
+
 def open_model(loader: BlockLoader, spec: RetrainSpec, stream: bool, scratch: Path):
-    """A ``StreamedModel`` (boundary states in the CPU tier, or the GPU's on a GPU) or a ``ResidentModel``."""
+    """A ``StreamedModel`` (boundary states in the tier ``boundary_tier`` picks) or a ``ResidentModel``."""
     if not stream:
         return ResidentModel(loader, spec.micro_batch)
-    tier = "device" if loader.loaded.device.type == "cuda" else "cpu"
-    return StreamedModel(loader, spec.micro_batch, tier, scratch)
+    return StreamedModel(loader, spec.micro_batch, boundary_tier(spec, loader.loaded), scratch)
 
 
 def block_parameter_count(loaded: LoadedModel) -> int:

@@ -8,7 +8,8 @@ An estimate from the checkpoint's headers and the config (nothing is loaded), in
 - streamed: the largest block and the modules outside the blocks, the same trainable state, one
   micro-batch's activations of one block, the logits, and the block-boundary hidden states of the
   step's windows (n_blocks + 2 streams of (batch, T, H): inputs, last output, gradient), which live in
-  the device tier only when they fit (else host memory, as the calibration streams).
+  the device tier only when they fit (else host memory or disk, as the calibration streams, and they
+  are not counted here). On the CPU everything is host memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from reconstruct.evaluation.streaming import available_bytes, model_bytes
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.planner.budget import human
+from reconstruct.retrain.engine import boundary_tier
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.trainables import estimate_trainable_count
 
@@ -71,7 +73,8 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
     if streamed:
         items["one block + embeddings, final norm, head"] = block + (weights - n_blocks * block)
         items["one block's activations (autograd)"] = block_activations
-        items["block-boundary hidden states of a step"] = (n_blocks + 2) * spec.batch * spec.seq_len * hidden * itemsize
+        if loaded.device.type != "cuda" or boundary_tier(spec, loaded) == "device":  # else in host memory / on disk
+            items["block-boundary hidden states of a step"] = (n_blocks + 2) * spec.batch * spec.seq_len * hidden * itemsize
     else:
         items["all weights"] = weights
         items["activations of every block (autograd)"] = n_blocks * block_activations
