@@ -193,3 +193,16 @@ def test_run_killed_in_the_retraining_stage_resumes_to_the_same_bytes(run_refere
         assert "retrain step" not in resumed.stderr  # staged: never trained (nor merged) twice
     assert model_files(out) == model_files(run_reference)
     assert comparable_run_report(out) == comparable_run_report(run_reference)
+
+
+def test_run_refuses_a_retraining_stage_that_cannot_fit_before_any_block(tiny_model_dir, small_calib_file, tmp_path,
+                                                                         monkeypatch):
+    from reconstruct.retrain import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
+    out = tmp_path / "out"
+    result = runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file),
+                                     "--out", str(out), *RUN_FLAGS])
+    line = one_error_line(result)
+    assert "--retrain-batch" in line and "--retrain-seq-len" in line
+    assert not (out / INDEX_NAME).exists()

@@ -23,11 +23,11 @@ from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
-from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
 from reconstruct.progress import progress_bar
 from reconstruct.retrain.data import held_out_split, retrain_windows, step_rows
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
 from reconstruct.retrain.loss import scored_tokens
+from reconstruct.retrain.memory import boundary_tier, estimate
 from reconstruct.retrain.output import write_block, write_rest
 from reconstruct.retrain.resident import ResidentModel
 from reconstruct.retrain.schedule import lr_factor
@@ -64,21 +64,11 @@ class RetrainResult:
 
 
 def choose_stream(spec: RetrainSpec, loaded: LoadedModel) -> bool:
-    """Whether to stream: ``--stream always|never``, or ``auto``: when the weights do not fit the device."""
+    """Whether to stream: ``--stream always|never``, or ``auto``: when the weights do not fit the device
+    comfortably or the resident path's memory plan (``memory.estimate``) does not fit."""
     if spec.stream != "auto":
         return spec.stream == "always"
-    return should_stream(loaded.folder, loaded.device, loaded.dtype)
-
-
-def boundary_tier(spec: RetrainSpec, loaded: LoadedModel) -> str:
-    """Where a streamed step keeps its boundary hidden states: the calibration streams' rule (``planner.tier``).
-
-    A step holds ``n_blocks + 2`` streams of (batch, T, H): every block's input, the last output and the
-    gradient; the fastest tier they fit in a share of free memory (device, cpu, then disk).
-    """
-    itemsize = torch.finfo(loaded.dtype).bits // 8
-    stream_bytes = (loaded.layout.n_blocks + 2) * spec.batch * spec.seq_len * loaded.hidden_size * itemsize
-    return choose_stream_tier("auto", loaded.device.type, streams_fit_free_memory(stream_bytes, loaded.device))
+    return should_stream(loaded.folder, loaded.device, loaded.dtype) or not estimate(spec, loaded, False).fits
 
 
 def open_model(loader: BlockLoader, spec: RetrainSpec, stream: bool, scratch: Path):
