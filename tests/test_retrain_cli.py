@@ -206,3 +206,14 @@ def test_run_refuses_a_retraining_stage_that_cannot_fit_before_any_block(tiny_mo
     line = one_error_line(result)
     assert "--retrain-batch" in line and "--retrain-seq-len" in line
     assert not (out / INDEX_NAME).exists()
+
+
+def test_self_generated_data_trains_and_writes_a_loadable_folder(pruned_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = invoke("--model", str(pruned_llama), "--data", "self", "--out", str(out), *FLAGS, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["job"]["data"] == "self" and report["retrain"]["steps"] == 1
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
