@@ -191,8 +191,8 @@ def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: Ret
             crash_point(f"retrain-step:{step + 1}")
             if checkpointing is not None and ((step + 1) % checkpointing.every == 0 or step + 1 == spec.steps):
                 if distributed.is_main():
-                    save_checkpoint(checkpointing.path, step + 1, trainer.trainables, trainer.optimizer, best_state,
-                                    result)
+                    save_checkpoint(checkpointing.path, step=step + 1, trainables=trainer.trainables,
+                                    optimizer=trainer.optimizer, best_state=best_state, result=result)
     elapsed = time.perf_counter() - started
     session_steps = spec.steps - start
     if session_steps:
@@ -227,8 +227,8 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     stream = choose_stream(spec, loaded) if stream is None else stream
     if tokens is None:
         framing = framing or loaded.framing("auto")
-        tokens = distributed.from_main(lambda: retrain_windows(loaded, data, spec.n_windows, spec.seq_len, spec.seed,
-                                                               framing))
+        tokens = distributed.from_main(lambda: retrain_windows(loaded, data, n_windows=spec.n_windows,
+                                                               seq_len=spec.seq_len, seed=spec.seed, framing=framing))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trainables = ModelTrainables(spec, loaded.layout)
