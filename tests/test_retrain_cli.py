@@ -1,0 +1,228 @@
+"""``reconstruct retrain`` end to end: refusals before any work, kill-and-resume byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import cli
+from conftest import REPO
+from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, STATE_DIR
+from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
+from reconstruct.retrain.job import MANIFEST_NAME
+from reconstruct.state.faults import CRASH_ENV
+from reconstruct.state.manifest import MANIFEST_NAME as RUN_MANIFEST
+from test_retrain import prune_folder
+
+runner = CliRunner()
+FLAGS = ["--device", "cpu", "--seq-len", "16", "--n-windows", "8", "--batch", "4", "--micro-batch", "2",
+         "--steps", "4", "--method", "masklora", "--lr", "1e-2", "--eval-every", "2", "--val", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def pruned_llama(tiny_model_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny LLaMA whose block linears are half zero."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("pruned") / "llama"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    prune_folder(folder, "llama")
+    return folder
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, ["retrain", *args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- refusals
+def test_a_model_with_no_zeros_is_refused_offering_allow_dense(tiny_model_dir, small_calib_file, tmp_path):
+    out = tmp_path / "out"
+    line = one_error_line(invoke("--model", str(tiny_model_dir("llama")), "--data", str(small_calib_file),
+                                 "--out", str(out), *FLAGS))
+    assert "nothing looks pruned" in line and "--allow-dense" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--method", "lora"], "--allow-dense-merge"),
+    (["--seq-len", "1000"], "--seq-len"),
+    (["--warmup", "1.5"], "--warmup"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+])
+def test_bad_settings_are_one_line_and_write_nothing(pruned_llama, small_calib_file, tmp_path, extra, words):
+    out = tmp_path / "out"
+    line = one_error_line(invoke("--model", str(pruned_llama), "--data", str(small_calib_file), "--out", str(out),
+                                 *FLAGS, *extra))
+    assert words in line
+    assert not (out / INDEX_NAME).exists()
+
+
+@pytest.mark.parametrize("text", ["", "only a few words\n"])
+def test_empty_or_too_short_data_is_refused(pruned_llama, tmp_path, text):
+    data = tmp_path / "data.txt"
+    data.write_text(text)
+    line = one_error_line(invoke("--model", str(pruned_llama), "--data", str(data), "--out", str(tmp_path / "o"),
+                                 *FLAGS))
+    assert "--data" in line and "--seq-len" in line
+
+
+# --------------------------------------------------------------------------- resume
+def run_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    env.pop(CRASH_ENV, None)
+    if crash is not None:
+        env[CRASH_ENV] = crash
+    command = [sys.executable, "-m", "reconstruct", "retrain", "--model", str(model), "--data", str(data),
+               "--out", str(out), "--checkpoint-every", "1", "--stream", "always", *FLAGS, *extra]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+def model_files(out: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir())
+            if path.is_file() and path.name not in (REPORT_NAME, "report.md", "report.png", RUN_MANIFEST)}
+
+
+def comparable_report(out: Path) -> dict:
+    report = json.loads((out / REPORT_NAME).read_text())
+    for key in ("peak_rss_mb", "peak_gpu_mb", "seconds_this_session"):
+        report.pop(key)
+    for key in ("seconds_per_step", "read_share", "tokens_per_second"):
+        report["retrain"].pop(key)
+    return report
+
+
+@pytest.mark.parametrize("crash", ["retrain-step:3", "write:model-00002-of-00004.safetensors"])
+def test_killed_and_rerun_gives_the_same_bytes(pruned_llama, small_calib_file, tmp_path, crash):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert run_cli(reference, pruned_llama, small_calib_file).returncode == 0
+    killed = run_cli(out, pruned_llama, small_calib_file, crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (out / REPORT_NAME).exists()
+    resumed = run_cli(out, pruned_llama, small_calib_file)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if crash.startswith("retrain-step"):
+        assert "resuming after step 2" in resumed.stderr  # killed before step 3 was saved
+    assert model_files(out) == model_files(reference)
+    assert comparable_report(out) == comparable_report(reference)
+    assert not (out / STATE_DIR / CHECKPOINT_NAME).exists()
+    assert json.loads((out / STATE_DIR / MANIFEST_NAME).read_text())["finished"]
+
+
+def test_a_different_job_on_the_same_out_is_refused_naming_the_flag(pruned_llama, small_calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(out, pruned_llama, small_calib_file, "retrain-step:2").returncode == -signal.SIGKILL
+    refused = run_cli(out, pruned_llama, small_calib_file, None, "--lr", "2e-2")
+    assert refused.returncode == 2
+    assert "--lr: 0.01 (on disk) vs 0.02 (now)" in refused.stderr
+
+
+# --------------------------------------------------------------------------- run --retrain-steps
+RUN_FLAGS = ["--device", "cpu", "--n-samples", "8", "--seq-len", "16", "--pruner", "wanda", "--method", "masklora",
+             "--recon-steps", "2", "--checkpoint-every", "1", "--retrain-steps", "3", "--retrain-windows", "8",
+             "--retrain-batch", "4", "--retrain-lr", "1e-2", "--retrain-val", "0.25", "--micro-batch", "2"]
+
+
+def run_job_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra: str):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    env.pop(CRASH_ENV, None)
+    if crash is not None:
+        env[CRASH_ENV] = crash
+    command = [sys.executable, "-m", "reconstruct", "run", "--model", str(model), "--calib", str(data),
+               "--out", str(out), *RUN_FLAGS, *extra]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+def comparable_run_report(out: Path) -> dict:
+    report = json.loads((out / REPORT_NAME).read_text())
+    for key in ("peak_rss_mb", "peak_gpu_mb", "seconds_this_session", "elapsed_seconds", "host_memory_total_mb"):
+        report.pop(key, None)
+    for block in report["blocks"]:
+        block.pop("seconds", None)
+    for key in ("seconds_per_step", "read_share", "tokens_per_second"):
+        report["retrain"].pop(key)
+    return report
+
+
+@pytest.fixture(scope="module")
+def run_reference(tiny_model_dir, small_calib_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run-reference") / "out"
+    result = run_job_cli(out, tiny_model_dir("llama"), small_calib_file)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_run_with_retrain_steps_retrains_after_the_loop(run_reference, tiny_model_dir):
+    report = json.loads((run_reference / REPORT_NAME).read_text())
+    assert report["retrain"]["steps"] == 3 and len(report["retrain"]["loss_curve"]) == 3
+    assert read_stage_finished(run_reference)
+    assert not (run_reference / STATE_DIR / "retrained").exists()
+    assert "## Model-level retraining" in (run_reference / "report.md").read_text()
+
+
+def read_stage_finished(out: Path) -> bool:
+    from reconstruct.retrain.stage import read_stage
+
+    return bool(read_stage(out).get("finished"))
+
+
+@pytest.mark.parametrize("crash", ["retrain-step:2", "retrain-staged", "retrain-swap:model-00002-of-00004.safetensors",
+                                   "write:model.safetensors.index.json@2"])
+def test_run_killed_in_the_retraining_stage_resumes_to_the_same_bytes(run_reference, tiny_model_dir, small_calib_file,
+                                                                      tmp_path, crash):
+    out = tmp_path / "out"
+    killed = run_job_cli(out, tiny_model_dir("llama"), small_calib_file, crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_job_cli(out, tiny_model_dir("llama"), small_calib_file)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reconstruct.loop.engine: block" not in resumed.stderr  # the layer-wise blocks are not recomputed
+    if crash != "retrain-step:2":
+        assert "retrain step" not in resumed.stderr  # staged: never trained (nor merged) twice
+    assert model_files(out) == model_files(run_reference)
+    assert comparable_run_report(out) == comparable_run_report(run_reference)
+
+
+def test_run_refuses_a_retraining_stage_that_cannot_fit_before_any_block(tiny_model_dir, small_calib_file, tmp_path,
+                                                                         monkeypatch):
+    from reconstruct.retrain import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
+    out = tmp_path / "out"
+    result = runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file),
+                                     "--out", str(out), *RUN_FLAGS])
+    line = one_error_line(result)
+    assert "--retrain-batch" in line and "--retrain-seq-len" in line
+    assert not (out / INDEX_NAME).exists()
+
+
+def test_self_generated_data_trains_and_writes_a_loadable_folder(pruned_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = invoke("--model", str(pruned_llama), "--data", "self", "--out", str(out), *FLAGS, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["job"]["data"] == "self" and report["retrain"]["steps"] == 1
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_run_refuses_retrain_steps_with_several_processes(tiny_model_dir, small_calib_file, tmp_path):
+    out = tmp_path / "out"
+    line = one_error_line(runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib",
+                                                  str(small_calib_file), "--out", str(out), *RUN_FLAGS,
+                                                  "--nproc", "2"]))
+    assert "--retrain-steps" in line and "--nproc" in line
+    assert not out.exists()
