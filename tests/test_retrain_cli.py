@@ -20,6 +20,7 @@ from reconstruct.retrain.job import MANIFEST_NAME
 from reconstruct.state.faults import CRASH_ENV
 from reconstruct.state.manifest import MANIFEST_NAME as RUN_MANIFEST
 from test_retrain import prune_folder
+from test_resume import VOLATILE_BLOCK_KEYS, VOLATILE_REPORT_KEYS
 
 runner = CliRunner()
 FLAGS = ["--device", "cpu", "--seq-len", "16", "--n-windows", "8", "--batch", "4", "--micro-batch", "2",
@@ -148,10 +149,11 @@ def run_job_cli(out: Path, model: Path, data: Path, crash: str | None = None, *e
 
 def comparable_run_report(out: Path) -> dict:
     report = json.loads((out / REPORT_NAME).read_text())
-    for key in ("peak_rss_mb", "peak_gpu_mb", "seconds_this_session", "elapsed_seconds", "host_memory_total_mb"):
+    for key in VOLATILE_REPORT_KEYS:
         report.pop(key, None)
     for block in report["blocks"]:
-        block.pop("seconds", None)
+        for key in VOLATILE_BLOCK_KEYS:
+            block.pop(key, None)
     for key in ("seconds_per_step", "read_share", "tokens_per_second"):
         report["retrain"].pop(key)
     return report
