@@ -28,8 +28,8 @@ What the aim-uofa/LoRAPrune code does, and what we take (``loraprune/utils.py``,
   final 10% train at the final masks, so the importance of the last selection has seen the model
   nearly as it ends. Two changes, both forced by our guarantees: their loop never prunes at the
   target itself (it prunes only while ``ratio < target``), so their final sparsity is the last ramp
-  value; we select the exact target at the first cooldown step (or after the last step when the run
-  is too short to have one). And their ``prune_freq`` is 10 steps of a run of tens of thousands; our
+  value; our masks in force at step ``s`` are at ``fraction(s)`` exactly, so the cool-down steps
+  train at the target (and a run too short for a cool-down reaches it after its last step). And their ``prune_freq`` is 10 steps of a run of tens of thousands; our
   runs are tens to hundreds of steps, so we prune after every step of the ramp (``PRUNE_EVERY``).
   The authors also leave the first 10% of the layers and the last one dense (``freeze``); we prune
   every block to ``--sparsity`` (or the ``--allocation``), as every other pruner of this tool does.
@@ -125,17 +125,16 @@ class LoRAPruneSchedule:
     def prune_after(self, step: int) -> float | None:
         """The share of the target to prune to after ``step``, or None when the masks stay.
 
-        Ramp steps every ``prune_every``; the target exactly at the first step past the ramp, and
-        after the last step whatever the rounding (so every run ends at the target).
+        The masks in force at step ``s`` are at ``fraction(s)``: after ``step`` the controller prunes
+        to ``fraction(step + 1)`` when that is a ramp step (every ``prune_every``) or the first step at
+        the target. ``fraction(total_steps)`` is 1, so every run ends at the target, and the cool-down
+        steps train at it.
         """
-        fraction = self.fraction(step)
-        if fraction >= 1.0:
-            first_at_target = step == 0 or self.fraction(step - 1) < 1.0
-            return 1.0 if first_at_target else None
-        if step == self.total_steps - 1:
-            return 1.0
-        if fraction > 0.0 and step % self.prune_every == 0:
-            return fraction
+        upcoming = self.fraction(step + 1)
+        if upcoming >= 1.0:
+            return 1.0 if self.fraction(step) < 1.0 else None
+        if upcoming > 0.0 and (step + 1) % self.prune_every == 0:
+            return upcoming
         return None
 
     def events(self) -> dict[int, float]:

@@ -57,8 +57,9 @@ def test_schedule_is_the_authors_cubic_ramp_with_warm_up_and_cool_down():
     assert schedule.fraction(19) == 1.0
     events = schedule.events()
     fractions = list(events.values())
-    assert min(events) == 3 and fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert max(events) == 18  # the target from the first step past the ramp: step 19 trains at the final masks
+    assert min(events) == 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert events[9] == schedule.fraction(10)  # the masks in force at a step are at its fraction
+    assert max(events) == 17  # steps 18 and 19 (the last 10%) train at the final masks
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 7])
@@ -69,7 +70,7 @@ def test_short_runs_end_at_the_target(steps):
 
 def test_prune_every_spaces_the_ramp_events():
     events = LoRAPruneSchedule(total_steps=100, prune_every=10).events()
-    assert list(events) == [20, 30, 40, 50, 60, 70, 80, 90]
+    assert list(events) == [19, 29, 39, 49, 59, 69, 79, 89]
 
 
 def test_schedule_rejects_bad_settings():
@@ -186,3 +187,98 @@ def test_unstructured_ema_per_weight_starts_at_zero():
     hooks.block_gradients_ready(0, block)
     expected = step_importance(block.proj).double() * 0.1  # decay 0.9 from 0: one rounding of a product
     assert_within(controller.store.load(0)["ema.proj"], expected, gamma(1) * expected.abs())
+
+
+# --------------------------------------------------------------------------- the controller's masks
+def run_controller(controller: LoRAPruneController, seed: int = 0) -> list[list[dict[str, torch.Tensor]]]:
+    """Feed random importance for every step; return the masks in force at every step, per block."""
+    generator = torch.Generator().manual_seed(seed)
+    seen = []
+    for step in range(controller.schedule.total_steps):
+        seen.append([controller.keep_masks(index, step) for index in range(len(controller.layouts))])
+        for index, layout in reversed(list(enumerate(controller.layouts))):  # backward order
+            importance = {name: torch.rand(shape, generator=generator) for name, shape in layout.shapes.items()}
+            controller.accumulate(index, step, importance)
+        controller.step_done(step)
+    return seen
+
+
+def is_subset(inner: dict[str, torch.Tensor], outer: dict[str, torch.Tensor]) -> bool:
+    return all(not bool((inner[name] & ~outer[name]).any()) for name in outer)
+
+
+@pytest.mark.parametrize("label", list(PATTERNS))
+def test_masks_only_shrink_and_end_exactly_at_the_target(label):
+    pattern = PATTERNS[label]
+    controller = LoRAPruneController([layout_for(pattern)] * 2, LoRAPruneSchedule(total_steps=12))
+    seen = run_controller(controller)
+    for before, after in zip(seen, seen[1:]):
+        for index in range(2):
+            assert is_subset(after[index], before[index])
+    assert all(mask.all() for mask in seen[0][0].values())  # nothing pruned in the warm-up
+    for index in range(2):
+        final = controller.final_masks(index)
+        check_at_target(controller, index, final)
+        assert all(final[name].equal(mask) for name, mask in seen[-1][index].items())  # the cool-down trains at them
+    sparsities = [event["sparsity"] for event in controller.history]
+    assert sparsities == sorted(sparsities) and len(sparsities) > 2
+
+
+@pytest.mark.parametrize("label", ["row50", "layer70", "2:4"])
+def test_per_weight_final_masks_are_select_keep_mask_of_the_average(label):
+    """The target selection is select_keep_mask of the importance average, nested in the last ramp mask."""
+    pattern = PATTERNS[label]
+    controller = LoRAPruneController([layout_for(pattern)], LoRAPruneSchedule(total_steps=6))
+    generator = torch.Generator().manual_seed(3)
+    for step in range(6):
+        before = controller.keep_masks(0, step)
+        importance = {name: torch.rand(shape, generator=generator) for name, shape in GQA_SHAPES.items()}
+        controller.accumulate(0, step, importance)
+        controller.step_done(step)
+    record = controller.store.load(0)
+    for name in GQA_SHAPES:
+        assert controller.final_masks(0)[name].equal(select_keep_mask(record[f"ema.{name}"], pattern, before[name]))
+
+
+def test_heads_respect_grouped_query_attention():
+    """2 then 6 of 9 query heads; a key/value head goes only with all 3 of its query heads."""
+    for count in (2, 6):
+        pattern = SparsityPattern.parse("heads", count / 9)
+        controller = LoRAPruneController([layout_for(pattern)], LoRAPruneSchedule(total_steps=8))
+        run_controller(controller, seed=count)
+        final = controller.final_masks(0)
+        removed = ~final["self_attn.q_proj"][:, 0].reshape(9, 4).all(dim=1)  # (9,) query heads
+        assert int(removed.sum()) == count
+        assert final["self_attn.o_proj"][0].reshape(9, 4).all(dim=1).equal(~removed)
+        kv_removed = removed.reshape(3, 3).all(dim=1)  # (3,) a kv head is shared by 3 query heads
+        for name in ("self_attn.k_proj", "self_attn.v_proj"):
+            assert final[name][:, 0].reshape(3, 4).all(dim=1).equal(~kv_removed)
+        assert all(final[name].all() for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
+def test_per_kv_group_heads_remove_the_same_count_from_every_group():
+    pattern = SparsityPattern.parse("heads", 3 / 9)
+    controller = LoRAPruneController([layout_for(pattern)], LoRAPruneSchedule(total_steps=8), per_kv_group=True)
+    run_controller(controller)
+    removed = ~controller.final_masks(0)["self_attn.q_proj"][:, 0].reshape(9, 4).all(dim=1)
+    assert removed.reshape(3, 3).sum(dim=1).tolist() == [1, 1, 1]
+
+
+def test_new_masks_apply_from_the_next_step_only():
+    """Chosen during a step's backward, they must not change the block before that step ends."""
+    pattern = PATTERNS["row50"]
+    controller = LoRAPruneController([layout_for(pattern)], LoRAPruneSchedule(total_steps=10))
+    step = min(controller.schedule.events())
+    run_steps = {name: torch.ones(shape, dtype=torch.bool) for name, shape in GQA_SHAPES.items()}
+    for current in range(step + 1):
+        controller.accumulate(0, current, {name: torch.rand(shape) for name, shape in GQA_SHAPES.items()})
+        controller.step_done(current)
+    assert all(controller.keep_masks(0, step)[name].equal(run_steps[name]) for name in GQA_SHAPES)
+    assert not all(controller.keep_masks(0, step + 1)[name].all() for name in GQA_SHAPES)
+
+
+def test_step_done_refuses_a_step_whose_blocks_did_not_all_report():
+    controller = LoRAPruneController([layout_for(PATTERNS["row50"])] * 2, LoRAPruneSchedule(total_steps=1))
+    controller.accumulate(1, 0, {name: torch.rand(shape) for name, shape in GQA_SHAPES.items()})
+    with pytest.raises(RuntimeError, match=r"blocks \[0\]"):
+        controller.step_done(0)
