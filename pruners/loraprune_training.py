@@ -10,7 +10,9 @@ loss, and calls three hooks:
   masks in force at the current step; the frozen weights stay untouched.
 - ``block_gradients_ready(index, block)``: the adapters' gradients of this step are complete. The
   hooks compute each linear's ``|G * (W + s B A)|`` and hand it to the controller.
-- ``step_done(step)``: the optimizer step is taken. The controller records the schedule point.
+- ``step_done(step)``: optimizer step ``step`` (counted from 1) is applied. The controller records
+  the schedule point, and adapters of blocks still materialised (a resident trainer) get the masks of
+  the next step.
 
 The trainer is a parameter (``train(hooks)``), so nothing here imports the engine.
 """
@@ -55,22 +57,32 @@ def step_importance(adapter: LowRankLinear) -> Tensor:
 class LoRAPruneHooks:
     """Connects a model-level LoRA trainer to a :class:`LoRAPruneController`.
 
+    A streamed trainer loads every block twice a step, and each load gets the masks of the step.
+    A resident trainer loads each block once, so at ``step_done`` the hooks give the adapters of
+    the blocks still materialised the masks of the next step (a released block, whose weights are
+    back on ``meta``, is forgotten: holding its masks would make memory grow with depth).
+
     Args:
         controller: the importance, masks and schedule of every block.
-        start_step: the step the trainer starts (or resumes) at.
+        start_step: the number of steps already taken (a resumed trainer).
     """
 
     def __init__(self, controller: LoRAPruneController, start_step: int = 0) -> None:
         self.controller = controller
-        self.step = start_step
+        self.step = start_step  # the step being trained, from 0
+        self.live: dict[int, dict[str, LowRankLinear]] = {}  # adapters of blocks that may still be materialised
 
     def block_loaded(self, index: int, block: nn.Module) -> None:
         """Give every adapter of block ``index`` LoRAPrune's masked forward with the masks of this step."""
+        names = self.controller.layouts[index].shapes
+        self.live[index] = {name: lora_adapter(block, name) for name in names}
+        self._apply(index)
+
+    def _apply(self, index: int) -> None:
         masks = self.controller.keep_masks(index, self.step)
-        for name, mask in masks.items():
-            adapter = lora_adapter(block, name)
+        for name, adapter in self.live[index].items():
             adapter.provisional = True
-            adapter.keep_mask = mask.to(adapter.lora_A.device)  # a new buffer: autograd's saved tensors stay valid
+            adapter.keep_mask = masks[name].to(adapter.lora_A.device)  # a new buffer: autograd's saved tensors stay valid
 
     def block_gradients_ready(self, index: int, block: nn.Module) -> None:
         """Fold this step's importance of block ``index`` into the controller."""
@@ -79,9 +91,14 @@ class LoRAPruneHooks:
         self.controller.accumulate(index, self.step, importance)
 
     def step_done(self, step: int) -> None:
-        """The optimizer took ``step``; the next forward trains step ``step + 1``."""
-        self.controller.step_done(step)
-        self.step = step + 1
+        """Optimizer step ``step`` (counted from 1, as the trainer counts) is applied; masks move to the next step."""
+        self.controller.step_done(step - 1)
+        self.step = step
+        for index in list(self.live):
+            if any(adapter.base.weight.device.type == "meta" for adapter in self.live[index].values()):
+                del self.live[index]  # released: its next load applies the masks
+            else:
+                self._apply(index)
 
 
 def prune_while_training(train: Callable[[LoRAPruneHooks], None], controller: LoRAPruneController,

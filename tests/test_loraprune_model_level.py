@@ -47,8 +47,12 @@ def attach_lora(model, rank: int = 4) -> list:
     return params
 
 
-def resident_trainer(model, tokens: torch.Tensor, lr: float = 1e-2):
-    """A model-level trainer: every step, the causal-LM loss over ``tokens``, AdamW on the adapters, the hooks."""
+def resident_trainer(model, tokens: torch.Tensor, lr: float = 1e-2, reload_every_step: bool = False):
+    """A model-level trainer: every step, the causal-LM loss over ``tokens``, AdamW on the adapters, the hooks.
+
+    ``reload_every_step`` calls ``block_loaded`` before every step, as a streamed trainer does (its
+    blocks are loaded afresh for each pass); otherwise once, as the resident path does.
+    """
     for param in model.parameters():
         param.requires_grad_(False)
     params = attach_lora(model)
@@ -58,13 +62,14 @@ def resident_trainer(model, tokens: torch.Tensor, lr: float = 1e-2):
     def train(hooks: LoRAPruneHooks) -> None:
         for step in range(STEPS):
             for index, block in enumerate(blocks):
-                hooks.block_loaded(index, block)
+                if step == 0 or reload_every_step:
+                    hooks.block_loaded(index, block)
             model(input_ids=tokens, labels=tokens).loss.backward()
             for index in reversed(range(len(blocks))):
                 hooks.block_gradients_ready(index, blocks[index])
             optimizer.step()
             optimizer.zero_grad()
-            hooks.step_done(step)
+            hooks.step_done(step + 1)  # counted from 1, as the engine's trainer counts
 
     return train
 
@@ -99,6 +104,21 @@ def test_prune_while_training_ends_at_the_target_with_the_masks_it_trained(patte
             assert int(removed.sum()) == 2 and kv_kept.equal(~removed.reshape(2, 2).all(dim=1))
     sparsities = [event["sparsity"] for event in controller.history]
     assert sparsities == sorted(sparsities) and sparsities[-1] > 0
+
+
+def test_blocks_loaded_once_or_every_step_train_the_same():
+    """The resident path (masks moved at step_done) and a reloading one (masks at each load) agree bit for bit."""
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for reload in (False, True):
+        model = tiny_llama()
+        controller = LoRAPruneController(layouts(model, SparsityPattern(sparsity=0.5)), LoRAPruneSchedule(total_steps=STEPS))
+        finals = prune_while_training(resident_trainer(model, tokens, reload_every_step=reload), controller)
+        adapters = [model.model.layers[0].get_submodule(name) for name in LINEARS]
+        results.append((finals, [adapter.lora_B.detach().clone() for adapter in adapters]))
+    (masks_a, params_a), (masks_b, params_b) = results
+    assert all(masks_a[i][name].equal(masks_b[i][name]) for i in range(len(masks_a)) for name in LINEARS)
+    assert all(a.equal(b) for a, b in zip(params_a, params_b))
 
 
 def test_pruned_weights_do_not_reach_the_output_during_training():

@@ -167,7 +167,7 @@ def test_channel_scores_are_the_authors_normalised_group_sums_averaged_over_step
         cols = step_importance(block.mlp.down_proj).double().sum(dim=0)  # (4,) channel = column of down
         expected = 0.9 * expected + 0.1 * (rows / rows.norm() + cols / cols.norm())
         hooks.block_gradients_ready(0, block)
-        hooks.step_done(step)
+        hooks.step_done(step + 1)
     got = controller.store.load(0)["ema.groups"]
     # each normalised term: a float32 sum of 6 exact-integer terms and a norm of 4 squares, a sqrt and a
     # division (at most 6 + 4 + 2 roundings, relative); then one addition and two EMA roundings per step
