@@ -145,7 +145,12 @@ class LoRAPruneSchedule:
 
 # --------------------------------------------------------------------------- storage
 class ImportanceStore(Protocol):
-    """Where the controller keeps each block's record (moving average, masks): host memory or disk."""
+    """Where the controller keeps each block's record (moving average, masks): host memory or disk.
+
+    ``checkpoint`` and ``restore`` make a resume exact: a trainer checkpointing after step ``k``
+    calls ``checkpoint(k)`` and keeps what it returns in its own checkpoint file; a resumed one
+    calls ``restore(k, that)`` before its next step, which undoes every record written after ``k``.
+    """
 
     def load(self, index: int) -> dict[str, Tensor]:
         """Block ``index``'s record (empty before the first save)."""
@@ -153,9 +158,18 @@ class ImportanceStore(Protocol):
     def save(self, index: int, record: dict[str, Tensor]) -> None:
         """Replace block ``index``'s record."""
 
+    def checkpoint(self, step: int) -> dict[str, Tensor]:
+        """Make the records as they are now restorable as of ``step``; returns tensors for the caller to save."""
+
+    def restore(self, step: int, saved: dict[str, Tensor]) -> None:
+        """Bring the records back to ``checkpoint(step)``, given what it returned."""
+
 
 class HostImportanceStore:
-    """Every block's record in host memory (CPU tensors): O(model) for per-weight patterns."""
+    """Every block's record in host memory (CPU tensors): O(model) for per-weight patterns.
+
+    A checkpoint is every record, in the caller's checkpoint file.
+    """
 
     def __init__(self) -> None:
         self.records: dict[int, dict[str, Tensor]] = {}
@@ -167,6 +181,17 @@ class HostImportanceStore:
     def save(self, index: int, record: dict[str, Tensor]) -> None:
         """Replace block ``index``'s record with CPU copies."""
         self.records[index] = {key: value.detach().to("cpu") for key, value in record.items()}
+
+    def checkpoint(self, step: int) -> dict[str, Tensor]:
+        """Every record, as ``{"<block>/<key>": tensor}`` (copies)."""
+        return {f"{index}/{key}": value.clone() for index, record in self.records.items() for key, value in record.items()}
+
+    def restore(self, step: int, saved: dict[str, Tensor]) -> None:
+        """The records of a :meth:`checkpoint`."""
+        self.records = {}
+        for name, value in saved.items():
+            index, _, key = name.partition("/")
+            self.records.setdefault(int(index), {})[key] = value.clone()
 
 
 # --------------------------------------------------------------------------- controller
@@ -278,6 +303,23 @@ class LoRAPruneController:
         self._pruned.clear()
         logger.info("loraprune: after step %d, %.1f%% of the target, sparsity %.4f", step, 100 * fraction,
                     self.history[-1]["sparsity"])
+
+    # ----------------------------------------------------------------- resume
+    def checkpoint(self, step: int) -> dict[str, Tensor]:
+        """State after ``step`` steps (counted from 1) for a trainer's checkpoint: the store's and the history.
+
+        Call it between steps (no block half-way through a step).
+        """
+        history = torch.tensor([[e["step"], e["fraction"], e["sparsity"]] for e in self.history],
+                               dtype=torch.float64).reshape(-1, 3)  # (events, 3)
+        return {"history": history, **{f"store/{key}": value for key, value in self.store.checkpoint(step).items()}}
+
+    def restore(self, step: int, saved: dict[str, Tensor]) -> None:
+        """Back to :meth:`checkpoint` ``(step)``: the next step to train is ``step`` (from 0)."""
+        self.store.restore(step, {key[len("store/"):]: value for key, value in saved.items() if key.startswith("store/")})
+        self.history = [{"step": int(row[0]), "fraction": float(row[1]), "sparsity": float(row[2])}
+                        for row in saved["history"].tolist()]
+        self._pruned.clear()
 
     # ----------------------------------------------------------------- selection
     @staticmethod
