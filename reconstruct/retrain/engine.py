@@ -1,0 +1,220 @@
+"""The driver of model-level retraining: data, the training loop with held-out validation, the output.
+
+    report = retrain_model(loaded, spec, data="../shared/data/wikitext-2/valid.txt", out=Path("out"))
+
+Every ``eval_every`` steps (and after the last) the held-out windows are scored; the trainables of the
+best evaluation are kept. If no evaluation beats the untrained model on them, the blocks are written
+exactly as loaded, and the report says so (issue 20's rule). Without held-out windows (``val_fraction``
+0 or one window) the last step's trainables are merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from calib.framing import SequenceFraming
+from reconstruct.evaluation.streaming import should_stream
+from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.parallel import distributed
+from reconstruct.progress import progress_bar
+from reconstruct.retrain.data import held_out_split, retrain_windows, step_rows
+from reconstruct.retrain.hooks import NoHooks, RetrainHooks
+from reconstruct.retrain.loss import scored_tokens
+from reconstruct.retrain.output import write_block, write_rest
+from reconstruct.retrain.resident import ResidentModel
+from reconstruct.retrain.schedule import lr_factor
+from reconstruct.retrain.session import BlockLoader
+from reconstruct.retrain.spec import RetrainSpec
+from reconstruct.retrain.streamed import StreamedModel
+from reconstruct.retrain.trainables import ModelTrainables
+from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
+
+logger = logging.getLogger(__name__)
+
+MAX_GRAD_NORM = 1.0  # global gradient-norm clip (the Hugging Face Trainer's default, which PERP used)
+
+
+@dataclass
+class RetrainResult:
+    """What the training did; the ``retrain`` section of ``reconstruct.json``."""
+
+    streamed: bool  # blocks streamed (True) or the model held resident
+    steps: int = 0  # optimizer steps taken
+    loss_curve: list[float] = field(default_factory=list)  # mean token loss of each step's windows
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss); step 0 = untrained
+    val_before: float | None = None  # held-out loss of the untrained model
+    val_best: float | None = None  # held-out loss of the trainables kept
+    best_step: int | None = None  # step whose trainables were kept (0: none, the input is written unchanged)
+    kept: bool = True  # whether the trained parameters were merged into the output
+    trainable_params: int = 0  # trainable scalars
+    trainable_share: float = 0.0  # of the parameters in the blocks
+    seconds_per_step: float = 0.0  # mean wall time of a training step
+    read_share: float = 0.0  # share of the training time spent reading block weights
+    tokens_per_second: float = 0.0  # scored training tokens per second
+
+
+def choose_stream(spec: RetrainSpec, loaded: LoadedModel) -> bool:
+    """Whether to stream: ``--stream always|never``, or ``auto``: when the weights do not fit the device."""
+    if spec.stream != "auto":
+        return spec.stream == "always"
+    return should_stream(loaded.folder, loaded.device, loaded.dtype)
+
+
+def open_model(loader: BlockLoader, spec: RetrainSpec, stream: bool, scratch: Path):
+    """A ``StreamedModel`` (boundary states in the CPU tier, or the GPU's on a GPU) or a ``ResidentModel``."""
+    if not stream:
+        return ResidentModel(loader, spec.micro_batch)
+    tier = "device" if loader.loaded.device.type == "cuda" else "cpu"
+    return StreamedModel(loader, spec.micro_batch, tier, scratch)
+
+
+def block_parameter_count(loaded: LoadedModel) -> int:
+    """Parameters inside the blocks (from the skeleton's shapes; nothing is loaded)."""
+    return sum(param.numel() for param in loaded.blocks.parameters())
+
+
+class Trainer:
+    """AdamW over every block's trainables, with the schedule, clipping and held-out evaluations.
+
+    Args:
+        model: a ``StreamedModel`` or ``ResidentModel``.
+        trainables: the resident trainables (filled by the model's first pass).
+        spec: the job.
+        hooks: the caller's hooks (``step_done``).
+    """
+
+    def __init__(self, model, trainables: ModelTrainables, spec: RetrainSpec, hooks: RetrainHooks) -> None:
+        self.model = model
+        self.trainables = trainables
+        self.spec = spec
+        self.hooks = hooks
+        self.optimizer: torch.optim.AdamW | None = None
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        if self.optimizer is None:  # the trainables exist once every block was attached
+            self.optimizer = torch.optim.AdamW(self.trainables.parameters(), lr=self.spec.lr,
+                                               weight_decay=self.spec.weight_decay, foreach=False)
+        return self.optimizer
+
+    def step(self, step: int, tokens: torch.Tensor, total_tokens: int) -> float:
+        """One optimizer step (0-based ``step``) on this process's (n, T) windows; returns the mean loss."""
+        loss_sum = self.model.loss_and_gradients(tokens, total_tokens)
+        optimizer = self._optimizer()
+        params = self.trainables.parameters()
+        if MAX_GRAD_NORM:
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=False)
+        for group in optimizer.param_groups:
+            group["lr"] = self.spec.lr * lr_factor(step, self.spec.steps, self.spec.warmup)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.hooks.step_done(step + 1)
+        (loss_sum,) = distributed.all_reduce_sum(loss_sum)
+        return loss_sum / total_tokens
+
+
+def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: RetrainResult) -> dict | None:
+    """The training loop; fills ``result``'s curves; returns the best trainables' state (None: keep the last)."""
+    split = held_out_split(tokens.shape[0], spec.val_fraction, spec.seed)
+    val_tokens = tokens[split.val]  # (n_val, T)
+    validating = val_tokens.shape[0] > 0
+    best_state = None
+    if validating:
+        result.val_before = result.val_best = trainer.model.loss(val_tokens)
+        result.val_curve.append((0, result.val_before))
+        result.best_step = 0
+        best_state = trainer.trainables.state()
+    bar = progress_bar(total=spec.steps, desc="retrain", unit="step")
+    started, train_tokens = time.perf_counter(), 0
+    with bar:
+        for step in range(spec.steps):
+            rows = step_rows(split.train, spec.batch, step, spec.seed)  # (batch,) global rows
+            shard = distributed.split_samples(rows.numel())
+            batch = tokens[rows[shard.start : shard.stop]]  # (b_rank, T)
+            total = scored_tokens(tokens[rows])
+            result.loss_curve.append(trainer.step(step, batch, total))
+            train_tokens += total
+            result.steps = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}",
+                            tok_s=f"{train_tokens / (time.perf_counter() - started):.0f}")
+            if validating and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps):
+                val = trainer.model.loss(val_tokens)
+                result.val_curve.append((step + 1, val))
+                logger.info("retrain step %d: train loss %.4f, held-out loss %.4f", step + 1, result.loss_curve[-1], val)
+                if val < result.val_best:
+                    result.val_best, result.best_step, best_state = val, step + 1, trainer.trainables.state()
+    elapsed = time.perf_counter() - started
+    result.seconds_per_step = elapsed / max(1, result.steps)
+    result.tokens_per_second = train_tokens / max(elapsed, 1e-9)
+    return best_state
+
+
+def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, *,
+                  hooks: RetrainHooks | None = None, merge: bool = True, framing: SequenceFraming | None = None,
+                  stream: bool | None = None, tokens: torch.Tensor | None = None) -> RetrainResult:
+    """Retrain every block's trainables on the causal-LM loss over ``data`` and write the model to ``out``.
+
+    Args:
+        loaded: the pruned model (``load_model``); its zero pattern is the pruning mask.
+        spec: the job.
+        data: any ``--calib`` source (a local file, a dataset name, ``self``).
+        out: the output folder (created); rank 0 writes.
+        hooks: the caller's hooks (default: none).
+        merge: fold the trained parameters into the weights; False drops them (a caller that only
+            wants the hooks' effect on the frozen weights, e.g. masks).
+        framing: how windows start (default: as the tokenizer adds a BOS).
+        stream: force streaming (True) or the resident path (False); None: ``spec.stream`` decides.
+        tokens: (n, T) windows to use instead of drawing them from ``data`` (tests, callers with data).
+
+    Returns:
+        The ``RetrainResult``; ``out`` holds a Hugging Face folder.
+    """
+    hooks = hooks or NoHooks()
+    stream = choose_stream(spec, loaded) if stream is None else stream
+    if tokens is None:
+        framing = framing or loaded.framing("auto")
+        tokens = distributed.from_main(lambda: retrain_windows(loaded, data, spec.n_windows, spec.seq_len, spec.seed,
+                                                               framing))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainables = ModelTrainables(spec, loaded.layout)
+    loader = BlockLoader(loaded, trainables, hooks)
+    result = RetrainResult(streamed=stream)
+    model = open_model(loader, spec, stream, out / ".reconstruct")
+    try:
+        best_state = train(Trainer(model, trainables, spec, hooks), tokens, spec, result)
+    finally:
+        model.close()
+    result.trainable_params = trainables.numel()
+    result.trainable_share = result.trainable_params / max(1, block_parameter_count(loaded))
+    training_seconds = result.seconds_per_step * max(1, result.steps)
+    result.read_share = min(1.0, loader.read_seconds / max(training_seconds, 1e-9))
+    if best_state is not None:
+        trainables.load_state(best_state)
+        result.kept = result.best_step > 0
+        if not result.kept:
+            logger.warning("retraining did not lower the held-out loss (%.4f untrained); the blocks are written "
+                           "unchanged", result.val_before)
+    if distributed.is_main():
+        write_model(loader, out, merge=merge, trained=result.kept, allow_dense_merge=spec.allow_dense_merge)
+    logger.info("retrain: peak RSS %.0f MiB%s", peak_rss_mb(),
+                "" if peak_gpu_mb(loaded.device) is None else f", peak GPU {peak_gpu_mb(loaded.device):.0f} MiB")
+    return result
+
+
+def write_model(loader: BlockLoader, out: Path, *, merge: bool, trained: bool, allow_dense_merge: bool) -> None:
+    """Every block merged and written (``output.write_block``), then the rest of the folder."""
+    added: set[str] = set()
+    for index in range(loader.loaded.layout.n_blocks):
+        added |= write_block(loader, index, out, merge=merge, trained=trained, allow_dense_merge=allow_dense_merge)
+    write_rest(loader, out, added)
+
+
+def result_record(result: RetrainResult) -> dict:
+    """``result`` as JSON-ready data."""
+    return asdict(result)

@@ -1,0 +1,154 @@
+"""The streamed step: the whole model's loss and gradients with one block in memory at a time.
+
+Forward: capture block 0's inputs of every micro-batch, then load block 0, run every micro-batch
+through it under ``no_grad``, release it, block 1, ...; every block-boundary hidden state is kept in
+an ``ActivationStream`` (device / CPU / disk tier). Head: the model's own forward with every block
+replaying the last hidden state (``evaluation.streaming``), with autograd, gives the loss and
+``d loss / d last hidden``. Backward: blocks in reverse; each is loaded, its forward recomputed with
+autograd from its stored input per micro-batch, and backpropagated with the incoming gradient; the
+gradient of its input goes to the block below. One step reads every block twice.
+
+Frozen: the embeddings, the final norm and the LM head (loaded once, kept for the session), and every
+block weight; only the trainables get gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from calib.activations import ActivationStream
+from calib.capture import BlockKwargs, block_output, capture_block_inputs
+from reconstruct.evaluation.streaming import _load_head, _replaying_blocks
+from reconstruct.modelio.block_io import release_module_weights
+from reconstruct.parallel import distributed
+from reconstruct.retrain.loss import scored_tokens, token_loss_sum
+from reconstruct.retrain.session import BlockLoader
+
+logger = logging.getLogger(__name__)
+
+
+def micro_batches(n: int, micro_batch: int) -> Iterator[slice]:
+    """Consecutive row slices of at most ``micro_batch`` rows covering ``range(n)``."""
+    for start in range(0, n, micro_batch):
+        yield slice(start, min(start + micro_batch, n))
+
+
+class StreamedModel:
+    """The model for retraining, streamed from its shards one block at a time.
+
+    Args:
+        loader: loads blocks with their trainables (and calls the hooks).
+        micro_batch: windows per block forward.
+        tier: where boundary hidden states live: "device", "cpu" or "disk".
+        scratch: folder for disk-tier stream files.
+    """
+
+    def __init__(self, loader: BlockLoader, micro_batch: int, tier: str, scratch: Path) -> None:
+        self.loader = loader
+        self.loaded = loader.loaded
+        self.micro_batch = micro_batch
+        self.tier = tier
+        self.scratch = scratch
+        self.outside = self.loaded.load_outside_blocks() + [_load_head(self.loaded)]
+        self.kwargs: BlockKwargs | None = None
+        self.tuple_output = False
+
+    def close(self) -> None:
+        """Release the modules outside the blocks."""
+        for module in self.outside:
+            release_module_weights(module)
+
+    # ------------------------------------------------------------------ pieces
+    def _stream(self, name: str, tokens: torch.Tensor) -> ActivationStream:
+        n, seq_len = tokens.shape
+        return ActivationStream(n, seq_len, self.loaded.hidden_size, dtype=self.loaded.dtype,
+                                device=self.loaded.device, tier=self.tier, disk_path=self.scratch / f"retrain-{name}.bin")
+
+    def _capture(self, tokens: torch.Tensor, stream: ActivationStream) -> None:
+        """Block-0 inputs of every window into ``stream``; the block kwargs once per session."""
+        model, first, device = self.loaded.model, self.loaded.blocks[0], self.loaded.device
+        by_size = capture_block_inputs(model, first, tokens, self.micro_batch, stream.write, device)
+        if self.kwargs is None:
+            by_size.update(capture_block_inputs(model, first, tokens[:1], 1, lambda rows, x: None, device))
+            self.kwargs = BlockKwargs(by_size)
+
+    def _block_forward(self, block, hidden: torch.Tensor) -> torch.Tensor:
+        """One block on (b, T, H) ``hidden``; returns (b, T, H)."""
+        output = block(hidden, **self.kwargs.for_batch(hidden.shape[0]))
+        self.tuple_output = isinstance(output, (tuple, list))
+        return block_output(output)
+
+    @torch.no_grad()
+    def _forward(self, tokens: torch.Tensor, keep_all: bool) -> list[ActivationStream]:
+        """Boundary hidden states: every block's input and the last output (``keep_all``), else the last only.
+
+        Without ``keep_all`` two streams take turns (validation needs no block inputs).
+        """
+        streams = [self._stream("boundary-0", tokens)]
+        self._capture(tokens, streams[0])
+        spare: ActivationStream | None = None
+        for index in range(self.loaded.layout.n_blocks):
+            source = streams[-1]
+            target = self._stream(f"boundary-{index + 1}", tokens) if keep_all or spare is None else spare
+            with self.loader.session(index) as block:
+                for rows in micro_batches(tokens.shape[0], self.micro_batch):
+                    target.write(rows, self._block_forward(block, source.read(rows)))
+            if keep_all:
+                streams.append(target)
+            else:
+                spare, streams[-1] = source, target
+        return streams
+
+    def _head(self, tokens: torch.Tensor, last: ActivationStream, grads: ActivationStream | None,
+              total_tokens: int) -> float:
+        """Summed token loss over ``tokens``; with ``grads``, d(mean loss)/d(last hidden) into it."""
+        model, device = self.loaded.model, self.loaded.device
+        replay: dict[str, torch.Tensor] = {}
+        loss_sum = 0.0
+        with _replaying_blocks(self.loaded.blocks, replay, self.tuple_output), torch.set_grad_enabled(grads is not None):
+            for rows in micro_batches(tokens.shape[0], self.micro_batch):
+                hidden = last.read(rows).requires_grad_(grads is not None)  # (b, T, H)
+                replay["hidden"] = hidden
+                batch = tokens[rows].to(device)  # (b, T)
+                logits = model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits
+                loss = token_loss_sum(logits, batch)
+                if grads is not None:
+                    (loss / total_tokens).backward()
+                    grads.write(rows, hidden.grad)
+                loss_sum += float(loss.detach())
+        return loss_sum
+
+    # ------------------------------------------------------------------ API
+    def loss(self, tokens: torch.Tensor) -> float:
+        """Mean token loss over the (n, T) windows, no gradients (validation)."""
+        last = self._forward(tokens, keep_all=False)[-1]
+        with torch.no_grad():
+            return self._head(tokens, last, None, scored_tokens(tokens)) / scored_tokens(tokens)
+
+    def loss_and_gradients(self, tokens: torch.Tensor, total_tokens: int | None = None) -> float:
+        """Accumulate d(loss)/d(trainables) of this step into their ``.grad``; returns the summed token loss.
+
+        Args:
+            tokens: (n, T) this process's windows of the step.
+            total_tokens: scored tokens of the whole step (all ranks); default: those of ``tokens``.
+        """
+        total_tokens = total_tokens or scored_tokens(tokens)
+        streams = self._forward(tokens, keep_all=True)
+        grads = self._stream("grad", tokens)
+        loss_sum = self._head(tokens, streams[-1], grads, total_tokens)
+        for index in reversed(range(self.loaded.layout.n_blocks)):
+            with self.loader.session(index) as block:
+                for rows in micro_batches(tokens.shape[0], self.micro_batch):
+                    hidden = streams[index].read(rows).requires_grad_(index > 0)  # (b, T, H)
+                    with torch.enable_grad():
+                        output = self._block_forward(block, hidden)  # (b, T, H)
+                        output.backward(grads.read(rows))
+                    if index > 0:
+                        grads.write(rows, hidden.grad)
+                distributed.all_reduce_grads_(self.loader.trainables.by_block[index])
+                self.loader.hooks.block_gradients_ready(index, block)
+        return loss_sum

@@ -1,0 +1,92 @@
+"""The method's trainable parameters of every block, resident in float32 across block loads.
+
+A block's weights come and go (streamed), but its trainables stay: the first ``attach`` of a block
+builds them with ``attach_method`` (adapters, bias/norm masters) and keeps the Parameter objects; every
+later ``attach`` builds the wrappers again around the freshly loaded weights and puts the resident
+Parameters in place of the new ones. The pruning mask of every linear is its zero pattern as loaded.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pruners.layers import weight_as_out_in
+from reconstruct.methods.attach import MethodHandle, attach_method
+from reconstruct.modelio.architecture import BlockLayout
+from reconstruct.retrain.spec import RetrainSpec
+
+
+def zero_pattern_masks(linears: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """Keep masks (True = weight survives) of the linears: their non-zero positions, (out, in) bool."""
+    return {name: weight_as_out_in(linear) != 0 for name, linear in linears.items()}
+
+
+def block_linears(block: nn.Module, layout: BlockLayout) -> dict[str, nn.Module]:
+    """The block's prunable linears by qualified name, in the layout's order."""
+    return {name: block.get_submodule(name) for name in layout.linear_names}
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The adapter-init seed of block ``index`` (stable across runs, ranks and resumes)."""
+    return seed * 1_000_003 + index
+
+
+def _adopt(handle: MethodHandle, resident: list[nn.Parameter]) -> None:
+    """Replace the handle's freshly built trainables with ``resident`` ones (same order as built)."""
+    queue = iter(resident)
+    for wrapper in handle.wrappers.values():
+        wrapper.lora_A = next(queue)
+        wrapper.lora_B = next(queue)
+    for master in handle.masters.values():
+        master.master = next(queue)
+        master.module.__dict__[master.attr] = master.master.to(master.dtype)  # what the pre-hook injects
+
+
+class ModelTrainables:
+    """Every block's trainables under one method, float32, kept between block loads.
+
+    Args:
+        spec: the retraining job (method, rank, alpha, seed).
+        layout: the model's block layout (linear names, bias flags).
+    """
+
+    def __init__(self, spec: RetrainSpec, layout: BlockLayout) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.by_block: dict[int, list[nn.Parameter]] = {}  # block index → its trainables, attach order
+        self.added_biases: dict[int, set[str]] = {}  # block index → linears that got a new bias
+
+    def attach(self, index: int, block: nn.Module) -> MethodHandle:
+        """Attach the method to loaded block ``index`` with its resident trainables; returns the handle."""
+        linears = block_linears(block, self.layout)
+        flagged = {name for names in self.layout.bias_flags.values() for name in names}
+        bias_linears = {name for name, module in linears.items() if module.bias is not None or name in flagged}
+        handle = attach_method(
+            self.spec.method, block, linears, zero_pattern_masks(linears), rank=self.spec.rank,
+            alpha=self.spec.alpha, bias_linears=bias_linears, seed=block_seed(self.spec.seed, index),
+        )
+        if index in self.by_block:
+            _adopt(handle, self.by_block[index])
+        else:
+            self.by_block[index] = handle.trainable_parameters()
+            self.added_biases[index] = set(handle.added_biases)
+        return handle
+
+    def parameters(self) -> list[nn.Parameter]:
+        """All trainables, block by block in index order (the optimizer's order)."""
+        return [param for index in sorted(self.by_block) for param in self.by_block[index]]
+
+    def numel(self) -> int:
+        """Number of trainable scalars."""
+        return sum(param.numel() for param in self.parameters())
+
+    def state(self) -> dict[str, Tensor]:
+        """A CPU copy of every trainable, named ``"<block>.<position>"`` (for checkpoints and the best step)."""
+        return {f"{index}.{position}": param.detach().to("cpu", copy=True)
+                for index, params in self.by_block.items() for position, param in enumerate(params)}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Overwrite the trainables in place with a ``state()`` copy."""
+        for index, params in self.by_block.items():
+            for position, param in enumerate(params):
+                param.data.copy_(state[f"{index}.{position}"])
