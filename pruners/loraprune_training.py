@@ -102,19 +102,19 @@ class LoRAPruneHooks:
 
 
 def prune_while_training(train: Callable[[LoRAPruneHooks], None], controller: LoRAPruneController,
-                         start_step: int = 0) -> list[dict[str, Tensor]]:
+                         hooks: LoRAPruneHooks | None = None) -> list[dict[str, Tensor]]:
     """Run ``train(hooks)`` with LoRAPrune's hooks and return every block's final keep masks.
 
     Args:
         train: a model-level trainer of ``controller.schedule.total_steps`` steps that calls the
             hooks' ``block_loaded``, ``block_gradients_ready`` and ``step_done`` (see the module docstring).
         controller: the importance, masks and schedule of every block.
-        start_step: the step ``train`` starts at (a resumed run).
+        hooks: the hooks to pass (default: ``LoRAPruneHooks(controller)``; a caller may subclass them).
 
     Returns:
         One ``{name: (out, in) bool keep mask}`` per block, exactly at the block's target pattern.
     """
-    train(LoRAPruneHooks(controller, start_step))
+    train(hooks or LoRAPruneHooks(controller))
     finals = [controller.final_masks(index) for index in range(len(controller.layouts))]
     for index, masks in enumerate(finals):
         check_at_target(controller, index, masks)

@@ -59,6 +59,15 @@ STAGE_DIR = "loraprune"  # under --out/.reconstruct/
 BATCH = 2  # calibration windows per optimizer step (fewer when there are fewer windows)
 
 
+class StageHooks(LoRAPruneHooks):
+    """LoRAPrune's hooks with a crash point after every step (``loraprune-step:<step>``, for the resume tests)."""
+
+    def step_done(self, step: int) -> None:
+        """See :meth:`LoRAPruneHooks.step_done`."""
+        super().step_done(step)
+        crash_point(f"loraprune-step:{step}")
+
+
 def is_model_level(job: JobConfig) -> bool:
     """True for ``--pruner loraprune --loraprune-objective model``."""
     return job.prune.pruner == "loraprune" and job.prune.loraprune_objective == "model"
@@ -138,7 +147,9 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
         finally:
             model.close()
 
-    finals = prune_while_training(train, controller)
+    finals = prune_while_training(train, controller, hooks=StageHooks(controller))
+    logger.info("loraprune: final sparsity %.4f after %d steps, %.2f s a step", controller.history[-1]["sparsity"],
+                result.steps, result.seconds_per_step)
     files = {}
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
@@ -149,8 +160,7 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     distributed.agree(lambda: None)  # every rank reads the files rank 0 wrote
     crash_point("loraprune-masks")
     state.record_loraprune({"files": files, "history": controller.history, "loss_curve": result.loss_curve,
-                            "streamed": result.streamed, "steps": result.steps,
-                            "seconds_per_step": result.seconds_per_step})
+                            "streamed": result.streamed, "steps": result.steps})  # no timings: resumes compare reports
     if isinstance(store, DiskImportanceStore):
         shutil.rmtree(store.folder, ignore_errors=True)
 
