@@ -51,6 +51,7 @@ def test_the_written_blocks_are_exactly_the_stage_masks_at_the_target(tiny_model
     report = run_job(model_level_job(tiny_model_dir("llama"), out, small_calib_file, pattern, sparsity))
     stage = report["loraprune"]
     assert [event["fraction"] for event in stage["history"]][-1] == 1.0 and len(stage["loss_curve"]) == STEPS
+    assert "## Model-level LoRAPrune" in (out / "report.md").read_text() and (out / "loraprune.png").is_file()
     for index, block in enumerate(report["blocks"]):
         masks = load_file(out / STATE_DIR / "loraprune" / stage["files"][str(index)]["file"])
         weights = block_weights(out, index)
