@@ -1,4 +1,4 @@
-"""Command line: ``reconstruct run | plan | eval | sweep | inspect | status | shrink``. Parses, validates, builds a JobConfig; no logic."""
+"""Command line: ``reconstruct run | retrain | plan | eval | sweep | inspect | status | shrink``. Parses, validates, builds a JobConfig; no logic."""
 
 from __future__ import annotations
 
@@ -795,6 +795,112 @@ def inspect_model_folder(
         typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))
 
     _guarded(show)
+
+
+# --------------------------------------------------------------------------- retrain
+class RetrainMethodName(str, Enum):
+    """What model-level retraining trains (``retrain --method``)."""
+
+    bias = "bias"
+    ln = "ln"
+    bias_ln = "bias-ln"
+    masklora = "masklora"
+    scalelora = "scalelora"
+    lora = "lora"
+
+
+class StreamMode(str, Enum):
+    """Whether retraining streams the blocks (``retrain --stream``)."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+RetrainData = Annotated[str, typer.Option(help="Training text: a .txt/.jsonl file, wikitext2, c4, ptb, or 'self' (sampled from the model).")]
+RetrainOut = Annotated[Path, typer.Option(help="Output folder; also holds the resume state.")]
+RetrainMethod = Annotated[RetrainMethodName, typer.Option(help="What is trained in every block: biases, norms, both, or (Mask|Scale)LoRA adapters (lora refills zeros: needs --allow-dense-merge).")]
+RetrainSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
+RetrainBatch = Annotated[int, typer.Option(min=1, help="Token windows per optimizer step.")]
+RetrainMicroBatch = Annotated[int, typer.Option(min=1, help="Windows per forward/backward slice (gradients accumulate over the step).")]
+RetrainSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per window (the BOS included when the tokenizer adds one).")]
+RetrainLr = Annotated[float, typer.Option(min=0.0, help="AdamW peak learning rate (PERP: 5e-4).")]
+RetrainWarmup = Annotated[float, typer.Option(help="Share of the steps the learning rate rises linearly from 0, then decays linearly to 0 (PERP: 0.1).")]
+RetrainWeightDecay = Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")]
+RetrainSeed = Annotated[int, typer.Option(help="Seed of the windows, their order, the held-out split and adapter inits.")]
+RetrainWindows = Annotated[int, typer.Option(min=1, help="Token windows drawn from --data (training and held out).")]
+RetrainVal = Annotated[float, typer.Option(help="Share of the windows held out, in [0, 1): the best evaluation is kept, and the input is written unchanged if training does not beat it (0 = none: the last step is kept).")]
+RetrainEvalEvery = Annotated[int, typer.Option(min=1, help="Held-out loss measured every this many steps.")]
+AllowDense = Annotated[bool, typer.Option(help="Retrain a --model whose block linears hold no zero (nothing looks pruned).")]
+StreamFlag = Annotated[StreamMode, typer.Option(help="Stream one block at a time (forward and backward): always, never, or auto = when the weights do not fit the device.")]
+RetrainCheckpointEvery = Annotated[str, typer.Option(help="Steps between training checkpoints (what a resume restarts from), or auto = every step while that costs at most 10% of a step's weight reads.")]
+
+
+@app.command("retrain")
+def retrain(
+    data: RetrainData,
+    out: RetrainOut,
+    model: Model = DEFAULT_MODEL,
+    method: RetrainMethod = RetrainMethodName.bias_ln,
+    steps: RetrainSteps = 20,
+    batch: RetrainBatch = 2,
+    micro_batch: RetrainMicroBatch = 1,
+    seq_len: RetrainSeqLen = 256,
+    lr: RetrainLr = 5e-4,
+    warmup: RetrainWarmup = 0.1,
+    weight_decay: RetrainWeightDecay = 0.0,
+    rank: Rank = 16,
+    alpha: Alpha = 32.0,
+    seed: RetrainSeed = 0,
+    n_windows: RetrainWindows = 64,
+    val: RetrainVal = 0.125,
+    eval_every: RetrainEvalEvery = 5,
+    allow_dense: AllowDense = False,
+    allow_dense_merge: AllowDenseMerge = False,
+    stream: StreamFlag = StreamMode.auto,
+    calib_bos: CalibBos = BosMode.auto,
+    device: Device = "auto",
+    dtype: DtypeFlag = Dtype.auto,
+    checkpoint_every: RetrainCheckpointEvery = "auto",
+    eval_data: EvalData = None,
+    eval_seq_len: EvalSeqLen = None,
+    eval_windows: EvalWindows = None,
+    verbose: Verbose = False,
+) -> None:
+    """Retrain the whole pruned model end to end (PERP's global step), keeping every zero; streamed when it does not fit."""
+    _setup_logging(verbose)
+
+    def build_and_run():
+        from reconstruct.config import EvalSpec
+        from reconstruct.retrain.job import RetrainJob, run_retrain
+        from reconstruct.retrain.spec import RetrainSpec
+
+        spec = RetrainSpec(
+            method=method.value, steps=steps, batch=batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
+            warmup=warmup, weight_decay=weight_decay, rank=rank, alpha=alpha, seed=seed, n_windows=n_windows,
+            val_fraction=val, eval_every=eval_every, allow_dense_merge=allow_dense_merge, stream=stream.value,
+        )
+        evaluation = EvalSpec(eval_data, eval_seq_len, eval_windows) if eval_data is not None else None
+        job = RetrainJob(model=model, data=data, out=out, spec=spec, device=device, dtype=dtype.value,
+                         bos=calib_bos.value, allow_dense=allow_dense, checkpoint_every=checkpoint_every,
+                         evaluation=evaluation)
+        try:
+            report = run_retrain(job)
+        except KeyboardInterrupt:
+            typer.echo(f"\ninterrupted; the same command continues from the last checkpoint in {out}", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        if "retrain" not in report:
+            return  # not the main rank
+        result = report["retrain"]
+        evaluated = report.get("evaluation")
+        score = (f", perplexity {evaluated['perplexity_before']:.3f} → {evaluated['perplexity_after']:.3f}"
+                 if evaluated else "")
+        kept = "" if result["kept"] else "; training did not beat the untrained model on held-out text, input kept"
+        prefix = f"{out} already holds this finished job" if report.get("already_finished") else f"wrote {out}"
+        typer.echo(f"{prefix} ({result['steps']} steps, final loss {result['loss_curve'][-1]:.4f}{score}{kept}; "
+                   "see report.md)")
+
+    _guarded(build_and_run)
 
 
 if __name__ == "__main__":

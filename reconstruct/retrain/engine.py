@@ -20,7 +20,9 @@ import torch
 from calib.framing import SequenceFraming
 from reconstruct.evaluation.streaming import should_stream
 from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.modelio.output import STATE_DIR
 from reconstruct.parallel import distributed
+from reconstruct.retrain.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from reconstruct.progress import progress_bar
 from reconstruct.retrain.data import held_out_split, retrain_windows, step_rows
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
@@ -33,6 +35,7 @@ from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.streamed import StreamedModel
 from reconstruct.retrain.trainables import ModelTrainables
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
+from reconstruct.state.faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,10 @@ class Trainer:
                                                weight_decay=self.spec.weight_decay, foreach=False)
         return self.optimizer
 
+    def optimizer_for_resume(self) -> torch.optim.AdamW:
+        """The optimizer, created now (the trainables must exist) so a checkpoint's state can go into it."""
+        return self._optimizer()
+
     def step(self, step: int, tokens: torch.Tensor, total_tokens: int) -> float:
         """One optimizer step (0-based ``step``) on this process's (n, T) windows; returns the mean loss."""
         loss_sum = self.model.loss_and_gradients(tokens, total_tokens)
@@ -117,21 +124,52 @@ class Trainer:
         return loss_sum / total_tokens
 
 
-def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: RetrainResult) -> dict | None:
-    """The training loop; fills ``result``'s curves; returns the best trainables' state (None: keep the last)."""
+@dataclass
+class Checkpointing:
+    """Where and how often the training state is saved (``checkpoint.py``)."""
+
+    path: Path  # the checkpoint file
+    every: int  # optimizer steps between checkpoints (the last step is always saved)
+
+
+def _resume(trainer: Trainer, saved: dict, result: RetrainResult) -> tuple[int, dict | None]:
+    """Restore a checkpoint into the trainer and ``result``; returns (next step, best state)."""
+    trainer.model.materialise_trainables()
+    trainer.trainables.load_state(saved["params"])
+    restore_optimizer(trainer.optimizer_for_resume(), trainer.trainables, saved["adam"])
+    for key, value in saved["result"].items():
+        setattr(result, key, [tuple(item) for item in value] if key == "val_curve" else value)
+    logger.info("retrain: resuming after step %d of %d", saved["step"], trainer.spec.steps)
+    return saved["step"], saved["best"]
+
+
+def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: RetrainResult, *,
+          checkpointing: Checkpointing | None = None, saved: dict | None = None) -> dict | None:
+    """The training loop; fills ``result``'s curves; returns the best trainables' state (None: keep the last).
+
+    Args:
+        trainer: the optimizer over the model's trainables.
+        tokens: (n, T) every window (training and held out).
+        spec: the job.
+        result: filled in place.
+        checkpointing: save the training state as it says (None: never).
+        saved: a checkpoint to continue from (``checkpoint.load_checkpoint``).
+    """
     split = held_out_split(tokens.shape[0], spec.val_fraction, spec.seed)
     val_tokens = tokens[split.val]  # (n_val, T)
     validating = val_tokens.shape[0] > 0
-    best_state = None
-    if validating:
+    start, best_state = 0, None
+    if saved is not None:
+        start, best_state = _resume(trainer, saved, result)
+    elif validating:
         result.val_before = result.val_best = trainer.model.loss(val_tokens)
         result.val_curve.append((0, result.val_before))
         result.best_step = 0
         best_state = trainer.trainables.state()
-    bar = progress_bar(total=spec.steps, desc="retrain", unit="step")
+    bar = progress_bar(total=spec.steps, desc="retrain", unit="step", initial=start)
     started, train_tokens = time.perf_counter(), 0
     with bar:
-        for step in range(spec.steps):
+        for step in range(start, spec.steps):
             rows = step_rows(split.train, spec.batch, step, spec.seed)  # (batch,) global rows
             shard = distributed.split_samples(rows.numel())
             batch = tokens[rows[shard.start : shard.stop]]  # (b_rank, T)
@@ -148,15 +186,23 @@ def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: Ret
                 logger.info("retrain step %d: train loss %.4f, held-out loss %.4f", step + 1, result.loss_curve[-1], val)
                 if val < result.val_best:
                     result.val_best, result.best_step, best_state = val, step + 1, trainer.trainables.state()
+            crash_point(f"retrain-step:{step + 1}")
+            if checkpointing is not None and ((step + 1) % checkpointing.every == 0 or step + 1 == spec.steps):
+                if distributed.is_main():
+                    save_checkpoint(checkpointing.path, step + 1, trainer.trainables, trainer.optimizer, best_state,
+                                    result)
     elapsed = time.perf_counter() - started
-    result.seconds_per_step = elapsed / max(1, result.steps)
-    result.tokens_per_second = train_tokens / max(elapsed, 1e-9)
+    session_steps = spec.steps - start
+    if session_steps:
+        result.seconds_per_step = elapsed / session_steps
+        result.tokens_per_second = train_tokens / max(elapsed, 1e-9)
     return best_state
 
 
 def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, *,
                   hooks: RetrainHooks | None = None, merge: bool = True, framing: SequenceFraming | None = None,
-                  stream: bool | None = None, tokens: torch.Tensor | None = None) -> RetrainResult:
+                  stream: bool | None = None, tokens: torch.Tensor | None = None,
+                  checkpointing: Checkpointing | None = None) -> RetrainResult:
     """Retrain every block's trainables on the causal-LM loss over ``data`` and write the model to ``out``.
 
     Args:
@@ -170,6 +216,7 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
         framing: how windows start (default: as the tokenizer adds a BOS).
         stream: force streaming (True) or the resident path (False); None: ``spec.stream`` decides.
         tokens: (n, T) windows to use instead of drawing them from ``data`` (tests, callers with data).
+        checkpointing: save the training state every few steps and continue from a saved one.
 
     Returns:
         The ``RetrainResult``; ``out`` holds a Hugging Face folder.
@@ -185,15 +232,17 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     trainables = ModelTrainables(spec, loaded.layout)
     loader = BlockLoader(loaded, trainables, hooks)
     result = RetrainResult(streamed=stream)
-    model = open_model(loader, spec, stream, out / ".reconstruct")
+    model = open_model(loader, spec, stream, out / STATE_DIR)
+    saved = load_checkpoint(checkpointing.path) if checkpointing is not None else None
+    training_started = time.perf_counter()
     try:
-        best_state = train(Trainer(model, trainables, spec, hooks), tokens, spec, result)
+        best_state = train(Trainer(model, trainables, spec, hooks), tokens, spec, result,
+                           checkpointing=checkpointing, saved=saved)
     finally:
         model.close()
     result.trainable_params = trainables.numel()
     result.trainable_share = result.trainable_params / max(1, block_parameter_count(loaded))
-    training_seconds = result.seconds_per_step * max(1, result.steps)
-    result.read_share = min(1.0, loader.read_seconds / max(training_seconds, 1e-9))
+    result.read_share = min(1.0, loader.read_seconds / max(time.perf_counter() - training_started, 1e-9))
     if best_state is not None:
         trainables.load_state(best_state)
         result.kept = result.best_step > 0

@@ -38,6 +38,9 @@ class ResidentModel:
         for module in [*self.loaded.blocks, *self.outside]:
             release_module_weights(module)
 
+    def materialise_trainables(self) -> None:
+        """Nothing to do: every block's trainables were attached when the model was loaded."""
+
     def _loss_sum(self, batch: torch.Tensor) -> torch.Tensor:
         """Summed token loss of (b, T) windows (a scalar, in the graph when grad is enabled)."""
         batch = batch.to(self.loaded.device)

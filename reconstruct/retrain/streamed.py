@@ -123,6 +123,12 @@ class StreamedModel:
         return loss_sum
 
     # ------------------------------------------------------------------ API
+    def materialise_trainables(self) -> None:
+        """Load every block once so its trainables exist (before restoring a checkpoint into them)."""
+        for index in range(self.loaded.layout.n_blocks):
+            with self.loader.session(index):
+                pass
+
     def loss(self, tokens: torch.Tensor) -> float:
         """Mean token loss over the (n, T) windows, no gradients (validation)."""
         last = self._forward(tokens, keep_all=False)[-1]

@@ -1,0 +1,67 @@
+"""``report.md`` and ``report.png`` of a ``reconstruct retrain`` job, from its ``reconstruct.json`` content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reconstruct.reporting.plots import _save, load_matplotlib
+from reconstruct.reporting.report import FIGURE_NAME, MARKDOWN_NAME
+from reconstruct.state.atomic import atomic_write_bytes
+
+
+def plot_training(retrain: dict, path: Path) -> bool:
+    """Training loss per step and held-out loss per evaluation, as a PNG; False without matplotlib."""
+    Figure = load_matplotlib()
+    if Figure is None:
+        return False
+    figure = Figure(figsize=(7, 4))
+    axes = figure.add_subplot(1, 1, 1)
+    steps = list(range(1, len(retrain["loss_curve"]) + 1))
+    axes.plot(steps, retrain["loss_curve"], label="training loss (the step's windows)")
+    if retrain["val_curve"]:
+        val_steps, val_losses = zip(*retrain["val_curve"])
+        axes.plot(val_steps, val_losses, "o--", label="held-out loss")
+        if retrain.get("best_step") is not None:
+            axes.axvline(retrain["best_step"], color="grey", linestyle=":", label=f"kept: step {retrain['best_step']}")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean token cross-entropy")
+    axes.set_title("model-level retraining")
+    axes.legend()
+    _save(figure, path)
+    return True
+
+
+def render_retrain_markdown(report: dict, figure_drawn: bool) -> str:
+    """The text of ``report.md`` for a retraining job."""
+    job, retrain = report["job"], report["retrain"]
+    lines = [
+        "# reconstruct retrain",
+        "",
+        f"- model: `{job['model']}` (block linears {report['input_block_sparsity']:.2%} zero, kept exactly)",
+        f"- data: `{job['data']}`, {job['n_windows']} windows of {job['seq_len']} tokens, "
+        f"{job['val_fraction']:.3g} held out",
+        f"- method: {job['method']}, {retrain['steps']} steps of {job['batch']} windows, lr {job['lr']:g} "
+        f"(warm-up {job['warmup']:.0%}, linear decay), weight decay {job['weight_decay']:g}",
+        f"- trainable parameters: {retrain['trainable_params']:,} ({retrain['trainable_share']:.4%} of the blocks')",
+        f"- path: {'streamed, one block at a time' if retrain['streamed'] else 'resident'}; "
+        f"{retrain['seconds_per_step']:.2f} s per step, {retrain['read_share']:.0%} of it reading weights, "
+        f"{retrain['tokens_per_second']:.0f} tokens/s",
+    ]
+    if retrain["val_before"] is not None:
+        verdict = (f"kept the trainables of step {retrain['best_step']}" if retrain["kept"]
+                   else "not better than the untrained model: the input was written unchanged")
+        lines.append(f"- held-out loss: {retrain['val_before']:.4f} untrained → {retrain['val_best']:.4f} best ({verdict})")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        lines.append(f"- perplexity on `{evaluation['data']}` ({evaluation['windows']} windows): "
+                     f"{evaluation['perplexity_before']:.3f} before → {evaluation['perplexity_after']:.3f} after")
+    if figure_drawn:
+        lines += ["", f"![training curve]({FIGURE_NAME})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_retrain_report(out: Path, report: dict) -> bool:
+    """Write ``report.md`` (and ``report.png`` when matplotlib is installed); returns whether the figure was drawn."""
+    drawn = plot_training(report["retrain"], out / FIGURE_NAME)
+    atomic_write_bytes(out / MARKDOWN_NAME, render_retrain_markdown(report, drawn).encode())
+    return drawn

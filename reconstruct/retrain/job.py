@@ -1,0 +1,232 @@
+"""``reconstruct retrain``: one model-level retraining job in its output folder, resumable.
+
+Everything a user can get wrong is checked before anything is written: the method and its settings
+(``RetrainSpec``), ``--seq-len`` against the model's context, a ``--model`` whose block linears hold no
+zero (nothing looks pruned: ``--allow-dense``), ``--data`` empty or shorter than one window, an
+``--out`` that holds something else. Then, under the job lock, the job's fingerprint is compared with
+the one in ``--out/.reconstruct/retrain-manifest.json`` (a different job is refused, naming the flags
+that differ), training continues from the last checkpoint, and the folder is written; the manifest is
+marked finished last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+import reconstruct
+from calib.text_sources import SELF
+from reconstruct.config import EvalSpec
+from reconstruct.evaluation.streaming import model_bytes
+from reconstruct.modelio.loaded import LoadedModel, load_model
+from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, is_own_leftover
+from reconstruct.parallel import distributed
+from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, checkpoint_interval
+from reconstruct.retrain.data import retrain_windows
+from reconstruct.retrain.engine import Checkpointing, RetrainResult, retrain_model
+from reconstruct.retrain.spec import RetrainSpec
+from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
+from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files
+from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
+from reconstruct.state.job_diff import diff_fingerprints
+from reconstruct.state.lock import JobLock
+from reconstruct.validation import check_calib_seq_len
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "retrain-manifest.json"  # in --out/.reconstruct/
+HASHES_NAME = "file-hashes.json"
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """Everything ``reconstruct retrain`` needs; ``cli.py`` builds it once."""
+
+    model: str  # the pruned model: folder, .gguf, alias or hub id
+    data: str  # training text: any --calib source (a .txt/.jsonl file, a dataset name, self)
+    out: Path  # output folder (also holds the resume state)
+    spec: RetrainSpec = RetrainSpec()
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    bos: str = "auto"  # --calib-bos: how windows start
+    allow_dense: bool = False  # accept a model whose block linears hold no zero
+    checkpoint_every: str = "auto"  # steps between training checkpoints, or auto (bounded cost)
+    evaluation: EvalSpec | None = None  # perplexity before and after; not part of the job's identity
+
+
+# --------------------------------------------------------------------------- checks
+def count_block_zeros(loaded: LoadedModel) -> tuple[int, int]:
+    """(zeros, weights) over the block linears' weights in the checkpoint, read one tensor at a time."""
+    zeros = total = 0
+    for index in range(loaded.layout.n_blocks):
+        prefix = loaded.layout.block_prefix(index)
+        for name in loaded.layout.linear_names:
+            weight = loaded.reader.read(loaded.key_map[f"{prefix}{name}.weight"])
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
+        loaded.reader.close()
+    return zeros, total
+
+
+def check_looks_pruned(job: RetrainJob, loaded: LoadedModel) -> float:
+    """The sparsity of the block linears; refuses a model with none unless ``--allow-dense``.
+
+    Raises:
+        ValueError: no weight of any block linear is zero and ``allow_dense`` is off.
+    """
+    zeros, total = count_block_zeros(loaded)
+    if zeros == 0 and not job.allow_dense:
+        raise ValueError(f"--model {job.model}: no weight of its block linears is zero, so nothing looks pruned; "
+                         "prune it first (reconstruct run) or pass --allow-dense to retrain it as it is")
+    return zeros / max(1, total)
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a retraining job (nothing there is changed)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if not out.is_dir() or (out / STATE_DIR / MANIFEST_NAME).is_file():
+        return
+    if any(not is_own_leftover(path.name) for path in out.iterdir()):
+        raise ValueError(f"--out {out} is not empty and holds no retraining job; choose an empty or new folder "
+                         "(nothing there was changed)")
+
+
+# --------------------------------------------------------------------------- identity
+def data_identity(source: str) -> dict:
+    """What names the training text: a file by name and content hash, else the dataset name or ``self``."""
+    path = Path(source).expanduser()
+    if source != SELF and path.is_file():
+        return {"file": path.name, "sha256": hash_text_source(path)}
+    return {"name": source}
+
+
+def retrain_fingerprint(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, hashes: HashCache) -> dict:
+    """Everything that decides the output bytes; a resume refuses a job whose fingerprint differs."""
+    return {
+        "model_files": fingerprint_model_files(loaded.folder, hashes),
+        "data": data_identity(job.data),
+        "retrain": job.spec.fingerprint(),
+        "bos_id": bos_id,
+        "dtype": dtype_name(loaded.dtype),
+        "device_type": loaded.device.type,
+        "world_size": distributed.world().size,
+        "versions": {"reconstruct": reconstruct.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+def flag_of(key: str) -> str:
+    """The flag behind a fingerprint field (``retrain.lr`` → ``--lr``)."""
+    head, _, rest = key.partition(".")
+    if head == "retrain":
+        return {"val_fraction": "--val", "micro_batch": "--micro-batch"}.get(rest, "--" + rest.replace("_", "-"))
+    return {"model_files": "--model", "data": "--data", "bos_id": "--calib-bos", "dtype": "--dtype",
+            "device_type": "--device", "world_size": "--nproc", "versions": "the installed versions"}.get(head, key)
+
+
+def check_same_job(manifest: dict, fingerprint: dict, out: Path) -> None:
+    """Refuse to continue a different job in ``out``, naming the flags that differ."""
+    differences = diff_fingerprints(manifest["fingerprint"], fingerprint, label=flag_of)
+    if differences:
+        raise ValueError(f"--out {out} holds a different retraining job ({'; '.join(differences)}); "
+                         "use another --out or the same flags")
+
+
+# --------------------------------------------------------------------------- the job
+def run_retrain(job: RetrainJob) -> dict:
+    """Run (or resume, or report a finished) retraining job; returns the content of ``reconstruct.json``."""
+    started = time.perf_counter()
+    loaded = load_model(job.model, job.device, job.dtype)
+    check_calib_seq_len(job.spec.seq_len, loaded.config)
+    check_out(Path(job.out))
+    sparsity = check_looks_pruned(job, loaded)
+    framing = loaded.framing(job.bos)
+    tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, job.spec.n_windows, job.spec.seq_len,
+                                                           job.spec.seed, framing))
+    out = Path(job.out)
+    state_dir = out / STATE_DIR
+    with JobLock(out):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (out, state_dir):  # temp files of writes a kill interrupted
+            remove_stale_temp_files(folder)
+        hashes = HashCache(state_dir / HASHES_NAME)
+        fingerprint = retrain_fingerprint(job, loaded, framing.bos_id, hashes)
+        hashes.save()
+        manifest_path = state_dir / MANIFEST_NAME
+        manifest = _read_manifest(manifest_path)
+        if manifest is not None:
+            check_same_job(manifest, fingerprint, out)
+            if manifest.get("finished") and (out / REPORT_NAME).is_file():
+                logger.info("%s already holds this finished retraining job; nothing to do", out)
+                return {**json.loads((out / REPORT_NAME).read_text()), "already_finished": True}
+        elif distributed.is_main():
+            atomic_write_json(manifest_path, {"fingerprint": fingerprint, "finished": False})
+        trainable_bytes = 4 * _estimate_trainables(job.spec, loaded)
+        every = checkpoint_interval(job.checkpoint_every, trainable_bytes, model_bytes(loaded.folder, loaded.dtype))
+        result = retrain_model(loaded, job.spec, job.data, out, framing=framing, tokens=tokens,
+                               checkpointing=Checkpointing(state_dir / CHECKPOINT_NAME, every))
+        if not distributed.is_main():
+            return {"rank": distributed.world().rank}
+        report = build_report(job, fingerprint, result, sparsity, loaded)
+        report["seconds_this_session"] = time.perf_counter() - started
+        from reconstruct.reporting.retrain_report import write_retrain_report
+
+        write_retrain_report(out, report)
+        atomic_write_json(out / REPORT_NAME, report)
+        atomic_write_json(manifest_path, {"fingerprint": fingerprint, "finished": True})
+        (state_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        return report
+
+
+def _read_manifest(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        logger.warning("%s is damaged; starting the retraining over", path)
+        return None
+
+
+def _estimate_trainables(spec: RetrainSpec, loaded: LoadedModel) -> int:
+    """Trainable scalars of the method, from the skeleton's shapes (low-rank: r (in + out) per linear)."""
+    if spec.method in ("masklora", "scalelora", "lora"):
+        per_block = sum(spec.rank * sum(loaded.blocks[0].get_submodule(name).weight.shape)
+                        for name in loaded.layout.linear_names)
+        return per_block * loaded.layout.n_blocks
+    return sum(param.numel() for name, param in loaded.blocks.named_parameters() if param.dim() == 1)
+
+
+def build_report(job: RetrainJob, fingerprint: dict, result: RetrainResult, sparsity: float,
+                 loaded: LoadedModel) -> dict:
+    """The content of ``reconstruct.json``: the job, the training, memory and, with ``--eval``, perplexity."""
+    report = {
+        "job": {"model": job.model, "data": job.data, **asdict(job.spec), "fingerprint": fingerprint},
+        "input_block_sparsity": sparsity,
+        "retrain": asdict(result),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(loaded.device),
+    }
+    if job.evaluation is not None:
+        report["evaluation"] = evaluate_before_after(job)
+    return report
+
+
+def evaluate_before_after(job: RetrainJob) -> dict:
+    """Perplexity of ``--model`` and of ``--out`` on ``--eval`` (same windows, same framing)."""
+    from reconstruct.evaluation.perplexity import perplexity
+
+    spec = job.evaluation
+    common = dict(seq_len=spec.seq_len, max_windows=spec.max_windows, device=job.device, dtype=job.dtype,
+                  bos=job.bos)
+    before = perplexity(job.model, spec.data, **common)
+    after = perplexity(str(job.out), spec.data, **common)
+    return {"data": spec.data, "seq_len": spec.seq_len, "windows": after["windows"],
+            "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"]}
