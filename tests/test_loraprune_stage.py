@@ -98,15 +98,36 @@ def reference(cli_job, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize(("point", "trained"), [("loraprune-step:3", False), ("loraprune-masks", False),
-                                                ("write:{shard1}", True)])
-def test_a_killed_stage_or_loop_resumes_to_the_same_bytes(cli_job, reference, tmp_path, point, trained):
+# (crash point, steps the resumed stage starts after: None = the stage was recorded, not trained again).
+# Every step checkpoints here (--checkpoint-every 1): the controller's state of step s is saved in
+# step_done, then the trainer's; a kill in between resumes from the trainer's step s - 1.
+STAGE_CRASHES = [("loraprune-step:3", 2), ("retrain-step:4", 3), ("loraprune-masks", STEPS), ("write:{shard1}", None)]
+
+
+@pytest.mark.parametrize(("point", "resumed_after"), STAGE_CRASHES, ids=[case[0] for case in STAGE_CRASHES])
+def test_a_killed_stage_or_loop_resumes_to_the_same_bytes(cli_job, reference, tmp_path, point, resumed_after):
     out = tmp_path / "out"
     crashed(cli_job.run(out, crash=point.format(shard1=cli_job.shard(1)), **FLAGS))
-    assert (Manifest.load(out).loraprune is not None) == trained
+    assert (Manifest.load(out).loraprune is not None) == (resumed_after is None)
     resumed = ok(cli_job.run(out, **FLAGS))
-    assert ("loraprune: " in resumed.stderr and "steps of LoRA" in resumed.stderr) == (not trained)
+    trained_again = "steps of LoRA" in resumed.stderr
+    assert trained_again == (resumed_after is not None), resumed.stderr[-3000:]
+    if resumed_after is not None:
+        assert f"resuming after step {resumed_after}" in resumed.stderr
     assert computed_blocks(resumed)[-1] == cli_job.n_blocks - 1
+    assert_same_output(out, reference)
+    assert not list((out / STATE_DIR / "loraprune").glob("*checkpoint*"))  # the stage's checkpoints are gone
+
+
+def test_a_killed_heads_stage_resumes_its_group_averages(cli_job, tmp_path):
+    """Heads keep their moving averages in host memory: they come back from the controller's checkpoint file."""
+    flags = {**FLAGS, "pattern": "heads", "sparsity": "0.5"}
+    reference = tmp_path / "reference"
+    ok(cli_job.run(reference, **flags))
+    out = tmp_path / "out"
+    crashed(cli_job.run(out, crash="retrain-step:4", **flags))
+    resumed = ok(cli_job.run(out, **flags))
+    assert "resuming after step 3" in resumed.stderr
     assert_same_output(out, reference)
 
 

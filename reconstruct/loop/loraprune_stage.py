@@ -6,8 +6,9 @@ does not fit, resident otherwise), and ``pruners.loraprune_training``'s hooks pr
 LoRAPrune's schedule while it trains. The final keep masks, exactly at each block's target, are
 written per block to ``--out/.reconstruct/loraprune/masks-<block>.safetensors`` (atomically, rank 0)
 and recorded in the manifest with the schedule and the loss curve, so a resume does not train
-again; a job killed during the stage trains again from step 0, which gives the same masks (every
-seed is the job's). The per-block loop then prunes each block with its stored masks and ``--method``
+again. A job killed during the stage continues from its last checkpoint (``--checkpoint-every``
+steps): the trainer's (adapters, AdamW, step) and the controller's (moving averages, masks,
+schedule history) of the same step, so it ends with the same masks as an uninterrupted run. The per-block loop then prunes each block with its stored masks and ``--method``
 repairs it as after any pruner.
 
 The adapters are dropped, not merged: their job is to measure importance. Merging plain LoRA would
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +45,8 @@ from reconstruct.loop.pipeline import BlockPipeline
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
-from reconstruct.retrain.engine import RetrainResult, Trainer, choose_stream, open_model
+from reconstruct.retrain.checkpoint import checkpoint_interval, load_checkpoint
+from reconstruct.retrain.engine import Checkpointing, RetrainResult, Trainer, choose_stream, open_model
 from reconstruct.retrain.engine import train as train_steps
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
@@ -57,15 +60,72 @@ logger = logging.getLogger(__name__)
 
 STAGE_DIR = "loraprune"  # under --out/.reconstruct/
 BATCH = 2  # calibration windows per optimizer step (fewer when there are fewer windows)
+TRAINER_CHECKPOINT = "train-checkpoint.safetensors"  # the trainer's state, in the stage folder
 
 
 class StageHooks(LoRAPruneHooks):
-    """LoRAPrune's hooks with a crash point after every step (``loraprune-step:<step>``, for the resume tests)."""
+    """LoRAPrune's hooks, saving the controller with the trainer's checkpoints; a crash point after every step.
+
+    The trainer saves its checkpoint of step ``s`` right after ``step_done(s)``; the controller's
+    state of step ``s`` is saved here first, and the one before it kept, so the trainer's newest
+    checkpoint always has its controller state (``loraprune-step:<s>`` kills the run in between).
+
+    Args:
+        controller: the importance, masks and schedule of every block.
+        checkpoints: where the controller's states go; None: no checkpoints.
+        start_step: the steps already taken (a resumed stage).
+    """
+
+    def __init__(self, controller: LoRAPruneController, checkpoints: StageCheckpoints | None,
+                 start_step: int = 0) -> None:
+        super().__init__(controller, start_step)
+        self.checkpoints = checkpoints
 
     def step_done(self, step: int) -> None:
-        """See :meth:`LoRAPruneHooks.step_done`."""
+        """See :meth:`LoRAPruneHooks.step_done`; then the controller's checkpoint when the trainer saves one."""
         super().step_done(step)
+        if self.checkpoints is not None and self.checkpoints.due(step, self.controller.schedule.total_steps):
+            self.checkpoints.save(step, self.controller.checkpoint(step))
         crash_point(f"loraprune-step:{step}")
+
+
+@dataclass
+class StageCheckpoints:
+    """The stage's training checkpoints: the trainer's file and the controller's states next to it."""
+
+    folder: Path  # --out/.reconstruct/loraprune
+    every: int  # steps between checkpoints (the trainer's ``Checkpointing.every``)
+
+    @property
+    def trainer(self) -> Checkpointing:
+        """The trainer's checkpoint settings."""
+        return Checkpointing(path=self.folder / TRAINER_CHECKPOINT, every=self.every)
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether the trainer saves a checkpoint after ``step`` (counted from 1)."""
+        return step % self.every == 0 or step == total
+
+    def _path(self, step: int) -> Path:
+        return self.folder / f"controller-{step:08d}.safetensors"
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the controller's state of ``step`` (rank 0); keep it and the one before."""
+        if not distributed.is_main():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic(self._path(step), tensors)
+        for older in sorted(self.folder.glob("controller-*.safetensors"))[:-2]:
+            older.unlink()
+
+    def load(self, step: int) -> dict[str, torch.Tensor]:
+        """The controller's state of ``step``."""
+        return load_file(self._path(step))
+
+    def clear(self) -> None:
+        """Remove the trainer's and the controller's checkpoints (the stage is recorded)."""
+        if distributed.is_main():
+            for path in [self.folder / TRAINER_CHECKPOINT, *self.folder.glob("controller-*.safetensors")]:
+                path.unlink(missing_ok=True)
 
 
 def is_model_level(job: JobConfig) -> bool:
@@ -118,11 +178,27 @@ def mask_path(state: JobState, index: int) -> Path:
     return state.state_dir / STAGE_DIR / f"masks-{index:05d}.safetensors"
 
 
+def stage_checkpoints(job: JobConfig, folder: Path, spec: RetrainSpec, layouts: list[BlockLayout],
+                      loaded: LoadedModel) -> StageCheckpoints | None:
+    """How often the stage checkpoints (``--checkpoint-every``, ``auto``: a bounded share of a step's reads).
+
+    None under torchrun with a per-weight pattern: the other ranks keep their importance records in
+    private scratch folders that a new session does not find, so that stage restarts at step 0.
+    """
+    if distributed.world().size > 1 and layouts[0].groups is None:
+        return None
+    weights = sum(out_f * in_f for layout in layouts for out_f, in_f in layout.shapes.values())
+    adapters = sum(spec.rank * (out_f + in_f) for layout in layouts for out_f, in_f in layout.shapes.values())
+    every = checkpoint_interval(job.checkpoint_every, 4 * adapters, weights * loaded.dtype.itemsize)
+    return StageCheckpoints(folder, every)
+
+
 def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: BlockPipeline,
               sparse: ActivationStream) -> None:
     """Train, prune on the schedule, store the final masks and record the stage; nothing when it is recorded.
 
-    Called while ``sparse`` holds block 0's inputs (structured patterns read one sample of it).
+    Called while ``sparse`` holds block 0's inputs (structured patterns read one sample of it). A
+    stage killed half-way continues from its last checkpoint (trainer and controller together).
     """
     if state.manifest.loraprune is not None:
         return
@@ -132,24 +208,28 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     folder = state.state_dir / STAGE_DIR
     scratch = Path(state.scratch) if state.scratch else folder  # ranks other than 0 never write in --out
     store = HostImportanceStore() if layouts[0].groups is not None else DiskImportanceStore(scratch / "importance")
-    store.restore(0, {})  # an interrupted earlier attempt trained for nothing: start again at step 0
     controller = LoRAPruneController(layouts, LoRAPruneSchedule(total_steps=spec.steps), store,
                                      per_kv_group=job.prune.heads_per_kv_group)
+    checkpoints = stage_checkpoints(job, folder, spec, layouts, loaded)
+    saved = load_checkpoint(checkpoints.trainer.path) if checkpoints is not None else None
+    start = saved["step"] if saved is not None else 0
+    controller.restore(start, checkpoints.load(start) if start else {"history": torch.zeros(0, 3)})
     result = RetrainResult(streamed=choose_stream(spec, loaded))
-    logger.info("loraprune: %d steps of LoRA (rank %d) on the causal-LM loss over %d windows, %s",
-                spec.steps, spec.rank, tokens.shape[0], "streamed" if result.streamed else "resident")
+    logger.info("loraprune: %d steps of LoRA (rank %d) on the causal-LM loss over %d windows, %s%s",
+                spec.steps, spec.rank, tokens.shape[0], "streamed" if result.streamed else "resident",
+                f", resuming after step {start}" if start else "")
 
     def train(hooks: LoRAPruneHooks) -> None:
         trainables = ModelTrainables(spec, loaded.layout)
         model = open_model(BlockLoader(loaded, trainables, hooks), spec, result.streamed, scratch)
         try:
-            train_steps(Trainer(model, trainables, spec, hooks), tokens, spec, result)
+            train_steps(Trainer(model, trainables, spec, hooks), tokens, spec, result,
+                        checkpointing=checkpoints.trainer if checkpoints is not None else None, saved=saved)
         finally:
             model.close()
 
-    finals = prune_while_training(train, controller, hooks=StageHooks(controller))
-    logger.info("loraprune: final sparsity %.4f after %d steps, %.2f s a step", controller.history[-1]["sparsity"],
-                result.steps, result.seconds_per_step)
+    finals = prune_while_training(train, controller, hooks=StageHooks(controller, checkpoints, start))
+    logger.info("loraprune: final sparsity %.4f after %d steps", controller.history[-1]["sparsity"], result.steps)
     files = {}
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
@@ -161,6 +241,8 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     crash_point("loraprune-masks")
     state.record_loraprune({"files": files, "history": controller.history, "loss_curve": result.loss_curve,
                             "streamed": result.streamed, "steps": result.steps})  # no timings: resumes compare reports
+    if checkpoints is not None:
+        checkpoints.clear()
     if isinstance(store, DiskImportanceStore):
         shutil.rmtree(store.folder, ignore_errors=True)
 
