@@ -49,7 +49,7 @@ Memory of the controller (float32 importance, bool masks; ``n`` = blocks):
   LLaMA-7B: 11008 channels, 2 MB in all);
 - unstructured / N:M: 5 bytes per prunable weight (float32 average + keep mask), plus 1 byte per
   weight of a block between a pruning step and its next load (the next mask). That is O(model):
-  SmolLM2-135M's 106 M prunable weights need about 0.5 GB, LLaMA-7B's 6.5 G about 33 GB. It lives
+  SmolLM2-135M's 106 M prunable weights need about 0.5 GB, LLaMA-7B's 6.5 G about 32 GB. It lives
   in an :class:`ImportanceStore` one block record at a time: :class:`HostImportanceStore` keeps every
   record in host memory (fine for small models); a disk store (one file per block) keeps host memory
   at one block's record and costs one read and one write of that record per block per step.
