@@ -8,7 +8,6 @@ resume writes the same bytes.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -68,6 +67,26 @@ def test_the_written_blocks_are_exactly_the_stage_masks_at_the_target(tiny_model
             assert block["removed"]["kv_heads"] == [kv for kv in range(2) if {2 * kv, 2 * kv + 1} <= removed]
         else:
             assert len(block["removed"]["channels"]) == 32  # 0.25 of 128
+
+
+@pytest.mark.parametrize(("pattern", "sparsity"), [("unstructured", 0.5), ("heads", 0.5)])
+def test_streamed_and_resident_stages_choose_the_same_masks(tiny_model_dir, small_calib_file, tmp_path, monkeypatch,
+                                                            pattern, sparsity):
+    """The streamed trainer (blocks loaded twice a step, masks at each load) against the resident one
+    (loaded once, masks moved at step_done). Their gradients agree to rounding, and the masks compare
+    scores that are far from tied on this model, so the masks must be equal."""
+    import reconstruct.loop.loraprune_stage as stage
+
+    masks = {}
+    for streamed in (False, True):
+        monkeypatch.setattr(stage, "choose_stream", lambda spec, loaded, value=streamed: value)
+        out = tmp_path / f"streamed-{streamed}"
+        report = run_job(model_level_job(tiny_model_dir("llama"), out, small_calib_file, pattern, sparsity))
+        assert report["loraprune"]["streamed"] == streamed
+        masks[streamed] = [load_file(out / STATE_DIR / "loraprune" / f"masks-{i:05d}.safetensors")
+                           for i in range(len(report["blocks"]))]
+    for resident, streamed in zip(masks[False], masks[True]):
+        assert resident.keys() == streamed.keys() and all(resident[k].equal(streamed[k]) for k in resident)
 
 
 def test_reconstruction_after_the_stage_keeps_every_zero(tiny_model_dir, small_calib_file, tmp_path):

@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from reconstruct.state.atomic import fsync_dir, remove_stale_temp_files, save_safetensors_atomic
-from reconstruct.state.faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,6 @@ class DiskImportanceStore:
         shutil.rmtree(target, ignore_errors=True)  # a resumed run checkpointing the same step again
         os.rename(building, target)
         fsync_dir(self.folder)
-        crash_point("loraprune-snapshot")
         for _, older in self._snapshots()[:-KEPT_SNAPSHOTS]:
             shutil.rmtree(older)
         return {}

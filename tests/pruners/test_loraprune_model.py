@@ -7,15 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pruners.loraprune_model import BlockLayout, LoRAPruneController, LoRAPruneSchedule
-from pruners.loraprune_training import LoRAPruneHooks, check_at_target, prune_while_training, step_importance
+from pruners.loraprune_training import LoRAPruneHooks, check_at_target, step_importance
 from tolerances import assert_within, gamma
-from pruners.lowrank import LowRankLinear, swap_module
+from pruners.lowrank import LowRankLinear
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
-from pruners.structured import find_channel_groups, find_head_groups, structured_count
+from pruners.structured import find_channel_groups, find_head_groups
 
 LLAMA_ORDER = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
