@@ -251,6 +251,48 @@ Nproc = Annotated[int, typer.Option(min=1, help="Data-parallel processes on this
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")]
 
 
+# --------------------------------------------------------------------------- the flags of retrain (and run's --retrain-*)
+class RetrainMethodName(str, Enum):
+    """What model-level retraining trains (``retrain --method``)."""
+
+    bias = "bias"
+    ln = "ln"
+    bias_ln = "bias-ln"
+    masklora = "masklora"
+    scalelora = "scalelora"
+    lora = "lora"
+
+
+class StreamMode(str, Enum):
+    """Whether retraining streams the blocks (``retrain --stream``)."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+RetrainData = Annotated[str, typer.Option(help="Training text: a .txt/.jsonl file, wikitext2, c4, ptb, or 'self' (sampled from the model).")]
+RetrainOut = Annotated[Path, typer.Option(help="Output folder; also holds the resume state.")]
+RetrainMethod = Annotated[RetrainMethodName, typer.Option(help="What is trained in every block: biases, norms, both, or (Mask|Scale)LoRA adapters (lora refills zeros: needs --allow-dense-merge).")]
+RetrainSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
+RetrainBatch = Annotated[int, typer.Option(min=1, help="Token windows per optimizer step.")]
+RetrainMicroBatch = Annotated[int, typer.Option(min=1, help="Windows per forward/backward slice (gradients accumulate over the step).")]
+RetrainSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per window (the BOS included when the tokenizer adds one).")]
+RetrainLr = Annotated[float, typer.Option(min=0.0, help="AdamW peak learning rate (PERP: 5e-4).")]
+RetrainWarmup = Annotated[float, typer.Option(help="Share of the steps the learning rate rises linearly from 0, then decays linearly to 0 (PERP: 0.1).")]
+RetrainWeightDecay = Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")]
+RetrainSeed = Annotated[int, typer.Option(help="Seed of the windows, their order, the held-out split and adapter inits.")]
+RetrainWindows = Annotated[int, typer.Option(min=1, help="Token windows drawn from --data (training and held out).")]
+RetrainVal = Annotated[float, typer.Option(help="Share of the windows held out, in [0, 1): the best evaluation is kept, and the input is written unchanged if training does not beat it (0 = none: the last step is kept).")]
+RetrainEvalEvery = Annotated[int, typer.Option(min=1, help="Held-out loss measured every this many steps.")]
+AllowDense = Annotated[bool, typer.Option(help="Retrain a --model whose block linears hold no zero (nothing looks pruned).")]
+StreamFlag = Annotated[StreamMode, typer.Option(help="Stream one block at a time (forward and backward): always, never, or auto = when the weights do not fit the device.")]
+RetrainCheckpointEvery = Annotated[str, typer.Option(help="Steps between training checkpoints (what a resume restarts from), or auto = every step while that costs at most 10% of a step's weight reads.")]
+
+RetrainStageSteps = Annotated[int, typer.Option(min=0, help="After the layer-wise loop, retrain the whole model end to end for this many AdamW steps (PERP's global step; 0 = no retraining). The --retrain-* flags set it; rank, alpha, seed, micro-batch are shared.")]
+RetrainStageData = Annotated[Optional[str], typer.Option(help="--retrain-steps: training text (any --calib source).", show_default="the --calib source")]
+RetrainStageSeqLen = Annotated[Optional[int], typer.Option(min=2, help="--retrain-steps: tokens per window.", show_default="--seq-len")]
+
 class OptionGroup:
     """A group of ``run``'s flags as a frozen dataclass whose fields are named as the parameters."""
 
@@ -368,6 +410,20 @@ class ProcessOptions(OptionGroup):
 
 
 @dataclass(frozen=True)
+class RetrainStageOptions(OptionGroup):
+    """``run`` alone: the model-level retraining stage after the layer-wise loop (``--retrain-*``)."""
+
+    retrain_steps: int = 0  # 0: no stage
+    retrain_data: str | None = None  # None: --calib
+    retrain_method: RetrainMethodName = RetrainMethodName.bias_ln
+    retrain_lr: float = 5e-4
+    retrain_batch: int = 2
+    retrain_seq_len: int | None = None  # None: --seq-len
+    retrain_windows: int = 64
+    retrain_val: float = 0.125
+
+
+@dataclass(frozen=True)
 class RunOptions:
     """Every flag of ``run``, by group; ``plan`` and ``sweep`` leave the groups they do not take at their defaults."""
 
@@ -378,6 +434,7 @@ class RunOptions:
     machine: MachineOptions = field(default_factory=MachineOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
     process: ProcessOptions = field(default_factory=ProcessOptions)
+    retrain: RetrainStageOptions = field(default_factory=RetrainStageOptions)
 
     @classmethod
     def from_params(cls, params: Mapping[str, object], groups: tuple[str, ...]) -> RunOptions:
@@ -392,11 +449,11 @@ class RunOptions:
     def command_line(self) -> list[str]:
         """``run`` and its flags that differ from their defaults, ``--nproc`` left out (what torchrun starts)."""
         groups = (self.shape, self.recon, self.prune, self.calib, self.machine, self.output,
-                  replace(self.process, nproc=ProcessOptions.nproc))
+                  replace(self.process, nproc=ProcessOptions.nproc), self.retrain)
         return ["run", *(flag for group in groups for flag in group.flags())]
 
 
-ALL_GROUPS = ("shape", "recon", "prune", "calib", "machine", "output", "process")
+ALL_GROUPS = ("shape", "recon", "prune", "calib", "machine", "output", "process", "retrain")
 PLAN_GROUPS = ("shape", "recon", "prune", "calib", "machine", "process")  # not the output folder
 SWEEP_GROUPS = ("recon", "prune", "calib", "machine", "process")  # the grid and the sweep folder are its own
 
@@ -455,6 +512,14 @@ def run(
     shrink: Shrink = OutputOptions.shrink,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = ProcessOptions.verbose,
+    retrain_steps: RetrainStageSteps = RetrainStageOptions.retrain_steps,
+    retrain_data: RetrainStageData = RetrainStageOptions.retrain_data,
+    retrain_method: RetrainMethod = RetrainStageOptions.retrain_method,
+    retrain_lr: RetrainLr = RetrainStageOptions.retrain_lr,
+    retrain_batch: RetrainBatch = RetrainStageOptions.retrain_batch,
+    retrain_seq_len: RetrainStageSeqLen = RetrainStageOptions.retrain_seq_len,
+    retrain_windows: RetrainWindows = RetrainStageOptions.retrain_windows,
+    retrain_val: RetrainVal = RetrainStageOptions.retrain_val,
 ) -> None:
     """Prune every linear layer of every block, reconstruct, and write a loadable model folder (+ report.md, report.png)."""
     options = RunOptions.from_params(ctx.params, ALL_GROUPS)
@@ -538,6 +603,27 @@ def build_job(options: RunOptions):
         force=output.force,
         evaluation=EvalSpec(output.eval_data, output.eval_seq_len, output.eval_windows) if output.eval_data else None,
         shrink=output.shrink,
+        retrain=_retrain_stage_spec(options),
+        retrain_data=options.retrain.retrain_data,
+    )
+
+
+def _retrain_stage_spec(options: RunOptions):
+    """The RetrainSpec of ``run --retrain-*`` (None without ``--retrain-steps``); rank, alpha, seed shared."""
+    stage = options.retrain
+    if stage.retrain_steps == 0:
+        return None
+    if options.process.nproc > 1:
+        raise ValueError("--retrain-steps runs in one process for now; drop --nproc or retrain afterwards with "
+                         "reconstruct retrain")
+    from reconstruct.retrain.spec import RetrainSpec
+
+    return RetrainSpec(
+        method=stage.retrain_method.value, steps=stage.retrain_steps, batch=stage.retrain_batch,
+        micro_batch=options.machine.micro_batch, seq_len=stage.retrain_seq_len or options.calib.seq_len,
+        lr=stage.retrain_lr, rank=options.recon.rank, alpha=options.recon.alpha, seed=options.calib.seed,
+        n_windows=stage.retrain_windows, val_fraction=stage.retrain_val,
+        allow_dense_merge=options.recon.allow_dense_merge,
     )
 
 
@@ -795,45 +881,6 @@ def inspect_model_folder(
         typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))
 
     _guarded(show)
-
-
-# --------------------------------------------------------------------------- retrain
-class RetrainMethodName(str, Enum):
-    """What model-level retraining trains (``retrain --method``)."""
-
-    bias = "bias"
-    ln = "ln"
-    bias_ln = "bias-ln"
-    masklora = "masklora"
-    scalelora = "scalelora"
-    lora = "lora"
-
-
-class StreamMode(str, Enum):
-    """Whether retraining streams the blocks (``retrain --stream``)."""
-
-    auto = "auto"
-    always = "always"
-    never = "never"
-
-
-RetrainData = Annotated[str, typer.Option(help="Training text: a .txt/.jsonl file, wikitext2, c4, ptb, or 'self' (sampled from the model).")]
-RetrainOut = Annotated[Path, typer.Option(help="Output folder; also holds the resume state.")]
-RetrainMethod = Annotated[RetrainMethodName, typer.Option(help="What is trained in every block: biases, norms, both, or (Mask|Scale)LoRA adapters (lora refills zeros: needs --allow-dense-merge).")]
-RetrainSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
-RetrainBatch = Annotated[int, typer.Option(min=1, help="Token windows per optimizer step.")]
-RetrainMicroBatch = Annotated[int, typer.Option(min=1, help="Windows per forward/backward slice (gradients accumulate over the step).")]
-RetrainSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per window (the BOS included when the tokenizer adds one).")]
-RetrainLr = Annotated[float, typer.Option(min=0.0, help="AdamW peak learning rate (PERP: 5e-4).")]
-RetrainWarmup = Annotated[float, typer.Option(help="Share of the steps the learning rate rises linearly from 0, then decays linearly to 0 (PERP: 0.1).")]
-RetrainWeightDecay = Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")]
-RetrainSeed = Annotated[int, typer.Option(help="Seed of the windows, their order, the held-out split and adapter inits.")]
-RetrainWindows = Annotated[int, typer.Option(min=1, help="Token windows drawn from --data (training and held out).")]
-RetrainVal = Annotated[float, typer.Option(help="Share of the windows held out, in [0, 1): the best evaluation is kept, and the input is written unchanged if training does not beat it (0 = none: the last step is kept).")]
-RetrainEvalEvery = Annotated[int, typer.Option(min=1, help="Held-out loss measured every this many steps.")]
-AllowDense = Annotated[bool, typer.Option(help="Retrain a --model whose block linears hold no zero (nothing looks pruned).")]
-StreamFlag = Annotated[StreamMode, typer.Option(help="Stream one block at a time (forward and backward): always, never, or auto = when the weights do not fit the device.")]
-RetrainCheckpointEvery = Annotated[str, typer.Option(help="Steps between training checkpoints (what a resume restarts from), or auto = every step while that costs at most 10% of a step's weight reads.")]
 
 
 @app.command("retrain")

@@ -179,6 +179,8 @@ class JobConfig:
     force: bool = False  # start over even if --out holds another job
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity
     shrink: bool = False  # at the end, delete the removed heads/channels into OUT/shrunk (reconstruct.shrink)
+    retrain: object | None = None  # reconstruct.retrain.RetrainSpec: model-level retraining after the loop; None = none
+    retrain_data: str | None = None  # its training text (None: the --calib source)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint_every", parse_checkpoint_every(self.checkpoint_every))

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import cli
 
 GROUPS = (cli.ShapeOptions, cli.ReconOptions, cli.PruneOptions, cli.CalibOptions, cli.MachineOptions,
-          cli.OutputOptions, cli.ProcessOptions)
+          cli.OutputOptions, cli.ProcessOptions, cli.RetrainStageOptions)
 
 
 def _names(*groups) -> list[str]:

@@ -248,3 +248,20 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
 def test_bad_settings_are_refused_naming_the_flag(changes, flag):
     with pytest.raises(ValueError, match=flag):
         RetrainSpec(**changes)
+
+
+# --------------------------------------------------------------------------- memory
+def test_memory_plan_refuses_naming_the_flag_and_streaming_needs_less(pruned_dir, monkeypatch):
+    from reconstruct.retrain import memory
+
+    loaded = load_model(str(pruned_dir("llama")), "cpu", "float32")
+    spec = small_spec("masklora")
+    resident, streamed = memory.estimate(spec, loaded, False), memory.estimate(spec, loaded, True)
+    assert streamed.total < resident.total
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(streamed.total / memory.FIT_SHARE) + 1)
+    assert memory.check_fits(spec, loaded, True).fits
+    with pytest.raises(ValueError, match="--stream always"):
+        memory.check_fits(spec, loaded, False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
+    with pytest.raises(ValueError, match="--micro-batch"):
+        memory.check_fits(spec, loaded, True)

@@ -18,6 +18,7 @@ from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, STATE_DIR
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
 from reconstruct.retrain.job import MANIFEST_NAME
 from reconstruct.state.faults import CRASH_ENV
+from reconstruct.state.manifest import MANIFEST_NAME as RUN_MANIFEST
 from test_retrain import prune_folder
 
 runner = CliRunner()
@@ -92,7 +93,7 @@ def run_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra
 
 def model_files(out: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(out.iterdir())
-            if path.is_file() and path.name not in (REPORT_NAME, "report.md", "report.png")}
+            if path.is_file() and path.name not in (REPORT_NAME, "report.md", "report.png", RUN_MANIFEST)}
 
 
 def comparable_report(out: Path) -> dict:
@@ -127,3 +128,68 @@ def test_a_different_job_on_the_same_out_is_refused_naming_the_flag(pruned_llama
     refused = run_cli(out, pruned_llama, small_calib_file, None, "--lr", "2e-2")
     assert refused.returncode == 2
     assert "--lr: 0.01 (on disk) vs 0.02 (now)" in refused.stderr
+
+
+# --------------------------------------------------------------------------- run --retrain-steps
+RUN_FLAGS = ["--device", "cpu", "--n-samples", "8", "--seq-len", "16", "--pruner", "wanda", "--method", "masklora",
+             "--recon-steps", "2", "--checkpoint-every", "1", "--retrain-steps", "3", "--retrain-windows", "8",
+             "--retrain-batch", "4", "--retrain-lr", "1e-2", "--retrain-val", "0.25", "--micro-batch", "2"]
+
+
+def run_job_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra: str):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    env.pop(CRASH_ENV, None)
+    if crash is not None:
+        env[CRASH_ENV] = crash
+    command = [sys.executable, "-m", "reconstruct", "run", "--model", str(model), "--calib", str(data),
+               "--out", str(out), *RUN_FLAGS, *extra]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+def comparable_run_report(out: Path) -> dict:
+    report = json.loads((out / REPORT_NAME).read_text())
+    for key in ("peak_rss_mb", "peak_gpu_mb", "seconds_this_session", "elapsed_seconds", "host_memory_total_mb"):
+        report.pop(key, None)
+    for block in report["blocks"]:
+        block.pop("seconds", None)
+    for key in ("seconds_per_step", "read_share", "tokens_per_second"):
+        report["retrain"].pop(key)
+    return report
+
+
+@pytest.fixture(scope="module")
+def run_reference(tiny_model_dir, small_calib_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run-reference") / "out"
+    result = run_job_cli(out, tiny_model_dir("llama"), small_calib_file)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_run_with_retrain_steps_retrains_after_the_loop(run_reference, tiny_model_dir):
+    report = json.loads((run_reference / REPORT_NAME).read_text())
+    assert report["retrain"]["steps"] == 3 and len(report["retrain"]["loss_curve"]) == 3
+    assert read_stage_finished(run_reference)
+    assert not (run_reference / STATE_DIR / "retrained").exists()
+    assert "## Model-level retraining" in (run_reference / "report.md").read_text()
+
+
+def read_stage_finished(out: Path) -> bool:
+    from reconstruct.retrain.stage import read_stage
+
+    return bool(read_stage(out).get("finished"))
+
+
+@pytest.mark.parametrize("crash", ["retrain-step:2", "retrain-staged", "retrain-swap:model-00002-of-00004.safetensors",
+                                   "write:model.safetensors.index.json@2"])
+def test_run_killed_in_the_retraining_stage_resumes_to_the_same_bytes(run_reference, tiny_model_dir, small_calib_file,
+                                                                      tmp_path, crash):
+    out = tmp_path / "out"
+    killed = run_job_cli(out, tiny_model_dir("llama"), small_calib_file, crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_job_cli(out, tiny_model_dir("llama"), small_calib_file)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reconstruct.loop.engine: block" not in resumed.stderr  # the layer-wise blocks are not recomputed
+    if crash != "retrain-step:2":
+        assert "retrain step" not in resumed.stderr  # staged: never trained (nor merged) twice
+    assert model_files(out) == model_files(run_reference)
+    assert comparable_run_report(out) == comparable_run_report(run_reference)

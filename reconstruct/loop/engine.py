@@ -32,6 +32,7 @@ from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files,
 from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.progress import progress_bar
 from reconstruct.reporting.report import finish_report, refresh_finished_report
+from reconstruct.retrain.stage import read_stage, run_retrain_stage
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb, unpool_large_allocations
 from reconstruct.validation import resolve_evaluation, validate_job
 
@@ -59,12 +60,24 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
     with JobState.open(job, loaded) as state:
         if state.finished and not distributed.is_main():
             return {"already_finished": True, **asdict(distributed.world())}
-        if state.finished:
+        if state.finished and not retrain_pending(job):
             logger.info("%s already holds this finished job; nothing to do", job.out)
             return {**refresh_finished_report(job, state), "already_finished": True}
-        report = _run_blocks(job, loaded, state)
+        report = state.report() if state.finished else _run_blocks(job, loaded, state)
+        if job.retrain is not None and distributed.is_main():
+            report = run_retrain_stage(job, loaded, state, assemble=reassemble_output)
         report["seconds_this_session"] = time.perf_counter() - started
         return report
+
+
+def retrain_pending(job: JobConfig) -> bool:
+    """True when the job asks for the retraining stage and it has not finished in ``--out``."""
+    return job.retrain is not None and not read_stage(job.out).get("finished")
+
+
+def reassemble_output(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
+    """``assemble_output`` for a folder whose blocks changed (the retraining stage swapped them in)."""
+    return assemble_output(job, loaded, state, loaded.layout.n_blocks + 1)
 
 
 def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:

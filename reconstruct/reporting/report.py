@@ -135,6 +135,8 @@ def target_cell(report: dict, row: dict) -> str:
 
 def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
     """The text of ``report.md``."""
+    from reconstruct.reporting.retrain_report import run_retrain_section  # it imports this module
+
     rows = block_rows(report)
     labels = describe_job(report, model)
     trainable = sum(row["trainable_params"] for row in rows)
@@ -168,6 +170,7 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         *([f"| blocks kept their repair | {kept_summary(rows)} (the others were undone: no better on held-out samples) |"]
           if kept_summary(rows) else []),
         "",
+        *run_retrain_section(report),
         "## Blocks",
         "",
         "MSE: the pruned block's output on the pruned stream vs the dense block's output (the targets), "

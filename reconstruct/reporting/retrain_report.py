@@ -31,26 +31,40 @@ def plot_training(retrain: dict, path: Path) -> bool:
     return True
 
 
-def render_retrain_markdown(report: dict, figure_drawn: bool) -> str:
-    """The text of ``report.md`` for a retraining job."""
-    job, retrain = report["job"], report["retrain"]
+def retrain_lines(retrain: dict, job: dict) -> list[str]:
+    """Markdown bullets on a retraining: method, budget, trainables, speed, held-out verdict.
+
+    Args:
+        retrain: the ``retrain`` section of ``reconstruct.json`` (a ``RetrainResult``).
+        job: the settings (``RetrainSpec`` fields: method, batch, lr, warmup, weight_decay).
+    """
     lines = [
-        "# reconstruct retrain",
-        "",
-        f"- model: `{job['model']}` (block linears {report['input_block_sparsity']:.2%} zero, kept exactly)",
-        f"- data: `{job['data']}`, {job['n_windows']} windows of {job['seq_len']} tokens, "
-        f"{job['val_fraction']:.3g} held out",
         f"- method: {job['method']}, {retrain['steps']} steps of {job['batch']} windows, lr {job['lr']:g} "
         f"(warm-up {job['warmup']:.0%}, linear decay), weight decay {job['weight_decay']:g}",
         f"- trainable parameters: {retrain['trainable_params']:,} ({retrain['trainable_share']:.4%} of the blocks')",
         f"- path: {'streamed, one block at a time' if retrain['streamed'] else 'resident'}; "
         f"{retrain['seconds_per_step']:.2f} s per step, {retrain['read_share']:.0%} of it reading weights, "
         f"{retrain['tokens_per_second']:.0f} tokens/s",
+        "- training loss per step: " + ", ".join(f"{loss:.4f}" for loss in retrain["loss_curve"]),
     ]
     if retrain["val_before"] is not None:
         verdict = (f"kept the trainables of step {retrain['best_step']}" if retrain["kept"]
                    else "not better than the untrained model: the input was written unchanged")
         lines.append(f"- held-out loss: {retrain['val_before']:.4f} untrained → {retrain['val_best']:.4f} best ({verdict})")
+    return lines
+
+
+def render_retrain_markdown(report: dict, figure_drawn: bool) -> str:
+    """The text of ``report.md`` for a ``reconstruct retrain`` job."""
+    job = report["job"]
+    lines = [
+        "# reconstruct retrain",
+        "",
+        f"- model: `{job['model']}` (block linears {report['input_block_sparsity']:.2%} zero, kept exactly)",
+        f"- data: `{job['data']}`, {job['n_windows']} windows of {job['seq_len']} tokens, "
+        f"{job['val_fraction']:.3g} held out",
+        *retrain_lines(report["retrain"], job),
+    ]
     evaluation = report.get("evaluation")
     if evaluation:
         lines.append(f"- perplexity on `{evaluation['data']}` ({evaluation['windows']} windows): "
@@ -58,6 +72,20 @@ def render_retrain_markdown(report: dict, figure_drawn: bool) -> str:
     if figure_drawn:
         lines += ["", f"![training curve]({FIGURE_NAME})"]
     return "\n".join(lines) + "\n"
+
+
+def run_retrain_section(report: dict) -> list[str]:
+    """``report.md`` lines of ``run``'s retraining stage (empty when the job had none)."""
+    retrain, settings = report.get("retrain"), report.get("job", {}).get("retrain")
+    if not retrain or not settings:
+        return []
+    before = report.get("evaluation_before_retrain")
+    lines = ["## Model-level retraining", "",
+             "After the layer-wise loop, every block's parameters were trained at once on the causal-LM loss "
+             "(`--retrain-*`); the numbers in Totals describe the final model.", "", *retrain_lines(retrain, settings)]
+    if before:
+        lines.append(f"- perplexity after the layer-wise step, before retraining: {before['perplexity']:.3f}")
+    return lines + [""]
 
 
 def write_retrain_report(out: Path, report: dict) -> bool:

@@ -85,3 +85,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, trainables: ModelTrainab
         state.update({name: value.to(param.device) for name, value in state.items() if name != "step"})  # step: CPU
         if state:
             optimizer.state[param] = state
+
+
+def auto_or_every(every: str | int, spec, loaded) -> int:
+    """``checkpoint_interval`` for a job: the trainables' bytes estimated from the skeleton."""
+    from reconstruct.evaluation.streaming import model_bytes
+    from reconstruct.retrain.trainables import estimate_trainable_count
+
+    trainable_bytes = 4 * estimate_trainable_count(spec, loaded.layout, loaded.blocks)
+    return checkpoint_interval(every, trainable_bytes, model_bytes(loaded.folder, loaded.dtype))

@@ -59,6 +59,7 @@ class RetrainResult:
     seconds_per_step: float = 0.0  # mean wall time of a training step
     read_share: float = 0.0  # share of the training time spent reading block weights
     tokens_per_second: float = 0.0  # scored training tokens per second
+    added_biases: dict[str, list[str]] = field(default_factory=dict)  # block index → linears given a new bias
 
 
 def choose_stream(spec: RetrainSpec, loaded: LoadedModel) -> bool:
@@ -250,18 +251,24 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
             logger.warning("retraining did not lower the held-out loss (%.4f untrained); the blocks are written "
                            "unchanged", result.val_before)
     if distributed.is_main():
-        write_model(loader, out, merge=merge, trained=result.kept, allow_dense_merge=spec.allow_dense_merge)
+        added = write_model(loader, out, merge=merge, trained=result.kept, allow_dense_merge=spec.allow_dense_merge)
+        result.added_biases = {str(index): sorted(names) for index, names in added.items() if names}
     logger.info("retrain: peak RSS %.0f MiB%s", peak_rss_mb(),
                 "" if peak_gpu_mb(loaded.device) is None else f", peak GPU {peak_gpu_mb(loaded.device):.0f} MiB")
     return result
 
 
-def write_model(loader: BlockLoader, out: Path, *, merge: bool, trained: bool, allow_dense_merge: bool) -> None:
-    """Every block merged and written (``output.write_block``), then the rest of the folder."""
-    added: set[str] = set()
-    for index in range(loader.loaded.layout.n_blocks):
-        added |= write_block(loader, index, out, merge=merge, trained=trained, allow_dense_merge=allow_dense_merge)
-    write_rest(loader, out, added)
+def write_model(loader: BlockLoader, out: Path, *, merge: bool, trained: bool,
+                allow_dense_merge: bool) -> dict[int, set[str]]:
+    """Every block merged and written (``output.write_block``), then the rest of the folder.
+
+    Returns:
+        Block index → linears the merge gave a new bias.
+    """
+    added = {index: write_block(loader, index, out, merge=merge, trained=trained, allow_dense_merge=allow_dense_merge)
+             for index in range(loader.loaded.layout.n_blocks)}
+    write_rest(loader, out, set().union(*added.values()))
+    return added
 
 
 def result_record(result: RetrainResult) -> dict:

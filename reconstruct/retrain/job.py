@@ -23,13 +23,13 @@ import transformers
 import reconstruct
 from calib.text_sources import SELF
 from reconstruct.config import EvalSpec
-from reconstruct.evaluation.streaming import model_bytes
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, is_own_leftover
 from reconstruct.parallel import distributed
-from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, checkpoint_interval
+from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
-from reconstruct.retrain.engine import Checkpointing, RetrainResult, retrain_model
+from reconstruct.retrain.engine import Checkpointing, RetrainResult, choose_stream, retrain_model
+from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
 from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files
@@ -143,10 +143,14 @@ def check_same_job(manifest: dict, fingerprint: dict, out: Path) -> None:
 def run_retrain(job: RetrainJob) -> dict:
     """Run (or resume, or report a finished) retraining job; returns the content of ``reconstruct.json``."""
     started = time.perf_counter()
+    if distributed.launched():
+        raise ValueError("reconstruct retrain runs in one process for now (started under torchrun); "
+                         "run it without torchrun")
     loaded = load_model(job.model, job.device, job.dtype)
     check_calib_seq_len(job.spec.seq_len, loaded.config)
     check_out(Path(job.out))
     sparsity = check_looks_pruned(job, loaded)
+    check_fits(job.spec, loaded, choose_stream(job.spec, loaded))
     framing = loaded.framing(job.bos)
     tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, job.spec.n_windows, job.spec.seq_len,
                                                            job.spec.seed, framing))
@@ -168,8 +172,7 @@ def run_retrain(job: RetrainJob) -> dict:
                 return {**json.loads((out / REPORT_NAME).read_text()), "already_finished": True}
         elif distributed.is_main():
             atomic_write_json(manifest_path, {"fingerprint": fingerprint, "finished": False})
-        trainable_bytes = 4 * _estimate_trainables(job.spec, loaded)
-        every = checkpoint_interval(job.checkpoint_every, trainable_bytes, model_bytes(loaded.folder, loaded.dtype))
+        every = auto_or_every(job.checkpoint_every, job.spec, loaded)
         result = retrain_model(loaded, job.spec, job.data, out, framing=framing, tokens=tokens,
                                checkpointing=Checkpointing(state_dir / CHECKPOINT_NAME, every))
         if not distributed.is_main():
@@ -193,15 +196,6 @@ def _read_manifest(path: Path) -> dict | None:
     except ValueError:
         logger.warning("%s is damaged; starting the retraining over", path)
         return None
-
-
-def _estimate_trainables(spec: RetrainSpec, loaded: LoadedModel) -> int:
-    """Trainable scalars of the method, from the skeleton's shapes (low-rank: r (in + out) per linear)."""
-    if spec.method in ("masklora", "scalelora", "lora"):
-        per_block = sum(spec.rank * sum(loaded.blocks[0].get_submodule(name).weight.shape)
-                        for name in loaded.layout.linear_names)
-        return per_block * loaded.layout.n_blocks
-    return sum(param.numel() for name, param in loaded.blocks.named_parameters() if param.dim() == 1)
 
 
 def build_report(job: RetrainJob, fingerprint: dict, result: RetrainResult, sparsity: float,

@@ -90,3 +90,14 @@ class ModelTrainables:
         for index, params in self.by_block.items():
             for position, param in enumerate(params):
                 param.data.copy_(state[f"{index}.{position}"])
+
+
+def estimate_trainable_count(spec: RetrainSpec, layout: BlockLayout, blocks: nn.ModuleList) -> int:
+    """Trainable scalars of the method from the skeleton's shapes (nothing loaded; new biases not counted).
+
+    Low-rank methods: ``r (in + out)`` per linear; the others: every 1-D tensor of the blocks (an upper bound).
+    """
+    if spec.method in ("masklora", "scalelora", "lora"):
+        per_block = sum(spec.rank * sum(blocks[0].get_submodule(name).weight.shape) for name in layout.linear_names)
+        return per_block * len(blocks)
+    return sum(param.numel() for param in blocks.parameters() if param.dim() == 1)

@@ -38,6 +38,7 @@ from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_fi
 from reconstruct.modelio.output import STATE_DIR, check_out_dir
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
 from reconstruct.progress import progress_bar
+from reconstruct.retrain.stage import complete_pending_swap
 from reconstruct.runtime import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,19 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
         "device_type": loaded.device.type,
         "micro_batch": job.micro_batch,
         **({"track_error": True} if job.track_error else {}),  # only when set: older fingerprints stay valid
+        **({"retrain": retrain_identity(job)} if job.retrain is not None else {}),  # the global stage, when asked
         # processes sharing the samples: another count changes the float summation order (docs/distributed.md)
         **({WORLD_SIZE_KEY: distributed.world().size} if distributed.world().size > 1 else {}),
         "versions": {"reconstruct": reconstruct.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
+
+
+def retrain_identity(job: JobConfig) -> dict:
+    """The fingerprint of ``run``'s retraining stage: its settings and its training text."""
+    from reconstruct.retrain.job import data_identity
+
+    return {**job.retrain.fingerprint(), "data": data_identity(job.retrain_data or job.calib.source)}
 
 
 class JobState:
@@ -140,6 +149,7 @@ class JobState:
             with JobLock(job.out):
                 remove_stale_temp_files(job.out)  # left by a process killed mid-write
                 remove_stale_temp_files(job.out / STATE_DIR)  # ... e.g. an activation checkpoint's
+                complete_pending_swap(job.out)  # a retraining stage killed while swapping its blocks in
                 hashes = HashCache(job.out / STATE_DIR / HASH_CACHE_NAME)
                 manifest = cls._load_or_start(job, job_fingerprint(job, loaded, hashes), loaded.layout.n_blocks)
                 hashes.save()  # after _load_or_start, which empties the state folder of a new job

@@ -1,0 +1,97 @@
+"""The retraining stage's memory: what the resident and the streamed path hold, and whether it fits.
+
+An estimate from the checkpoint's headers and the config (nothing is loaded), in the style of
+``reconstruct.planner``: items in bytes on the compute device, the refusal naming the flag to change.
+
+- resident: every weight, the trainables with gradient and two AdamW moments (float32, 16 bytes each),
+  one micro-batch's activations of every block (autograd keeps them) and its float32 logits;
+- streamed: the largest block and the modules outside the blocks, the same trainable state, one
+  micro-batch's activations of one block, the logits, and the block-boundary hidden states of the
+  step's windows (n_blocks + 2 streams of (batch, T, H): inputs, last output, gradient), which live in
+  the device tier only when they fit (else host memory, as the calibration streams).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from reconstruct.evaluation.streaming import available_bytes, model_bytes
+from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.planner.budget import human
+from reconstruct.retrain.spec import RetrainSpec
+from reconstruct.retrain.trainables import estimate_trainable_count
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_FACTOR = 24  # saved (b, T, H)-sized tensors per block forward under autograd (norms, q/k/v, MLP)
+FIT_SHARE = 0.9  # a plan fits when it needs at most this share of the available memory
+
+
+@dataclass
+class RetrainMemory:
+    """Bytes on the compute device for one path."""
+
+    streamed: bool
+    items: dict[str, int]
+    available: int
+
+    @property
+    def total(self) -> int:
+        """All items together."""
+        return sum(self.items.values())
+
+    @property
+    def fits(self) -> bool:
+        """Whether the total is within ``FIT_SHARE`` of the available memory."""
+        return self.total <= FIT_SHARE * self.available
+
+    def format(self) -> str:
+        """One line per item and the total against what is available."""
+        path = "streamed" if self.streamed else "resident"
+        lines = [f"retraining memory ({path}): {human(self.total)} of {human(self.available)} available"]
+        lines += [f"  {name}: {human(value)}" for name, value in self.items.items()]
+        return "\n".join(lines)
+
+
+def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainMemory:
+    """The device bytes of retraining ``loaded`` under ``spec`` on one path."""
+    config, itemsize = loaded.config, torch.finfo(loaded.dtype).bits // 8
+    n_blocks, hidden = loaded.layout.n_blocks, loaded.hidden_size
+    weights = model_bytes(loaded.folder, loaded.dtype)
+    block = sum(param.numel() for param in loaded.blocks[0].parameters()) * itemsize
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    micro_tokens = spec.micro_batch * spec.seq_len
+    block_activations = (ACTIVATION_FACTOR * micro_tokens * hidden + 2 * spec.micro_batch * heads * spec.seq_len ** 2) * itemsize
+    logits = 3 * micro_tokens * int(config.vocab_size) * 4  # float32 logits, their softmax and gradient
+    items = {"trainables + gradients + AdamW moments (float32)": 16 * estimate_trainable_count(spec, loaded.layout,
+                                                                                               loaded.blocks)}
+    if streamed:
+        items["one block + embeddings, final norm, head"] = block + (weights - n_blocks * block)
+        items["one block's activations (autograd)"] = block_activations
+        items["block-boundary hidden states of a step"] = (n_blocks + 2) * spec.batch * spec.seq_len * hidden * itemsize
+    else:
+        items["all weights"] = weights
+        items["activations of every block (autograd)"] = n_blocks * block_activations
+    items["logits of a micro-batch"] = logits
+    return RetrainMemory(streamed, items, available_bytes(loaded.device))
+
+
+def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainMemory:
+    """Log the plan of the chosen path; refuse one that cannot fit, naming the flag to change.
+
+    Raises:
+        ValueError: the resident path does not fit (use ``--stream always``), or the streamed one does
+            not (lower ``--micro-batch``, ``--batch`` or ``--seq-len``).
+    """
+    plan = estimate(spec, loaded, streamed)
+    logger.info("%s", plan.format())
+    if plan.fits:
+        return plan
+    if not streamed:
+        raise ValueError(f"retraining resident needs about {human(plan.total)}, {human(plan.available)} available; "
+                         "use --stream always (or auto) to hold one block at a time")
+    raise ValueError(f"retraining streamed needs about {human(plan.total)}, {human(plan.available)} available; "
+                     "lower --micro-batch, --batch or --seq-len")

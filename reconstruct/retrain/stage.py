@@ -1,0 +1,133 @@
+"""``reconstruct run --retrain-steps N``: the global retraining stage after the layer-wise loop.
+
+The layer-wise job finishes first (its folder complete and its manifest finished). The stage then
+trains on that folder, and writes the merged model into a staging folder, ``--out/.reconstruct/retrained``
+(``retrain_model``, with its checkpoints), so the layer-wise blocks stay as written until the end. Then:
+
+1. the staged block shards and their hashes are recorded in ``--out/.reconstruct/retrain-stage.json``
+   (from here on nothing is trained or merged again);
+2. ``complete_pending_swap`` moves each staged shard over the layer-wise one (an atomic rename) and
+   records its hash and stat in the run's manifest; it is idempotent and also runs when a job is opened,
+   so a kill in the middle of the swap is finished before the manifest's block files are checked;
+3. the rest of the folder (index, config, report) is written again as ``assemble_output`` does, and
+   the stage is marked finished.
+
+A kill at any point and the same command give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from reconstruct.modelio.loaded import LoadedModel, load_model
+from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
+from reconstruct.reporting.report import write_run_report
+from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
+from reconstruct.retrain.data import retrain_windows
+from reconstruct.retrain.engine import Checkpointing, retrain_model
+from reconstruct.state.atomic import atomic_write_json, sha256_file
+from reconstruct.state.faults import crash_point
+from reconstruct.state.fingerprint import file_stat
+from reconstruct.state.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAME = "retrain-stage.json"  # in --out/.reconstruct/
+STAGING_DIR = "retrained"  # in --out/.reconstruct/: the merged model before the swap
+
+
+def _stage_path(out: Path) -> Path:
+    return Path(out) / STATE_DIR / STAGE_NAME
+
+
+def read_stage(out: Path) -> dict:
+    """The stage's record (``{}`` before it starts)."""
+    path = _stage_path(out)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def complete_pending_swap(out: Path) -> bool:
+    """Move staged block shards over the layer-wise ones and record them in the run's manifest.
+
+    Idempotent: a shard already moved is only recorded. Returns whether a swap was pending.
+    """
+    out = Path(out)
+    stage = read_stage(out)
+    staged = stage.get("staged")
+    if not staged or stage.get("swapped"):
+        return False
+    manifest = Manifest.load(out)
+    staging = out / STATE_DIR / STAGING_DIR
+    by_file = {record.file: record for record in manifest.blocks}
+    for name, digest in sorted(staged["shards"].items()):
+        if (staging / name).is_file():
+            os.replace(staging / name, out / name)
+            crash_point(f"retrain-swap:{name}")
+        record = by_file[name]
+        record.sha256, record.stat = digest, file_stat(out / name)
+        added = staged["added_biases"].get(name, [])
+        record.stats["added_biases"] = sorted(set(record.stats.get("added_biases", [])) | set(added))
+    manifest.save(out)
+    atomic_write_json(_stage_path(out), {**stage, "swapped": True})
+    return True
+
+
+def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
+    """Retrain the finished layer-wise folder ``job.out`` and swap the merged blocks in.
+
+    Args:
+        job: the ``JobConfig`` (``job.retrain``: the ``RetrainSpec``; ``job.retrain_data``: the text).
+        loaded: the input model of the run (what ``assemble`` copies the tensors outside the blocks from).
+        state: the run's ``JobState`` (its lock is held).
+        assemble: ``assemble(job, loaded, state)`` writes index, config and report (``loop.engine``).
+
+    Returns:
+        The content of ``reconstruct.json``.
+    """
+    out = Path(job.out)
+    stage = read_stage(out)
+    if stage.get("finished"):
+        return state.report()
+    if not stage.get("staged"):
+        stage = _train_and_stage(job, out, stage)
+    complete_pending_swap(out)
+    state.manifest = Manifest.load(out)
+    report = assemble(job, loaded, state)
+    report = {**report, "retrain": stage["result"], "evaluation_before_retrain": stage.get("layerwise_evaluation")}
+    state.update_report(report)
+    write_run_report(out, report, job.model)  # report.md with the retraining section
+    atomic_write_json(_stage_path(out), {**read_stage(out), "finished": True})
+    shutil.rmtree(out / STATE_DIR / STAGING_DIR, ignore_errors=True)
+    return report
+
+
+def _train_and_stage(job, out: Path, stage: dict) -> dict:
+    """Train on the layer-wise folder, write the merged model to the staging folder, record it."""
+    staging = out / STATE_DIR / STAGING_DIR
+    if not stage:  # first session of the stage: keep what the layer-wise report measured
+        layerwise = json.loads((out / REPORT_NAME).read_text()).get("evaluation")
+        stage = {"layerwise_evaluation": layerwise}
+        atomic_write_json(_stage_path(out), stage)
+    layerwise_model = load_model(str(out), job.device, job.dtype)
+    spec = job.retrain
+    framing = layerwise_model.framing(job.calib.bos)
+    data = job.retrain_data or job.calib.source
+    tokens = retrain_windows(layerwise_model, data, spec.n_windows, spec.seq_len, spec.seed, framing)
+    every = auto_or_every("auto", spec, layerwise_model)
+    result = retrain_model(layerwise_model, spec, data, staging, framing=framing, tokens=tokens,
+                           checkpointing=Checkpointing(out / STATE_DIR / CHECKPOINT_NAME, every))
+    n_shards = layerwise_model.layout.n_blocks + 1
+    shards = {shard_name(index, n_shards): sha256_file(staging / shard_name(index, n_shards))
+              for index in range(layerwise_model.layout.n_blocks)}
+    added = {shard_name(int(index), n_shards): names for index, names in result.added_biases.items()}
+    stage = {**stage, "result": asdict(result), "staged": {"shards": shards, "added_biases": added}}
+    atomic_write_json(_stage_path(out), stage)
+    (out / STATE_DIR / CHECKPOINT_NAME).unlink(missing_ok=True)
+    crash_point("retrain-staged")
+    return stage
+
