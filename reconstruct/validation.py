@@ -57,6 +57,10 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     validate_prune_options(job, loaded)
     validate_allocation(job, loaded.layout.n_blocks)
     validate_pruning_counts(job, loaded)
+    if job.prune.pruner == "loraprune" and job.prune.loraprune_objective == "model":  # options checked above
+        from reconstruct.loop.loraprune_stage import check_stage_memory  # the engine's stage, imported on use
+
+        check_stage_memory(job, loaded)
     if pattern.kind == N_OF_M:
         block = loaded.blocks[0]
         for name in loaded.layout.linear_names:

@@ -163,3 +163,14 @@ def test_cycles_with_the_model_objective_is_refused(cli_job, tmp_path):
     line = refused(cli_job.run(tmp_path / "out", **{**FLAGS, "cycles": "2"}))
     assert "--cycles" in line and "--loraprune-objective model" in line
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_a_stage_that_cannot_fit_is_refused_before_anything_is_written(tiny_model_dir, small_calib_file, tmp_path,
+                                                                       monkeypatch):
+    import reconstruct.retrain.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--loraprune-objective model: the LoRA training needs about .*--micro-batch"):
+        run_job(model_level_job(tiny_model_dir("llama"), out, small_calib_file, "unstructured", 0.5))
+    assert not out.exists() or not any(out.iterdir())

@@ -46,8 +46,10 @@ from reconstruct.modelio.block_io import load_module_weights, release_module_wei
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import checkpoint_interval, load_checkpoint
+from reconstruct.planner.budget import human
 from reconstruct.retrain.engine import Checkpointing, RetrainResult, Trainer, choose_stream, open_model
 from reconstruct.retrain.engine import train as train_steps
+from reconstruct.retrain.memory import RetrainMemory, estimate
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.trainables import ModelTrainables
@@ -133,14 +135,30 @@ def is_model_level(job: JobConfig) -> bool:
     return job.prune.pruner == "loraprune" and job.prune.loraprune_objective == "model"
 
 
-def stage_spec(job: JobConfig, tokens: torch.Tensor) -> RetrainSpec:
+def check_stage_memory(job: JobConfig, loaded: LoadedModel) -> RetrainMemory:
+    """Log the stage's memory on the path it will take (``reconstruct.retrain.memory``); refuse what cannot fit.
+
+    Raises:
+        ValueError: even streamed, the LoRA training does not fit: names the flags that shrink it.
+    """
+    spec = stage_spec(job)
+    plan = estimate(spec, loaded, choose_stream(spec, loaded))
+    logger.info("loraprune stage: %s", plan.format())
+    if not plan.fits:
+        raise ValueError(f"--loraprune-objective model: the LoRA training needs about {human(plan.total)} "
+                         f"({'streamed' if plan.streamed else 'resident'}), {human(plan.available)} available; "
+                         "lower --micro-batch or --seq-len")
+    return plan
+
+
+def stage_spec(job: JobConfig) -> RetrainSpec:
     """The trainer's job: plain LoRA (never merged) at ``--loraprune-rank/-lr`` for ``--loraprune-steps`` steps.
 
     No learning-rate warm-up (the authors' ``warmup_steps=0``), linear decay, no held-out split: the
     stage measures importance, it does not pick a best step.
     """
     prune = job.prune
-    n_windows, seq_len = tokens.shape
+    n_windows, seq_len = job.calib.n_samples, job.calib.seq_len  # the calibration windows, (n, T)
     return RetrainSpec(
         method="lora", steps=prune.loraprune_steps, batch=min(BATCH, n_windows), micro_batch=job.micro_batch,
         seq_len=seq_len, lr=prune.loraprune_lr, warmup=0.0, weight_decay=0.0, rank=prune.loraprune_rank,
@@ -203,7 +221,7 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     if state.manifest.loraprune is not None:
         return
     tokens = state.calibration_tokens(loaded)  # (n, T): every rank's windows; the trainer splits them
-    spec = stage_spec(job, tokens)
+    spec = stage_spec(job)
     layouts = block_layouts(loaded, pipeline, sparse)
     folder = state.state_dir / STAGE_DIR
     scratch = Path(state.scratch) if state.scratch else folder  # ranks other than 0 never write in --out
