@@ -134,6 +134,11 @@ class PruneSpec:
     heads_per_kv_group: bool = False  # --pattern heads with GQA: as many query heads from every kv group (--shrink)
     allocation: AllocationSpec = field(default_factory=AllocationSpec)  # per-block sparsities (uniform, OWL, file)
 
+    @property
+    def model_level_loraprune(self) -> bool:
+        """True for ``--pruner loraprune --loraprune-objective model`` (the stage before block 0)."""
+        return self.pruner == "loraprune" and self.loraprune_objective == "model"
+
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -195,7 +200,7 @@ class JobConfig:
         fewer per block and half the activation memory.
         """
         reconstructing = self.recon is not None and getattr(self.recon, "method", "none") != "none"
-        block_scoring = self.prune.pruner == "loraprune" and self.prune.loraprune_objective == "block"
+        block_scoring = self.prune.pruner == "loraprune" and not self.prune.model_level_loraprune
         return reconstructing or block_scoring or self.track_error
 
     @property

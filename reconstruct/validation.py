@@ -57,7 +57,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     validate_prune_options(job, loaded)
     validate_allocation(job, loaded.layout.n_blocks)
     validate_pruning_counts(job, loaded)
-    if job.prune.pruner == "loraprune" and job.prune.loraprune_objective == "model":  # options checked above
+    if job.prune.model_level_loraprune:  # its options are checked above
         from reconstruct.loop.loraprune_stage import check_stage_memory  # the engine's stage, imported on use
 
         check_stage_memory(job, loaded)
@@ -83,7 +83,7 @@ def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:
     if prune.loraprune_objective not in LORAPRUNE_OBJECTIVES:
         raise ValueError(f"--loraprune-objective must be one of {', '.join(LORAPRUNE_OBJECTIVES)}, "
                          f"got {prune.loraprune_objective!r}")
-    if prune.pruner == "loraprune" and prune.loraprune_objective == "model" and prune.cycles != 1:
+    if prune.model_level_loraprune and prune.cycles != 1:
         raise ValueError("--loraprune-objective model prunes on its own schedule over --loraprune-steps; "
                          f"leave --cycles at 1 (got {prune.cycles})")
     if prune.cycle_schedule not in SCHEDULES:

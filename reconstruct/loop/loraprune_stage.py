@@ -130,11 +130,6 @@ class StageCheckpoints:
                 path.unlink(missing_ok=True)
 
 
-def is_model_level(job: JobConfig) -> bool:
-    """True for ``--pruner loraprune --loraprune-objective model``."""
-    return job.prune.pruner == "loraprune" and job.prune.loraprune_objective == "model"
-
-
 def check_stage_memory(job: JobConfig, loaded: LoadedModel) -> RetrainMemory:
     """Log the stage's memory on the path it will take (``reconstruct.retrain.memory``); refuse what cannot fit.
 
