@@ -58,6 +58,7 @@ Memory of the controller (float32 importance, bool masks; ``n`` = blocks):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -235,7 +236,7 @@ class LoRAPruneController:
         self.per_kv_group = per_kv_group
         self.decay = decay
         self.history: list[dict[str, float]] = []  # one entry per pruning event: step, fraction, sparsity
-        self._pruned: dict[int, tuple[int, int]] = {}  # block -> (pruned, prunable) weights of its latest choice
+        self._tally: dict[int, Tensor] = {}  # block -> its latest choice's (pruned, prunable, newly pruned, kept) sums
 
     # ----------------------------------------------------------------- masks
     def keep_masks(self, index: int, step: int) -> dict[str, Tensor]:
@@ -286,7 +287,7 @@ class LoRAPruneController:
         if fraction is not None:
             self._choose_next(layout, record, fraction)
             record["next_from"] = torch.tensor(step + 1)
-            self._pruned[index] = _masked_count(self._next_masks(layout, record))
+            self._tally[index] = self._choice_tally(layout, record)
         self.store.save(index, record)
 
     def step_done(self, step: int) -> None:
@@ -294,15 +295,30 @@ class LoRAPruneController:
         fraction = self.schedule.prune_after(step)
         if fraction is None:
             return
-        if len(self._pruned) != len(self.layouts):
-            missing = sorted(set(range(len(self.layouts))) - set(self._pruned))
+        if len(self._tally) != len(self.layouts):
+            missing = sorted(set(range(len(self.layouts))) - set(self._tally))
             raise RuntimeError(f"loraprune: step {step} ended before blocks {missing} reported their gradients")
-        pruned = sum(count for count, _ in self._pruned.values())
-        total = sum(size for _, size in self._pruned.values())
-        self.history.append({"step": step, "fraction": fraction, "sparsity": pruned / max(total, 1)})
-        self._pruned.clear()
+        pruned, total, newly_sum, newly_count, kept_sum, kept_count = torch.stack(list(self._tally.values())).sum(0).tolist()
+        ratio = (newly_sum / newly_count) / (kept_sum / kept_count) if newly_count and kept_sum else None
+        self.history.append({"step": step, "fraction": fraction, "sparsity": pruned / max(total, 1),
+                             "importance_ratio": ratio})
+        self._tally.clear()
         logger.info("loraprune: after step %d, %.1f%% of the target, sparsity %.4f", step, 100 * fraction,
                     self.history[-1]["sparsity"])
+
+    def _choice_tally(self, layout: BlockLayout, record: dict[str, Tensor]) -> Tensor:
+        """``(6,)`` float64: pruned and prunable weights of the block's next masks; the importance average
+        summed over the weights (heads or channels, when structured) this choice newly prunes, their
+        count, and the same over the ones it keeps."""
+        pruned, total = _masked_count(self._next_masks(layout, record))
+        keys = [GROUP_KEY] if layout.groups is not None else list(layout.shapes)
+        sums = torch.zeros(4, dtype=torch.float64)  # newly pruned sum, count, kept sum, count
+        for key in keys:
+            average, chosen = record[f"ema.{key}"].double(), record[f"next.{key}"]
+            before = record.get(f"keep.{key}", torch.ones_like(chosen))
+            newly = before & ~chosen
+            sums += torch.stack([average[newly].sum(), newly.sum(), average[chosen].sum(), chosen.sum()]).double()
+        return torch.cat([torch.tensor([pruned, total], dtype=torch.float64), sums])
 
     # ----------------------------------------------------------------- resume
     def checkpoint(self, step: int) -> dict[str, Tensor]:
@@ -310,16 +326,17 @@ class LoRAPruneController:
 
         Call it between steps (no block half-way through a step).
         """
-        history = torch.tensor([[e["step"], e["fraction"], e["sparsity"]] for e in self.history],
-                               dtype=torch.float64).reshape(-1, 3)  # (events, 3)
+        nan = float("nan")  # no ratio: the event pruned nothing new
+        history = torch.tensor([[e["step"], e["fraction"], e["sparsity"], e["importance_ratio"] or nan]
+                                for e in self.history], dtype=torch.float64).reshape(-1, 4)  # (events, 4)
         return {"history": history, **{f"store/{key}": value for key, value in self.store.checkpoint(step).items()}}
 
     def restore(self, step: int, saved: dict[str, Tensor]) -> None:
         """Back to :meth:`checkpoint` ``(step)``: the next step to train is ``step`` (from 0)."""
         self.store.restore(step, {key[len("store/"):]: value for key, value in saved.items() if key.startswith("store/")})
-        self.history = [{"step": int(row[0]), "fraction": float(row[1]), "sparsity": float(row[2])}
-                        for row in saved["history"].tolist()]
-        self._pruned.clear()
+        self.history = [{"step": int(row[0]), "fraction": row[1], "sparsity": row[2],
+                         "importance_ratio": None if math.isnan(row[3]) else row[3]} for row in saved["history"].tolist()]
+        self._tally.clear()
 
     # ----------------------------------------------------------------- selection
     @staticmethod

@@ -226,7 +226,7 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     checkpoints = stage_checkpoints(job, folder, spec, layouts, loaded)
     saved = load_checkpoint(checkpoints.trainer.path) if checkpoints is not None else None
     start = saved["step"] if saved is not None else 0
-    controller.restore(start, checkpoints.load(start) if start else {"history": torch.zeros(0, 3)})
+    controller.restore(start, checkpoints.load(start) if start else {"history": torch.zeros(0, 4)})
     result = RetrainResult(streamed=choose_stream(spec, loaded))
     logger.info("loraprune: %d steps of LoRA (rank %d) on the causal-LM loss over %d windows, %s%s",
                 spec.steps, spec.rank, tokens.shape[0], "streamed" if result.streamed else "resident",

@@ -221,6 +221,10 @@ def test_masks_only_shrink_and_end_exactly_at_the_target(label):
         assert all(final[name].equal(mask) for name, mask in seen[-1][index].items())  # the cool-down trains at them
     sparsities = [event["sparsity"] for event in controller.history]
     assert sparsities == sorted(sparsities) and len(sparsities) > 2
+    ratios = [event["importance_ratio"] for event in controller.history if event["importance_ratio"] is not None]
+    assert ratios and all(ratio > 0 for ratio in ratios)
+    if pattern.structured:  # the groups a step removes score below every group it keeps
+        assert all(ratio <= 1 for ratio in ratios)
 
 
 @pytest.mark.parametrize("label", ["row50", "layer70", "2:4"])
