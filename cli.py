@@ -613,9 +613,11 @@ def _retrain_stage_spec(options: RunOptions):
     stage = options.retrain
     if stage.retrain_steps == 0:
         return None
-    if options.process.nproc > 1:
-        raise ValueError("--retrain-steps runs in one process for now; drop --nproc or retrain afterwards with "
-                         "reconstruct retrain")
+    from reconstruct.parallel import distributed
+
+    if options.process.nproc > 1 or distributed.launched():
+        raise ValueError("--retrain-steps runs in one process for now; drop --nproc (or torchrun) or retrain "
+                         "afterwards with reconstruct retrain")
     from reconstruct.retrain.spec import RetrainSpec
 
     return RetrainSpec(

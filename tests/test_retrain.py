@@ -265,3 +265,18 @@ def test_memory_plan_refuses_naming_the_flag_and_streaming_needs_less(pruned_dir
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
     with pytest.raises(ValueError, match="--micro-batch"):
         memory.check_fits(spec, loaded, True)
+
+
+def test_boundary_states_on_disk_give_the_same_gradients(pruned_dir, tmp_path):
+    """The disk tier (memory-mapped files) stores the same values as host memory: equal gradients."""
+    grads = {}
+    for tier in ("cpu", "disk"):
+        loaded = load_model(str(pruned_dir("gpt2")), "cpu", "float32")
+        trainables = ModelTrainables(small_spec("bias-ln"), loaded.layout)
+        model = StreamedModel(BlockLoader(loaded, trainables, NoHooks()), micro_batch=2, tier=tier, scratch=tmp_path)
+        model.loss_and_gradients(windows(4))
+        model.close()
+        grads[tier] = [param.grad for param in trainables.parameters()]
+    assert list(tmp_path.glob("retrain-boundary-*.bin"))
+    for cpu, disk in zip(grads["cpu"], grads["disk"]):
+        assert torch.equal(cpu, disk)

@@ -193,3 +193,36 @@ def test_run_killed_in_the_retraining_stage_resumes_to_the_same_bytes(run_refere
         assert "retrain step" not in resumed.stderr  # staged: never trained (nor merged) twice
     assert model_files(out) == model_files(run_reference)
     assert comparable_run_report(out) == comparable_run_report(run_reference)
+
+
+def test_run_refuses_a_retraining_stage_that_cannot_fit_before_any_block(tiny_model_dir, small_calib_file, tmp_path,
+                                                                         monkeypatch):
+    from reconstruct.retrain import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
+    out = tmp_path / "out"
+    result = runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file),
+                                     "--out", str(out), *RUN_FLAGS])
+    line = one_error_line(result)
+    assert "--retrain-batch" in line and "--retrain-seq-len" in line
+    assert not (out / INDEX_NAME).exists()
+
+
+def test_self_generated_data_trains_and_writes_a_loadable_folder(pruned_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = invoke("--model", str(pruned_llama), "--data", "self", "--out", str(out), *FLAGS, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["job"]["data"] == "self" and report["retrain"]["steps"] == 1
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_run_refuses_retrain_steps_with_several_processes(tiny_model_dir, small_calib_file, tmp_path):
+    out = tmp_path / "out"
+    line = one_error_line(runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib",
+                                                  str(small_calib_file), "--out", str(out), *RUN_FLAGS,
+                                                  "--nproc", "2"]))
+    assert "--retrain-steps" in line and "--nproc" in line
+    assert not out.exists()

@@ -14,7 +14,6 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 
 from test_retrain import block_tensors, pruned_dir, small_spec, windows  # noqa: F401 (pruned_dir: a fixture)

@@ -32,6 +32,8 @@ from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files,
 from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.progress import progress_bar
 from reconstruct.reporting.report import finish_report, refresh_finished_report
+from reconstruct.retrain.engine import choose_stream
+from reconstruct.retrain.memory import RUN_FLAGS as RUN_RETRAIN_FLAGS, check_fits as check_retrain_memory
 from reconstruct.retrain.stage import read_stage, run_retrain_stage
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb, unpool_large_allocations
 from reconstruct.validation import resolve_evaluation, validate_job
@@ -54,6 +56,8 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
         loaded = load_model(job.model, job.device, job.dtype)
         resolved = resolve_evaluation(job, loaded.config)  # --eval-seq-len: default and limit from the config
         validate_job(resolved, loaded)
+        if job.retrain is not None:  # the retraining stage at the end: refused now rather than after the loop
+            check_retrain_memory(job.retrain, loaded, choose_stream(job.retrain, loaded), RUN_RETRAIN_FLAGS)
         return loaded, check_memory_plan(resolved, loaded, budget)
 
     loaded, job = distributed.agree(prepare, main_first=True)  # one rank refusing stops all

@@ -49,7 +49,7 @@ def checkpoint_interval(every: str | int, trainable_bytes: int, model_bytes: int
     return value
 
 
-def save_checkpoint(path: Path, step: int, trainables: ModelTrainables, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(path: Path, *, step: int, trainables: ModelTrainables, optimizer: torch.optim.Optimizer | None,
                     best_state: dict | None, result) -> None:
     """Write the training state after ``step`` optimizer steps, atomically."""
     tensors = {f"param.{key}": value for key, value in trainables.state().items()}

@@ -15,7 +15,7 @@ from reconstruct.modelio.loaded import LoadedModel
 logger = logging.getLogger(__name__)
 
 
-def retrain_windows(loaded: LoadedModel, source: str, n_windows: int, seq_len: int, seed: int,
+def retrain_windows(loaded: LoadedModel, source: str, *, n_windows: int, seq_len: int, seed: int,
                     framing: SequenceFraming) -> torch.Tensor:
     """``n_windows`` token windows of ``seq_len`` from ``source`` (any ``--calib`` source), (n, T) int64.
 

@@ -27,6 +27,7 @@ from reconstruct.progress import progress_bar
 from reconstruct.retrain.data import held_out_split, retrain_windows, step_rows
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
 from reconstruct.retrain.loss import scored_tokens
+from reconstruct.retrain.memory import boundary_tier, estimate
 from reconstruct.retrain.output import write_block, write_rest
 from reconstruct.retrain.resident import ResidentModel
 from reconstruct.retrain.schedule import lr_factor
@@ -63,18 +64,18 @@ class RetrainResult:
 
 
 def choose_stream(spec: RetrainSpec, loaded: LoadedModel) -> bool:
-    """Whether to stream: ``--stream always|never``, or ``auto``: when the weights do not fit the device."""
+    """Whether to stream: ``--stream always|never``, or ``auto``: when the weights do not fit the device
+    comfortably or the resident path's memory plan (``memory.estimate``) does not fit."""
     if spec.stream != "auto":
         return spec.stream == "always"
-    return should_stream(loaded.folder, loaded.device, loaded.dtype)
+    return should_stream(loaded.folder, loaded.device, loaded.dtype) or not estimate(spec, loaded, False).fits
 
 
 def open_model(loader: BlockLoader, spec: RetrainSpec, stream: bool, scratch: Path):
-    """A ``StreamedModel`` (boundary states in the CPU tier, or the GPU's on a GPU) or a ``ResidentModel``."""
+    """A ``StreamedModel`` (boundary states in the tier ``boundary_tier`` picks) or a ``ResidentModel``."""
     if not stream:
         return ResidentModel(loader, spec.micro_batch)
-    tier = "device" if loader.loaded.device.type == "cuda" else "cpu"
-    return StreamedModel(loader, spec.micro_batch, tier, scratch)
+    return StreamedModel(loader, spec.micro_batch, boundary_tier(spec, loader.loaded), scratch)
 
 
 def block_parameter_count(loaded: LoadedModel) -> int:
@@ -190,8 +191,8 @@ def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: Ret
             crash_point(f"retrain-step:{step + 1}")
             if checkpointing is not None and ((step + 1) % checkpointing.every == 0 or step + 1 == spec.steps):
                 if distributed.is_main():
-                    save_checkpoint(checkpointing.path, step + 1, trainer.trainables, trainer.optimizer, best_state,
-                                    result)
+                    save_checkpoint(checkpointing.path, step=step + 1, trainables=trainer.trainables,
+                                    optimizer=trainer.optimizer, best_state=best_state, result=result)
     elapsed = time.perf_counter() - started
     session_steps = spec.steps - start
     if session_steps:
@@ -226,8 +227,8 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     stream = choose_stream(spec, loaded) if stream is None else stream
     if tokens is None:
         framing = framing or loaded.framing("auto")
-        tokens = distributed.from_main(lambda: retrain_windows(loaded, data, spec.n_windows, spec.seq_len, spec.seed,
-                                                               framing))
+        tokens = distributed.from_main(lambda: retrain_windows(loaded, data, n_windows=spec.n_windows,
+                                                               seq_len=spec.seq_len, seed=spec.seed, framing=framing))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trainables = ModelTrainables(spec, loaded.layout)

@@ -17,9 +17,10 @@ class RetrainHooks(Protocol):
     def block_loaded(self, index: int, block: nn.Module) -> None:
         """Block ``index`` has its weights materialised and its trainables attached.
 
-        Called on every load: in both the forward and the backward pass of every streamed step, and
-        once per block in the resident path. A caller may change frozen weights in place here (apply
-        a mask, say); the change lasts until the block is released.
+        Called on every load: in both the forward and the backward pass of every streamed step (and of
+        every held-out evaluation), once per block in the resident path, and once more when the block
+        is merged and written. A caller may change frozen weights in place here (apply a mask, say);
+        the change lasts until the block is released, and is what gets written.
         """
 
     def block_gradients_ready(self, index: int, block: nn.Module) -> None:

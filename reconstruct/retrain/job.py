@@ -152,8 +152,9 @@ def run_retrain(job: RetrainJob) -> dict:
     sparsity = check_looks_pruned(job, loaded)
     check_fits(job.spec, loaded, choose_stream(job.spec, loaded))
     framing = loaded.framing(job.bos)
-    tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, job.spec.n_windows, job.spec.seq_len,
-                                                           job.spec.seed, framing))
+    tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, n_windows=job.spec.n_windows,
+                                                           seq_len=job.spec.seq_len, seed=job.spec.seed,
+                                                           framing=framing))
     out = Path(job.out)
     state_dir = out / STATE_DIR
     with JobLock(out):

@@ -8,7 +8,8 @@ An estimate from the checkpoint's headers and the config (nothing is loaded), in
 - streamed: the largest block and the modules outside the blocks, the same trainable state, one
   micro-batch's activations of one block, the logits, and the block-boundary hidden states of the
   step's windows (n_blocks + 2 streams of (batch, T, H): inputs, last output, gradient), which live in
-  the device tier only when they fit (else host memory, as the calibration streams).
+  the device tier only when they fit (else host memory or disk, as the calibration streams, and they
+  are not counted here). On the CPU everything is host memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from reconstruct.evaluation.streaming import available_bytes, model_bytes
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.planner.budget import human
+from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.trainables import estimate_trainable_count
 
@@ -56,6 +58,17 @@ class RetrainMemory:
         return "\n".join(lines)
 
 
+def boundary_tier(spec: RetrainSpec, loaded: LoadedModel) -> str:
+    """Where a streamed step keeps its boundary hidden states: the calibration streams' rule (``planner.tier``).
+
+    A step holds ``n_blocks + 2`` streams of (batch, T, H): every block's input, the last output and the
+    gradient; the fastest tier they fit in a share of free memory (device, cpu, then disk).
+    """
+    itemsize = torch.finfo(loaded.dtype).bits // 8
+    stream_bytes = (loaded.layout.n_blocks + 2) * spec.batch * spec.seq_len * loaded.hidden_size * itemsize
+    return choose_stream_tier("auto", loaded.device.type, streams_fit_free_memory(stream_bytes, loaded.device))
+
+
 def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainMemory:
     """The device bytes of retraining ``loaded`` under ``spec`` on one path."""
     config, itemsize = loaded.config, torch.finfo(loaded.dtype).bits // 8
@@ -71,7 +84,8 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
     if streamed:
         items["one block + embeddings, final norm, head"] = block + (weights - n_blocks * block)
         items["one block's activations (autograd)"] = block_activations
-        items["block-boundary hidden states of a step"] = (n_blocks + 2) * spec.batch * spec.seq_len * hidden * itemsize
+        if loaded.device.type != "cuda" or boundary_tier(spec, loaded) == "device":  # else in host memory / on disk
+            items["block-boundary hidden states of a step"] = (n_blocks + 2) * spec.batch * spec.seq_len * hidden * itemsize
     else:
         items["all weights"] = weights
         items["activations of every block (autograd)"] = n_blocks * block_activations
@@ -79,12 +93,23 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
     return RetrainMemory(streamed, items, available_bytes(loaded.device))
 
 
-def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainMemory:
+RETRAIN_FLAGS = ("--micro-batch", "--batch", "--seq-len")  # what shrinks a step: reconstruct retrain's flags
+RUN_FLAGS = ("--micro-batch", "--retrain-batch", "--retrain-seq-len")  # ... and run --retrain-steps's
+
+
+def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool,
+               flags: tuple[str, str, str] = RETRAIN_FLAGS) -> RetrainMemory:
     """Log the plan of the chosen path; refuse one that cannot fit, naming the flag to change.
+
+    Args:
+        spec: the retraining job.
+        loaded: the model.
+        streamed: the path.
+        flags: the micro-batch, batch and window-length flags of the command, for the refusal.
 
     Raises:
         ValueError: the resident path does not fit (use ``--stream always``), or the streamed one does
-            not (lower ``--micro-batch``, ``--batch`` or ``--seq-len``).
+            not (lower the micro-batch, the batch or the window length).
     """
     plan = estimate(spec, loaded, streamed)
     logger.info("%s", plan.format())
@@ -94,4 +119,4 @@ def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> Retrai
         raise ValueError(f"retraining resident needs about {human(plan.total)}, {human(plan.available)} available; "
                          "use --stream always (or auto) to hold one block at a time")
     raise ValueError(f"retraining streamed needs about {human(plan.total)}, {human(plan.available)} available; "
-                     "lower --micro-batch, --batch or --seq-len")
+                     f"lower {flags[0]}, {flags[1]} or {flags[2]}")

@@ -117,7 +117,8 @@ def _train_and_stage(job, out: Path, stage: dict) -> dict:
     spec = job.retrain
     framing = layerwise_model.framing(job.calib.bos)
     data = job.retrain_data or job.calib.source
-    tokens = retrain_windows(layerwise_model, data, spec.n_windows, spec.seq_len, spec.seed, framing)
+    tokens = retrain_windows(layerwise_model, data, n_windows=spec.n_windows, seq_len=spec.seq_len, seed=spec.seed,
+                             framing=framing)
     every = auto_or_every("auto", spec, layerwise_model)
     result = retrain_model(layerwise_model, spec, data, staging, framing=framing, tokens=tokens,
                            checkpointing=Checkpointing(out / STATE_DIR / CHECKPOINT_NAME, every))
