@@ -72,6 +72,13 @@ class PrunerName(str, Enum):
     loraprune = "loraprune"
 
 
+class LorapruneObjective(str, Enum):
+    """What LoRAPrune's adapters are trained on (``--loraprune-objective``)."""
+
+    block = "block"
+    model = "model"
+
+
 class CycleSchedule(str, Enum):
     """How the sparsity grows over ``--cycles``."""
 
@@ -222,6 +229,7 @@ CycleScheduleFlag = Annotated[CycleSchedule, typer.Option(help="How the sparsity
 LorapruneSteps = Annotated[int, typer.Option(min=1, help="--pruner loraprune: LoRA warm-up steps per block (per cycle) that accumulate the importance.")]
 LorapruneRank = Annotated[int, typer.Option(min=1, help="--pruner loraprune: rank of the warm-up adapters (alpha = 2 x rank).")]
 LorapruneLr = Annotated[float, typer.Option(min=0.0, help="--pruner loraprune: AdamW learning rate of the warm-up.")]
+LorapruneObjectiveFlag = Annotated[LorapruneObjective, typer.Option(help="--pruner loraprune: block (a LoRA warm-up per block on its reconstruction error) or model (LoRAPrune as its authors run it: LoRA on every block trained on the causal-LM loss over the calibration text for --loraprune-steps steps, pruning on the authors' cubic schedule; then the per-block loop repairs).")]
 Allocation = Annotated[str, typer.Option(help="Sparsity per block: uniform (every block at --sparsity), owl (blocks with more activation outliers pruned less, mean weighted by size = --sparsity; one more pass over the dense model first), or FILE.json (a list of one sparsity per block, each in [0, 1)). Unstructured patterns only.")]
 OwlM = Annotated[float, typer.Option(help="--allocation owl: a Wanda score is an outlier above M x its block's mean score.")]
 OwlLambda = Annotated[float, typer.Option(help="--allocation owl: largest deviation of a block's sparsity from --sparsity, in [0, 1).")]
@@ -351,6 +359,7 @@ class PruneOptions(OptionGroup):
     loraprune_steps: int = 20
     loraprune_rank: int = 8
     loraprune_lr: float = 2e-2
+    loraprune_objective: LorapruneObjective = LorapruneObjective.block
     allocation: str = "uniform"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
@@ -485,6 +494,7 @@ def run(
     loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
     loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
     loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    loraprune_objective: LorapruneObjectiveFlag = PruneOptions.loraprune_objective,
     allocation: Allocation = PruneOptions.allocation,
     owl_m: OwlM = PruneOptions.owl_m,
     owl_lambda: OwlLambda = PruneOptions.owl_lambda,
@@ -581,6 +591,7 @@ def build_job(options: RunOptions):
             heads_per_kv_group=output.shrink and spec.kind == "heads",
             cycle_schedule=prune.cycle_schedule.value, loraprune_steps=prune.loraprune_steps,
             loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr,
+            loraprune_objective=prune.loraprune_objective.value,
             allocation=AllocationSpec.parse(prune.allocation, prune.owl_m, prune.owl_lambda),
         ),
         calib=CalibSpec(source=calib.calib, n_samples=calib.n_samples, seq_len=calib.seq_len, seed=calib.seed,
@@ -683,6 +694,7 @@ def plan(
     loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
     loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
     loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    loraprune_objective: LorapruneObjectiveFlag = PruneOptions.loraprune_objective,
     allocation: Allocation = PruneOptions.allocation,
     owl_m: OwlM = PruneOptions.owl_m,
     owl_lambda: OwlLambda = PruneOptions.owl_lambda,
@@ -802,6 +814,7 @@ def sweep(
     loraprune_steps: LorapruneSteps = PruneOptions.loraprune_steps,
     loraprune_rank: LorapruneRank = PruneOptions.loraprune_rank,
     loraprune_lr: LorapruneLr = PruneOptions.loraprune_lr,
+    loraprune_objective: LorapruneObjectiveFlag = PruneOptions.loraprune_objective,
     allocation: Allocation = PruneOptions.allocation,
     owl_m: OwlM = PruneOptions.owl_m,
     owl_lambda: OwlLambda = PruneOptions.owl_lambda,

@@ -350,9 +350,13 @@ def select_structured(
         removed = select_removed_per_kv_group(scores, count, groups.num_kv_heads, already)
     else:
         removed = select_removed(scores, count, already)
-    masks = structured_keep_masks(groups, removed, shapes)
+    return structured_keep_masks(groups, removed, shapes), removed_indices(groups, removed)
+
+
+def removed_indices(groups: HeadGroups | ChannelGroups, removed: Tensor) -> dict[str, list[int]]:
+    """The removed group indices by kind, from ``(n,)`` bool ``removed``: ``{"heads", "kv_heads"}`` or ``{"channels"}``."""
     indices = torch.nonzero(removed).flatten().tolist()
     if isinstance(groups, HeadGroups):
         kv = torch.nonzero(kv_heads_removed(groups, removed)).flatten().tolist()
-        return masks, {"heads": indices, "kv_heads": kv}
-    return masks, {"channels": indices}
+        return {"heads": indices, "kv_heads": kv}
+    return {"channels": indices}

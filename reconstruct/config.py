@@ -113,6 +113,9 @@ class AllocationSpec:
         return {"kind": self.kind}
 
 
+LORAPRUNE_OBJECTIVES = ("block", "model")  # --loraprune-objective
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     """Which pruner, which pattern, and its options."""
@@ -127,8 +130,14 @@ class PruneSpec:
     loraprune_steps: int = 20  # LoRAPrune: LoRA warm-up steps per block (and per cycle)
     loraprune_rank: int = 8  # LoRAPrune: warm-up adapter rank (alpha = 2 * rank)
     loraprune_lr: float = 2e-2  # LoRAPrune: warm-up AdamW learning rate
+    loraprune_objective: str = "block"  # LoRAPrune: "block" (per-block warm-up) or "model" (whole model, LM loss)
     heads_per_kv_group: bool = False  # --pattern heads with GQA: as many query heads from every kv group (--shrink)
     allocation: AllocationSpec = field(default_factory=AllocationSpec)  # per-block sparsities (uniform, OWL, file)
+
+    @property
+    def model_level_loraprune(self) -> bool:
+        """True for ``--pruner loraprune --loraprune-objective model`` (the stage before block 0)."""
+        return self.pruner == "loraprune" and self.loraprune_objective == "model"
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,8 @@ class JobConfig:
         fewer per block and half the activation memory.
         """
         reconstructing = self.recon is not None and getattr(self.recon, "method", "none") != "none"
-        return reconstructing or self.prune.pruner == "loraprune" or self.track_error
+        block_scoring = self.prune.pruner == "loraprune" and not self.prune.model_level_loraprune
+        return reconstructing or block_scoring or self.track_error
 
     @property
     def needs_allocation_pass(self) -> bool:

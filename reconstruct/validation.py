@@ -11,7 +11,7 @@ from pruners.pattern import CHANNELS, HEADS, N_OF_M, UNSTRUCTURED
 from pruners.schedule import SCHEDULES
 from pruners.structured import attention_geometry, is_attention, structured_count
 from reconstruct.modelio.architecture import weight_as_out_in
-from reconstruct.config import JobConfig
+from reconstruct.config import LORAPRUNE_OBJECTIVES, JobConfig
 from reconstruct.modelio.loaded import LoadedModel
 
 CONTEXT_LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
@@ -57,6 +57,10 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     validate_prune_options(job, loaded)
     validate_allocation(job, loaded.layout.n_blocks)
     validate_pruning_counts(job, loaded)
+    if job.prune.model_level_loraprune:  # its options are checked above
+        from reconstruct.loop.loraprune_stage import check_stage_memory  # the engine's stage, imported on use
+
+        check_stage_memory(job, loaded)
     if pattern.kind == N_OF_M:
         block = loaded.blocks[0]
         for name in loaded.layout.linear_names:
@@ -76,6 +80,12 @@ def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:
                loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr)
     if prune.cycles < 1:
         raise ValueError(f"--cycles must be >= 1, got {prune.cycles}")
+    if prune.loraprune_objective not in LORAPRUNE_OBJECTIVES:
+        raise ValueError(f"--loraprune-objective must be one of {', '.join(LORAPRUNE_OBJECTIVES)}, "
+                         f"got {prune.loraprune_objective!r}")
+    if prune.model_level_loraprune and prune.cycles != 1:
+        raise ValueError("--loraprune-objective model prunes on its own schedule over --loraprune-steps; "
+                         f"leave --cycles at 1 (got {prune.cycles})")
     if prune.cycle_schedule not in SCHEDULES:
         raise ValueError(f"--cycle-schedule must be one of {', '.join(SCHEDULES)}, got {prune.cycle_schedule!r}")
     pattern = prune.pattern

@@ -17,6 +17,7 @@ other holds none of it, yet joins the gradient all-reduce (adding exact zeros).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -47,7 +48,9 @@ JOBS = {  # name → (pruner, reconstruction)
     **{f"uneven-{method}": ("wanda", ReconSpec(method=method, rank=4, allow_dense_merge=method == "lora", **UNEVEN))
        for method in ("bias", "ln", "bias-ln", "masklora", "scalelora", "lora")},
     "uneven-loraprune": ("loraprune", None),  # its warm-up steps take 1 sample each
+    "loraprune-model": ("loraprune", None),  # the model-level stage: 2 windows a step, one per rank
 }
+MODEL_LEVEL = dict(loraprune_objective="model", loraprune_steps=4, loraprune_lr=1e-3)  # the loraprune-model job
 RESUMED = "masklora"  # the job the resume tests interrupt at block 1 and finish
 INTERRUPT_AT = "reconstruction:1"
 WRITE_EVENTS = {"os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "os.link", "os.symlink",
@@ -138,7 +141,10 @@ def _free_port() -> int:
 
 def _job(model: Path, out: Path, calib: Path, name: str):
     pruner, recon = JOBS[name]
-    return make_job(model, out, pruner, calib=calib, micro_batch=4, recon=recon)
+    job = make_job(model, out, pruner, calib=calib, micro_batch=4, recon=recon)
+    if name == "loraprune-model":
+        job = dataclasses.replace(job, prune=dataclasses.replace(job.prune, **MODEL_LEVEL))
+    return job
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +192,7 @@ def _assert_same_model(got: Path, want: Path) -> None:
 
 
 # --------------------------------------------------------------------------- 2 processes = 1 process
-@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt", "loraprune-model"])
 def test_pruning_masks_equal_single_process(runs, name):
     _assert_same_model(runs["dist"] / name, runs["single"] / name)
 

@@ -24,6 +24,7 @@ from reconstruct.state.job_state import JobState
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.loop.allocation import compute_allocation
 from reconstruct.loop.overlap import BlockReads, BlockWrite, BlockWriter, io_totals
+from reconstruct.loop.loraprune_stage import run_stage, stored_masks
 from reconstruct.loop.pipeline import BlockPipeline, BlockReport
 from reconstruct.state.faults import crash_point
 from reconstruct.methods import split_samples
@@ -111,6 +112,9 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         log_training_budget(job.recon, split)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config, split=split)
     pipeline.block_sparsities = block_sparsities(job, loaded, state, pipeline, sparse, dense, stream_args)
+    if job.prune.model_level_loraprune:  # LoRAPrune over the whole model: the masks of every block, before block 0
+        run_stage(job, loaded, state, pipeline, sparse)
+        pipeline.given_masks = lambda index: stored_masks(state, index)
     start_block = state.restore_streams(sparse, dense)
     if start_block == 0 and dense is not None:
         dense.copy_from(sparse)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,7 +24,14 @@ from pruners.base import BlockTraining, GivenScores
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
 from pruners.schedule import cycle_pattern, scaled_pattern, schedule_fraction
-from pruners.structured import ChannelGroups, HeadGroups, find_groups, select_structured
+from pruners.structured import (
+    ChannelGroups,
+    HeadGroups,
+    find_groups,
+    removed_groups,
+    removed_indices,
+    select_structured,
+)
 from reconstruct.parallel import distributed
 from reconstruct.modelio.architecture import BlockLayout, weight_as_out_in
 from reconstruct.modelio.block_io import keep_nonzero_when_stored, stored_sparsity
@@ -133,6 +141,8 @@ class BlockPipeline:
         self.linear_call_order: list[list[str]] | None = None
         self.units: list | None = None  # --granularity sublayer/linear: found on the first block that trains
         self.block_sparsities: list[float] | None = None  # --allocation: each block's sparsity (None: uniform)
+        # --loraprune-objective model: block index -> {name: (out, in) bool keep mask} chosen before block 0
+        self.given_masks: Callable[[int], dict[str, torch.Tensor]] | None = None
 
     @property
     def reconstructing(self) -> bool:
@@ -259,6 +269,9 @@ class BlockPipeline:
 
     def _prune(self, ctx: BlockContext, pattern) -> None:
         """Prune the block to ``pattern``, nested in ``ctx.keep_masks`` (earlier cycles), which it updates."""
+        if self.given_masks is not None:
+            self._prune_given(ctx, pattern)
+            return
         if pattern.structured:
             self._prune_structured(ctx, pattern)
             return
@@ -269,13 +282,17 @@ class BlockPipeline:
                                                    ctx.keep_masks.get(name))
             del stats
 
-    def _prune_structured(self, ctx: BlockContext, pattern) -> None:
-        """Remove whole heads or channels (pruners.structured); the other linears stay dense."""
+    def find_structure(self, ctx: BlockContext, pattern) -> HeadGroups | ChannelGroups:
+        """The heads or channels a structured ``pattern`` prunes (found once, on the first block pruned)."""
         if self.structure is None:
             shapes = {name: tuple(weight_as_out_in(module).shape) for name, module in ctx.linears.items()}
             self.structure = find_groups(pattern, self.call_order(ctx), shapes, self.model_config)
             logger.info("--pattern %s prunes %s", pattern.kind, self.structure)
-        members = {name: ctx.linears[name] for name in self.structure.linears}
+        return self.structure
+
+    def _prune_structured(self, ctx: BlockContext, pattern) -> None:
+        """Remove whole heads or channels (pruners.structured); the other linears stay dense."""
+        members = {name: ctx.linears[name] for name in self.find_structure(ctx, pattern).linears}
         stats = self._pruner_inputs(ctx, members)
         importance = {
             name: self.pruner.importance(weight_as_out_in(module).detach().float(), stats.get(name))
@@ -292,6 +309,19 @@ class BlockPipeline:
                 ctx.keep_masks[name] = keep_mask
         for name, module in ctx.linears.items():  # untouched linears: everything kept
             ctx.keep_masks.setdefault(name, self._keep_all(module))
+
+    def _prune_given(self, ctx: BlockContext, pattern) -> None:
+        """Zero what the block's given keep masks prune (model-level LoRAPrune chose them at ``pattern``)."""
+        masks = self.given_masks(ctx.index)
+        with torch.no_grad():
+            for name, module in ctx.linears.items():
+                weight = weight_as_out_in(module)  # a view: writing it writes the parameter
+                keep_mask = masks[name].to(device=weight.device, dtype=torch.bool)
+                weight.masked_fill_(~keep_mask, 0.0)
+                ctx.keep_masks[name] = keep_mask
+        if pattern.structured:
+            structure = self.find_structure(ctx, pattern)
+            ctx.report.removed = removed_indices(structure, removed_groups(structure, ctx.keep_masks))
 
     def _pruner_inputs(self, ctx: BlockContext, group: dict[str, nn.Module]) -> dict:
         """What the pruner needs for ``group``: hook statistics, or scores from block training (LoRAPrune)."""

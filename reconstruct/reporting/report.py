@@ -14,6 +14,8 @@ from pathlib import Path
 
 from reconstruct.state.atomic import atomic_write_bytes
 from reconstruct.reporting.plots import INSTALL_HINT, matplotlib_available, plot_blocks
+from reconstruct.reporting.loraprune_report import FIGURE_NAME as LORAPRUNE_FIGURE
+from reconstruct.reporting.loraprune_report import loraprune_section, plot_loraprune
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +236,17 @@ def write_run_report(out: Path, report: dict, model: str | None = None) -> bool:
     labels = describe_job(report, model)
     title = f"{labels['pruner']} · {labels['pattern']} · {labels['method']}"
     drawn = plot_blocks(block_rows(report), title, target_sparsity(report), out / FIGURE_NAME)
+    stage = report.get("loraprune")
+    stage_drawn = bool(stage) and plot_loraprune(stage, out / LORAPRUNE_FIGURE)
+    if not stage_drawn:
+        (out / LORAPRUNE_FIGURE).unlink(missing_ok=True)  # never leave a figure of an earlier job
     if not drawn:
         (out / FIGURE_NAME).unlink(missing_ok=True)  # never leave a figure of an earlier job
         logger.info("matplotlib is not installed: no %s (%s)", FIGURE_NAME, INSTALL_HINT)
-    atomic_write_bytes(out / MARKDOWN_NAME, render_markdown(report, model, drawn).encode("utf-8"))
+    text = render_markdown(report, model, drawn)
+    if stage:
+        text += "\n" + "\n".join(loraprune_section(stage, stage_drawn))
+    atomic_write_bytes(out / MARKDOWN_NAME, text.encode("utf-8"))
     return drawn
 
 

@@ -121,6 +121,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make renames and links in ``folder`` durable (the public name of the helper the atomic writes use)."""
+    _fsync_dir(folder)
+
+
 def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 

@@ -77,6 +77,7 @@ FINGERPRINT_FLAGS: dict[str, str] = {
     "loraprune.steps": "--loraprune-steps",
     "loraprune.rank": "--loraprune-rank",
     "loraprune.lr": "--loraprune-lr",
+    "loraprune.objective": "--loraprune-objective",
     "cycles.cycles": "--cycles",
     "cycles.schedule": "--cycle-schedule",
     "cycles": "--cycles",

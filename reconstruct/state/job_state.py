@@ -72,7 +72,8 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
         "sequential": prune.sequential,
         "sparsegpt": {"blocksize": prune.blocksize, "percdamp": prune.percdamp} if prune.pruner == "sparsegpt" else None,
         # keys only jobs that use them carry, so the fingerprints of older jobs stay as they were
-        **({"loraprune": {"steps": prune.loraprune_steps, "rank": prune.loraprune_rank, "lr": prune.loraprune_lr}}
+        **({"loraprune": {"steps": prune.loraprune_steps, "rank": prune.loraprune_rank, "lr": prune.loraprune_lr,
+                          **({"objective": "model"} if prune.loraprune_objective == "model" else {})}}
            if prune.pruner == "loraprune" else {}),
         **({"cycles": {"cycles": prune.cycles, "schedule": prune.cycle_schedule}} if prune.cycles != 1 else {}),
         **({"heads_per_kv_group": True} if prune.heads_per_kv_group else {}),  # --shrink's head selection
@@ -320,6 +321,11 @@ class JobState:
             streams[name] = values
         return streams if distributed.is_main() else None
 
+    def record_loraprune(self, stage: dict) -> None:
+        """Save model-level LoRAPrune's result (mask files, schedule) in the manifest before block 0."""
+        self.manifest.set_loraprune(stage)
+        self._save()
+
     def block_done(self, index: int, file: str, digest: str, report: dict,
                    streams: dict[str, torch.Tensor] | None) -> None:
         """Record a written block; write the activation checkpoint ``streams`` if given; save the manifest last.
@@ -394,6 +400,7 @@ class JobState:
             "peak_gpu_mb": peak_gpu_mb,
             "host_memory_total_mb": psutil.virtual_memory().total / 2**20,
             **({"allocation": self.manifest.allocation} if self.manifest.allocation is not None else {}),
+            **({"loraprune": self.manifest.loraprune} if self.manifest.loraprune is not None else {}),
         }
 
     def finish(self, output_files: list[str]) -> None:

@@ -70,6 +70,8 @@ class Manifest:
     outputs: dict[str, str] = field(default_factory=dict)  # finished job: non-block output file → sha256
     # --allocation owl / FILE.json: {"kind", "sparsities", "outlier_ratios" (owl), "param_counts"}, once known
     allocation: dict | None = None
+    # --loraprune-objective model: {"files": {block: {"file", "sha256"}}, "history", "loss_curve", ...}, once done
+    loraprune: dict | None = None
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -150,6 +152,7 @@ class Manifest:
             "elapsed_seconds": self.elapsed_seconds,
             "outputs": self.outputs,
             **({"allocation": self.allocation} if self.allocation is not None else {}),  # absent: uniform
+            **({"loraprune": self.loraprune} if self.loraprune is not None else {}),  # absent: no model-level stage
         }
 
     @classmethod
@@ -187,6 +190,7 @@ class Manifest:
             elapsed_seconds=float(data["elapsed_seconds"]),
             outputs=dict(data.get("outputs") or {}),
             allocation=data.get("allocation"),
+            loraprune=data.get("loraprune"),
         )
         return manifest
 
@@ -224,6 +228,10 @@ class Manifest:
     def set_allocation(self, allocation: dict) -> None:
         """Record the per-block sparsities (and OWL's outlier ratios) so a resume does not compute them again."""
         self.allocation = to_jsonable(allocation)
+
+    def set_loraprune(self, stage: dict) -> None:
+        """Record model-level LoRAPrune's mask files and schedule so a resume does not train again."""
+        self.loraprune = to_jsonable(stage)
 
     def set_stream_checkpoint(self, after_block: int, file: str, sha256: str) -> None:
         """Record that the activation checkpoint ``file`` holds the streams after ``after_block``."""
