@@ -244,3 +244,26 @@ def test_side_files_are_copied_atomically(tmp_path):
     copy_side_files(source, out)
     assert (out / "tokenizer.json").read_bytes() == b"new tokenizer" * 1000
     assert sorted(path.name for path in out.iterdir()) == ["tokenizer.json"]
+
+
+def test_side_files_of_an_earlier_job_are_not_carried_over(tmp_path):
+    """An input folder that is itself a job's output (run, retrain, shrink) lends only its tokenizer files.
+
+    Before, ``reconstruct retrain`` on a pruned folder wrote the pruning job's manifest and report next to
+    its own model, and ``run`` on such a folder overwrote its own manifest with the input's until the end.
+    """
+    from reconstruct.modelio.output import copy_side_files
+    from reconstruct.reporting.loraprune_report import FIGURE_NAME as LORAPRUNE_FIGURE
+    from reconstruct.reporting.report import FIGURE_NAME
+    from reconstruct.shrink.writer import SUMMARY_NAME
+    from reconstruct.state.manifest import MANIFEST_NAME
+
+    source, out = tmp_path / "pruned", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    job_files = [MANIFEST_NAME, "reconstruct.json", "report.md", FIGURE_NAME, LORAPRUNE_FIGURE, SUMMARY_NAME,
+                 ".reconstruct.lock", ".shrink-state.json"]
+    for name in [*job_files, "tokenizer.json", "generation_config.json", "config.json", "model.safetensors"]:
+        (source / name).write_text(name)
+    copy_side_files(source, out)
+    assert sorted(path.name for path in out.iterdir()) == ["generation_config.json", "tokenizer.json"]

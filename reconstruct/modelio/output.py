@@ -13,7 +13,11 @@ INDEX_NAME = "model.safetensors.index.json"
 REPORT_NAME = "reconstruct.json"
 STATE_DIR = ".reconstruct"  # resume state: activation checkpoints, calibration tokens
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-SKIPPED_FILES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json"}
+SKIPPED_FILES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json"}  # written anew by every job
+# What a reconstruct job writes about itself (run, retrain, shrink): never carried from an input folder
+# that is itself a job's output, where it would describe the earlier job (a stale manifest would even
+# make a resume of this job look like another one).
+JOB_FILES = {MANIFEST_NAME, REPORT_NAME, "report.md", "report.png", "loraprune.png", "shrink.json"}
 
 
 def check_out_dir(out: Path) -> None:
@@ -39,9 +43,14 @@ def shard_name(index: int, n_shards: int) -> str:
 
 
 def copy_side_files(source: Path, out: Path) -> None:
-    """Copy tokenizer and generation files (everything but weights, index and config), each atomically."""
+    """Copy tokenizer and generation files, each atomically (temp file, fsync, rename).
+
+    Left out: weights, index and config (written anew), an earlier job's own files (``JOB_FILES``) and
+    hidden files (locks, state, temp files).
+    """
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.name not in SKIPPED_FILES:
+        if path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES \
+                and path.name not in SKIPPED_FILES | JOB_FILES:
             atomic_copy_file(path, out / path.name)
 
 

@@ -16,18 +16,16 @@ import logging
 from pathlib import Path
 
 from reconstruct.state.atomic import (
-    atomic_copy_file, atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file,
+    atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file,
 )
 from reconstruct.state.fingerprint import fingerprint_model_files
 from reconstruct.state.lock import LOCK_NAME
-from reconstruct.modelio.output import INDEX_NAME, WEIGHT_SUFFIXES, shard_name, write_index
+from reconstruct.modelio.output import INDEX_NAME, WEIGHT_SUFFIXES, copy_side_files, shard_name, write_index
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = ".shrink-state.json"
 SUMMARY_NAME = "shrink.json"
-NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "reconstruct.json",
-              "reconstruct-manifest.json", "report.md", "report.png", SUMMARY_NAME}
 
 
 def source_identity(folder: Path) -> dict[str, str]:
@@ -103,14 +101,6 @@ def write_small_file(state: ShrinkState, name: str, obj: dict) -> None:
     """Write a JSON file atomically and record it."""
     atomic_write_json(state.out / name, obj)
     state.record(name, sha256_file(state.out / name))
-
-
-def copy_side_files(source: Path, out: Path) -> None:
-    """Copy tokenizer and generation files: everything but weights, configs, indexes and job files."""
-    for path in sorted(source.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES \
-                and path.name not in NOT_COPIED:
-            atomic_copy_file(path, out / path.name)  # temp file, fsync, rename, as every other write
 
 
 def finish_folder(state: ShrinkState, weight_map: dict[str, str], total_bytes: int) -> None:
