@@ -56,17 +56,24 @@ class StreamedModel:
         self.outside = self.loaded.load_outside_blocks() + [load_head(self.loaded)]
         self.kwargs: BlockKwargs | None = None
         self.tuple_output = False
+        self.files: set[Path] = set()  # disk-tier stream files, removed by close()
 
     def close(self) -> None:
-        """Release the modules outside the blocks."""
+        """Release the modules outside the blocks; remove the disk-tier stream files."""
         for module in self.outside:
             release_module_weights(module)
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files.clear()
 
     # ------------------------------------------------------------------ pieces
     def _stream(self, name: str, tokens: torch.Tensor) -> ActivationStream:
         n, seq_len = tokens.shape
+        path = self.scratch / f"retrain-{name}.bin"
+        if self.tier == "disk":
+            self.files.add(path)
         return ActivationStream(n, seq_len, self.loaded.hidden_size, dtype=self.loaded.dtype,
-                                device=self.loaded.device, tier=self.tier, disk_path=self.scratch / f"retrain-{name}.bin")
+                                device=self.loaded.device, tier=self.tier, disk_path=path)
 
     def _capture(self, tokens: torch.Tensor, stream: ActivationStream) -> None:
         """Block-0 inputs of every window into ``stream``; the block kwargs once per session."""
