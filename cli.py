@@ -624,13 +624,24 @@ def _retrain_stage_spec(options: RunOptions):
                          "afterwards with reconstruct retrain")
     from reconstruct.retrain.spec import RetrainSpec
 
-    return RetrainSpec(
-        method=stage.retrain_method.value, steps=stage.retrain_steps, batch=stage.retrain_batch,
-        micro_batch=options.machine.micro_batch, seq_len=stage.retrain_seq_len or options.calib.seq_len,
-        lr=stage.retrain_lr, rank=options.recon.rank, alpha=options.recon.alpha, seed=options.calib.seed,
-        n_windows=stage.retrain_windows, val_fraction=stage.retrain_val,
-        allow_dense_merge=options.recon.allow_dense_merge,
-    )
+    try:
+        return RetrainSpec(
+            method=stage.retrain_method.value, steps=stage.retrain_steps, batch=stage.retrain_batch,
+            micro_batch=options.machine.micro_batch, seq_len=stage.retrain_seq_len or options.calib.seq_len,
+            lr=stage.retrain_lr, rank=options.recon.rank, alpha=options.recon.alpha, seed=options.calib.seed,
+            n_windows=stage.retrain_windows, val_fraction=stage.retrain_val,
+            allow_dense_merge=options.recon.allow_dense_merge,
+        )
+    except ValueError as error:  # RetrainSpec names reconstruct retrain's flags: name run's own
+        flag, _, rest = str(error).partition(" ")
+        if flag == "--seq-len" and stage.retrain_seq_len is None:
+            raise
+        raise ValueError(f"{RUN_RETRAIN_FLAGS.get(flag, flag)} {rest}") from None
+
+
+RUN_RETRAIN_FLAGS = {"--method": "--retrain-method", "--steps": "--retrain-steps", "--batch": "--retrain-batch",
+                     "--seq-len": "--retrain-seq-len", "--lr": "--retrain-lr", "--n-windows": "--retrain-windows",
+                     "--val": "--retrain-val"}  # RetrainSpec's flag -> run's (the others are shared or fixed)
 
 
 def _recon_spec(recon: ReconOptions, method: str):

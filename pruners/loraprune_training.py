@@ -19,7 +19,7 @@ The trainer is a parameter (``train(hooks)``), so nothing here imports the engin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from torch import Tensor, nn
 
@@ -115,10 +115,19 @@ def prune_while_training(train: Callable[[LoRAPruneHooks], None], controller: Lo
         One ``{name: (out, in) bool keep mask}`` per block, exactly at the block's target pattern.
     """
     train(hooks or LoRAPruneHooks(controller))
-    finals = [controller.final_masks(index) for index in range(len(controller.layouts))]
-    for index, masks in enumerate(finals):
+    return list(iter_final_masks(controller))
+
+
+def iter_final_masks(controller: LoRAPruneController) -> Iterator[dict[str, Tensor]]:
+    """Every block's final keep masks, checked at its target, one block at a time (in block order).
+
+    A caller that writes each block's masks before taking the next holds one block's masks (a byte
+    per weight for per-weight patterns), not the model's.
+    """
+    for index in range(len(controller.layouts)):
+        masks = controller.final_masks(index)
         check_at_target(controller, index, masks)
-    return finals
+        yield masks
 
 
 def check_at_target(controller: LoRAPruneController, index: int, masks: dict[str, Tensor]) -> None:

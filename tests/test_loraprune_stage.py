@@ -174,3 +174,30 @@ def test_a_stage_that_cannot_fit_is_refused_before_anything_is_written(tiny_mode
     with pytest.raises(ValueError, match="--loraprune-objective model: the LoRA training needs about .*--micro-batch"):
         run_job(model_level_job(tiny_model_dir("llama"), out, small_calib_file, "unstructured", 0.5))
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_stage_holds_one_block_of_final_masks_at_a_time(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
+    """Per-weight final masks are a byte per weight: writing them must not hold every block's at once
+    (host memory would grow with depth)."""
+    import weakref
+
+    from pruners.loraprune_model import LoRAPruneController
+    from reconstruct.loop import loraprune_stage
+
+    alive, most = [0], [0]
+    real_final, real_save = LoRAPruneController.final_masks, loraprune_stage.save_safetensors_atomic
+
+    def final_masks(self, index):
+        masks = real_final(self, index)
+        alive[0] += 1
+        weakref.finalize(next(iter(masks.values())), lambda: alive.__setitem__(0, alive[0] - 1))
+        return masks
+
+    def save(path, tensors, *args, **kwargs):
+        most[0] = max(most[0], alive[0])
+        return real_save(path, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(LoRAPruneController, "final_masks", final_masks)
+    monkeypatch.setattr(loraprune_stage, "save_safetensors_atomic", save)
+    run_job(model_level_job(tiny_model_dir("llama"), tmp_path / "out", small_calib_file, "unstructured", 0.5))
+    assert most[0] == 1

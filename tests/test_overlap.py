@@ -196,3 +196,34 @@ def test_plan_counts_the_blocks_in_flight_once_whatever_the_depth(tmp_path):
         extra[config] = on_host - off_host
         assert extra[config] == 2 * on.sizes["block"] + on.sizes["n_streams"] * on.sizes["stream"]  # fp16 = stored
     assert extra[OPT_30B] == extra[deeper]
+
+
+def test_at_most_one_stream_checkpoint_copy_is_held_at_a_time(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
+    """The planner counts one private copy of the streams for the checkpoint being written behind: the
+    next block's copy is taken only once that write is done (which also lets ``--checkpoint-every auto``
+    decide after the previous checkpoint's time is known)."""
+    from reconstruct.state.job_state import JobState
+
+    live, most = [0], [0]
+    lock = threading.Lock()
+    real_snapshot, real_checkpoint = JobState.stream_snapshot, JobState._checkpoint_streams
+
+    def snapshot(self, *args, **kwargs):
+        streams = real_snapshot(self, *args, **kwargs)
+        if streams is not None:
+            with lock:
+                live[0] += 1
+                most[0] = max(most[0], live[0])
+        return streams
+
+    def slow_checkpoint(self, index, streams):
+        threading.Event().wait(0.3)  # a slow disk: the next block computes meanwhile
+        real_checkpoint(self, index, streams)
+        with lock:
+            live[0] -= 1
+
+    monkeypatch.setattr(JobState, "stream_snapshot", snapshot)
+    monkeypatch.setattr(JobState, "_checkpoint_streams", slow_checkpoint)
+    model = tiny_model_dir("llama")
+    run_job(tiny_job(model, tmp_path / "out", small_calib_file, "magnitude", "none", offload="cpu"))
+    assert most[0] == 1

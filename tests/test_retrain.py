@@ -275,8 +275,24 @@ def test_boundary_states_on_disk_give_the_same_gradients(pruned_dir, tmp_path):
         trainables = ModelTrainables(small_spec("bias-ln"), loaded.layout)
         model = StreamedModel(BlockLoader(loaded, trainables, NoHooks()), micro_batch=2, tier=tier, scratch=tmp_path)
         model.loss_and_gradients(windows(4))
+        assert bool(list(tmp_path.glob("retrain-boundary-*.bin"))) == (tier == "disk")
         model.close()
+        assert not list(tmp_path.glob("retrain-*.bin"))  # close() removes the disk tier's files
         grads[tier] = [param.grad for param in trainables.parameters()]
-    assert list(tmp_path.glob("retrain-boundary-*.bin"))
     for cpu, disk in zip(grads["cpu"], grads["disk"]):
         assert torch.equal(cpu, disk)
+
+
+def test_memory_plan_leaves_out_boundary_states_that_go_to_disk(pruned_dir, monkeypatch):
+    """On the CPU, boundary states too large for host memory live on disk (``boundary_tier``): the
+    streamed plan must not count them, or a job that runs is refused."""
+    from reconstruct.retrain import memory
+
+    loaded = load_model(str(pruned_dir("llama")), "cpu", "float32")
+    spec = small_spec("masklora")
+    monkeypatch.setattr(memory, "boundary_tier", lambda spec, loaded: "cpu")
+    in_memory = memory.estimate(spec, loaded, True)
+    monkeypatch.setattr(memory, "boundary_tier", lambda spec, loaded: "disk")
+    on_disk = memory.estimate(spec, loaded, True)
+    boundary = (loaded.layout.n_blocks + 2) * spec.batch * spec.seq_len * loaded.hidden_size * 4  # float32
+    assert in_memory.total - on_disk.total == boundary

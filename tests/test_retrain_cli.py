@@ -228,3 +228,14 @@ def test_run_refuses_retrain_steps_with_several_processes(tiny_model_dir, small_
                                                   "--nproc", "2"]))
     assert "--retrain-steps" in line and "--nproc" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "flag"), [(["--retrain-val", "1.5"], "--retrain-val"),
+                                             (["--retrain-lr", "0"], "--retrain-lr")])
+def test_run_names_its_own_retrain_flag_in_a_refusal(tiny_model_dir, small_calib_file, tmp_path, extra, flag):
+    """``run`` has no ``--val`` or ``--lr`` of the stage: the refusal names the ``--retrain-*`` flag."""
+    out = tmp_path / "out"
+    line = one_error_line(runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib",
+                                                  str(small_calib_file), "--out", str(out), *RUN_FLAGS, *extra]))
+    assert line.startswith(f"error: {flag} ")
+    assert not out.exists()

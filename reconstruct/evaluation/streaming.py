@@ -175,10 +175,10 @@ class StreamedLM:
         """Run the model's forward with every block replaying the final hidden states: final norm + head."""
         loaded = self.loaded
         modules = loaded.load_outside_blocks()
-        modules.append(_load_head(loaded))
+        modules.append(load_head(loaded))
         replay: dict[str, torch.Tensor] = {}
         try:
-            with _replaying_blocks(loaded.blocks, replay, tuple_output):
+            with replaying_blocks(loaded.blocks, replay, tuple_output):
                 for set_index, (tokens, stream) in enumerate(zip(token_sets, streams)):
                     for rows in _micro_batches(stream.n_samples, micro_batch):
                         replay["hidden"] = stream.read(rows)  # (b, T, H)
@@ -195,8 +195,18 @@ def _micro_batches(n: int, micro_batch: int) -> Iterator[slice]:
         yield slice(start, min(start + micro_batch, n))
 
 
-def _load_head(loaded: LoadedModel) -> nn.Module:
-    """Materialise the LM head; a tied head shares the (already loaded) input embedding's weight."""
+def load_head(loaded: LoadedModel) -> nn.Module:
+    """Materialise the LM head; a tied head shares the (already loaded) input embedding's weight.
+
+    Args:
+        loaded: the model; its input embeddings must be loaded first when the head is tied.
+
+    Returns:
+        The head module, its weights on ``loaded.device``; release it with ``release_module_weights``.
+
+    Raises:
+        ValueError: the checkpoint lacks the head's weight (or bias) and the head is not tied.
+    """
     model = loaded.model
     head = model.get_output_embeddings()
     prefix = next(name for name, module in model.named_modules() if module is head) + "."
@@ -216,11 +226,16 @@ def _load_head(loaded: LoadedModel) -> nn.Module:
 
 
 @contextmanager
-def _replaying_blocks(blocks: nn.ModuleList, replay: dict, tuple_output: bool):
+def replaying_blocks(blocks: nn.ModuleList, replay: dict, tuple_output: bool):
     """Every block's forward returns ``replay["hidden"]`` (in the block's own output structure).
 
     The blocks stay on ``meta`` and in place, so the model's forward (masks, attribute look-ups on
     its layers) runs unchanged around them.
+
+    Args:
+        blocks: the model's blocks.
+        replay: the caller sets ``replay["hidden"]`` (b, T, H) before each model forward.
+        tuple_output: the blocks return a tuple (as captured from a real block forward).
     """
 
     def forward(*args, **kwargs):

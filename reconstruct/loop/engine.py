@@ -169,9 +169,12 @@ def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: Acti
     tensors = module_tensors_for_output(block, prefix, stored_dtypes)
     release_module_weights(block)
     tier_on_disk = sparse.tier == "disk"
+    # The previous block's writes first: at most one stream copy in flight (the planner counts one), and
+    # --checkpoint-every auto decides knowing how long the previous checkpoint took. Charged as a write wait.
+    waited = step.writer.wait()
     streams = step.state.stream_snapshot(index, sparse, dense, private=job.overlap and not tier_on_disk)
     stats = {**asdict(block_report), "overlap": job.overlap, "read_seconds": read.read_seconds,
-             "read_wait_seconds": read_wait, "compute_seconds": time.perf_counter() - started}
+             "read_wait_seconds": read_wait, "compute_seconds": time.perf_counter() - started - waited}
     name = shard_name(index, n_shards)
 
     def write() -> None:  # in the writer's thread when the overlap is on

@@ -38,7 +38,7 @@ from calib.activations import ActivationStream
 from pruners.layers import weight_as_out_in
 from pruners.loraprune import ALPHA_PER_RANK
 from pruners.loraprune_model import BlockLayout, HostImportanceStore, LoRAPruneController, LoRAPruneSchedule
-from pruners.loraprune_training import LoRAPruneHooks, prune_while_training
+from pruners.loraprune_training import LoRAPruneHooks, iter_final_masks
 from pruners.structured import find_groups
 from reconstruct.config import JobConfig
 from reconstruct.loop.pipeline import BlockPipeline
@@ -241,15 +241,14 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
         finally:
             model.close()
 
-    finals = prune_while_training(train, controller, hooks=StageHooks(controller, checkpoints, start))
+    train(StageHooks(controller, checkpoints, start))
     logger.info("loraprune: final sparsity %.4f after %d steps", controller.history[-1]["sparsity"], result.steps)
     files = {}
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
-        for index, masks in enumerate(finals):
+        for index, masks in enumerate(iter_final_masks(controller)):  # one block's masks in memory at a time
             path = mask_path(state, index)
             files[str(index)] = {"file": path.name, "sha256": save_safetensors_atomic(path, masks)}
-    del finals
     distributed.agree(lambda: None)  # every rank reads the files rank 0 wrote
     crash_point("loraprune-masks")
     state.record_loraprune({"files": files, "history": controller.history, "loss_curve": result.loss_curve,

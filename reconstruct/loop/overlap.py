@@ -13,8 +13,9 @@ same work in the calling thread (``--no-overlap``: the old order, for comparison
   Every manifest save of the loop happens in that thread, so the durability rule is unchanged: a
   block counts as done once its file is fsynced and the manifest saved after it.
 
-At most one block is read ahead and one written behind: before block i+1 is handed to the writer,
-the loop waits for block i's write, and block i+2 is read only once block i+1 was taken. A failed
+At most one block is read ahead and one written behind: before block i+1's stream snapshot is taken
+and its writes handed to the writer, the loop waits for block i's write (one copy of the streams in
+flight), and block i+2 is read only once block i+1 was taken. A failed
 background read or write is raised in the loop at the next hand-over (or when the loop ends), with
 the worker's own exception: a full disk stops the job with the same ``DiskWriteError`` line as a
 serial run, and every block written before it stays done.

@@ -22,6 +22,7 @@ def read_module_tensors(
     prefix: str,
     reader: CheckpointReader,
     key_map: dict[str, str],
+    *,
     own: bool = False,
     pin: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -66,6 +67,7 @@ def install_module_tensors(
     tensors: dict[str, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype,
+    *,
     owned: bool = False,
 ) -> dict[str, torch.dtype]:
     """Swap ``tensors`` (from :func:`read_module_tensors`) into ``module`` on ``device``.

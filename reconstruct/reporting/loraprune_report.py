@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconstruct.reporting.plots import _save, load_matplotlib
+from reconstruct.reporting.plots import load_matplotlib, save_figure
 
 FIGURE_NAME = "loraprune.png"
 
@@ -51,5 +51,5 @@ def plot_loraprune(stage: dict, path: Path) -> bool:
     loss_axes.plot(range(1, len(losses) + 1), losses, marker=".")
     loss_axes.set(xlabel="step", ylabel="causal-LM loss", title="LoRA training")
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
     return True

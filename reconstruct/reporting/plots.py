@@ -37,7 +37,13 @@ def matplotlib_available() -> bool:
     return load_matplotlib() is not None
 
 
-def _save(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
+    """Write ``figure`` to ``path`` as a PNG, atomically, with fixed metadata (same bytes for the same figure).
+
+    Args:
+        figure: a matplotlib ``Figure`` (drawn on an Agg canvas here, no display needed).
+        path: the PNG to write.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)
@@ -99,7 +105,7 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     sparsity_axes.set_ylabel("sparsity")
     sparsity_axes.set_xlabel("block (from 1)")
     figure.suptitle(title)
-    _save(figure, path)
+    save_figure(figure, path)
     return True
 
 
@@ -169,5 +175,5 @@ def plot_sweep(rows: list[dict], path: Path) -> bool:
         axes.grid(True, alpha=0.3)
         axes.legend()
     axes_list[0].set_ylabel("perplexity")
-    _save(figure, path)
+    save_figure(figure, path)
     return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconstruct.reporting.plots import _save, load_matplotlib
+from reconstruct.reporting.plots import load_matplotlib, save_figure
 from reconstruct.reporting.report import FIGURE_NAME, MARKDOWN_NAME
 from reconstruct.state.atomic import atomic_write_bytes
 
@@ -27,7 +27,7 @@ def plot_training(retrain: dict, path: Path) -> bool:
     axes.set_ylabel("mean token cross-entropy")
     axes.set_title("model-level retraining")
     axes.legend()
-    _save(figure, path)
+    save_figure(figure, path)
     return True
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -270,8 +270,3 @@ def write_model(loader: BlockLoader, out: Path, *, merge: bool, trained: bool,
              for index in range(loader.loaded.layout.n_blocks)}
     write_rest(loader, out, set().union(*added.values()))
     return added
-
-
-def result_record(result: RetrainResult) -> dict:
-    """``result`` as JSON-ready data."""
-    return asdict(result)

@@ -9,7 +9,7 @@ An estimate from the checkpoint's headers and the config (nothing is loaded), in
   micro-batch's activations of one block, the logits, and the block-boundary hidden states of the
   step's windows (n_blocks + 2 streams of (batch, T, H): inputs, last output, gradient), which live in
   the device tier only when they fit (else host memory or disk, as the calibration streams, and they
-  are not counted here). On the CPU everything is host memory.
+  are not counted here). On the CPU the rest is host memory; boundary states on disk are not counted.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
     if streamed:
         items["one block + embeddings, final norm, head"] = block + (weights - n_blocks * block)
         items["one block's activations (autograd)"] = block_activations
-        if loaded.device.type != "cuda" or boundary_tier(spec, loaded) == "device":  # else in host memory / on disk
+        tier = boundary_tier(spec, loaded)  # counted where they live: the device tier, or host memory on the CPU
+        if tier == "device" or (tier == "cpu" and loaded.device.type != "cuda"):  # else host memory / disk
             items["block-boundary hidden states of a step"] = (n_blocks + 2) * spec.batch * spec.seq_len * hidden * itemsize
     else:
         items["all weights"] = weights

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from reconstruct.evaluation.streaming import _load_head
+from reconstruct.evaluation.streaming import load_head
 from reconstruct.modelio.block_io import release_module_weights
 from reconstruct.parallel import distributed
 from reconstruct.retrain.loss import scored_tokens, token_loss_sum
@@ -28,7 +28,7 @@ class ResidentModel:
         self.loader = loader
         self.loaded = loader.loaded
         self.micro_batch = micro_batch
-        self.outside = self.loaded.load_outside_blocks() + [_load_head(self.loaded)]
+        self.outside = self.loaded.load_outside_blocks() + [load_head(self.loaded)]
         self.handles = [loader.load(index)[2] for index in range(self.loaded.layout.n_blocks)]
 
     def close(self) -> None:

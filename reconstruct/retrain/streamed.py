@@ -22,7 +22,7 @@ import torch
 
 from calib.activations import ActivationStream
 from calib.capture import BlockKwargs, block_output, capture_block_inputs
-from reconstruct.evaluation.streaming import _load_head, _replaying_blocks
+from reconstruct.evaluation.streaming import load_head, replaying_blocks
 from reconstruct.modelio.block_io import release_module_weights
 from reconstruct.parallel import distributed
 from reconstruct.retrain.loss import scored_tokens, token_loss_sum
@@ -53,20 +53,27 @@ class StreamedModel:
         self.micro_batch = micro_batch
         self.tier = tier
         self.scratch = scratch
-        self.outside = self.loaded.load_outside_blocks() + [_load_head(self.loaded)]
+        self.outside = self.loaded.load_outside_blocks() + [load_head(self.loaded)]
         self.kwargs: BlockKwargs | None = None
         self.tuple_output = False
+        self.files: set[Path] = set()  # disk-tier stream files, removed by close()
 
     def close(self) -> None:
-        """Release the modules outside the blocks."""
+        """Release the modules outside the blocks; remove the disk-tier stream files."""
         for module in self.outside:
             release_module_weights(module)
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files.clear()
 
     # ------------------------------------------------------------------ pieces
     def _stream(self, name: str, tokens: torch.Tensor) -> ActivationStream:
         n, seq_len = tokens.shape
+        path = self.scratch / f"retrain-{name}.bin"
+        if self.tier == "disk":
+            self.files.add(path)
         return ActivationStream(n, seq_len, self.loaded.hidden_size, dtype=self.loaded.dtype,
-                                device=self.loaded.device, tier=self.tier, disk_path=self.scratch / f"retrain-{name}.bin")
+                                device=self.loaded.device, tier=self.tier, disk_path=path)
 
     def _capture(self, tokens: torch.Tensor, stream: ActivationStream) -> None:
         """Block-0 inputs of every window into ``stream``; the block kwargs once per session."""
@@ -109,7 +116,7 @@ class StreamedModel:
         model, device = self.loaded.model, self.loaded.device
         replay: dict[str, torch.Tensor] = {}
         loss_sum = 0.0
-        with _replaying_blocks(self.loaded.blocks, replay, self.tuple_output), torch.set_grad_enabled(grads is not None):
+        with replaying_blocks(self.loaded.blocks, replay, self.tuple_output), torch.set_grad_enabled(grads is not None):
             for rows in micro_batches(tokens.shape[0], self.micro_batch):
                 hidden = last.read(rows).requires_grad_(grads is not None)  # (b, T, H)
                 replay["hidden"] = hidden
