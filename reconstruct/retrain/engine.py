@@ -35,7 +35,7 @@ from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.streamed import StreamedModel
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
+from reconstruct.runtime import peak_gpu_mb, peak_rss_mb, unpool_large_allocations
 from reconstruct.state.faults import crash_point
 
 logger = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     Returns:
         The ``RetrainResult``; ``out`` holds a Hugging Face folder.
     """
+    unpool_large_allocations()  # freed blocks go back to the OS: host memory stays flat with depth
     hooks = hooks or NoHooks()
     stream = choose_stream(spec, loaded) if stream is None else stream
     if tokens is None:
