@@ -187,6 +187,24 @@ def _guarded(action):
         raise
 
 
+def command_flags(ctx: typer.Context, skip: tuple[str, ...] = ()) -> list[str]:
+    """The options of the command ``ctx`` parsed, as flags that give the same values (``None`` left out).
+
+    Used to start the same command again through torchrun (``--nproc``); ``skip`` names options to drop.
+    """
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name != "option" or param.name in skip or value is None:
+            continue
+        if param.is_flag:
+            if value != param.default:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            args += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
+    return args
+
+
 def _default_out(model: str, pruner: str, pattern: str, sparsity: float | None) -> Path:
     stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
     shape = pattern.replace(":", "of") if pattern != "unstructured" else f"s{sparsity if sparsity is not None else 0.5:g}"
@@ -617,11 +635,6 @@ def _retrain_stage_spec(options: RunOptions):
     stage = options.retrain
     if stage.retrain_steps == 0:
         return None
-    from reconstruct.parallel import distributed
-
-    if options.process.nproc > 1 or distributed.launched():
-        raise ValueError("--retrain-steps runs in one process for now; drop --nproc (or torchrun) or retrain "
-                         "afterwards with reconstruct retrain")
     from reconstruct.retrain.spec import RetrainSpec
 
     return RetrainSpec(
@@ -893,6 +906,7 @@ def inspect_model_folder(
 
 @app.command("retrain")
 def retrain(
+    ctx: typer.Context,
     data: RetrainData,
     out: RetrainOut,
     model: Model = DEFAULT_MODEL,
@@ -920,12 +934,14 @@ def retrain(
     eval_data: EvalData = None,
     eval_seq_len: EvalSeqLen = None,
     eval_windows: EvalWindows = None,
+    nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = False,
 ) -> None:
     """Retrain the whole pruned model end to end (PERP's global step), keeping every zero; streamed when it does not fit."""
     _setup_logging(verbose)
 
     def build_and_run():
+        from reconstruct.parallel import distributed
         from reconstruct.config import EvalSpec
         from reconstruct.retrain.job import RetrainJob, run_retrain
         from reconstruct.retrain.spec import RetrainSpec
@@ -939,6 +955,8 @@ def retrain(
         job = RetrainJob(model=model, data=data, out=out, spec=spec, device=device, dtype=dtype.value,
                          bos=calib_bos.value, allow_dense=allow_dense, checkpoint_every=checkpoint_every,
                          evaluation=evaluation)
+        if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
+            raise typer.Exit(distributed.relaunch(nproc, ["retrain", *command_flags(ctx, skip=("nproc",))]))
         try:
             report = run_retrain(job)
         except KeyboardInterrupt:

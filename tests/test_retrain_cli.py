@@ -219,12 +219,3 @@ def test_self_generated_data_trains_and_writes_a_loadable_folder(pruned_llama, t
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["job"]["data"] == "self" and report["retrain"]["steps"] == 1
     assert AutoModelForCausalLM.from_pretrained(out) is not None
-
-
-def test_run_refuses_retrain_steps_with_several_processes(tiny_model_dir, small_calib_file, tmp_path):
-    out = tmp_path / "out"
-    line = one_error_line(runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib",
-                                                  str(small_calib_file), "--out", str(out), *RUN_FLAGS,
-                                                  "--nproc", "2"]))
-    assert "--retrain-steps" in line and "--nproc" in line
-    assert not out.exists()
