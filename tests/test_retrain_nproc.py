@@ -17,6 +17,7 @@ from reconstruct.modelio.output import REPORT_NAME, STATE_DIR
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
 from reconstruct.retrain.job import MANIFEST_NAME, check_batch_split
+from reconstruct.state.status import describe_job
 from test_retrain_cli import (  # noqa: F401 (pruned_llama: a fixture)
     comparable_report, model_files, pruned_llama, run_cli, run_job_cli,
 )
@@ -55,6 +56,7 @@ def test_retrain_with_two_processes_writes_the_bytes_of_one(single, pruned_llama
     assert model_files(out) == model_files(single)
     assert _without_world_size(comparable_report(out)) == _without_world_size(comparable_report(single))
     assert not list(out.glob("reconstruct-rank*"))  # rank 1's scratch is never in --out
+    assert "retrain:    step 4 of 4" in describe_job(out)
 
 
 def test_retrain_with_two_processes_killed_and_rerun_gives_the_same_bytes(single, pruned_llama, small_calib_file,
@@ -86,6 +88,7 @@ def test_run_with_retrain_steps_and_two_processes_finishes(tiny_model_dir, small
                for key, value in load_file(path).items() if key.endswith("proj.weight")]
     assert len(weights) == 7 * len(report["blocks"])  # q, k, v, o, gate, up, down of every block
     assert all(float((weight == 0).float().mean()) >= 0.5 for weight in weights)  # the zeros stayed zero
+    assert "retrain:    finished (3 of 3 steps)" in describe_job(out)
 
 
 def test_a_batch_smaller_than_the_processes_is_refused_naming_the_flag(monkeypatch):
