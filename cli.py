@@ -474,7 +474,7 @@ class RunOptions:
 
 
 ALL_GROUPS = ("shape", "recon", "prune", "calib", "machine", "output", "process", "retrain")
-PLAN_GROUPS = ("shape", "recon", "prune", "calib", "machine", "process")  # not the output folder
+PLAN_GROUPS = ("shape", "recon", "prune", "calib", "machine", "process", "retrain")  # not the output folder
 SWEEP_GROUPS = ("recon", "prune", "calib", "machine", "process")  # the grid and the sweep folder are its own
 
 
@@ -722,8 +722,19 @@ def plan(
     host_memory: HostMemory = MachineOptions.host_memory,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = ProcessOptions.verbose,
+    retrain_steps: RetrainStageSteps = RetrainStageOptions.retrain_steps,
+    retrain_data: RetrainStageData = RetrainStageOptions.retrain_data,
+    retrain_method: RetrainMethod = RetrainStageOptions.retrain_method,
+    retrain_lr: RetrainLr = RetrainStageOptions.retrain_lr,
+    retrain_batch: RetrainBatch = RetrainStageOptions.retrain_batch,
+    retrain_seq_len: RetrainStageSeqLen = RetrainStageOptions.retrain_seq_len,
+    retrain_windows: RetrainWindows = RetrainStageOptions.retrain_windows,
+    retrain_val: RetrainVal = RetrainStageOptions.retrain_val,
 ) -> None:
     """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work.
+
+    With --retrain-steps, also the retraining stage's memory on both paths (resident, streamed) and
+    the one it would take (needs --model: the sizes come from its checkpoint).
 
     --device auto plans for a GPU when this machine has one or --gpu-memory is given, else for the CPU.
     Exit code 0 when the plan fits its budgets, 3 when it does not, 2 on bad input.
@@ -734,12 +745,28 @@ def plan(
     def show():
         from reconstruct.planner import plan_from_config
 
-        memory_plan = plan_from_config(build_job(options), config, _memory_budget(options.machine))
+        job = build_job(options)
+        memory_plan = plan_from_config(job, config, _memory_budget(options.machine))
         typer.echo(memory_plan.format())
-        if not memory_plan.fits:
+        fits = memory_plan.fits
+        if job.retrain is not None:
+            text, stage_fits = _retrain_stage_plan(job, config)
+            typer.echo(text)
+            fits = fits and stage_fits
+        if not fits:
             raise typer.Exit(EXIT_PLAN_DOES_NOT_FIT)
 
     _guarded(show)
+
+
+def _retrain_stage_plan(job, config: Path | None) -> tuple[str, bool]:
+    """The retraining stage's plan for ``plan --retrain-steps`` and whether it fits (``retrain.memory.stage_plan``)."""
+    if config is not None:
+        return "retraining stage: not planned from --config alone (its sizes come from the checkpoint; give --model)", True
+    from reconstruct.modelio.loaded import load_model
+    from reconstruct.retrain.memory import stage_plan
+
+    return stage_plan(job.retrain, load_model(job.model, job.device, job.dtype))
 
 
 @app.command("eval")

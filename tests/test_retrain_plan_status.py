@@ -1,4 +1,7 @@
-"""``reconstruct status`` on model-level retraining: a ``retrain`` folder, and ``run --retrain-steps``'s stage."""
+"""``reconstruct status`` and ``reconstruct plan`` on model-level retraining.
+
+A ``retrain`` folder, and ``run --retrain-steps``'s stage.
+"""
 
 from __future__ import annotations
 
@@ -68,3 +71,44 @@ def test_stage_progress(tmp_path, stage, layerwise_finished, checkpoint, expecte
     if checkpoint is not None:
         _checkpoint(tmp_path, checkpoint)
     assert stage_progress(tmp_path, 3, layerwise_finished) == expected
+
+
+# --------------------------------------------------------------------------- reconstruct plan --retrain-steps
+PLAN_FLAGS = ["--device", "cpu", "--calib", "wikitext2", "--n-samples", "8", "--seq-len", "16", "--retrain-steps", "3",
+              "--retrain-batch", "4", "--retrain-method", "masklora"]
+
+
+def _plan(*args: str):
+    from typer.testing import CliRunner
+
+    import cli
+
+    return CliRunner().invoke(cli.app, ["plan", *args])
+
+
+def test_plan_shows_the_retraining_stage_on_both_paths(tiny_model_dir):
+    result = _plan("--model", str(tiny_model_dir("llama")), *PLAN_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "retraining stage (3 steps, 4 x 16 tokens a step): resident, fits" in result.output
+    assert "retraining memory (resident)" in result.output and "retraining memory (streamed)" in result.output
+
+
+def test_plan_exits_3_when_the_retraining_stage_cannot_fit(tiny_model_dir, monkeypatch):
+    from reconstruct.retrain import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
+    result = _plan("--model", str(tiny_model_dir("llama")), *PLAN_FLAGS)
+    assert result.exit_code == 3, result.output
+    assert "retraining stage (3 steps, 4 x 16 tokens a step): streamed, does not fit" in result.output
+
+
+def test_plan_without_retrain_steps_shows_no_stage(tiny_model_dir):
+    result = _plan("--model", str(tiny_model_dir("llama")), *PLAN_FLAGS[:-6])
+    assert result.exit_code == 0, result.output
+    assert "retraining" not in result.output
+
+
+def test_plan_from_a_config_alone_says_the_stage_needs_the_model(tiny_model_dir):
+    result = _plan("--config", str(tiny_model_dir("llama") / "config.json"), *PLAN_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "retraining stage: not planned from --config alone" in result.output
