@@ -219,3 +219,25 @@ def test_self_generated_data_trains_and_writes_a_loadable_folder(pruned_llama, t
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["job"]["data"] == "self" and report["retrain"]["steps"] == 1
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+
+def test_run_report_png_gets_the_retraining_loss_curve(run_reference, tmp_path, monkeypatch):
+    from reconstruct.reporting import plots
+    from reconstruct.reporting.report import write_run_report
+
+    pytest.importorskip("matplotlib")
+    assert _png_size(run_reference / "report.png")[1] == 9 * plots.PNG_DPI  # three panels: 8 x 9 inches
+    report = json.loads((run_reference / REPORT_NAME).read_text())
+    drawn = []
+    monkeypatch.setattr(plots, "draw_training_curve", lambda axes, retrain: drawn.append(retrain))
+    assert write_run_report(tmp_path, report)
+    assert drawn == [report["retrain"]] and len(drawn[0]["loss_curve"]) == 3
+    drawn.clear()
+    assert write_run_report(tmp_path, {key: value for key, value in report.items() if key != "retrain"})
+    assert drawn == [] and _png_size(tmp_path / "report.png")[1] == 6 * plots.PNG_DPI  # no stage: two panels
