@@ -187,6 +187,24 @@ def _guarded(action):
         raise
 
 
+def command_flags(ctx: typer.Context, skip: tuple[str, ...] = ()) -> list[str]:
+    """The options of the command ``ctx`` parsed, as flags that give the same values (``None`` left out).
+
+    Used to start the same command again through torchrun (``--nproc``); ``skip`` names options to drop.
+    """
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name != "option" or param.name in skip or value is None:
+            continue
+        if param.is_flag:
+            if value != param.default:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            args += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
+    return args
+
+
 def _default_out(model: str, pruner: str, pattern: str, sparsity: float | None) -> Path:
     stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
     shape = pattern.replace(":", "of") if pattern != "unstructured" else f"s{sparsity if sparsity is not None else 0.5:g}"
@@ -456,7 +474,7 @@ class RunOptions:
 
 
 ALL_GROUPS = ("shape", "recon", "prune", "calib", "machine", "output", "process", "retrain")
-PLAN_GROUPS = ("shape", "recon", "prune", "calib", "machine", "process")  # not the output folder
+PLAN_GROUPS = ("shape", "recon", "prune", "calib", "machine", "process", "retrain")  # not the output folder
 SWEEP_GROUPS = ("recon", "prune", "calib", "machine", "process")  # the grid and the sweep folder are its own
 
 
@@ -617,11 +635,6 @@ def _retrain_stage_spec(options: RunOptions):
     stage = options.retrain
     if stage.retrain_steps == 0:
         return None
-    from reconstruct.parallel import distributed
-
-    if options.process.nproc > 1 or distributed.launched():
-        raise ValueError("--retrain-steps runs in one process for now; drop --nproc (or torchrun) or retrain "
-                         "afterwards with reconstruct retrain")
     from reconstruct.retrain.spec import RetrainSpec
 
     try:
@@ -720,8 +733,19 @@ def plan(
     host_memory: HostMemory = MachineOptions.host_memory,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = ProcessOptions.verbose,
+    retrain_steps: RetrainStageSteps = RetrainStageOptions.retrain_steps,
+    retrain_data: RetrainStageData = RetrainStageOptions.retrain_data,
+    retrain_method: RetrainMethod = RetrainStageOptions.retrain_method,
+    retrain_lr: RetrainLr = RetrainStageOptions.retrain_lr,
+    retrain_batch: RetrainBatch = RetrainStageOptions.retrain_batch,
+    retrain_seq_len: RetrainStageSeqLen = RetrainStageOptions.retrain_seq_len,
+    retrain_windows: RetrainWindows = RetrainStageOptions.retrain_windows,
+    retrain_val: RetrainVal = RetrainStageOptions.retrain_val,
 ) -> None:
     """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work.
+
+    With --retrain-steps, also the retraining stage's memory on both paths (resident, streamed) and
+    the one it would take (needs --model: the sizes come from its checkpoint).
 
     --device auto plans for a GPU when this machine has one or --gpu-memory is given, else for the CPU.
     Exit code 0 when the plan fits its budgets, 3 when it does not, 2 on bad input.
@@ -732,12 +756,28 @@ def plan(
     def show():
         from reconstruct.planner import plan_from_config
 
-        memory_plan = plan_from_config(build_job(options), config, _memory_budget(options.machine))
+        job = build_job(options)
+        memory_plan = plan_from_config(job, config, _memory_budget(options.machine))
         typer.echo(memory_plan.format())
-        if not memory_plan.fits:
+        fits = memory_plan.fits
+        if job.retrain is not None:
+            text, stage_fits = _retrain_stage_plan(job, config)
+            typer.echo(text)
+            fits = fits and stage_fits
+        if not fits:
             raise typer.Exit(EXIT_PLAN_DOES_NOT_FIT)
 
     _guarded(show)
+
+
+def _retrain_stage_plan(job, config: Path | None) -> tuple[str, bool]:
+    """The retraining stage's plan for ``plan --retrain-steps`` and whether it fits (``retrain.memory.stage_plan``)."""
+    if config is not None:
+        return "retraining stage: not planned from --config alone (its sizes come from the checkpoint; give --model)", True
+    from reconstruct.modelio.loaded import load_model
+    from reconstruct.retrain.memory import stage_plan
+
+    return stage_plan(job.retrain, load_model(job.model, job.device, job.dtype))
 
 
 @app.command("eval")
@@ -904,6 +944,7 @@ def inspect_model_folder(
 
 @app.command("retrain")
 def retrain(
+    ctx: typer.Context,
     data: RetrainData,
     out: RetrainOut,
     model: Model = DEFAULT_MODEL,
@@ -931,12 +972,14 @@ def retrain(
     eval_data: EvalData = None,
     eval_seq_len: EvalSeqLen = None,
     eval_windows: EvalWindows = None,
+    nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = False,
 ) -> None:
     """Retrain the whole pruned model end to end (PERP's global step), keeping every zero; streamed when it does not fit."""
     _setup_logging(verbose)
 
     def build_and_run():
+        from reconstruct.parallel import distributed
         from reconstruct.config import EvalSpec
         from reconstruct.retrain.job import RetrainJob, run_retrain
         from reconstruct.retrain.spec import RetrainSpec
@@ -950,6 +993,8 @@ def retrain(
         job = RetrainJob(model=model, data=data, out=out, spec=spec, device=device, dtype=dtype.value,
                          bos=calib_bos.value, allow_dense=allow_dense, checkpoint_every=checkpoint_every,
                          evaluation=evaluation)
+        if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
+            raise typer.Exit(distributed.relaunch(nproc, ["retrain", *command_flags(ctx, skip=("nproc",))]))
         try:
             report = run_retrain(job)
         except KeyboardInterrupt:

@@ -221,15 +221,6 @@ def test_self_generated_data_trains_and_writes_a_loadable_folder(pruned_llama, t
     assert AutoModelForCausalLM.from_pretrained(out) is not None
 
 
-def test_run_refuses_retrain_steps_with_several_processes(tiny_model_dir, small_calib_file, tmp_path):
-    out = tmp_path / "out"
-    line = one_error_line(runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib",
-                                                  str(small_calib_file), "--out", str(out), *RUN_FLAGS,
-                                                  "--nproc", "2"]))
-    assert "--retrain-steps" in line and "--nproc" in line
-    assert not out.exists()
-
-
 @pytest.mark.parametrize(("extra", "flag"), [(["--retrain-val", "1.5"], "--retrain-val"),
                                              (["--retrain-lr", "0"], "--retrain-lr")])
 def test_run_names_its_own_retrain_flag_in_a_refusal(tiny_model_dir, small_calib_file, tmp_path, extra, flag):
@@ -239,3 +230,25 @@ def test_run_names_its_own_retrain_flag_in_a_refusal(tiny_model_dir, small_calib
                                                   str(small_calib_file), "--out", str(out), *RUN_FLAGS, *extra]))
     assert line.startswith(f"error: {flag} ")
     assert not out.exists()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+
+def test_run_report_png_gets_the_retraining_loss_curve(run_reference, tmp_path, monkeypatch):
+    from reconstruct.reporting import plots
+    from reconstruct.reporting.report import write_run_report
+
+    pytest.importorskip("matplotlib")
+    assert _png_size(run_reference / "report.png")[1] == 9 * plots.PNG_DPI  # three panels: 8 x 9 inches
+    report = json.loads((run_reference / REPORT_NAME).read_text())
+    drawn = []
+    monkeypatch.setattr(plots, "draw_training_curve", lambda axes, retrain: drawn.append(retrain))
+    assert write_run_report(tmp_path, report)
+    assert drawn == [report["retrain"]] and len(drawn[0]["loss_curve"]) == 3
+    drawn.clear()
+    assert write_run_report(tmp_path, {key: value for key, value in report.items() if key != "retrain"})
+    assert drawn == [] and _png_size(tmp_path / "report.png")[1] == 6 * plots.PNG_DPI  # no stage: two panels

@@ -34,6 +34,7 @@ from reconstruct.planner import MemoryBudget, check_memory_plan
 from reconstruct.progress import progress_bar
 from reconstruct.reporting.report import finish_report, refresh_finished_report
 from reconstruct.retrain.engine import choose_stream
+from reconstruct.retrain.job import check_batch_split
 from reconstruct.retrain.memory import RUN_FLAGS as RUN_RETRAIN_FLAGS, check_fits as check_retrain_memory
 from reconstruct.retrain.stage import read_stage, run_retrain_stage
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb, unpool_large_allocations
@@ -59,17 +60,18 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
         validate_job(resolved, loaded)
         if job.retrain is not None:  # the retraining stage at the end: refused now rather than after the loop
             check_retrain_memory(job.retrain, loaded, choose_stream(job.retrain, loaded), RUN_RETRAIN_FLAGS)
+            check_batch_split(job.retrain.batch, "--retrain-batch")
         return loaded, check_memory_plan(resolved, loaded, budget)
 
     loaded, job = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     with JobState.open(job, loaded) as state:
-        if state.finished and not distributed.is_main():
-            return {"already_finished": True, **asdict(distributed.world())}
-        if state.finished and not retrain_pending(job):
+        if state.finished and not distributed.from_main(lambda: retrain_pending(job)):
+            if not distributed.is_main():
+                return {"already_finished": True, **asdict(distributed.world())}
             logger.info("%s already holds this finished job; nothing to do", job.out)
             return {**refresh_finished_report(job, state), "already_finished": True}
         report = state.report() if state.finished else _run_blocks(job, loaded, state)
-        if job.retrain is not None and distributed.is_main():
+        if job.retrain is not None:  # every rank trains; rank 0 alone writes (retrain/stage.py)
             report = run_retrain_stage(job, loaded, state, assemble=reassemble_output)
         report["seconds_this_session"] = time.perf_counter() - started
         return report

@@ -52,7 +52,28 @@ def save_figure(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, path: Path) -> bool:
+def draw_training_curve(axes, retrain: dict) -> None:
+    """Model-level retraining on ``axes``: training loss per step, held-out loss per evaluation, the step kept.
+
+    Args:
+        axes: a matplotlib ``Axes``.
+        retrain: the ``retrain`` section of ``reconstruct.json`` (a ``RetrainResult``).
+    """
+    steps = list(range(1, len(retrain["loss_curve"]) + 1))
+    axes.plot(steps, retrain["loss_curve"], label="training loss (the step's windows)")
+    if retrain["val_curve"]:
+        val_steps, val_losses = zip(*retrain["val_curve"])
+        axes.plot(val_steps, val_losses, "o--", label="held-out loss")
+        if retrain.get("best_step") is not None:
+            axes.axvline(retrain["best_step"], color="grey", linestyle=":", label=f"kept: step {retrain['best_step']}")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean token cross-entropy")
+    axes.set_title("model-level retraining")
+    axes.legend()
+
+
+def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, path: Path,
+                retrain: dict | None = None) -> bool:
     """Per-block reconstruction MSE (before / after), held-out validation error, and sparsity, as a PNG.
 
     Args:
@@ -62,6 +83,8 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
         target_sparsity: drawn as a dashed line on the sparsity panel (None: not drawn). Rows whose
             ``target_sparsity`` differs from it (``--allocation``) get their own target marked on their bar.
         path: where the PNG goes (written atomically).
+        retrain: the ``retrain`` section of a run with ``--retrain-steps``: its loss curve is drawn in a
+            third panel (``draw_training_curve``); None: two panels.
 
     Returns:
         False (and nothing written) when matplotlib is missing.
@@ -72,8 +95,15 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     from matplotlib.ticker import MaxNLocator
 
     index = [row["index"] + 1 for row in rows]  # numbered from 1, as in the log, report.md and status
-    figure = Figure(figsize=(8, 6), layout="constrained")
-    mse_axes, sparsity_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    if retrain:
+        figure = Figure(figsize=(8, 9), layout="constrained")
+        mse_axes, sparsity_axes, training_axes = figure.subplots(3, 1, height_ratios=(2, 1, 1.5))
+        mse_axes.sharex(sparsity_axes)  # blocks; the training panel's axis is the optimizer step
+        mse_axes.tick_params(labelbottom=False)
+        draw_training_curve(training_axes, retrain)
+    else:
+        figure = Figure(figsize=(8, 6), layout="constrained")
+        mse_axes, sparsity_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     before = [row["mse_before"] for row in rows]
     after = [row["mse_after"] for row in rows]
     if all(value is None for value in before + after):  # a plain prune without --track-error

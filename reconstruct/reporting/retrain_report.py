@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconstruct.reporting.plots import load_matplotlib, save_figure
+from reconstruct.reporting.plots import draw_training_curve, load_matplotlib, save_figure
 from reconstruct.reporting.report import FIGURE_NAME, MARKDOWN_NAME
 from reconstruct.state.atomic import atomic_write_bytes
 
@@ -15,18 +15,7 @@ def plot_training(retrain: dict, path: Path) -> bool:
     if Figure is None:
         return False
     figure = Figure(figsize=(7, 4))
-    axes = figure.add_subplot(1, 1, 1)
-    steps = list(range(1, len(retrain["loss_curve"]) + 1))
-    axes.plot(steps, retrain["loss_curve"], label="training loss (the step's windows)")
-    if retrain["val_curve"]:
-        val_steps, val_losses = zip(*retrain["val_curve"])
-        axes.plot(val_steps, val_losses, "o--", label="held-out loss")
-        if retrain.get("best_step") is not None:
-            axes.axvline(retrain["best_step"], color="grey", linestyle=":", label=f"kept: step {retrain['best_step']}")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("mean token cross-entropy")
-    axes.set_title("model-level retraining")
-    axes.legend()
+    draw_training_curve(figure.add_subplot(1, 1, 1), retrain)
     save_figure(figure, path)
     return True
 
@@ -82,7 +71,8 @@ def run_retrain_section(report: dict) -> list[str]:
     before = report.get("evaluation_before_retrain")
     lines = ["## Model-level retraining", "",
              "After the layer-wise loop, every block's parameters were trained at once on the causal-LM loss "
-             "(`--retrain-*`); the numbers in Totals describe the final model.", "", *retrain_lines(retrain, settings)]
+             "(`--retrain-*`); the numbers in Totals describe the final model; its loss curve is the bottom "
+             "panel of report.png.", "", *retrain_lines(retrain, settings)]
     if before:
         lines.append(f"- perplexity after the layer-wise step, before retraining: {before['perplexity']:.3f}")
     return lines + [""]

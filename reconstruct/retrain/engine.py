@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,18 +232,21 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
         tokens = distributed.from_main(lambda: retrain_windows(loaded, data, n_windows=spec.n_windows,
                                                                seq_len=spec.seq_len, seed=spec.seed, framing=framing))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():  # the other ranks never write --out
+        out.mkdir(parents=True, exist_ok=True)
     trainables = ModelTrainables(spec, loaded.layout)
     loader = BlockLoader(loaded, trainables, hooks)
     result = RetrainResult(streamed=stream)
-    model = open_model(loader, spec, stream, out / STATE_DIR)
-    saved = load_checkpoint(checkpointing.path) if checkpointing is not None else None
+    saved = distributed.from_main(lambda: load_checkpoint(checkpointing.path)) if checkpointing is not None else None
     training_started = time.perf_counter()
-    try:
-        best_state = train(Trainer(model, trainables, spec, hooks), tokens, spec, result,
-                           checkpointing=checkpointing, saved=saved)
-    finally:
-        model.close()
+    with ExitStack() as stack:
+        scratch = out / STATE_DIR if distributed.is_main() else Path(stack.enter_context(distributed.scratch_dir()))
+        model = open_model(loader, spec, stream, scratch)
+        try:
+            best_state = train(Trainer(model, trainables, spec, hooks), tokens, spec, result,
+                               checkpointing=checkpointing, saved=saved)
+        finally:
+            model.close()
     result.trainable_params = trainables.numel()
     result.trainable_share = result.trainable_params / max(1, block_parameter_count(loaded))
     result.read_share = min(1.0, loader.read_seconds / max(time.perf_counter() - training_started, 1e-9))

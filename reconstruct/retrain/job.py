@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,38 +142,37 @@ def check_same_job(manifest: dict, fingerprint: dict, out: Path) -> None:
 
 # --------------------------------------------------------------------------- the job
 def run_retrain(job: RetrainJob) -> dict:
-    """Run (or resume, or report a finished) retraining job; returns the content of ``reconstruct.json``."""
+    """Run (or resume, or report a finished) retraining job; returns the content of ``reconstruct.json``.
+
+    Under torchrun every rank trains on its share of each step's batch (gradients summed over ranks);
+    rank 0 alone reads and writes ``--out`` (lock, manifest, checkpoints, the folder) and sends the
+    others what they need. Other ranks return ``{"rank": r}``.
+    """
     started = time.perf_counter()
-    if distributed.launched():
-        raise ValueError("reconstruct retrain runs in one process for now (started under torchrun); "
-                         "run it without torchrun")
-    loaded = load_model(job.model, job.device, job.dtype)
-    check_calib_seq_len(job.spec.seq_len, loaded.config)
-    check_out(Path(job.out))
-    sparsity = check_looks_pruned(job, loaded)
-    check_fits(job.spec, loaded, choose_stream(job.spec, loaded))
+    job = distributed.join(job)  # under torchrun: one rank of a data-parallel job (docs/distributed.md)
+
+    def prepare() -> LoadedModel:  # rank 0 first: it may convert a GGUF into the cache the others then read
+        loaded = load_model(job.model, job.device, job.dtype)
+        check_calib_seq_len(job.spec.seq_len, loaded.config)
+        check_batch_split(job.spec.batch, "--batch")
+        if distributed.is_main():
+            check_out(Path(job.out))
+        check_fits(job.spec, loaded, choose_stream(job.spec, loaded))
+        return loaded
+
+    loaded = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
+    sparsity = distributed.from_main(lambda: check_looks_pruned(job, loaded))
     framing = loaded.framing(job.bos)
     tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, n_windows=job.spec.n_windows,
                                                            seq_len=job.spec.seq_len, seed=job.spec.seed,
                                                            framing=framing))
     out = Path(job.out)
     state_dir = out / STATE_DIR
-    with JobLock(out):
-        state_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (out, state_dir):  # temp files of writes a kill interrupted
-            remove_stale_temp_files(folder)
-        hashes = HashCache(state_dir / HASHES_NAME)
-        fingerprint = retrain_fingerprint(job, loaded, framing.bos_id, hashes)
-        hashes.save()
-        manifest_path = state_dir / MANIFEST_NAME
-        manifest = _read_manifest(manifest_path)
-        if manifest is not None:
-            check_same_job(manifest, fingerprint, out)
-            if manifest.get("finished") and (out / REPORT_NAME).is_file():
-                logger.info("%s already holds this finished retraining job; nothing to do", out)
-                return {**json.loads((out / REPORT_NAME).read_text()), "already_finished": True}
-        elif distributed.is_main():
-            atomic_write_json(manifest_path, {"fingerprint": fingerprint, "finished": False})
+    with ExitStack() as stack:
+        opened = distributed.from_main(lambda: _open_out(job, loaded, framing.bos_id, stack))
+        if opened["finished"] is not None:
+            return opened["finished"] if distributed.is_main() else {"rank": distributed.world().rank}
+        fingerprint = opened["fingerprint"]
         every = auto_or_every(job.checkpoint_every, job.spec, loaded)
         result = retrain_model(loaded, job.spec, job.data, out, framing=framing, tokens=tokens,
                                checkpointing=Checkpointing(state_dir / CHECKPOINT_NAME, every))
@@ -184,9 +184,49 @@ def run_retrain(job: RetrainJob) -> dict:
 
         write_retrain_report(out, report)
         atomic_write_json(out / REPORT_NAME, report)
-        atomic_write_json(manifest_path, {"fingerprint": fingerprint, "finished": True})
+        atomic_write_json(state_dir / MANIFEST_NAME, {"fingerprint": fingerprint, "finished": True})
         (state_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
         return report
+
+
+def check_batch_split(batch: int, flag: str) -> None:
+    """Refuse a batch with fewer windows than processes (each rank takes a share of every step's batch).
+
+    Raises:
+        ValueError: ``batch`` is below the number of processes.
+    """
+    size = distributed.world().size
+    if batch < size:
+        raise ValueError(f"{flag} {batch} is fewer than the {size} processes: each takes a share of every step's "
+                         f"batch; give {flag} at least {size} or start fewer processes")
+
+
+def _open_out(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, stack: ExitStack) -> dict:
+    """Rank 0: lock ``--out`` (held until ``stack`` closes), check or start its manifest.
+
+    Returns:
+        ``{"fingerprint": ..., "finished": None}``, or with ``finished`` the report of a finished job.
+    """
+    out = Path(job.out)
+    state_dir = out / STATE_DIR
+    stack.enter_context(JobLock(out))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out, state_dir):  # temp files of writes a kill interrupted
+        remove_stale_temp_files(folder)
+    hashes = HashCache(state_dir / HASHES_NAME)
+    fingerprint = retrain_fingerprint(job, loaded, bos_id, hashes)
+    hashes.save()
+    manifest_path = state_dir / MANIFEST_NAME
+    manifest = _read_manifest(manifest_path)
+    if manifest is not None:
+        check_same_job(manifest, fingerprint, out)
+        if manifest.get("finished") and (out / REPORT_NAME).is_file():
+            logger.info("%s already holds this finished retraining job; nothing to do", out)
+            return {"fingerprint": fingerprint,
+                    "finished": {**json.loads((out / REPORT_NAME).read_text()), "already_finished": True}}
+    else:
+        atomic_write_json(manifest_path, {"fingerprint": fingerprint, "finished": False})
+    return {"fingerprint": fingerprint, "finished": None}
 
 
 def _read_manifest(path: Path) -> dict | None:

@@ -121,3 +121,21 @@ def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool,
                          "use --stream always (or auto) to hold one block at a time")
     raise ValueError(f"retraining streamed needs about {human(plan.total)}, {human(plan.available)} available; "
                      f"lower {flags[0]}, {flags[1]} or {flags[2]}")
+
+
+def stage_plan(spec: RetrainSpec, loaded: LoadedModel) -> tuple[str, bool]:
+    """Both paths' plans for ``reconstruct plan``, naming the one the stage would take; whether that one fits.
+
+    The path is the stage's own choice (``engine.choose_stream``: ``--stream``, else stream when the
+    weights or the resident plan do not fit).
+    """
+    from reconstruct.retrain.engine import choose_stream
+
+    streamed = choose_stream(spec, loaded)
+    plans = {path: estimate(spec, loaded, path) for path in (False, True)}
+    chosen = plans[streamed]
+    verdict = "fits" if chosen.fits else "does not fit"
+    lines = [f"retraining stage ({spec.steps} steps, {spec.batch} x {spec.seq_len} tokens a step): "
+             f"{'streamed' if streamed else 'resident'}, {verdict}"]
+    lines += [plans[path].format() for path in (False, True)]
+    return "\n".join(lines), chosen.fits

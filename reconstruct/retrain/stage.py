@@ -26,6 +26,7 @@ from pathlib import Path
 
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
+from reconstruct.parallel import distributed
 from reconstruct.reporting.report import write_run_report
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
@@ -82,6 +83,8 @@ def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
 
     Args:
         job: the ``JobConfig`` (``job.retrain``: the ``RetrainSpec``; ``job.retrain_data``: the text).
+            Under torchrun every rank calls this and trains on its share of each batch; rank 0 alone
+            writes, and the others return ``{"rank", "size"}`` after training.
         loaded: the input model of the run (what ``assemble`` copies the tensors outside the blocks from).
         state: the run's ``JobState`` (its lock is held).
         assemble: ``assemble(job, loaded, state)`` writes index, config and report (``loop.engine``).
@@ -90,11 +93,13 @@ def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
         The content of ``reconstruct.json``.
     """
     out = Path(job.out)
-    stage = read_stage(out)
+    stage = distributed.from_main(lambda: read_stage(out))  # also waits for rank 0's layer-wise folder
     if stage.get("finished"):
-        return state.report()
+        return state.report() if distributed.is_main() else asdict(distributed.world())
     if not stage.get("staged"):
         stage = _train_and_stage(job, out, stage)
+    if not distributed.is_main():
+        return asdict(distributed.world())
     complete_pending_swap(out)
     state.manifest = Manifest.load(out)
     report = assemble(job, loaded, state)
@@ -109,19 +114,22 @@ def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
 def _train_and_stage(job, out: Path, stage: dict) -> dict:
     """Train on the layer-wise folder, write the merged model to the staging folder, record it."""
     staging = out / STATE_DIR / STAGING_DIR
-    if not stage:  # first session of the stage: keep what the layer-wise report measured
+    if not stage and distributed.is_main():  # first session of the stage: keep what the layer-wise report measured
         layerwise = json.loads((out / REPORT_NAME).read_text()).get("evaluation")
         stage = {"layerwise_evaluation": layerwise}
         atomic_write_json(_stage_path(out), stage)
-    layerwise_model = load_model(str(out), job.device, job.dtype)
+    # every rank reads the layer-wise blocks from --out (rank 0 has finished writing them)
+    layerwise_model = distributed.agree(lambda: load_model(str(out), job.device, job.dtype))
     spec = job.retrain
     framing = layerwise_model.framing(job.calib.bos)
     data = job.retrain_data or job.calib.source
-    tokens = retrain_windows(layerwise_model, data, n_windows=spec.n_windows, seq_len=spec.seq_len, seed=spec.seed,
-                             framing=framing)
+    tokens = distributed.from_main(lambda: retrain_windows(layerwise_model, data, n_windows=spec.n_windows,
+                                                           seq_len=spec.seq_len, seed=spec.seed, framing=framing))
     every = auto_or_every("auto", spec, layerwise_model)
     result = retrain_model(layerwise_model, spec, data, staging, framing=framing, tokens=tokens,
                            checkpointing=Checkpointing(out / STATE_DIR / CHECKPOINT_NAME, every))
+    if not distributed.is_main():
+        return stage
     n_shards = layerwise_model.layout.n_blocks + 1
     shards = {shard_name(index, n_shards): sha256_file(staging / shard_name(index, n_shards))
               for index in range(layerwise_model.layout.n_blocks)}

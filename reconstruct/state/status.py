@@ -21,10 +21,12 @@ def describe_job(out: Path) -> str:
     lock), blocks done / total, elapsed working time and an estimate of the time left (mean seconds
     of the done blocks × blocks left), where a rerun would restart (after the last activation
     checkpoint; see ``--checkpoint-every``), the settings from the job's fingerprint (pruner, pattern,
-    method, calibration, seed, dtype), and the mean sparsity and reconstruction MSE of done blocks.
+    method, calibration, seed, dtype), the mean sparsity and reconstruction MSE of done blocks, and
+    with ``--retrain-steps`` where the retraining stage stands. A ``reconstruct retrain`` folder gets
+    its own lines (``retrain.status``).
 
     Args:
-        out: A job's output folder (``--out`` of ``reconstruct run``).
+        out: A job's output folder (``--out`` of ``reconstruct run`` or ``reconstruct retrain``).
 
     Returns:
         The text, lines joined with ``"\\n"``, no trailing newline.
@@ -39,6 +41,11 @@ def describe_job(out: Path) -> str:
         raise ValueError(f"{out} is a file, not a job's output folder (pass the --out folder of a reconstruct run)")
     manifest = Manifest.load(out)
     if manifest is None:
+        from reconstruct.retrain.status import describe_retrain_job
+
+        retrain_job = describe_retrain_job(out, lock_holder(out))
+        if retrain_job is not None:
+            return retrain_job
         raise ValueError(f"{out} holds no reconstruct job (no {MANIFEST_NAME})")
     done = [record for record in manifest.blocks if record.status == DONE]
     settings = manifest.fingerprint
@@ -59,6 +66,10 @@ def describe_job(out: Path) -> str:
     ]
     if done:
         lines.append(f"quality:    {_quality(done)}")
+    if settings.get("retrain"):  # run --retrain-steps: the stage after the loop
+        from reconstruct.retrain.status import stage_progress
+
+        lines.append(f"retrain:    {stage_progress(out, settings['retrain']['steps'], manifest.finished)}")
     return "\n".join(lines)
 
 
