@@ -252,3 +252,27 @@ def test_run_report_png_gets_the_retraining_loss_curve(run_reference, tmp_path, 
     drawn.clear()
     assert write_run_report(tmp_path, {key: value for key, value in report.items() if key != "retrain"})
     assert drawn == [] and _png_size(tmp_path / "report.png")[1] == 6 * plots.PNG_DPI  # no stage: two panels
+
+
+def test_run_with_self_data_samples_the_retraining_windows_from_the_dense_model(tiny_model_dir, tmp_path, monkeypatch):
+    """``run --calib self --retrain-steps``: the stage's windows come from the input model, as the run's do.
+
+    Before, they were sampled from the pruned layer-wise folder being repaired: text from a damaged model.
+    """
+    import torch
+
+    from reconstruct.retrain import data as retrain_data
+
+    model = tiny_model_dir("llama")
+    sampled_from = []
+    real = retrain_data.generate_self_calibration
+
+    def recording(folder, *args, **kwargs) -> torch.Tensor:
+        sampled_from.append(Path(folder).resolve())
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(retrain_data, "generate_self_calibration", recording)
+    out = tmp_path / "out"
+    result = runner.invoke(cli.app, ["run", "--model", str(model), "--calib", "self", "--out", str(out), *RUN_FLAGS])
+    assert result.exit_code == 0, result.output
+    assert sampled_from == [Path(model).resolve()]

@@ -24,6 +24,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from calib.text_sources import SELF
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
 from reconstruct.parallel import distributed
@@ -97,7 +98,7 @@ def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
     if stage.get("finished"):
         return state.report() if distributed.is_main() else asdict(distributed.world())
     if not stage.get("staged"):
-        stage = _train_and_stage(job, out, stage)
+        stage = _train_and_stage(job, loaded, stage)
     if not distributed.is_main():
         return asdict(distributed.world())
     complete_pending_swap(out)
@@ -111,8 +112,13 @@ def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
     return report
 
 
-def _train_and_stage(job, out: Path, stage: dict) -> dict:
-    """Train on the layer-wise folder, write the merged model to the staging folder, record it."""
+def _train_and_stage(job, dense: LoadedModel, stage: dict) -> dict:
+    """Train on the layer-wise folder, write the merged model to the staging folder, record it.
+
+    ``dense`` is the run's input model: with ``self`` as the data, the windows are sampled from it, as
+    the run's own ``--calib self`` windows are, not from the pruned model being repaired.
+    """
+    out = Path(job.out)
     staging = out / STATE_DIR / STAGING_DIR
     if not stage and distributed.is_main():  # first session of the stage: keep what the layer-wise report measured
         layerwise = json.loads((out / REPORT_NAME).read_text()).get("evaluation")
@@ -123,7 +129,8 @@ def _train_and_stage(job, out: Path, stage: dict) -> dict:
     spec = job.retrain
     framing = layerwise_model.framing(job.calib.bos)
     data = job.retrain_data or job.calib.source
-    tokens = distributed.from_main(lambda: retrain_windows(layerwise_model, data, n_windows=spec.n_windows,
+    text_model = dense if data == SELF else layerwise_model  # the tokenizer is the same; self samples the dense model
+    tokens = distributed.from_main(lambda: retrain_windows(text_model, data, n_windows=spec.n_windows,
                                                            seq_len=spec.seq_len, seed=spec.seed, framing=framing))
     every = auto_or_every("auto", spec, layerwise_model)
     result = retrain_model(layerwise_model, spec, data, staging, framing=framing, tokens=tokens,
