@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -165,9 +164,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     synthetic.SHAPE = synthetic.Shape(args.hidden, args.intermediate, args.heads, args.dtype)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-io-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with synthetic.work_folder(args.work, args.keep, "bench-io-") as work:
         model = synthetic.write_model(work, args.depth, args.calib, args.seed)
         fsync_files(model)
         evicted = evict([model])
@@ -188,9 +185,6 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(json.dumps(summary, indent=2))
         return summary
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +141,22 @@ def word_tokenizer(text_path: Path, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+@contextmanager
+def work_folder(work: Path | None, keep: bool, prefix: str) -> Iterator[Path]:
+    """The folder a benchmark writes its models and outputs to (``--work``, ``--keep``).
+
+    ``work`` when given (created if missing, never removed); else a new temp folder named ``prefix...``,
+    removed at the end unless ``keep``.
+    """
+    folder = work or Path(tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        if not keep and work is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_model(work: Path, depth: int, calib: Path, seed: int) -> Path:
     """A loadable model folder of ``depth`` blocks whose shards link into the shared pool."""
     pool = work / "pool"
@@ -220,10 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.calib.is_file():
         parser.error(f"--calib {args.calib}: no such file")
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    work.mkdir(parents=True, exist_ok=True)
     depths = sorted(set(args.depths))
-    try:
+    with work_folder(args.work, args.keep, "bench-memory-") as work:
         started = time.perf_counter()
         models = {depth: write_model(work, depth, args.calib, args.seed) for depth in depths}
         build_seconds = time.perf_counter() - started
@@ -267,9 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
         summary.update(depth_scaling(rows))
         print(json.dumps(summary, indent=2))
         return summary
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def depth_scaling(rows: list[dict]) -> dict:

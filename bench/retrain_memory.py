@@ -19,7 +19,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     base.SHAPE = base.Shape(args.hidden, args.intermediate, args.heads, args.dtype)
     if not args.calib.is_file():
         parser.error(f"--calib {args.calib}: no such file")
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-retrain-memory-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with base.work_folder(args.work, args.keep, "bench-retrain-memory-") as work:
         rows = []
         for depth in sorted(set(args.depths)):
             model = base.write_model(work, depth, args.calib, args.seed)
@@ -94,9 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
                 done[-1]["peak_rss_mb"] / done[0]["peak_rss_mb"], 3)
         print(json.dumps(summary, indent=2))
         return summary
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
