@@ -201,3 +201,18 @@ def test_the_stage_holds_one_block_of_final_masks_at_a_time(tiny_model_dir, smal
     monkeypatch.setattr(loraprune_stage, "save_safetensors_atomic", save)
     run_job(model_level_job(tiny_model_dir("llama"), tmp_path / "out", small_calib_file, "unstructured", 0.5))
     assert most[0] == 1
+
+
+def test_a_mask_file_changed_before_the_resume_stops_the_job(cli_job, tmp_path):
+    """The loop prunes with the stage's stored masks only if their bytes are the ones the stage recorded."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    crashed(cli_job.run(out, crash=f"write:{cli_job.shard(1)}", **FLAGS))
+    mask_file = out / STATE_DIR / "loraprune" / "masks-00001.safetensors"
+    masks = load_file(mask_file)
+    save_file({name: ~mask for name, mask in masks.items()}, mask_file)  # valid file, other masks
+    resumed = cli_job.run(out, **FLAGS)
+    assert resumed.returncode not in (0, -9), resumed.stderr[-3000:]
+    assert "block 1" in resumed.stderr and "sha256 mismatch" in resumed.stderr
+    assert (out / cli_job.shard(0)).is_file()  # what was written before stays

@@ -276,3 +276,19 @@ def test_run_with_self_data_samples_the_retraining_windows_from_the_dense_model(
     result = runner.invoke(cli.app, ["run", "--model", str(model), "--calib", "self", "--out", str(out), *RUN_FLAGS])
     assert result.exit_code == 0, result.output
     assert sampled_from == [Path(model).resolve()]
+
+
+def test_run_checkpoints_the_retraining_stage_every_k_steps_as_told(tiny_model_dir, small_calib_file, tmp_path,
+                                                                    monkeypatch):
+    """``--checkpoint-every k`` is k blocks in the loop and k optimizer steps in the stage (as for LoRAPrune's)."""
+    from reconstruct.retrain import stage
+
+    asked = []
+    real = stage.auto_or_every
+    monkeypatch.setattr(stage, "auto_or_every", lambda every, *args: asked.append(every) or real(every, *args))
+    flags = [flag for flag in RUN_FLAGS]
+    flags[flags.index("--checkpoint-every") + 1] = "2"
+    result = runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file),
+                                     "--out", str(tmp_path / "out"), *flags])
+    assert result.exit_code == 0, result.output
+    assert asked == [2]

@@ -163,10 +163,8 @@ def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: Acti
     started = time.perf_counter()
     block = loaded.blocks[index]
     prefix = layout.block_prefix(index)
-    stored_dtypes = install_module_tensors(block, read.tensors, loaded.device, loaded.dtype, owned=read.owned)
+    stored_dtypes = install_module_tensors(block, read.tensors, loaded.device, loaded.dtype, owned=True)
     read.tensors = {}  # the block owns them now
-    if not read.owned:
-        loaded.reader.close()  # unmap the shards: mapped pages of earlier blocks must not stay resident
     block_report = step.pipeline.process(index, block, sparse, dense, stored_dtypes)
     tensors = module_tensors_for_output(block, prefix, stored_dtypes)
     release_module_weights(block)

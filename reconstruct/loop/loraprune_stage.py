@@ -53,7 +53,7 @@ from reconstruct.retrain.memory import RetrainMemory, estimate
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.state.atomic import save_safetensors_atomic
+from reconstruct.state.atomic import save_safetensors_atomic, sha256_file
 from reconstruct.state.faults import crash_point
 from reconstruct.state.importance_store import DiskImportanceStore
 from reconstruct.state.job_state import JobState
@@ -260,5 +260,19 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
 
 
 def stored_masks(state: JobState, index: int) -> dict[str, torch.Tensor]:
-    """Block ``index``'s final keep masks from the stage, ``{name: (out, in) bool}`` on the CPU."""
-    return load_file(mask_path(state, index))
+    """Block ``index``'s final keep masks from the stage, ``{name: (out, in) bool}`` on the CPU.
+
+    The file's sha256 must be the one the manifest recorded when the stage ended, so a mask file
+    changed or damaged between the stage and a resume stops the job instead of pruning with it.
+
+    Raises:
+        RuntimeError: the file is missing or its content differs from the recorded one.
+    """
+    path = mask_path(state, index)
+    recorded = ((state.manifest.loraprune or {}).get("files") or {}).get(str(index), {}).get("sha256")
+    if not path.is_file():
+        raise RuntimeError(f"loraprune: the mask file of block {index} ({path}) is missing; remove --out to start over")
+    if recorded is not None and sha256_file(path) != recorded:
+        raise RuntimeError(f"loraprune: the mask file of block {index} ({path}) differs from the one the stage "
+                           "wrote (sha256 mismatch); remove --out to start over")
+    return load_file(path)

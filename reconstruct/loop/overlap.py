@@ -46,8 +46,7 @@ class ReadBlock:
     """One block's tensors as read from the checkpoint (CPU, stored dtypes)."""
 
     index: int
-    tensors: dict[str, torch.Tensor]  # local name → tensor
-    owned: bool  # private copies (background read), not views of a shard's memory map
+    tensors: dict[str, torch.Tensor]  # local name → tensor (private copies, not views of a shard's map)
     read_seconds: float  # how long the read took, wherever it ran
 
 
@@ -71,11 +70,13 @@ class BlockReads:
     def _read(self, index: int, reader: CheckpointReader) -> ReadBlock:
         started = time.perf_counter()
         loaded = self.loaded
+        # Private copies in both orders: the pages are read here, so the read is timed where it happens
+        # (a view of the memory map would be read by page faults later, inside the compute), and the
+        # shards can be unmapped at once. Installing an owned tensor moves it without a second copy.
         tensors = read_module_tensors(loaded.blocks[index], loaded.layout.block_prefix(index), reader,
-                                      loaded.key_map, own=self.background, pin=self.pin)
-        if self.background:
-            reader.close()  # the copies are private: unmap the shards now
-        return ReadBlock(index, tensors, self.background, time.perf_counter() - started)
+                                      loaded.key_map, own=True, pin=self.pin)
+        reader.close()  # unmap the shards: mapped pages of earlier blocks must not stay resident
+        return ReadBlock(index, tensors, time.perf_counter() - started)
 
     def prefetch(self, index: int) -> None:
         """Start reading block ``index`` in the background (no-op when serial or out of range)."""

@@ -132,7 +132,7 @@ def _train_and_stage(job, dense: LoadedModel, stage: dict) -> dict:
     text_model = dense if data == SELF else layerwise_model  # the tokenizer is the same; self samples the dense model
     tokens = distributed.from_main(lambda: retrain_windows(text_model, data, n_windows=spec.n_windows,
                                                            seq_len=spec.seq_len, seed=spec.seed, framing=framing))
-    every = auto_or_every("auto", spec, layerwise_model)
+    every = auto_or_every(job.checkpoint_every, spec, layerwise_model)  # k steps here, k blocks in the loop
     result = retrain_model(layerwise_model, spec, data, staging, framing=framing, tokens=tokens,
                            checkpointing=Checkpointing(out / STATE_DIR / CHECKPOINT_NAME, every))
     if not distributed.is_main():
