@@ -744,8 +744,9 @@ def plan(
 ) -> None:
     """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work.
 
-    With --retrain-steps, also the retraining stage's memory on both paths (resident, streamed) and
-    the one it would take (needs --model: the sizes come from its checkpoint).
+    With --retrain-steps (and with --loraprune-objective model), also that training stage's memory on
+    both paths (resident, streamed) and the one it would take (needs --model: the sizes come from its
+    checkpoint).
 
     --device auto plans for a GPU when this machine has one or --gpu-memory is given, else for the CPU.
     Exit code 0 when the plan fits its budgets, 3 when it does not, 2 on bad input.
@@ -760,8 +761,7 @@ def plan(
         memory_plan = plan_from_config(job, config, _memory_budget(options.machine))
         typer.echo(memory_plan.format())
         fits = memory_plan.fits
-        if job.retrain is not None:
-            text, stage_fits = _retrain_stage_plan(job, config)
+        for text, stage_fits in _stage_plans(job, config):
             typer.echo(text)
             fits = fits and stage_fits
         if not fits:
@@ -770,14 +770,29 @@ def plan(
     _guarded(show)
 
 
-def _retrain_stage_plan(job, config: Path | None) -> tuple[str, bool]:
-    """The retraining stage's plan for ``plan --retrain-steps`` and whether it fits (``retrain.memory.stage_plan``)."""
+def _stage_plans(job, config: Path | None) -> list[tuple[str, bool]]:
+    """The training stages' plans (``retrain.memory.stage_plan``) and whether each fits.
+
+    Model-level LoRAPrune (before the block loop) and ``--retrain-steps`` (after it) run on the same
+    trainer; their sizes come from the model's checkpoint, so ``--config`` alone cannot plan them.
+    """
+    stages = []
+    if job.prune.model_level_loraprune:
+        from reconstruct.loop.loraprune_stage import stage_spec
+
+        stages.append(("LoRAPrune stage (--loraprune-objective model)", stage_spec(job)))
+    if job.retrain is not None:
+        stages.append(("retraining stage", job.retrain))
+    if not stages:
+        return []
     if config is not None:
-        return "retraining stage: not planned from --config alone (its sizes come from the checkpoint; give --model)", True
+        return [(f"{title}: not planned from --config alone (its sizes come from the checkpoint; give --model)", True)
+                for title, _ in stages]
     from reconstruct.modelio.loaded import load_model
     from reconstruct.retrain.memory import stage_plan
 
-    return stage_plan(job.retrain, load_model(job.model, job.device, job.dtype))
+    loaded = load_model(job.model, job.device, job.dtype)
+    return [stage_plan(spec, loaded, title) for title, spec in stages]
 
 
 @app.command("eval")

@@ -112,3 +112,29 @@ def test_plan_from_a_config_alone_says_the_stage_needs_the_model(tiny_model_dir)
     result = _plan("--config", str(tiny_model_dir("llama") / "config.json"), *PLAN_FLAGS)
     assert result.exit_code == 0, result.output
     assert "retraining stage: not planned from --config alone" in result.output
+
+
+LORAPRUNE_PLAN_FLAGS = ["--device", "cpu", "--calib", "wikitext2", "--n-samples", "8", "--seq-len", "16",
+                        "--pruner", "loraprune", "--loraprune-objective", "model", "--loraprune-steps", "5"]
+
+
+def test_plan_shows_the_model_level_loraprune_stage(tiny_model_dir):
+    result = _plan("--model", str(tiny_model_dir("llama")), *LORAPRUNE_PLAN_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "LoRAPrune stage (--loraprune-objective model) (5 steps, " in result.output
+    assert "retraining memory (resident)" in result.output and "retraining stage" not in result.output
+
+
+def test_plan_exits_3_when_the_loraprune_stage_cannot_fit(tiny_model_dir, monkeypatch):
+    from reconstruct.retrain import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
+    result = _plan("--model", str(tiny_model_dir("llama")), *LORAPRUNE_PLAN_FLAGS)
+    assert result.exit_code == 3, result.output
+    assert "LoRAPrune stage (--loraprune-objective model) (5 steps, 2 x 16 tokens a step): streamed, does not fit" in result.output
+
+
+def test_plan_with_loraprune_and_retraining_shows_both_stages(tiny_model_dir):
+    result = _plan("--model", str(tiny_model_dir("llama")), *LORAPRUNE_PLAN_FLAGS, *PLAN_FLAGS[8:])
+    assert result.exit_code == 0, result.output
+    assert result.output.index("LoRAPrune stage") < result.output.index("retraining stage (3 steps")

@@ -123,11 +123,12 @@ def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool,
                      f"lower {flags[0]}, {flags[1]} or {flags[2]}")
 
 
-def stage_plan(spec: RetrainSpec, loaded: LoadedModel) -> tuple[str, bool]:
+def stage_plan(spec: RetrainSpec, loaded: LoadedModel, title: str = "retraining stage") -> tuple[str, bool]:
     """Both paths' plans for ``reconstruct plan``, naming the one the stage would take; whether that one fits.
 
     The path is the stage's own choice (``engine.choose_stream``: ``--stream``, else stream when the
-    weights or the resident plan do not fit).
+    weights or the resident plan do not fit). ``title`` names the stage (the retraining stage, or
+    model-level LoRAPrune's training, which runs on the same trainer).
     """
     from reconstruct.retrain.engine import choose_stream
 
@@ -135,7 +136,7 @@ def stage_plan(spec: RetrainSpec, loaded: LoadedModel) -> tuple[str, bool]:
     plans = {path: estimate(spec, loaded, path) for path in (False, True)}
     chosen = plans[streamed]
     verdict = "fits" if chosen.fits else "does not fit"
-    lines = [f"retraining stage ({spec.steps} steps, {spec.batch} x {spec.seq_len} tokens a step): "
+    lines = [f"{title} ({spec.steps} steps, {spec.batch} x {spec.seq_len} tokens a step): "
              f"{'streamed' if streamed else 'resident'}, {verdict}"]
     lines += [plans[path].format() for path in (False, True)]
     return "\n".join(lines), chosen.fits
