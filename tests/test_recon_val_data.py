@@ -25,6 +25,7 @@ from reconstruct.methods import ReconSpec
 from reconstruct.methods.train import SampleSplit
 from reconstruct.parallel import distributed
 from reconstruct.state.job_state import JobState
+from reconstruct.state.status import describe_job
 
 DIVERGING_LR = 50.0  # as in test_recon_guard.py: every trained bias / norm weight moves by ~50 a step
 VAL_TEXT_CHARS = 20_000  # enough WikiText-2 *test* text for a few 32-token windows
@@ -186,6 +187,7 @@ def test_resume_is_byte_identical_and_refuses_another_validation_text(tiny_model
     assert _run(resumed, "reconstruction:2") == 0
     assert _run(resumed) == 2  # from the activation checkpoint after block 2 (its rows: 6 + 3)
     _assert_same_bytes(tmp_path / "resumed", tmp_path / "whole")
+    assert f"validate:   {val_text.name}, 3 windows (--recon-val-data)" in describe_job(tmp_path / "resumed")
     for other in (ValidationData("self", 3), ValidationData(str(val_text), 2), None):
         with pytest.raises(ValueError, match="--recon-val-data|--recon-val-samples|--recon-val"):
             run_job(_job(model, small_calib_file, tmp_path / "resumed", val=other))
