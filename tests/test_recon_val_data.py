@@ -188,9 +188,11 @@ def test_resume_is_byte_identical_and_refuses_another_validation_text(tiny_model
     assert _run(resumed) == 2  # from the activation checkpoint after block 2 (its rows: 6 + 3)
     _assert_same_bytes(tmp_path / "resumed", tmp_path / "whole")
     assert f"validate:   {val_text.name}, 3 windows (--recon-val-data)" in describe_job(tmp_path / "resumed")
-    for other in (ValidationData("self", 3), ValidationData(str(val_text), 2), None):
-        with pytest.raises(ValueError, match="--recon-val-data|--recon-val-samples|--recon-val"):
+    for other, flag in ((ValidationData("self", 3), "--recon-val-data"), (ValidationData(str(val_text), 2),
+                        "--recon-val-samples"), (None, "--recon-val-data")):
+        with pytest.raises(ValueError) as refused:
             run_job(_job(model, small_calib_file, tmp_path / "resumed", val=other))
+        assert flag in str(refused.value)
 
 
 # --------------------------------------------------------------------------- the planner
