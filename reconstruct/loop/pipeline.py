@@ -163,7 +163,7 @@ class BlockPipeline:
             return None
         return stream.rows(self.calib_rows.numel(), stream.n_samples)
 
-    def advance(self, forward, stream: ActivationStream,
+    def advance(self, forward: Callable[[torch.Tensor], torch.Tensor], stream: ActivationStream,
                 compare_with: ActivationStream | None = None) -> tuple[float, float] | None:
         """``stream ← forward(stream)`` in place; the error against ``compare_with`` (:func:`run_stream`).
 
