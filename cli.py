@@ -225,6 +225,8 @@ Method = Annotated[MethodName, typer.Option(help="Reconstruction: auto = bias-ln
 ReconSteps = Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block.", show_default="64")]
 ReconEpochs = Annotated[Optional[float], typer.Option(help="Budget in passes over the training samples instead of --recon-steps: steps = ceil(E x training samples / --recon-batch).", show_default="off")]
 ReconVal = Annotated[float, typer.Option(help="Share of the calibration samples held out to validate each repair, in [0, 1) (at least one sample; 0 = none, every sample trains).")]
+ReconValData = Annotated[Optional[str], typer.Option(help="Validate each repair on windows of this text instead of held-out calibration samples (any --calib source; self = sampled from the dense model); every calibration sample then trains.", show_default="none: --recon-val's share")]
+ReconValSamples = Annotated[Optional[int], typer.Option(min=1, help="--recon-val-data: windows drawn (of --seq-len tokens).", show_default="max(1, n_samples // 8)")]
 ReconEvalEvery = Annotated[int, typer.Option(min=1, help="Guard: validation error measured every this many steps.")]
 ReconPatience = Annotated[int, typer.Option(min=1, help="Guard: stop after this many evaluations without improvement.")]
 ReconGuard = Annotated[bool, typer.Option(help="Keep the best validation step's parameters and undo a repair that is not better on the held-out samples than the pruned block (--no-recon-guard: train all steps, keep every repair; the error is still measured).")]
@@ -352,6 +354,8 @@ class ReconOptions(OptionGroup):
     recon_steps: int | None = None  # None: ReconSpec's default
     recon_epochs: float | None = None
     recon_val: float = 0.125
+    recon_val_data: str | None = None  # None: the guard holds out --recon-val's share of the calibration
+    recon_val_samples: int | None = None  # None: max(1, n_samples // 8)
     recon_eval_every: int = 8
     recon_patience: int = 3
     recon_guard: bool = True
@@ -490,6 +494,8 @@ def run(
     recon_steps: ReconSteps = ReconOptions.recon_steps,
     recon_epochs: ReconEpochs = ReconOptions.recon_epochs,
     recon_val: ReconVal = ReconOptions.recon_val,
+    recon_val_data: ReconValData = ReconOptions.recon_val_data,
+    recon_val_samples: ReconValSamples = ReconOptions.recon_val_samples,
     recon_eval_every: ReconEvalEvery = ReconOptions.recon_eval_every,
     recon_patience: ReconPatience = ReconOptions.recon_patience,
     recon_guard: ReconGuard = ReconOptions.recon_guard,
@@ -595,13 +601,14 @@ def build_job(options: RunOptions):
     """The JobConfig for the flags of ``run``."""
     from pruners.pattern import SparsityPattern
     from reconstruct.config import AllocationSpec, CalibSpec, EvalSpec, JobConfig, PruneSpec, resolve_method
+    from reconstruct.validation import check_validation_data
 
     shape, prune, calib, machine, output = options.shape, options.prune, options.calib, options.machine, options.output
     spec = SparsityPattern.parse(shape.pattern, shape.sparsity, prune.mask_scope.value)
     chosen = resolve_method(shape.method.value, spec.sparsity)
     if shape.method == MethodName.auto:
         logger.info("--method auto chose %s for sparsity %.2f", chosen, spec.sparsity)
-    return JobConfig(
+    job = JobConfig(
         model=machine.model,
         out=output.out or _default_out(machine.model, shape.pruner.value, shape.pattern, shape.sparsity),
         prune=PruneSpec(
@@ -627,7 +634,24 @@ def build_job(options: RunOptions):
         shrink=output.shrink,
         retrain=_retrain_stage_spec(options),
         retrain_data=options.retrain.retrain_data,
+        recon_val_data=_validation_data(options.recon, calib.n_samples),
     )
+    check_validation_data(job)
+    return job
+
+
+def _validation_data(recon: ReconOptions, n_samples: int):
+    """The ValidationData of ``--recon-val-data`` / ``--recon-val-samples`` (None without ``--recon-val-data``)."""
+    from reconstruct.config import ValidationData
+
+    if recon.recon_val_data is None:
+        if recon.recon_val_samples is not None:
+            raise ValueError("--recon-val-samples counts --recon-val-data's windows: give --recon-val-data too")
+        return None
+    if recon.recon_val not in (0.0, ReconOptions.recon_val):
+        raise ValueError("--recon-val-data replaces the held-out share: drop --recon-val (every calibration "
+                         "sample trains)")
+    return ValidationData(recon.recon_val_data, recon.recon_val_samples or max(1, n_samples // 8))
 
 
 def _retrain_stage_spec(options: RunOptions):
@@ -668,7 +692,8 @@ def _recon_spec(recon: ReconOptions, method: str):
         method=method, rank=recon.rank, alpha=recon.alpha, allow_dense_merge=recon.allow_dense_merge,
         granularity=recon.granularity.value, target=recon.target.value,
         **{k: v for k, v in overrides.items() if v is not None},
-        epochs=recon.recon_epochs, val_fraction=recon.recon_val, eval_every=recon.recon_eval_every,
+        epochs=recon.recon_epochs, eval_every=recon.recon_eval_every,
+        val_fraction=0.0 if recon.recon_val_data is not None else recon.recon_val,  # the text validates instead
         patience=recon.recon_patience, guard=recon.recon_guard,
     )
 
@@ -696,6 +721,8 @@ def plan(
     recon_steps: ReconSteps = ReconOptions.recon_steps,
     recon_epochs: ReconEpochs = ReconOptions.recon_epochs,
     recon_val: ReconVal = ReconOptions.recon_val,
+    recon_val_data: ReconValData = ReconOptions.recon_val_data,
+    recon_val_samples: ReconValSamples = ReconOptions.recon_val_samples,
     recon_eval_every: ReconEvalEvery = ReconOptions.recon_eval_every,
     recon_patience: ReconPatience = ReconOptions.recon_patience,
     recon_guard: ReconGuard = ReconOptions.recon_guard,
@@ -858,6 +885,8 @@ def sweep(
     recon_steps: ReconSteps = ReconOptions.recon_steps,
     recon_epochs: ReconEpochs = ReconOptions.recon_epochs,
     recon_val: ReconVal = ReconOptions.recon_val,
+    recon_val_data: ReconValData = ReconOptions.recon_val_data,
+    recon_val_samples: ReconValSamples = ReconOptions.recon_val_samples,
     recon_eval_every: ReconEvalEvery = ReconOptions.recon_eval_every,
     recon_patience: ReconPatience = ReconOptions.recon_patience,
     recon_guard: ReconGuard = ReconOptions.recon_guard,

@@ -79,6 +79,19 @@ class ActivationStream:
             raise ValueError(f"activation checkpoint has shape {tuple(values.shape)}, expected {self.shape}")
         self.data.copy_(values.to(self.data.device, self.dtype))
 
+    def rows(self, start: int, stop: int) -> "ActivationStream":
+        """Samples ``start .. stop - 1`` as a stream of their own that shares this one's storage.
+
+        Reads and writes go to this stream's rows (any tier: a view of the tensor, or of the
+        memory map). The engine hands the pruner and the error measurements the calibration rows
+        alone this way when the streams also carry ``--recon-val-data``'s rows.
+        """
+        view = object.__new__(ActivationStream)
+        view.data = self.data[start:stop]  # (stop - start, T, H), no copy
+        view.shape = tuple(view.data.shape)
+        view.dtype, view.device, view.tier = self.dtype, self.device, self.tier
+        return view
+
     def nbytes(self) -> int:
         """Bytes the stream occupies in its tier."""
         return self.data.numel() * self.data.element_size()

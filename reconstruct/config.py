@@ -48,6 +48,30 @@ class CalibSpec:
             raise ValueError(f"--calib-bos must be one of {', '.join(BOS_MODES)}; got {self.bos!r}")
 
 
+VALIDATION_SEED_OFFSET = 1_000_003  # --recon-val-data windows are drawn with --seed + this (not the calibration's)
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    """``--recon-val-data``: windows of another text that judge each repair instead of held-out calibration.
+
+    The windows have the calibration's length and framing (``--seq-len``, ``--calib-bos``) and travel
+    through the block loop as extra rows of the activation streams, after the calibration rows;
+    they never train and never feed the pruner's statistics.
+    """
+
+    source: str  # any --calib source: "self", a dataset name or a local .txt/.jsonl file
+    n_samples: int  # windows drawn (--recon-val-samples; cli.py's default: max(1, --n-samples // 8))
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"--recon-val-samples must be >= 1; got {self.n_samples}")
+
+    def seed(self, calib_seed: int) -> int:
+        """The seed of the windows' offsets (or of ``self`` sampling): never the calibration windows' own."""
+        return calib_seed + VALIDATION_SEED_OFFSET
+
+
 ALLOCATIONS = ("uniform", "owl")  # --allocation: besides these, a .json file of per-block sparsities
 
 
@@ -187,6 +211,7 @@ class JobConfig:
     shrink: bool = False  # at the end, delete the removed heads/channels into OUT/shrunk (reconstruct.shrink)
     retrain: object | None = None  # reconstruct.retrain.RetrainSpec: model-level retraining after the loop; None = none
     retrain_data: str | None = None  # its training text (None: the --calib source)
+    recon_val_data: ValidationData | None = None  # --recon-val-data: the guard's own text (None: held-out share)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint_every", parse_checkpoint_every(self.checkpoint_every))

@@ -49,6 +49,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     if source != SELF and source not in HUB_DATASETS and not Path(source).expanduser().is_file():
         raise ValueError(f"--calib {source}: no such file; use {describe_sources()}")
     loaded.framing(calib.bos)  # --calib-bos always needs a BOS token
+    check_validation_data(job)
     pattern = job.prune.pattern
     if job.shrink:
         from reconstruct.shrink.families import check_run_shrink
@@ -69,6 +70,27 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
                 raise ValueError(
                     f"--pattern {pattern.label}: layer {name} has {in_features} inputs, not a multiple of {pattern.m}"
                 )
+
+
+def check_validation_data(job: JobConfig) -> None:
+    """Refuse a ``--recon-val-data`` that nothing would use or that holds no text (needs no model).
+
+    Raises:
+        ValueError: one line naming ``--recon-val-data`` and what is allowed.
+    """
+    val = job.recon_val_data
+    if val is None:
+        return
+    if job.recon is None or job.recon.method == "none":
+        raise ValueError("--recon-val-data validates reconstruction: it needs a --method other than none")
+    source = val.source
+    if source == SELF or source in HUB_DATASETS:
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--recon-val-data {source}: no such file; use {describe_sources()}")
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise ValueError(f"--recon-val-data {source}: the file holds no text")
 
 
 def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:

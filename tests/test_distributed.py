@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from conftest import make_job
 from tolerances import gamma
 from reconstruct.parallel import distributed
+from reconstruct.config import ValidationData
 from reconstruct.methods import ReconSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,11 @@ JOBS = {  # name → (pruner, reconstruction)
        for method in ("bias", "ln", "bias-ln", "masklora", "scalelora", "lora")},
     "uneven-loraprune": ("loraprune", None),  # its warm-up steps take 1 sample each
     "loraprune-model": ("loraprune", None),  # the model-level stage: 2 windows a step, one per rank
+    "val-data": ("wanda", ReconSpec(method="bias-ln", val_fraction=0.0, **RECON)),  # + VAL_DATA's rows
 }
+# --recon-val-data: 8 windows after the 8 calibration rows, so rank 0 holds the calibration rows and rank 1
+# the validation rows: statistics and gradients are rank 0's sums plus exact zeros, as in one process
+VAL_WINDOWS = 8
 MODEL_LEVEL = dict(loraprune_objective="model", loraprune_steps=4, loraprune_lr=1e-3)  # the loraprune-model job
 RESUMED = "masklora"  # the job the resume tests interrupt at block 1 and finish
 INTERRUPT_AT = "reconstruction:1"
@@ -144,6 +149,8 @@ def _job(model: Path, out: Path, calib: Path, name: str):
     job = make_job(model, out, pruner, calib=calib, micro_batch=4, recon=recon)
     if name == "loraprune-model":
         job = dataclasses.replace(job, prune=dataclasses.replace(job.prune, **MODEL_LEVEL))
+    if name == "val-data":
+        job = dataclasses.replace(job, recon_val_data=ValidationData("self", VAL_WINDOWS))
     return job
 
 
@@ -202,12 +209,13 @@ def test_a_rank_holding_none_of_a_step_s_batch_still_gives_single_process_bytes(
     _assert_same_model(runs["dist"] / name, runs["single"] / name)
 
 
-@pytest.mark.parametrize("name", ["bias-ln", "masklora"])
+@pytest.mark.parametrize("name", ["bias-ln", "masklora", "val-data"])
 def test_reconstruction_equals_single_process(runs, name):
     _assert_same_model(runs["dist"] / name, runs["single"] / name)
     got = json.loads((runs["dist"] / name / "reconstruct.json").read_text())
     want = json.loads((runs["single"] / name / "reconstruct.json").read_text())
     assert got["world_size"] == WORLD and want["world_size"] == 1
+    assert got["job"].get("validation") == want["job"].get("validation")  # --recon-val-data: the same windows
     for mine, theirs in zip(got["blocks"], want["blocks"]):
         # float64 sums of the same (at most 8) per-slice float64 sums in another order, then one division:
         # each within gamma_9 (float64) of the exact mean

@@ -27,7 +27,7 @@ from reconstruct.loop.overlap import BlockReads, BlockWrite, BlockWriter, io_tot
 from reconstruct.loop.loraprune_stage import run_stage, stored_masks
 from reconstruct.loop.pipeline import BlockPipeline, BlockReport
 from reconstruct.state.faults import crash_point
-from reconstruct.methods import split_samples
+from reconstruct.methods import SampleSplit, split_samples
 from reconstruct.methods.train import log_training_budget
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan
@@ -77,6 +77,19 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
         return report
 
 
+def sample_split(job: JobConfig, n_calib: int, total: int) -> SampleSplit:
+    """Which stream rows train each repair and which validate it; the same on every rank and resume.
+
+    Args:
+        job: the job (``--recon-val`` or ``--recon-val-data``).
+        n_calib: calibration windows (all ranks together).
+        total: rows of the streams: the calibration windows, then ``--recon-val-data``'s windows.
+    """
+    if job.recon_val_data is not None:
+        return SampleSplit.with_validation_text(n_calib, total - n_calib)
+    return split_samples(total, job.recon.val_fraction, job.calib.seed)
+
+
 def retrain_pending(job: JobConfig) -> bool:
     """True when the job asks for the retraining stage and it has not finished in ``--out``."""
     return job.retrain is not None and not read_stage(job.out).get("finished")
@@ -94,6 +107,9 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         logger.info("all %d blocks are done; writing the rest of the output", layout.n_blocks)
         return assemble_output(job, loaded, state, n_shards)
     tokens = state.calibration_tokens(loaded)  # (n, T), the same on every rank
+    n_calib = tokens.shape[0]
+    if job.recon_val_data is not None:  # the validation text's windows: rows n .. n + m - 1 of the streams
+        tokens = torch.cat([tokens, state.validation_tokens(loaded)])  # (n + m, T)
     shard = distributed.split_samples(tokens.shape[0])  # this rank's contiguous rows (all, in one process)
     tokens = tokens[shard.start : shard.stop]  # (n_rank, T)
     n_samples, seq_len = tokens.shape
@@ -110,7 +126,7 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     kwargs = capture_kwargs_and_inputs(loaded, tokens, job.micro_batch, sparse)
     split = None
     if job.recon is not None and job.recon.method != "none":
-        split = split_samples(shard.total, job.recon.val_fraction, job.calib.seed)  # the same on every rank
+        split = sample_split(job, n_calib, shard.total)
         log_training_budget(job.recon, split)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config, split=split)
     pipeline.block_sparsities = block_sparsities(job, loaded, state, pipeline, sparse, dense, stream_args)
@@ -212,7 +228,9 @@ def block_sparsities(job: JobConfig, loaded: LoadedModel, state: JobState, pipel
         if scratch is None and job.needs_allocation_pass:  # a file's sparsities need no pass
             scratch = ActivationStream(sparse.n_samples, sparse.shape[1], sparse.shape[2],
                                        disk_path=state.stream_path("allocation"), **stream_args)
-        state.record_allocation(compute_allocation(job, loaded, pipeline.forward_fn, sparse, scratch))
+        # calibration rows only: --recon-val-data's rows never set a sparsity
+        state.record_allocation(compute_allocation(job, loaded, pipeline.forward_fn, pipeline.calibration(sparse),
+                                                   pipeline.calibration(scratch)))
         if scratch is not dense and scratch is not None:
             del scratch
             state.stream_path("allocation").unlink(missing_ok=True)

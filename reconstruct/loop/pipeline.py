@@ -126,8 +126,11 @@ class BlockPipeline:
                  model_config=None, split: SampleSplit | None = None):
         self.job = job
         self.split = split  # held-out calibration samples (global indices); None: every sample trains
-        self.val_rows = None if split is None else local_rows(
-            split.val, distributed.split_samples(split.train.numel() + split.val.numel()))
+        shard = None if split is None else distributed.split_samples(split.train.numel() + split.val.numel())
+        self.val_rows = None if split is None else local_rows(split.val, shard)
+        # --recon-val-data: this rank's calibration rows (a prefix of its rows; the validation text's
+        # rows follow). None: every row is a calibration window.
+        self.calib_rows = None if split is None else split.calibration_rows(shard)
         self.layout = layout
         self.kwargs = kwargs
         self.device = device
@@ -143,6 +146,38 @@ class BlockPipeline:
         self.block_sparsities: list[float] | None = None  # --allocation: each block's sparsity (None: uniform)
         # --loraprune-objective model: block index -> {name: (out, in) bool keep mask} chosen before block 0
         self.given_masks: Callable[[int], dict[str, torch.Tensor]] | None = None
+
+    def calibration(self, stream: ActivationStream | None) -> ActivationStream | None:
+        """The calibration rows of ``stream`` (all of it unless it also carries ``--recon-val-data``'s rows).
+
+        The pruner's statistics, OWL's pass, LoRAPrune's block training and the reported block error
+        see these rows alone, so the validation text never changes what is pruned or trained.
+        """
+        if stream is None or self.calib_rows is None:
+            return stream
+        return stream.rows(0, self.calib_rows.numel())
+
+    def validation(self, stream: ActivationStream) -> ActivationStream | None:
+        """The ``--recon-val-data`` rows of ``stream`` (after the calibration rows); None without them."""
+        if self.calib_rows is None:
+            return None
+        return stream.rows(self.calib_rows.numel(), stream.n_samples)
+
+    def advance(self, forward: Callable[[torch.Tensor], torch.Tensor], stream: ActivationStream,
+                compare_with: ActivationStream | None = None) -> tuple[float, float] | None:
+        """``stream ← forward(stream)`` in place; the error against ``compare_with`` (:func:`run_stream`).
+
+        The calibration rows and the validation text's rows run as separate passes, so the
+        calibration rows' micro-batches are those of a job without a validation text (the same
+        bytes); the error covers the calibration rows alone. Collective in a distributed run.
+        """
+        calibration = self.calibration(stream)
+        measured = run_stream(forward, calibration, self.job.micro_batch, destination=calibration,
+                              compare_with=self.calibration(compare_with))
+        validation = self.validation(stream)
+        if validation is not None:
+            run_stream(forward, validation, self.job.micro_batch, destination=validation)
+        return measured
 
     @property
     def reconstructing(self) -> bool:
@@ -213,7 +248,7 @@ class BlockPipeline:
             if self.reconstructing:
                 self._reconstruct(ctx)
         if ctx.dense_copy is not None:
-            run_stream(self.forward_fn(ctx.dense_copy), dense, self.job.micro_batch, destination=dense)
+            self.advance(self.forward_fn(ctx.dense_copy), dense)
             ctx.dense_copy = ctx.objective = ctx.targets = None
         self._propagate(ctx, self._fit_storage(ctx, stored_dtypes or {}))
         ctx.report.seconds = time.perf_counter() - started
@@ -238,15 +273,14 @@ class BlockPipeline:
             ctx.objective, ctx.targets = whole.forward, whole
             return ctx
         if dense is not None:
-            run_stream(ctx.forward, dense, self.job.micro_batch, destination=dense)  # dense targets, in place
+            self.advance(ctx.forward, dense)  # dense targets, in place
         ctx.objective, ctx.targets = ctx.forward, dense
         return ctx
 
     def _propagate(self, ctx: BlockContext, written_dtypes: dict[str, torch.dtype]) -> None:
         """``sparse ← block(sparse)``, measuring the error against the targets; record the stored sparsity."""
         report = ctx.report
-        measured = run_stream(ctx.forward, ctx.sparse, self.job.micro_batch, destination=ctx.sparse,
-                              compare_with=ctx.dense)
+        measured = self.advance(ctx.forward, ctx.sparse, compare_with=ctx.dense)
         if measured is not None:
             report.mse_after, report.target_mean_square = measured
         if report.mse_before is None:
@@ -344,7 +378,8 @@ class BlockPipeline:
             targets=ctx.targets, seed=seed, micro_batch=self.job.micro_batch,
             select_masks=lambda scores, fraction, within: self._select_masks(
                 scores, scaled_pattern(ctx.pattern, start + fraction * (end - start)), within),
-            train=block_trainer(ctx.objective, ctx.sparse, ctx.targets, seed, self.job.micro_batch),
+            train=block_trainer(ctx.objective, ctx.sparse, ctx.targets, seed, self.job.micro_batch,
+                                samples=None if self.split is None else self.split.calibration),
         )
 
     def _keep_all(self, module: nn.Module) -> torch.Tensor:
@@ -371,7 +406,8 @@ class BlockPipeline:
             name: self.pruner.new_stats(weight_as_out_in(module).shape[1], self.device) for name, module in group.items()
         }
         with feeding_statistics(group, stats) as cut_short:
-            run_stream(cut_short(ctx.forward), ctx.sparse, self.job.micro_batch)  # outputs unused: stop once all are fed
+            # outputs unused: stop once all are fed; calibration rows only (never --recon-val-data's)
+            run_stream(cut_short(ctx.forward), self.calibration(ctx.sparse), self.job.micro_batch)
         distributed.all_reduce_statistics(stats.values())  # every rank's tokens, before any mask is chosen
         crash_point(f"statistics:{ctx.index}")
         return stats
@@ -381,7 +417,8 @@ class BlockPipeline:
         recon, report = self.job.recon, ctx.report
         block_seed = self.block_seed(ctx.index, ctx.cycle)
         if ctx.dense_copy is not None and report.mse_before is None:
-            report.mse_before = evaluate_mse(ctx.objective, ctx.sparse, ctx.targets, self.job.micro_batch)
+            report.mse_before = evaluate_mse(ctx.objective, ctx.sparse, ctx.targets, self.job.micro_batch,
+                                             rows=self.calib_rows)
         train_forward, targets = self._training_objective(ctx)
         validating = self.split is not None and self.split.val.numel() > 0
         snapshot = BlockSnapshot(ctx.block) if validating and recon.guard else None

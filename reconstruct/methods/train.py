@@ -53,15 +53,42 @@ class ReconResult:
 
 @dataclass(frozen=True)
 class SampleSplit:
-    """Global calibration sample indices (sorted) that training draws from and that validate it."""
+    """Global sample indices (sorted) that training draws from and that validate it.
+
+    The samples are the rows of the activation streams: the calibration windows, then, with
+    ``--recon-val-data``, the validation text's windows. ``calibration`` says which rows are
+    calibration windows when the streams carry such validation rows: the block error before and
+    after reconstruction (and the pruner's statistics) cover those rows alone.
+    """
 
     train: Tensor  # (n_train,) int64
     val: Tensor  # (n_val,) int64; empty: no validation
+    calibration: Tensor | None = None  # (n_calib,) int64: the calibration rows; None: every row is one
 
     @classmethod
     def everything(cls, n_samples: int) -> SampleSplit:
         """Every sample trains, none validates (what the loop did before held-out samples)."""
         return cls(torch.arange(n_samples), torch.empty(0, dtype=torch.long))
+
+    @classmethod
+    def with_validation_text(cls, n_calib: int, n_val: int) -> SampleSplit:
+        """Every calibration sample trains; ``n_val`` rows of another text after them validate.
+
+        Args:
+            n_calib: calibration windows, rows ``0 .. n_calib - 1`` (all ranks together).
+            n_val: windows of ``--recon-val-data``, rows ``n_calib .. n_calib + n_val - 1``.
+        """
+        train = torch.arange(n_calib)  # (n_calib,): the same draw as SampleSplit.everything(n_calib)
+        return cls(train, torch.arange(n_calib, n_calib + n_val), calibration=train)
+
+    @property
+    def extra_rows(self) -> bool:
+        """True when the validation samples are rows of another text, not held-out calibration windows."""
+        return self.calibration is not None
+
+    def calibration_rows(self, shard: distributed.Shard) -> Tensor | None:
+        """This rank's rows holding calibration windows (a prefix of its rows); None: all of them."""
+        return None if self.calibration is None else local_rows(self.calibration, shard)
 
 
 def split_samples(n_samples: int, val_fraction: float, seed: int) -> SampleSplit:
@@ -95,6 +122,9 @@ def log_training_budget(spec: ReconSpec, split: SampleSplit) -> None:
     if n_val == 0:
         reason = "--recon-val 0" if spec.val_fraction == 0 else f"only {n_train} calibration sample(s)"
         logger.info("no held-out validation samples (%s): every block keeps its repair unchecked", reason)
+    elif split.extra_rows:
+        logger.info("calibration samples: all %d train the repair; %d windows of --recon-val-data validate it "
+                    "(guard %s)", n_train, n_val, "on" if spec.guard else "off: measured only")
     else:
         logger.info("calibration samples: %d train the repair, %d validate it (guard %s)", n_train, n_val,
                     "on" if spec.guard else "off: measured only")
@@ -287,10 +317,15 @@ def train_reconstruction(
     """
     started = time.perf_counter()
     eval_micro_batch = eval_micro_batch or spec.micro_batch
-    mse_before = evaluate_mse(forward, inputs, targets, eval_micro_batch) if measure_before else math.nan
-    params = [p for p in params if p.requires_grad]
     shard = distributed.local_shard(inputs.n_samples)  # this rank's rows of the global sample axis
     split = split if split is not None else SampleSplit.everything(shard.total)
+    measured = split.calibration_rows(shard)  # the block error covers calibration rows only
+
+    def error() -> float:
+        return evaluate_mse(forward, inputs, targets, eval_micro_batch, rows=measured)
+
+    mse_before = error() if measure_before else math.nan
+    params = [p for p in params if p.requires_grad]
     val_rows = local_rows(split.val, shard)
 
     def validate() -> float:
@@ -354,7 +389,7 @@ def train_reconstruction(
     if best is not None:
         best.restore()
     distributed.broadcast_from_main_(params)  # ranks continue from identical bytes
-    mse_after = evaluate_mse(forward, inputs, targets, eval_micro_batch) if measure_after else math.nan
+    mse_after = error() if measure_after else math.nan
     return ReconResult(
         mse_before, mse_after, taken, time.perf_counter() - started, val_before,
         val_best=best.best if best is not None else None, stopped_at=best.best_step if best is not None else None,
@@ -363,18 +398,20 @@ def train_reconstruction(
 
 
 def block_trainer(forward: Callable[[Tensor], Tensor], inputs: ActivationStream, targets: ActivationStream,
-                  seed: int, eval_micro_batch: int) -> Callable[..., None]:
+                  seed: int, eval_micro_batch: int, samples: Tensor | None = None) -> Callable[..., None]:
     """``train(params, *, steps, lr, batch_size, on_gradients)`` on one block's objective, for a pruner.
 
     What ``pruners.base.BlockTraining.train`` holds: :func:`train_reconstruction` of ``params`` (one
-    sample per forward, every sample trains, no measurements), so a block-training pruner (LoRAPrune)
-    trains exactly as reconstruction does without importing it.
+    sample per forward, no measurements), so a block-training pruner (LoRAPrune) trains exactly as
+    reconstruction does without importing it. ``samples``: the global indices that train, (n,) int64
+    (default: every sample; the engine leaves out ``--recon-val-data``'s rows).
     """
+    split = None if samples is None else SampleSplit(samples, torch.empty(0, dtype=torch.long))
 
     def train(params: list[nn.Parameter], *, steps: int, lr: float, batch_size: int,
               on_gradients: Callable[[int], None] | None = None) -> None:
         spec = ReconSpec(steps=steps, lr=lr, batch_size=batch_size, micro_batch=1)
         train_reconstruction(forward, params, inputs, targets, spec, seed=seed, eval_micro_batch=eval_micro_batch,
-                             measure_before=False, measure_after=False, on_gradients=on_gradients)
+                             measure_before=False, measure_after=False, on_gradients=on_gradients, split=split)
 
     return train

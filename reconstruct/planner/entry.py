@@ -155,7 +155,8 @@ def _plan(job, config, device_type: str, dtype: torch.dtype, stored_dtype: torch
           cuda_index: int | None = None, layout=None) -> MemoryPlan:
     device_budget, host_budget = _budgets(device_type, budget, cuda_index)
     recon = job.recon if job.recon is not None and job.recon.method != "none" else None
-    n_samples, seq_len = _samples_of_this_rank(job.calib.n_samples), job.calib.seq_len
+    n_val = job.recon_val_data.n_samples if job.recon_val_data is not None else 0  # extra rows of the streams
+    n_samples, seq_len = _samples_of_this_rank(job.calib.n_samples + n_val), job.calib.seq_len
     recon_mb = min(recon.micro_batch, recon.batch_size, n_samples) if recon is not None else 1
     inputs = PlanInputs(
         device_type=device_type, dtype=dtype, stored_dtype=stored_dtype, n_samples=n_samples, seq_len=seq_len,
@@ -184,7 +185,10 @@ def _plan(job, config, device_type: str, dtype: torch.dtype, stored_dtype: torch
 
 
 def _samples_of_this_rank(n_samples: int) -> int:
-    """Calibration samples this process holds: all of them, or its share under torchrun."""
+    """Stream rows this process holds: all of them, or its share under torchrun.
+
+    The rows are the calibration windows and, with ``--recon-val-data``, its windows after them.
+    """
     from reconstruct.parallel import distributed
 
     shard = distributed.split_samples(n_samples)

@@ -90,6 +90,16 @@ def describe_job(report: dict, model: str | None) -> dict[str, str]:
     }
 
 
+def validation_label(job: dict) -> str:
+    """What judged the repairs: held-out calibration samples, or ``--recon-val-data``'s windows (the fingerprint's)."""
+    validation = job.get("validation")
+    if not validation:
+        return "the held-out calibration samples (`--recon-val`)"
+    source = validation.get("source") or {}
+    return (f"{validation.get('n_samples', '?')} windows of {source.get('file') or source.get('name', '?')} "
+            "(`--recon-val-data`; every calibration sample trained; MSE columns: calibration samples only)")
+
+
 def framing_label(bos_id: int | None) -> str:
     """How the job's windows started (the fingerprint's ``calibration.bos_id``; absent: no BOS)."""
     return "windows without BOS" if bos_id is None else f"windows start with BOS id {bos_id}"
@@ -176,7 +186,8 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
         f"| mean linear sparsity | {report.get('mean_linear_sparsity', 0.0):.4f} |",
         f"| perplexity | {perplexity} |",
-        *([f"| blocks kept their repair | {kept_summary(rows)} (the others were undone: no better on held-out samples) |"]
+        *([f"| blocks kept their repair | {kept_summary(rows)} (the others were undone: no better on "
+            f"{'--recon-val-data' if (report.get('job') or {}).get('validation') else 'held-out samples'}) |"]
           if kept_summary(rows) else []),
         "",
         *run_retrain_section(report),
@@ -192,8 +203,8 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "block exactly, 1 = an error as large as the output itself); well under 0.01 means the pruned block "
         "reproduces the dense one to within 1% of its output's energy, and reconstruction should lower it.",
         "",
-        "Train: the reconstruction loss on training batches at the end; val before/after: the same error on the "
-        "held-out calibration samples (`--recon-val`) before training and after the merge; repair: kept, or undone "
+        "Train: the reconstruction loss on training batches at the end; val before/after: the same error on "
+        f"{validation_label(report.get('job') or {})} before training and after the merge; repair: kept, or undone "
         "(the pruned block written instead) when val after is not below val before; stop: the step whose "
         "parameters were kept (0 = none improved).",
         "",

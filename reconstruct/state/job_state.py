@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -44,6 +44,7 @@ from reconstruct.runtime import dtype_name
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration-tokens.safetensors"
+VALIDATION_FILE = "validation-tokens.safetensors"  # --recon-val-data's windows
 HASH_CACHE_NAME = "file-hashes.json"  # model files' whole-file sha256 by stat (fingerprint.HashCache)
 
 
@@ -54,14 +55,10 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
     every model file is read in full.
     """
     calib = job.calib
-    source = calib.source
-    if source != SELF and Path(source).expanduser().is_file():
-        source_id = {"file": Path(source).name, "sha256": hash_text_source(Path(source).expanduser())}
-    else:
-        source_id = {"name": source}
     prune = job.prune
     framing = loaded.framing(calib.bos)
-    calibration = {"source": source_id, "n_samples": calib.n_samples, "seq_len": calib.seq_len}
+    calibration = {"source": text_source_identity(calib.source), "n_samples": calib.n_samples,
+                   "seq_len": calib.seq_len}
     if framing.bos_id is not None:  # only with a BOS: fingerprints of jobs framed as before stay as they were
         calibration["bos_id"] = framing.bos_id
     return {
@@ -80,6 +77,9 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
         **({"allocation": prune.allocation.fingerprint()} if not prune.allocation.uniform else {}),  # per-block sparsity
         "method": asdict(job.recon) if job.recon is not None else None,
         "calibration": calibration,
+        # only with --recon-val-data: the fingerprints of jobs that hold out calibration samples stay as they were
+        **({"validation": {"source": text_source_identity(job.recon_val_data.source),
+                           "n_samples": job.recon_val_data.n_samples}} if job.recon_val_data is not None else {}),
         "seed": calib.seed,
         "dtype": dtype_name(loaded.dtype),
         "device_type": loaded.device.type,
@@ -91,6 +91,13 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
         "versions": {"reconstruct": reconstruct.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
+
+
+def text_source_identity(source: str) -> dict:
+    """What of a ``--calib``-style source decides its windows: a file's name and content hash, else its name."""
+    if source != SELF and Path(source).expanduser().is_file():
+        return {"file": Path(source).name, "sha256": hash_text_source(Path(source).expanduser())}
+    return {"name": source}
 
 
 def retrain_identity(job: JobConfig) -> dict:
@@ -218,27 +225,50 @@ class JobState:
         """
         return distributed.from_main(lambda: self._calibration_tokens_here(loaded))
 
+    def validation_tokens(self, loaded: LoadedModel) -> torch.Tensor:
+        """The (m, T) windows of ``--recon-val-data``: read back on resume, else built and saved.
+
+        Drawn as the calibration windows are (same length and framing), with their own seed
+        (``ValidationData.seed``). In a distributed run rank 0 reads or builds them and broadcasts them.
+        """
+        val = self.job.recon_val_data
+        windows = TokenWindows(val.source, val.n_samples, val.seed(self.job.calib.seed), "--recon-val-data")
+        return distributed.from_main(lambda: self._tokens_here(loaded, VALIDATION_FILE, windows))
+
     def _calibration_tokens_here(self, loaded: LoadedModel) -> torch.Tensor:
-        path = self.state_dir / CALIBRATION_FILE
+        calib = self.job.calib
+        windows = TokenWindows(calib.source, calib.n_samples, calib.seed, "calibration")
+        return self._tokens_here(loaded, CALIBRATION_FILE, windows)
+
+    def _tokens_here(self, loaded: LoadedModel, name: str, windows: TokenWindows) -> torch.Tensor:
+        """The (n, T) token windows saved as ``name`` in the state folder, or built from ``windows`` and saved."""
+        path = self.state_dir / name
         if path.is_file():
             tokens = _load_checked(path)
             if tokens is not None:
                 return tokens
-            logger.warning("%s is damaged; building the calibration tokens again", path)
+            logger.warning("%s is damaged; building the %s tokens again", path, windows.label)
         calib = self.job.calib
         framing = loaded.framing(calib.bos)
-        logger.info("calibration windows: %s", framing.describe())
-        if calib.source == SELF:
-            logger.info("sampling %d × %d calibration tokens from the dense model", calib.n_samples, calib.seq_len)
-            bar = progress_bar(desc="self-calibration", unit="token", total=calib.n_samples * (calib.seq_len - 1))
+        logger.info("%s windows: %s", windows.label, framing.describe())
+        if windows.source == SELF:
+            logger.info("sampling %d × %d %s tokens from the dense model", windows.n_samples, calib.seq_len,
+                        windows.label)
+            bar = progress_bar(desc=f"self-{windows.label.lstrip('-')}", unit="token",
+                               total=windows.n_samples * (calib.seq_len - 1))
             with bar:
                 tokens = generate_self_calibration(
-                    loaded.folder, calib.n_samples, calib.seq_len, calib.seed, loaded.device, loaded.dtype,
+                    loaded.folder, windows.n_samples, calib.seq_len, windows.seed, loaded.device, loaded.dtype,
                     framing=framing, on_tokens=bar.update,
                 )
         else:
-            ids = tokenize_text(read_text(calib.source), loaded.tokenizer())
-            tokens = sample_windows(ids, calib.n_samples, calib.seq_len, calib.seed, framing=framing)
+            ids = tokenize_text(read_text(windows.source), loaded.tokenizer())
+            try:
+                tokens = sample_windows(ids, windows.n_samples, calib.seq_len, windows.seed, framing=framing)
+            except ValueError as error:
+                if windows.label == "calibration":
+                    raise
+                raise ValueError(f"{windows.label} {windows.source}: {error}") from None
         self.state_dir.mkdir(exist_ok=True)
         tokens = tokens.contiguous()
         save_safetensors_atomic(path, {"tokens": tokens}, {"tokens_sha256": _tensor_digest(tokens)})
@@ -414,6 +444,16 @@ class JobState:
             (self.out / checkpoint["file"]).unlink(missing_ok=True)
         for name in ("sparse", "dense"):
             self.stream_path(name).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """Which token windows to draw: from ``source``, ``n_samples`` of them, seeded; ``label`` names them in logs."""
+
+    source: str  # a --calib source
+    n_samples: int
+    seed: int
+    label: str  # "calibration", or the flag that asked for them
 
 
 def _named_streams(sparse: ActivationStream, dense: ActivationStream | None) -> dict[str, ActivationStream]:

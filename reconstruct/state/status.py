@@ -62,6 +62,7 @@ def describe_job(out: Path) -> str:
           if settings.get("allocation") else []),
         f"method:     {_method(settings.get('method'))}",
         f"calib:      {_calibration(settings.get('calibration'))}",
+        *([f"validate:   {_validation(settings['validation'])}"] if settings.get("validation") else []),
         f"seed:       {settings.get('seed', '?')}, dtype {settings.get('dtype', '?')}",
     ]
     if done:
@@ -208,6 +209,13 @@ def _calibration(calibration) -> str:
     bos = calibration.get("bos_id")
     framing = "" if bos is None else f", BOS id {bos} first"
     return f"{name}, {calibration.get('n_samples', '?')} × {calibration.get('seq_len', '?')} tokens{framing}"
+
+
+def _validation(validation: dict) -> str:
+    """``--recon-val-data``'s text and window count, from the fingerprint's ``validation``."""
+    source = validation.get("source") or {}
+    return (f"{source.get('file') or source.get('name') or '?'}, {validation.get('n_samples', '?')} windows "
+            "(--recon-val-data)")
 
 
 def _mean(values: list[float]) -> float | None:
