@@ -74,3 +74,31 @@ def unpool_large_allocations(threshold: int = 1 << 20) -> None:
         ctypes.CDLL(None).mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         logger.debug("mallopt unavailable; large allocations stay pooled")
+
+
+def _glibc():
+    """The C library when it is glibc on Linux, else None."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def release_free_heap() -> None:
+    """Give the free pages inside glibc's heaps back to the OS (``malloc_trim(0)``); elsewhere a no-op.
+
+    Allocations under the mmap threshold (adapters, optimizer moments, norms, small activations,
+    tokenizer buffers) come from heaps that only shrink from the top: the pages of chunks freed in
+    the middle stay resident, and once a later allocation has touched them they count in RSS. Over a
+    streamed retraining that loads every block twice a step, peak RSS then crept up with depth in
+    some runs and not in others (thread arenas make it depend on scheduling). Trimming after each
+    block is released returns those pages; it costs a walk over the heap's free chunks.
+    """
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

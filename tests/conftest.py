@@ -115,13 +115,17 @@ BLOCK_LISTS = {
 }
 
 
+def write_text_head(source: Path, chars: int, path: Path) -> Path:
+    """Write the first ``chars`` characters of ``source`` to ``path``, cut at a line end; returns ``path``."""
+    text = source.read_text(encoding="utf-8")[:chars]
+    path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_calib_file(tmp_path_factory) -> Path:
     """The first ~50 kB of the WikiText-2 validation text, cut at a line end."""
-    text = WIKITEXT_VALID.read_text(encoding="utf-8")[:SMALL_CALIB_CHARS]
-    path = tmp_path_factory.mktemp("calib") / "valid-head.txt"
-    path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
-    return path
+    return write_text_head(WIKITEXT_VALID, SMALL_CALIB_CHARS, tmp_path_factory.mktemp("calib") / "valid-head.txt")
 
 
 def make_job(model: Path, out: Path, pruner: str, pattern: str = "unstructured", sparsity: float | None = None,

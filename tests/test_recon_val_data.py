@@ -17,14 +17,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli
-from conftest import WIKITEXT_TEST, make_job
+from test_distributed import _run  # run_job, interrupted at a crash point; returns the block it started from
+from conftest import WIKITEXT_TEST, make_job, write_text_head
 from reconstruct.config import ValidationData
-from reconstruct.loop import engine, pipeline
 from reconstruct.loop.engine import run_job
 from reconstruct.methods import ReconSpec
 from reconstruct.methods.train import SampleSplit
 from reconstruct.parallel import distributed
-from reconstruct.state.job_state import JobState
 from reconstruct.state.status import describe_job
 
 DIVERGING_LR = 50.0  # as in test_recon_guard.py: every trained bias / norm weight moves by ~50 a step
@@ -39,10 +38,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def val_text(tmp_path_factory) -> Path:
     """Text of another part of the corpus (the test split) than the calibration text (the valid split)."""
-    text = WIKITEXT_TEST.read_text(encoding="utf-8")[:VAL_TEXT_CHARS]
-    path = tmp_path_factory.mktemp("val") / "test-head.txt"
-    path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
-    return path
+    return write_text_head(WIKITEXT_TEST, VAL_TEXT_CHARS, tmp_path_factory.mktemp("val") / "test-head.txt")
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -152,32 +148,6 @@ def test_self_sampled_validation_windows(tiny_model_dir, small_calib_file, tmp_p
 
 
 # --------------------------------------------------------------------------- resume
-class Interrupted(Exception):
-    """Stands in for a kill at a crash point (writes are atomic: the state on disk is the same)."""
-
-
-def _run(job, interrupt: str | None = None) -> int:
-    """``run_job``; returns the block it started from. ``interrupt`` stops it at that crash point."""
-    starts: list[int] = []
-    restore = JobState.restore_streams
-
-    def spy(self, sparse, dense):
-        starts.append(restore(self, sparse, dense))
-        return starts[-1]
-
-    def crash_point(name: str) -> None:
-        if name == interrupt:
-            raise Interrupted(name)
-
-    with mock.patch.object(JobState, "restore_streams", spy):
-        if interrupt is None:
-            engine.run_job(job)
-        else:
-            with mock.patch.object(pipeline, "crash_point", crash_point), pytest.raises(Interrupted):
-                engine.run_job(job)
-    return starts[0]
-
-
 def test_resume_is_byte_identical_and_refuses_another_validation_text(tiny_model_dir, small_calib_file, val_text,
                                                                      tmp_path):
     model = tiny_model_dir("llama")

@@ -202,6 +202,21 @@ def test_hooks_are_called_on_every_load_and_after_each_backward(stream, pruned_d
     assert hooks.steps == [1, 2]
 
 
+def test_free_heap_pages_are_returned_after_every_block_release(pruned_dir, tmp_path, monkeypatch):
+    """Streamed: after each block session and each written block, glibc's free heap pages go back to the OS."""
+    from reconstruct.retrain import output, session
+
+    trims = []
+    for module in (session, output):
+        monkeypatch.setattr(module, "release_free_heap", lambda: trims.append(1))
+    loaded = load_model(str(pruned_dir("llama")), "cpu", "float32")
+    hooks = CountingHooks()
+    retrain_model(loaded, small_spec("masklora", steps=2), "", tmp_path / "out", stream=True, tokens=windows(),
+                  hooks=hooks)
+    n = loaded.layout.n_blocks
+    assert len(trims) == 2 * 2 * n + n  # block sessions (forward and backward, 2 steps), then one per written block
+
+
 def test_no_merge_writes_the_blocks_as_loaded_with_the_hooks_changes(pruned_dir, tmp_path):
     class ZeroFirstRow(NoHooks):
         def block_loaded(self, index, block):

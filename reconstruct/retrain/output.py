@@ -23,6 +23,7 @@ from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.modelio.output import copy_side_files, shard_name, write_config, write_index
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.trainables import block_linears
+from reconstruct.runtime import release_free_heap
 from reconstruct.state.atomic import save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def write_block(loader: BlockLoader, index: int, out: Path, *, merge: bool, trai
     if not (merge and trained and handle.method == "lora"):
         check_zeros_kept(tensors, loader, index)
     save_safetensors_atomic(out / shard_name(index, n_shards), tensors, {"format": "pt"})
+    release_free_heap()
     return added
 
 

@@ -18,6 +18,7 @@ from reconstruct.modelio.block_io import load_module_weights, release_module_wei
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
 from reconstruct.retrain.trainables import ModelTrainables
+from reconstruct.runtime import release_free_heap
 
 
 @dataclass
@@ -51,3 +52,4 @@ class BlockLoader:
         finally:
             handle.discard()
             release_module_weights(block)
+            release_free_heap()  # free heap pages of this block's session must not stay resident
