@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -119,13 +120,6 @@ def run_once(model: Path, out: Path, method: str, overlap: bool, args, log: Path
     return row
 
 
-def median(values: list[float]) -> float:
-    """The middle value (the mean of the two middle ones for an even count)."""
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def compare(rows: list[dict]) -> dict:
     """Per method: the overlap runs' loop time against max(IO, compute) and their sum, both from the serial runs.
 
@@ -139,20 +133,21 @@ def compare(rows: list[dict]) -> dict:
         overlapped = [row for row in done if row["overlap"]]
         if not serial or not overlapped:
             continue
-        compute = median([row["io"]["compute_seconds"] for row in serial])
-        io = median([row["io_alone_s"] for row in serial])
-        overlap_loop = median([row["loop_s"] for row in overlapped])
+        compute = statistics.median([row["io"]["compute_seconds"] for row in serial])
+        io = statistics.median([row["io_alone_s"] for row in serial])
+        overlap_loop = statistics.median([row["loop_s"] for row in overlapped])
         bound, total = max(compute, io), compute + io
         result[method] = {
             "runs_each": min(len(serial), len(overlapped)),
             "compute_alone_s": round(compute, 3), "io_alone_s": round(io, 3),
-            "serial_loop_s": round(median([row["loop_s"] for row in serial]), 3), "overlap_loop_s": round(overlap_loop, 3),
+            "serial_loop_s": round(statistics.median([row["loop_s"] for row in serial]), 3),
+            "overlap_loop_s": round(overlap_loop, 3),
             "overlap_loop_runs_s": [row["loop_s"] for row in overlapped],
             "serial_loop_runs_s": [row["loop_s"] for row in serial],
             "overlap_over_max": round(overlap_loop / bound, 3) if bound else None,  # target <= 1.15
             "overlap_over_sum": round(overlap_loop / total, 3) if total else None,  # target < 1
-            "wall_overlap_s": round(median([row["wall_s"] for row in overlapped]), 2),
-            "wall_serial_s": round(median([row["wall_s"] for row in serial]), 2),
+            "wall_overlap_s": round(statistics.median([row["wall_s"] for row in overlapped]), 2),
+            "wall_serial_s": round(statistics.median([row["wall_s"] for row in serial]), 2),
         }
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import sys
@@ -65,19 +66,16 @@ def unpool_large_allocations(threshold: int = 1 << 20) -> None:
     threshold (set through mallopt, which also stops the adjustment) returns each freed tensor to
     the OS at once, so host memory stays flat with depth. Elsewhere this is a no-op.
     """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
         logger.debug("mallopt unavailable; large allocations stay pooled")
+        return
+    libc.mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
-    """The C library when it is glibc on Linux, else None."""
+    """The C library when it is glibc on Linux, else None (looked up once: it is called after every block)."""
     import ctypes
     import platform
 

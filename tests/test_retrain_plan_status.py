@@ -93,13 +93,18 @@ def test_plan_shows_the_retraining_stage_on_both_paths(tiny_model_dir):
     assert "retraining memory (resident)" in result.output and "retraining memory (streamed)" in result.output
 
 
-def test_plan_exits_3_when_the_retraining_stage_cannot_fit(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize(("flags", "line"), [
+    ("retrain", "retraining stage (3 steps, 4 x 16 tokens a step): streamed, does not fit"),
+    ("loraprune", "LoRAPrune stage (--loraprune-objective model) (5 steps, 2 x 16 tokens a step): streamed, does not fit"),
+])
+def test_plan_exits_3_when_a_training_stage_cannot_fit(tiny_model_dir, monkeypatch, flags, line):
     from reconstruct.retrain import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
-    result = _plan("--model", str(tiny_model_dir("llama")), *PLAN_FLAGS)
+    plan_flags = PLAN_FLAGS if flags == "retrain" else LORAPRUNE_PLAN_FLAGS
+    result = _plan("--model", str(tiny_model_dir("llama")), *plan_flags)
     assert result.exit_code == 3, result.output
-    assert "retraining stage (3 steps, 4 x 16 tokens a step): streamed, does not fit" in result.output
+    assert line in result.output
 
 
 def test_plan_without_retrain_steps_shows_no_stage(tiny_model_dir):
@@ -123,15 +128,6 @@ def test_plan_shows_the_model_level_loraprune_stage(tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "LoRAPrune stage (--loraprune-objective model) (5 steps, " in result.output
     assert "retraining memory (resident)" in result.output and "retraining stage" not in result.output
-
-
-def test_plan_exits_3_when_the_loraprune_stage_cannot_fit(tiny_model_dir, monkeypatch):
-    from reconstruct.retrain import memory
-
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
-    result = _plan("--model", str(tiny_model_dir("llama")), *LORAPRUNE_PLAN_FLAGS)
-    assert result.exit_code == 3, result.output
-    assert "LoRAPrune stage (--loraprune-objective model) (5 steps, 2 x 16 tokens a step): streamed, does not fit" in result.output
 
 
 def test_plan_with_loraprune_and_retraining_shows_both_stages(tiny_model_dir):
