@@ -58,8 +58,10 @@ VAL_WINDOWS = 8
 MODEL_LEVEL = dict(loraprune_objective="model", loraprune_steps=4, loraprune_lr=1e-3)  # the loraprune-model job
 RESUMED = "masklora"  # the job the resume tests interrupt at block 1 and finish
 INTERRUPT_AT = "reconstruction:1"
+STAGE_INTERRUPT_AT = "loraprune-step:3"  # the loraprune-model stage, killed after step 3, before its checkpoint
 WRITE_EVENTS = {"os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "os.link", "os.symlink",
                 "os.chmod", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
+COPY_EVENTS = {"os.link", "os.symlink", "shutil.copyfile"}  # (source, destination): only the destination is written
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -75,28 +77,38 @@ def _interrupting(point: str):
     return crash_point
 
 
-def _run(job, interrupt: str | None = None) -> int:
-    """``run_job``; returns the block it started from (0 = fresh). ``interrupt`` stops it at that crash point."""
+def _run(job, interrupt: str | None = None, stage_starts: list[int] | None = None) -> int:
+    """``run_job``; returns the block it started from (0 = fresh). ``interrupt`` stops it at that crash point.
+
+    ``stage_starts`` gets the step the model-level LoRAPrune stage resumed after (0 = fresh), if it ran.
+    """
     from unittest import mock
 
-    from reconstruct.loop import engine
+    from pruners.loraprune_model import LoRAPruneController
+    from reconstruct.loop import engine, loraprune_stage, pipeline
     from reconstruct.state.job_state import JobState
-    from reconstruct.loop import pipeline
 
     starts: list[int] = []
-    restore = JobState.restore_streams
+    restore, restore_stage = JobState.restore_streams, LoRAPruneController.restore
 
     def spy(self, sparse, dense):
         starts.append(restore(self, sparse, dense))
         return starts[-1]
 
-    with mock.patch.object(JobState, "restore_streams", spy):
+    def stage_spy(self, step, saved):
+        if stage_starts is not None:
+            stage_starts.append(step)
+        restore_stage(self, step, saved)
+
+    with mock.patch.object(JobState, "restore_streams", spy), mock.patch.object(LoRAPruneController, "restore", stage_spy):
         if interrupt is None:
             engine.run_job(job)
         else:
-            with mock.patch.object(pipeline, "crash_point", _interrupting(interrupt)), pytest.raises(Interrupted):
+            crash = _interrupting(interrupt)
+            with mock.patch.object(pipeline, "crash_point", crash), mock.patch.object(
+                    loraprune_stage, "crash_point", crash), pytest.raises(Interrupted):
                 engine.run_job(job)
-    return starts[0]
+    return starts[0] if starts else 0
 
 
 def _audit_writes(root: Path, log: list):
@@ -111,8 +123,10 @@ def _audit_writes(root: Path, log: list):
             mode, flags = args[1] or "", args[2] or 0
             if any(c in mode for c in "wax+") or flags & WRITE_FLAGS:
                 log.append((event, os.fsdecode(args[0])))
-        elif event in WRITE_EVENTS and args and any(under(a) for a in args[:2]):
-            log.append((event, [os.fsdecode(a) for a in args[:2] if under(a)]))
+        elif event in WRITE_EVENTS and args:
+            written = args[1:2] if event in COPY_EVENTS else args[:2]
+            if any(under(a) for a in written):
+                log.append((event, [os.fsdecode(a) for a in written if under(a)]))
 
     return hook
 
@@ -129,12 +143,15 @@ def _worker(rank: int, port: int, tasks: list, results: Path) -> None:
     if rank != 0:
         sys.addaudithook(_audit_writes(results.parent / "dist", writes))
     starts = {}
+    stage_starts: dict[str, list[int]] = {}
     for name, job, interrupt in tasks:
+        key = f"{name}:{interrupt}"
         try:
-            starts[f"{name}:{interrupt}"] = _run(job, interrupt)
+            starts[key] = _run(job, interrupt, stage_starts.setdefault(key, []))
         except ValueError as refused:  # resume with another process count
-            starts[f"{name}:{interrupt}"] = f"refused: {refused}"
-    (results / f"rank{rank}.json").write_text(json.dumps({"writes": writes, "starts": starts}))
+            starts[key] = f"refused: {refused}"
+    (results / f"rank{rank}.json").write_text(json.dumps({"writes": writes, "starts": starts,
+                                                          "stage_starts": stage_starts}))
     torch.distributed.destroy_process_group()
 
 
@@ -166,8 +183,11 @@ def runs(tiny_model_dir, small_calib_file, tmp_path_factory):
     assert _run(_job(model, dist_root / "resume-1to2", small_calib_file, RESUMED), INTERRUPT_AT) == 0
     tasks = [(name, _job(model, dist_root / name, small_calib_file, name), None) for name in JOBS]
     resume = _job(model, dist_root / "resume-2to2", small_calib_file, RESUMED)
+    stage = dataclasses.replace(_job(model, dist_root / "resume-stage", small_calib_file, "loraprune-model"),
+                                checkpoint_every=1)
     tasks += [
         ("resume-2to2", resume, INTERRUPT_AT), ("resume-2to2", resume, None),
+        ("resume-stage", stage, STAGE_INTERRUPT_AT), ("resume-stage", stage, None),
         ("resume-1to2", _job(model, dist_root / "resume-1to2", small_calib_file, RESUMED), None),
         ("resume-2to1", _job(model, dist_root / "resume-2to1", small_calib_file, RESUMED), INTERRUPT_AT),
     ]
@@ -240,6 +260,18 @@ def test_resume_in_distributed_mode(runs):
     assert runs["ranks"][1]["starts"][f"{case}:None"] == 1
     _assert_same_model(runs["dist"] / case, runs["single"] / RESUMED)
     assert _files(runs["dist"] / case) == _files(runs["single"] / RESUMED)
+
+
+def test_model_level_loraprune_stage_resumes_from_its_checkpoint_on_every_rank(runs):
+    """A per-weight pattern: rank 1's importance records live in a scratch folder that dies with the session;
+    the resumed rank copies rank 0's snapshot, so both continue from the checkpoint of step 2 (one per step;
+    the kill came before step 3's) and give one process's bytes."""
+    for rank in range(WORLD):
+        stage_starts = runs["ranks"][rank]["stage_starts"]
+        assert stage_starts[f"resume-stage:{STAGE_INTERRUPT_AT}"] == [0]
+        assert stage_starts["resume-stage:None"] == [2], f"rank {rank} did not resume from step 2"
+    _assert_same_model(runs["dist"] / "resume-stage", runs["single"] / "loraprune-model")
+    assert _files(runs["dist"] / "resume-stage") == _files(runs["single"] / "loraprune-model")
 
 
 def test_resume_with_another_process_count_is_refused(runs):

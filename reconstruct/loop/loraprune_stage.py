@@ -74,19 +74,18 @@ class StageHooks(LoRAPruneHooks):
 
     Args:
         controller: the importance, masks and schedule of every block.
-        checkpoints: where the controller's states go; None: no checkpoints.
+        checkpoints: where the controller's states go, and when.
         start_step: the steps already taken (a resumed stage).
     """
 
-    def __init__(self, controller: LoRAPruneController, checkpoints: StageCheckpoints | None,
-                 start_step: int = 0) -> None:
+    def __init__(self, controller: LoRAPruneController, checkpoints: StageCheckpoints, start_step: int = 0) -> None:
         super().__init__(controller, start_step)
         self.checkpoints = checkpoints
 
     def step_done(self, step: int) -> None:
         """See :meth:`LoRAPruneHooks.step_done`; then the controller's checkpoint when the trainer saves one."""
         super().step_done(step)
-        if self.checkpoints is not None and self.checkpoints.due(step, self.controller.schedule.total_steps):
+        if self.checkpoints.due(step, self.controller.schedule.total_steps):
             self.checkpoints.save(step, self.controller.checkpoint(step))
         crash_point(f"loraprune-step:{step}")
 
@@ -192,14 +191,8 @@ def mask_path(state: JobState, index: int) -> Path:
 
 
 def stage_checkpoints(job: JobConfig, folder: Path, spec: RetrainSpec, layouts: list[BlockLayout],
-                      loaded: LoadedModel) -> StageCheckpoints | None:
-    """How often the stage checkpoints (``--checkpoint-every``, ``auto``: a bounded share of a step's reads).
-
-    None under torchrun with a per-weight pattern: the other ranks keep their importance records in
-    private scratch folders that a new session does not find, so that stage restarts at step 0.
-    """
-    if distributed.world().size > 1 and layouts[0].groups is None:
-        return None
+                      loaded: LoadedModel) -> StageCheckpoints:
+    """How often the stage checkpoints (``--checkpoint-every``, ``auto``: a bounded share of a step's reads)."""
     weights = sum(out_f * in_f for layout in layouts for out_f, in_f in layout.shapes.values())
     adapters = sum(spec.rank * (out_f + in_f) for layout in layouts for out_f, in_f in layout.shapes.values())
     every = checkpoint_interval(job.checkpoint_every, 4 * adapters, weights * loaded.dtype.itemsize)
@@ -220,11 +213,12 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     layouts = block_layouts(loaded, pipeline, sparse)
     folder = state.state_dir / STAGE_DIR
     scratch = Path(state.scratch) if state.scratch else folder  # ranks other than 0 never write in --out
-    store = HostImportanceStore() if layouts[0].groups is not None else DiskImportanceStore(scratch / "importance")
+    store = (HostImportanceStore() if layouts[0].groups is not None  # per weight: on disk, rank 0's is the one resumed
+             else DiskImportanceStore(scratch / "importance", published=folder / "importance"))
     controller = LoRAPruneController(layouts, LoRAPruneSchedule(total_steps=spec.steps), store,
                                      per_kv_group=job.prune.heads_per_kv_group)
     checkpoints = stage_checkpoints(job, folder, spec, layouts, loaded)
-    saved = load_checkpoint(checkpoints.trainer.path) if checkpoints is not None else None
+    saved = load_checkpoint(checkpoints.trainer.path)
     start = saved["step"] if saved is not None else 0
     controller.restore(start, checkpoints.load(start) if start else {"history": torch.zeros(0, 4)})
     result = RetrainResult(streamed=choose_stream(spec, loaded))
@@ -237,7 +231,7 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
         model = open_model(BlockLoader(loaded, trainables, hooks), spec, result.streamed, scratch)
         try:
             train_steps(Trainer(model, trainables, spec, hooks), tokens, spec, result,
-                        checkpointing=checkpoints.trainer if checkpoints is not None else None, saved=saved)
+                        checkpointing=checkpoints.trainer, saved=saved)
         finally:
             model.close()
 
@@ -253,8 +247,7 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     crash_point("loraprune-masks")
     state.record_loraprune({"files": files, "history": controller.history, "loss_curve": result.loss_curve,
                             "streamed": result.streamed, "steps": result.steps})  # no timings: resumes compare reports
-    if checkpoints is not None:
-        checkpoints.clear()
+    checkpoints.clear()
     if isinstance(store, DiskImportanceStore):
         shutil.rmtree(store.folder, ignore_errors=True)
 

@@ -9,6 +9,11 @@ Checkpoints cost no copy: ``checkpoint(step)`` hard-links the current files into
 ``snapshot-<step>/`` (an atomic write replaces a file by rename, so a link keeps the old bytes), and
 ``restore(step)`` links them back. The two newest snapshots are kept, so a crash between a snapshot
 and the trainer's own checkpoint file still finds the snapshot the older checkpoint names.
+
+Under torchrun every rank keeps the same records (the gradients are all-reduced), rank 0 in
+``--out`` and the others in private scratch folders that end with their session; a resumed rank
+other than 0 copies its records from rank 0's snapshot (``published``), so the stage continues
+from its last checkpoint on every rank.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ class DiskImportanceStore:
 
     Args:
         folder: the store's folder (created); only this store writes there.
+        published: the folder whose snapshots ``restore`` reads: rank 0's store, which outlives the
+            session (default: ``folder``). Files are linked from ``folder`` itself, copied from elsewhere.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, published: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.published = Path(published) if published is not None else self.folder
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.folder)
 
@@ -47,8 +55,8 @@ class DiskImportanceStore:
     def _block_files(self, folder: Path) -> list[Path]:
         return sorted(folder.glob("block-*.safetensors"))
 
-    def _snapshot(self, step: int) -> Path:
-        return self.folder / f"{SNAPSHOT_PREFIX}{step:08d}"
+    def _snapshot(self, step: int, folder: Path | None = None) -> Path:
+        return (folder or self.folder) / f"{SNAPSHOT_PREFIX}{step:08d}"
 
     def _snapshots(self) -> list[tuple[int, Path]]:
         found = [(int(path.name[len(SNAPSHOT_PREFIX):]), path) for path in self.folder.glob(f"{SNAPSHOT_PREFIX}*")
@@ -81,19 +89,20 @@ class DiskImportanceStore:
         return {}
 
     def restore(self, step: int, saved: dict[str, Tensor]) -> None:
-        """Make the records those of ``snapshot-<step>/`` (none at step 0 without one); drop newer snapshots.
+        """Make the records those of ``snapshot-<step>/`` in ``published`` (none at step 0 without one); drop newer snapshots.
 
         Raises:
             RuntimeError: no snapshot of ``step`` (the folder was changed by hand).
         """
-        source = self._snapshot(step)
+        source = self._snapshot(step, self.published)
         if not source.is_dir() and step != 0:
-            raise RuntimeError(f"loraprune: no importance snapshot of step {step} in {self.folder}")
+            raise RuntimeError(f"loraprune: no importance snapshot of step {step} in {self.published}")
         for path in self._block_files(self.folder):
             path.unlink()
         if source.is_dir():
+            place = os.link if self.published == self.folder else shutil.copyfile
             for path in self._block_files(source):
-                os.link(path, self.folder / path.name)
+                place(path, self.folder / path.name)
         fsync_dir(self.folder)
         for later, path in self._snapshots():
             if later > step:
