@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from reconstruct.host_allocator import unpool_large_allocations
+
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer on click
@@ -31,7 +33,11 @@ class OneLineErrors(TyperGroup):
     """The app's command group: a usage error (unknown choice, missing value) is one ``error:`` line, exit 2."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
-        """Click's ``main``, with usage errors printed as one line instead of typer's box."""
+        """Click's ``main``, with usage errors printed as one line instead of typer's box.
+
+        Large host allocations are unpooled first, before any command allocates (``host_allocator``).
+        """
+        unpool_large_allocations()
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except NoArgsIsHelpError as error:  # no arguments at all: the help, as before

@@ -1,8 +1,7 @@
-"""Device, dtype and memory measurements; how the host allocator serves large tensors."""
+"""Device, dtype and memory measurements."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import resource
 import sys
@@ -54,49 +53,3 @@ def peak_gpu_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def unpool_large_allocations(threshold: int = 1 << 20) -> None:
-    """Serve every host allocation of ``threshold`` bytes or more with its own mmap (glibc only).
-
-    glibc starts with a 128 KiB mmap threshold and raises it, up to 32 MiB, each time such a chunk
-    is freed. After the first block is freed, every tensor below 32 MiB (weights, activations,
-    statistics) comes from the heap, where blocks of ever-shifting sizes fragment it and peak RSS
-    creeps up block after block (1.16 GB at 2 blocks, 2.04 GB at 16 in bench/memory.py). A fixed
-    threshold (set through mallopt, which also stops the adjustment) returns each freed tensor to
-    the OS at once, so host memory stays flat with depth. Elsewhere this is a no-op.
-    """
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        logger.debug("mallopt unavailable; large allocations stay pooled")
-        return
-    libc.mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    """The C library when it is glibc on Linux, else None (looked up once: it is called after every block)."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
-
-
-def release_free_heap() -> None:
-    """Give the free pages inside glibc's heaps back to the OS (``malloc_trim(0)``); elsewhere a no-op.
-
-    Allocations under the mmap threshold (adapters, optimizer moments, norms, small activations,
-    tokenizer buffers) come from heaps that only shrink from the top: the pages of chunks freed in
-    the middle stay resident, and once a later allocation has touched them they count in RSS. Over a
-    streamed retraining that loads every block twice a step, peak RSS then crept up with depth in
-    some runs and not in others (thread arenas make it depend on scheduling). Trimming after each
-    block is released returns those pages; it costs a walk over the heap's free chunks.
-    """
-    libc = _glibc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)

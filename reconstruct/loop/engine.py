@@ -37,7 +37,8 @@ from reconstruct.retrain.engine import choose_stream
 from reconstruct.retrain.job import check_batch_split
 from reconstruct.retrain.memory import RUN_FLAGS as RUN_RETRAIN_FLAGS, check_fits as check_retrain_memory
 from reconstruct.retrain.stage import read_stage, run_retrain_stage
-from reconstruct.runtime import peak_gpu_mb, peak_rss_mb, unpool_large_allocations
+from reconstruct.host_allocator import unpool_large_allocations
+from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.validation import resolve_evaluation, validate_job
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.streamed import StreamedModel
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.runtime import peak_gpu_mb, peak_rss_mb, unpool_large_allocations
+from reconstruct.host_allocator import unpool_large_allocations
+from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.state.faults import crash_point
 
 logger = logging.getLogger(__name__)

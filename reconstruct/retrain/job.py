@@ -32,6 +32,7 @@ from reconstruct.retrain.data import retrain_windows
 from reconstruct.retrain.engine import Checkpointing, RetrainResult, choose_stream, retrain_model
 from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
+from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
 from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files
 from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
@@ -149,6 +150,7 @@ def run_retrain(job: RetrainJob) -> dict:
     others what they need. Other ranks return ``{"rank": r}``.
     """
     started = time.perf_counter()
+    unpool_large_allocations()  # before the skeleton is built (host_allocator)
     job = distributed.join(job)  # under torchrun: one rank of a data-parallel job (docs/distributed.md)
 
     def prepare() -> LoadedModel:  # rank 0 first: it may convert a GGUF into the cache the others then read

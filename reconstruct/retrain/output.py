@@ -23,7 +23,7 @@ from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.modelio.output import copy_side_files, shard_name, write_config, write_index
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.trainables import block_linears
-from reconstruct.runtime import release_free_heap
+from reconstruct.host_allocator import release_free_heap
 from reconstruct.state.atomic import save_safetensors_atomic
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from reconstruct.modelio.block_io import load_module_weights, release_module_wei
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.runtime import release_free_heap
+from reconstruct.host_allocator import release_free_heap
 
 
 @dataclass

@@ -1,0 +1,64 @@
+"""How glibc's allocator serves this process's tensors on the host (a no-op elsewhere); torch-free.
+
+The command line fixes the mmap threshold before anything else runs (``cli``), so the large
+temporaries made before a job starts (building the model's skeleton allocates every parameter on
+the host before moving it to ``meta``) never grow the heap; the job entry points call it again for
+callers that use them as a library.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def unpool_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every host allocation of ``threshold`` bytes or more with its own mmap (glibc only).
+
+    glibc starts with a 128 KiB mmap threshold and raises it, up to 32 MiB, each time such a chunk
+    is freed. After the first block is freed, every tensor below 32 MiB (weights, activations,
+    statistics) comes from the heap, where blocks of ever-shifting sizes fragment it and peak RSS
+    creeps up block after block (1.16 GB at 2 blocks, 2.04 GB at 16 in bench/memory.py). A fixed
+    threshold (set through mallopt, which also stops the adjustment) returns each freed tensor to
+    the OS at once, so host memory stays flat with depth. Elsewhere this is a no-op.
+
+    Set it before the first large temporary: glibc serves a request from free heap space before it
+    maps anything, so once earlier temporaries have grown the heap (building a 16-block skeleton left
+    1 GB free in it in 4 runs of 5), the blocks' tensors come from there whatever the threshold, and
+    a streamed retraining then peaked 150-170 MB higher at 16 blocks.
+    """
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        logger.debug("mallopt unavailable; large allocations stay pooled")
+        return
+    libc.mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """The C library when it is glibc on Linux, else None (looked up once: it is called after every block)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def release_free_heap() -> None:
+    """Give the free pages inside glibc's heaps back to the OS (``malloc_trim(0)``); elsewhere a no-op.
+
+    Allocations under the mmap threshold (adapters, optimizer moments, norms, small activations,
+    tokenizer buffers) come from heaps that only shrink from the top: the pages of chunks freed in
+    the middle stay resident, and once a later allocation has touched them they count in RSS.
+    Trimming after each block of a streamed retraining is released returns those pages; it costs a
+    walk over the heap's free chunks.
+    """
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
