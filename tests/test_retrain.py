@@ -282,6 +282,51 @@ def test_memory_plan_refuses_naming_the_flag_and_streaming_needs_less(pruned_dir
         memory.check_fits(spec, loaded, True)
 
 
+def test_the_backward_holds_only_the_inputs_of_the_blocks_below(pruned_dir, monkeypatch):
+    """While block k is loaded in the backward, the boundary states of blocks above it are released."""
+    import gc
+    import weakref
+
+    from calib.activations import ActivationStream
+
+    loaded = load_model(str(pruned_dir("llama")), "cpu", "float32")
+    n = loaded.layout.n_blocks
+    alive: weakref.WeakSet = weakref.WeakSet()
+    make = StreamedModel._stream
+
+    def tracked(self, name, tokens):
+        stream = make(self, name, tokens)
+        if name.startswith("boundary-"):
+            alive.add(stream)
+        return stream
+
+    class Held(NoHooks):
+        def __init__(self):
+            self.backward = False
+            self.held: list[tuple[int, int]] = []
+
+        def block_loaded(self, index, block):
+            if self.backward:
+                gc.collect()
+                self.held.append((index, sum(isinstance(s, ActivationStream) for s in alive)))
+
+    monkeypatch.setattr(StreamedModel, "_stream", tracked)
+    hooks = Held()
+    model = StreamedModel(BlockLoader(loaded, ModelTrainables(small_spec("masklora"), loaded.layout), hooks),
+                          micro_batch=2, tier="cpu", scratch=Path("."))
+    forward = StreamedModel._forward
+
+    def then_backward(self, tokens, keep_all):
+        streams = forward(self, tokens, keep_all)
+        hooks.backward = True
+        return streams
+
+    monkeypatch.setattr(StreamedModel, "_forward", then_backward)
+    model.loss_and_gradients(windows(4))
+    model.close()
+    assert hooks.held == [(index, index + 1) for index in reversed(range(n))]  # the inputs of blocks 0 .. k
+
+
 def test_boundary_states_on_disk_give_the_same_gradients(pruned_dir, tmp_path):
     """The disk tier (memory-mapped files) stores the same values as host memory: equal gradients."""
     grads = {}

@@ -6,7 +6,8 @@ an ``ActivationStream`` (device / CPU / disk tier). Head: the model's own forwar
 replaying the last hidden state (``evaluation.streaming``), with autograd, gives the loss and
 ``d loss / d last hidden``. Backward: blocks in reverse; each is loaded, its forward recomputed with
 autograd from its stored input per micro-batch, and backpropagated with the incoming gradient; the
-gradient of its input goes to the block below. One step reads every block twice.
+gradient of its input goes to the block below, and its input is released (while block ``k`` is
+loaded in the backward, only the inputs of blocks ``0 .. k`` are held). One step reads every block twice.
 
 Frozen: the embeddings, the final norm and the LM head (loaded once, kept for the session), and every
 block weight; only the trainables get gradients.
@@ -150,13 +151,14 @@ class StreamedModel:
             total_tokens: scored tokens of the whole step (all ranks); default: those of ``tokens``.
         """
         total_tokens = total_tokens or scored_tokens(tokens)
-        streams = self._forward(tokens, keep_all=True)
+        streams = self._forward(tokens, keep_all=True)  # [input of block 0, ..., input of block n-1, last output]
         grads = self._stream("grad", tokens)
-        loss_sum = self._head(tokens, streams[-1], grads, total_tokens)
+        loss_sum = self._head(tokens, streams.pop(), grads, total_tokens)  # the last output serves the head alone
         for index in reversed(range(self.loaded.layout.n_blocks)):
+            inputs = streams.pop()  # block ``index``'s input, needed by no block below: released after its backward
             with self.loader.session(index) as block:
                 for rows in micro_batches(tokens.shape[0], self.micro_batch):
-                    hidden = streams[index].read(rows).requires_grad_(index > 0)  # (b, T, H)
+                    hidden = inputs.read(rows).requires_grad_(index > 0)  # (b, T, H)
                     with torch.enable_grad():
                         output = self._block_forward(block, hidden)  # (b, T, H)
                         output.backward(grads.read(rows))
