@@ -20,6 +20,7 @@ import torch
 
 from calib.framing import SequenceFraming
 from reconstruct.evaluation.streaming import should_stream
+from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.parallel import distributed
@@ -36,7 +37,6 @@ from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.streamed import StreamedModel
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.state.faults import crash_point
 

@@ -24,6 +24,7 @@ import transformers
 import reconstruct
 from calib.text_sources import SELF
 from reconstruct.config import EvalSpec
+from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, is_own_leftover
 from reconstruct.parallel import distributed
@@ -32,7 +33,6 @@ from reconstruct.retrain.data import retrain_windows
 from reconstruct.retrain.engine import Checkpointing, RetrainResult, choose_stream, retrain_model
 from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
-from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
 from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files
 from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pruners.layers import weight_as_out_in
+from reconstruct.host_allocator import release_free_heap
 from reconstruct.modelio.block_io import (
     keep_nonzero_when_stored,
     module_tensors_for_output,
@@ -23,7 +24,6 @@ from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.modelio.output import copy_side_files, shard_name, write_config, write_index
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.trainables import block_linears
-from reconstruct.host_allocator import release_free_heap
 from reconstruct.state.atomic import save_safetensors_atomic
 
 logger = logging.getLogger(__name__)

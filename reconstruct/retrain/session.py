@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from reconstruct.host_allocator import release_free_heap
 from reconstruct.methods.attach import MethodHandle
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.host_allocator import release_free_heap
 
 
 @dataclass
