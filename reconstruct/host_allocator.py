@@ -26,7 +26,7 @@ def unpool_large_allocations(threshold: int = 1 << 20) -> None:
 
     Set it before the first large temporary: glibc serves a request from free heap space before it
     maps anything, so once earlier temporaries have grown the heap (building a 16-block skeleton left
-    1 GB free in it in 4 runs of 5), the blocks' tensors come from there whatever the threshold, and
+    1 GB free in it in 10 runs of 16), the blocks' tensors come from there whatever the threshold, and
     a streamed retraining then peaked 150-170 MB higher at 16 blocks.
     """
     libc = _glibc()
