@@ -2,8 +2,8 @@
 
 The command line fixes the mmap threshold before anything else runs (``cli``), so the large
 temporaries made before a job starts (building the model's skeleton allocates every parameter on
-the host before moving it to ``meta``) never grow the heap; the job entry points call it again for
-callers that use them as a library.
+the host before moving it to ``meta``) never grow the heap; the job entry points (``run_job``,
+``run_retrain``) call it again, first thing, for callers that use them as a library.
 """
 
 from __future__ import annotations

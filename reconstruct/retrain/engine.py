@@ -20,7 +20,6 @@ import torch
 
 from calib.framing import SequenceFraming
 from reconstruct.evaluation.streaming import should_stream
-from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.parallel import distributed
@@ -225,7 +224,6 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     Returns:
         The ``RetrainResult``; ``out`` holds a Hugging Face folder.
     """
-    unpool_large_allocations()  # freed blocks go back to the OS: host memory stays flat with depth
     hooks = hooks or NoHooks()
     stream = choose_stream(spec, loaded) if stream is None else stream
     if tokens is None:

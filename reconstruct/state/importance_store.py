@@ -73,7 +73,12 @@ class DiskImportanceStore:
         save_safetensors_atomic(self._path(index), {key: value.contiguous() for key, value in record.items()})
 
     def checkpoint(self, step: int) -> dict[str, Tensor]:
-        """Hard-link every record into ``snapshot-<step>/``; nothing for the caller's file."""
+        """Hard-link every record into ``snapshot-<step>/``; nothing for the caller's file.
+
+        A store that resumes from another's snapshots (``published``) makes none of its own.
+        """
+        if self.published != self.folder:
+            return {}
         target = self._snapshot(step)
         building = target.with_name(f".{target.name}.building")
         shutil.rmtree(building, ignore_errors=True)
