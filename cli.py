@@ -148,6 +148,13 @@ class Target(str, Enum):
     local = "local"
 
 
+class ReconLoss(str, Enum):
+    """What reconstruction minimises and the guard judges (``--recon-loss``; reconstruct.methods.loss)."""
+
+    mse = "mse"
+    token_relative = "token-relative"
+
+
 class Dtype(str, Enum):
     """The compute dtype (``--dtype``)."""
 
@@ -243,6 +250,7 @@ ReconBatch = Annotated[Optional[int], typer.Option(min=1, help="Calibration samp
 WeightDecay = Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay.", show_default="0")]
 GranularityFlag = Annotated[Granularity, typer.Option(help="What reconstruction matches: the whole block, each sublayer (attention and MLP separately) or each linear.")]
 TargetFlag = Annotated[Target, typer.Option(help="Reconstruction target: dense = dense block on the dense stream (PERP), local = dense block on the pruned stream.")]
+ReconLossFlag = Annotated[ReconLoss, typer.Option(help="What reconstruction minimises and the guard judges: mse over every element (PERP), or token-relative = each token's squared error over its target's squared norm, so a few massive-activation tokens do not outweigh the rest.")]
 AllowDenseMerge = Annotated[bool, typer.Option(help="--method lora only: accept that merging refills pruned weights.")]
 Calib = Annotated[str, typer.Option(help="Calibration text: 'self' (sampled from the model, no data needed), wikitext2, c4, ptb, or a .txt/.jsonl file.")]
 NSamples = Annotated[int, typer.Option(min=1, help="Calibration sequences.")]
@@ -372,6 +380,7 @@ class ReconOptions(OptionGroup):
     weight_decay: float | None = None
     granularity: Granularity = Granularity.block
     target: Target = Target.dense
+    recon_loss: ReconLoss = ReconLoss.mse
     allow_dense_merge: bool = False
     track_error: bool = False
 
@@ -512,6 +521,7 @@ def run(
     weight_decay: WeightDecay = ReconOptions.weight_decay,
     granularity: GranularityFlag = ReconOptions.granularity,
     target: TargetFlag = ReconOptions.target,
+    recon_loss: ReconLossFlag = ReconOptions.recon_loss,
     allow_dense_merge: AllowDenseMerge = ReconOptions.allow_dense_merge,
     calib: Calib = CalibOptions.calib,
     n_samples: NSamples = CalibOptions.n_samples,
@@ -696,7 +706,7 @@ def _recon_spec(recon: ReconOptions, method: str):
     overrides = dict(steps=recon.recon_steps, lr=recon.lr, batch_size=recon.recon_batch, weight_decay=recon.weight_decay)
     return ReconSpec(
         method=method, rank=recon.rank, alpha=recon.alpha, allow_dense_merge=recon.allow_dense_merge,
-        granularity=recon.granularity.value, target=recon.target.value,
+        granularity=recon.granularity.value, target=recon.target.value, loss=recon.recon_loss.value,
         **{k: v for k, v in overrides.items() if v is not None},
         epochs=recon.recon_epochs, eval_every=recon.recon_eval_every,
         val_fraction=0.0 if recon.recon_val_data is not None else recon.recon_val,  # the text validates instead
@@ -739,6 +749,7 @@ def plan(
     weight_decay: WeightDecay = ReconOptions.weight_decay,
     granularity: GranularityFlag = ReconOptions.granularity,
     target: TargetFlag = ReconOptions.target,
+    recon_loss: ReconLossFlag = ReconOptions.recon_loss,
     allow_dense_merge: AllowDenseMerge = ReconOptions.allow_dense_merge,
     calib: Calib = CalibOptions.calib,
     n_samples: NSamples = CalibOptions.n_samples,
@@ -903,6 +914,7 @@ def sweep(
     weight_decay: WeightDecay = ReconOptions.weight_decay,
     granularity: GranularityFlag = ReconOptions.granularity,
     target: TargetFlag = ReconOptions.target,
+    recon_loss: ReconLossFlag = ReconOptions.recon_loss,
     allow_dense_merge: AllowDenseMerge = ReconOptions.allow_dense_merge,
     calib: Calib = CalibOptions.calib,
     n_samples: NSamples = CalibOptions.n_samples,

@@ -39,7 +39,7 @@ from reconstruct.config import JobConfig
 from reconstruct.state.faults import crash_point
 from reconstruct.loop.context import BlockContext
 from reconstruct.methods import (
-    SampleSplit, attach_method, block_trainer, evaluate_mse, sum_of_squares, train_reconstruction,
+    SampleSplit, attach_method, block_trainer, evaluate_error, evaluate_mse, sum_of_squares, train_reconstruction,
 )
 from reconstruct.methods.snapshot import BlockSnapshot
 from reconstruct.methods.train import local_rows
@@ -434,7 +434,8 @@ class BlockPipeline:
         merge = handle.merge(allow_dense_merge=recon.allow_dense_merge)
         kept = True
         if validating:
-            val_after = evaluate_mse(train_forward, ctx.sparse, targets, self.job.micro_batch, rows=self.val_rows)
+            val_after = evaluate_error(train_forward, ctx.sparse, targets, self.job.micro_batch, rows=self.val_rows,
+                                       loss=recon.loss)
             kept = self._judge(result.val_before, val_after, snapshot, ctx.index, ctx.cycle)
             report.val_before = result.val_before if report.val_before is None else report.val_before
             report.val_after = val_after

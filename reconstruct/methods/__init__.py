@@ -14,13 +14,15 @@ stay exactly zero through every method but lora.
 """
 
 from reconstruct.methods.attach import MethodHandle, attach_method
+from reconstruct.methods.loss import LOSSES
 from reconstruct.methods.merge import MergeReport
 from reconstruct.methods.spec import METHOD_NAMES, ReconSpec
 from reconstruct.methods.train import (
-    ReconResult, SampleSplit, block_trainer, evaluate_mse, split_samples, sum_of_squares, train_reconstruction,
+    ReconResult, SampleSplit, block_trainer, evaluate_error, evaluate_mse, split_samples, sum_of_squares, train_reconstruction,
 )
 
 __all__ = [
+    "LOSSES",
     "METHOD_NAMES",
     "MergeReport",
     "MethodHandle",
@@ -29,6 +31,7 @@ __all__ = [
     "SampleSplit",
     "attach_method",
     "block_trainer",
+    "evaluate_error",
     "evaluate_mse",
     "split_samples",
     "sum_of_squares",

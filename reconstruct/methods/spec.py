@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from reconstruct.methods.loss import LOSSES
+
 METHOD_NAMES = ("none", "bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
 LOW_RANK_METHODS = ("masklora", "scalelora", "lora")
 SPARSITY_PRESERVING = ("none", "bias", "ln", "bias-ln", "masklora", "scalelora")
@@ -48,6 +50,7 @@ class ReconSpec:
     allow_dense_merge: bool = False  # lora only: accept that merging fills the pruned positions
     granularity: str = "block"  # what is matched: "block", "sublayer" (attention, MLP) or "linear"
     target: str = "dense"  # "dense": block_dense(x_dense) (PERP); "local": block_dense(x_sparse)
+    loss: str = "mse"  # what training minimises and the guard judges: reconstruct.methods.loss.LOSSES
     epochs: float | None = None  # budget in passes over the training samples; overrides `steps` when set
     val_fraction: float = 0.125  # share of calibration samples held out for validation; 0 = none
     eval_every: int = 8  # optimizer steps between validation evaluations (guard on)
@@ -77,6 +80,8 @@ class ReconSpec:
             raise ValueError(f"--granularity must be one of block, sublayer, linear; got {self.granularity!r}")
         if self.target not in ("dense", "local"):
             raise ValueError(f"--target must be one of dense, local; got {self.target!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--recon-loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"--recon-epochs must be > 0; got {self.epochs}")
         if not 0 <= self.val_fraction < 1:

@@ -1,7 +1,8 @@
 """The reconstruction loop: fit a block's trainable parameters so its outputs match the dense block's.
 
-PERP's layer-wise reconstruction: minimise ``MSE(block_pruned(x_sparse), y_dense)`` with AdamW and a
-linearly decaying learning rate, on the calibration activations of one block.
+PERP's layer-wise reconstruction: minimise ``MSE(block_pruned(x_sparse), y_dense)`` (or the
+token-relative error, ``ReconSpec.loss``) with AdamW and a linearly decaying learning rate, on the
+calibration activations of one block.
 
 With a :class:`SampleSplit` that holds out validation samples, training draws only from the training
 samples, and the guard (``ReconSpec.guard``) evaluates the error on the held-out ones every
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from reconstruct.parallel import distributed
+from reconstruct.methods.loss import error_terms
 from reconstruct.methods.spec import ReconSpec
 
 logger = logging.getLogger(__name__)
@@ -162,11 +164,11 @@ def sum_of_squares(values: Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_mse(
+def evaluate_error(
     forward: Callable[[Tensor], Tensor], inputs: ActivationStream, targets: ActivationStream, micro_batch: int,
-    rows: Tensor | None = None,
+    rows: Tensor | None = None, loss: str = "mse",
 ) -> float:
-    """Mean squared error between ``forward(inputs)`` and ``targets`` over all samples (:func:`sum_of_squares`).
+    """Reconstruction error (``loss``, :mod:`reconstruct.methods.loss`) of ``forward(inputs)`` against ``targets``.
 
     Args:
         forward: runs the block on (b, T, H) and returns (b, T, H).
@@ -174,9 +176,10 @@ def evaluate_mse(
         targets: the stream to match (same n_samples).
         micro_batch: samples per forward.
         rows: only these rows of this rank's streams (sorted; may be empty); None = all.
+        loss: ``mse`` (the float32 squares summed in float64, as :func:`sum_of_squares`) or ``token-relative``.
 
     Returns:
-        The mean over every element of every sample (of every rank's samples in a distributed run).
+        The mean of the loss's terms over every sample (of every rank's samples in a distributed run).
     """
     n = inputs.n_samples
     if targets.n_samples != n:
@@ -188,11 +191,19 @@ def evaluate_mse(
         if isinstance(part, Tensor) and part.numel() == 0:
             continue
         out = _output(forward(inputs.read(part))).float()
-        target = targets.read(part).float()
-        total += sum_of_squares(out - target)  # (b, T, H) float32 differences
-        count += out.numel()
+        terms = error_terms(out, targets.read(part).float(), loss)  # (b, T, H) or (b, T)
+        total += float(torch.sum(terms, dtype=torch.float64))
+        count += terms.numel()
     total, count = distributed.all_reduce_sum(total, count)
     return total / max(count, 1)
+
+
+def evaluate_mse(
+    forward: Callable[[Tensor], Tensor], inputs: ActivationStream, targets: ActivationStream, micro_batch: int,
+    rows: Tensor | None = None,
+) -> float:
+    """Mean squared error between ``forward(inputs)`` and ``targets``: :func:`evaluate_error` with ``mse``."""
+    return evaluate_error(forward, inputs, targets, micro_batch, rows=rows)
 
 
 class _SampleOrder:
@@ -275,7 +286,7 @@ def train_reconstruction(
     AdamW(lr, weight_decay) with the learning rate decayed linearly to 0 over the step budget
     (``spec.steps_for(n_train)``). Every step draws ``spec.batch_size`` training samples (clamped to
     n_train) without replacement within an epoch, from a CPU generator seeded with ``seed``, and
-    accumulates the gradient of the float32 MSE over slices of ``spec.micro_batch`` samples. Same
+    accumulates the gradient of the float32 loss (``spec.loss``) over slices of ``spec.micro_batch`` samples. Same
     seed and inputs give bit-identical parameters on the CPU (on a GPU, up to the determinism of its
     kernels). The block should be in ``eval()`` mode so dropout is off. Do not call it under
     ``torch.inference_mode`` (``no_grad`` is fine: training re-enables gradients); input activations
@@ -329,7 +340,7 @@ def train_reconstruction(
     val_rows = local_rows(split.val, shard)
 
     def validate() -> float:
-        return evaluate_mse(forward, inputs, targets, eval_micro_batch, rows=val_rows)
+        return evaluate_error(forward, inputs, targets, eval_micro_batch, rows=val_rows, loss=spec.loss)
 
     val_before = validate() if split.val.numel() else None
     n_train = split.train.numel()
@@ -359,9 +370,9 @@ def train_reconstruction(
             step_loss = torch.zeros((), dtype=torch.float32, device=params[0].device)
             for part in local_micro_batches(order.take(batch), shard, spec.micro_batch):
                 out = _output(forward(_trainable_input(inputs.read(part)))).float()
-                target = targets.read(part).float()
-                # sum / (elements of the whole batch): the accumulated gradient is the batch mean's
-                loss = torch.sum((out - target) ** 2) / (target[0].numel() * batch)
+                terms = error_terms(out, targets.read(part).float(), spec.loss)  # (b, T, H) or (b, T)
+                # sum / (terms of the whole batch): the accumulated gradient is the batch mean's
+                loss = torch.sum(terms) / (terms[0].numel() * batch)
                 loss.backward()
                 step_loss += loss.detach()
             distributed.all_reduce_grads_(params)  # summed: each rank's loss is already over the global batch

@@ -90,6 +90,12 @@ def describe_job(report: dict, model: str | None) -> dict[str, str]:
     }
 
 
+def loss_label(job: dict) -> str:
+    """The reconstruction loss of the job (``--recon-loss``; fingerprints older than the flag used the MSE)."""
+    loss = (job.get("method") or {}).get("loss", "mse")
+    return "MSE" if loss == "mse" else "each token's squared error over its target's squared norm, averaged"
+
+
 def validation_label(job: dict) -> str:
     """What judged the repairs: held-out calibration samples, or ``--recon-val-data``'s windows (the fingerprint's)."""
     validation = job.get("validation")
@@ -203,7 +209,8 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "block exactly, 1 = an error as large as the output itself); well under 0.01 means the pruned block "
         "reproduces the dense one to within 1% of its output's energy, and reconstruction should lower it.",
         "",
-        "Train: the reconstruction loss on training batches at the end; val before/after: the same error on "
+        f"Train: the reconstruction loss ({loss_label(report.get('job') or {})}) on training batches at the end; "
+        "val before/after: the same error on "
         f"{validation_label(report.get('job') or {})} before training and after the merge; repair: kept, or undone "
         "(the pruned block written instead) when val after is not below val before; stop: the step whose "
         "parameters were kept (0 = none improved).",

@@ -92,6 +92,7 @@ FINGERPRINT_FLAGS: dict[str, str] = {
     "method.allow_dense_merge": "--allow-dense-merge",
     "method.granularity": "--granularity",
     "method.target": "--target",
+    "method.loss": "--recon-loss",
     "calibration.source": "--calib",
     "calibration.source.sha256": "--calib (the file's contents)",
     "calibration.n_samples": "--n-samples",
