@@ -380,7 +380,7 @@ class ReconOptions(OptionGroup):
     weight_decay: float | None = None
     granularity: Granularity = Granularity.block
     target: Target = Target.dense
-    recon_loss: ReconLoss = ReconLoss.mse
+    recon_loss: ReconLoss = ReconLoss.token_relative
     allow_dense_merge: bool = False
     track_error: bool = False
 

@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loss", default="mse", help="--recon-loss (the table in reconstruct/methods/spec.py: mse)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -90,7 +91,7 @@ def main() -> None:
             trial_linears = {name: trial.get_submodule(name) for name in linears}
             handle = attach_method(method, trial, trial_linears, keep_masks, rank=16, alpha=32,
                                    bias_linears=set(linears), seed=0)
-            spec = ReconSpec(method=method, steps=steps, batch_size=batch, micro_batch=batch, lr=lr)
+            spec = ReconSpec(method=method, steps=steps, batch_size=batch, micro_batch=batch, lr=lr, loss=args.loss)
             started = time.perf_counter()
             result = train_reconstruction(forward(trial), handle.trainable_parameters(), inputs, targets, spec,
                                           seed=0, eval_micro_batch=8)

@@ -136,3 +136,32 @@ def test_a_bad_loss_flag_exits_2_before_any_work(tmp_path):
                                           "--recon-loss", "l1"])
     assert result.exit_code == 2 and "--recon-loss" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_micro_batches_accumulate_the_token_relative_gradient_of_the_batch():
+    """The same batch in slices of 1, 3 or 8 samples: the same gradient up to float32 summation order."""
+    generator = torch.Generator().manual_seed(4)
+    inputs, targets, weight = _sink_batch(generator)  # 6 samples
+    start = weight + torch.randn(8, 8, generator=generator) / 5
+    gradients = []
+    for micro in (1, 3, 6):
+        trained = torch.nn.Parameter(start.clone())
+        seen = []
+        spec = ReconSpec(steps=1, lr=1e-2, batch_size=6, micro_batch=micro, loss="token-relative", val_fraction=0.0)
+        train_reconstruction(lambda x, trained=trained: x @ trained, [trained], _Stream(inputs), _Stream(targets), spec,
+                             seed=0, on_gradients=lambda step, trained=trained, seen=seen: seen.append(trained.grad.clone()))
+        gradients.append(seen[0])
+    # Each float32 gradient is the same sum of 96 per-token terms in another order (and per-sample matmuls of
+    # 8 products): within 96 roundings of the sum of the terms' magnitudes, from either side; doubled for the
+    # forward's own rounding.
+    term_magnitudes = torch.zeros(8, 8, dtype=torch.float64)
+    for sample in range(6):
+        for token in range(16):
+            trained = torch.nn.Parameter(start.double().clone())
+            x, y = inputs[sample, token].double(), targets[sample, token].double()
+            (error_terms(x @ trained, y, "token-relative") / 96).backward()
+            term_magnitudes += trained.grad.abs()
+    bound = 2 * 2 * 96 * 2**-24 * term_magnitudes
+    for gradient in gradients[1:]:
+        assert torch.all((gradient.double() - gradients[0].double()).abs() <= bound)
+    assert float(gradients[0].abs().max()) > 0

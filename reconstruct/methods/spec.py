@@ -6,7 +6,8 @@ samples, by default 20 steps of 1 sample at lr 5e-4). With so few steps the bloc
 moves, so our defaults spend more: 64 steps of 2 samples at a peak lr of 5e-3, decayed linearly to 0.
 
 Measured on SmolLM2-135M block 5 after 70% Wanda pruning (16 × 256 WikiText-2 tokens; ratio of the
-block MSE after/before reconstruction; reproduce with the script in docs/benchmarks.md):
+block MSE after/before reconstruction, trained on the MSE (``loss="mse"``); reproduce with the
+script in docs/benchmarks.md):
 
 | method    | 20×1 @ 5e-4 (PERP) | 20×1 @ 2e-3 | 64×2 @ 5e-4 | 64×2 @ 2e-3 | 64×2 @ 5e-3 | 128×4 @ 2e-3 |
 |-----------|------|------|------|------|------|------|
@@ -50,7 +51,7 @@ class ReconSpec:
     allow_dense_merge: bool = False  # lora only: accept that merging fills the pruned positions
     granularity: str = "block"  # what is matched: "block", "sublayer" (attention, MLP) or "linear"
     target: str = "dense"  # "dense": block_dense(x_dense) (PERP); "local": block_dense(x_sparse)
-    loss: str = "mse"  # what training minimises and the guard judges: reconstruct.methods.loss.LOSSES
+    loss: str = "token-relative"  # what training minimises and the guard judges: reconstruct.methods.loss
     epochs: float | None = None  # budget in passes over the training samples; overrides `steps` when set
     val_fraction: float = 0.125  # share of calibration samples held out for validation; 0 = none
     eval_every: int = 8  # optimizer steps between validation evaluations (guard on)

@@ -421,7 +421,8 @@ def block_trainer(forward: Callable[[Tensor], Tensor], inputs: ActivationStream,
 
     def train(params: list[nn.Parameter], *, steps: int, lr: float, batch_size: int,
               on_gradients: Callable[[int], None] | None = None) -> None:
-        spec = ReconSpec(steps=steps, lr=lr, batch_size=batch_size, micro_batch=1)
+        # the block MSE, as LoRAPrune's block objective was measured (docs/benchmarks.md, issue 15)
+        spec = ReconSpec(steps=steps, lr=lr, batch_size=batch_size, micro_batch=1, loss="mse")
         train_reconstruction(forward, params, inputs, targets, spec, seed=seed, eval_micro_batch=eval_micro_batch,
                              measure_before=False, measure_after=False, on_gradients=on_gradients, split=split)
 

@@ -281,7 +281,7 @@ def test_micro_batches_accumulate_the_batch_gradient_exactly() -> None:
                                bias_linears=set())
         params = handle.trainable_parameters()
         seen = []
-        spec = ReconSpec(method="bias", steps=1, lr=2e-2, batch_size=8, micro_batch=micro)
+        spec = ReconSpec(method="bias", steps=1, lr=2e-2, batch_size=8, micro_batch=micro, loss="mse")
         train_reconstruction(block.proj, params, Stream(x), Stream(y), spec, seed=0,
                              on_gradients=lambda step, params=params, seen=seen: seen.append(params[0].grad.clone()))
         gradients[micro] = seen[0]
