@@ -192,3 +192,18 @@ def test_validation_curve_is_numbered_like_the_mse_curve():
     axes = RecordingAxes()
     plots._plot_validation(axes, rows)
     assert axes.xs == [[1, 2], [1, 2], [2]]  # before, after, the undone block
+
+
+@pytest.mark.parametrize(("loss", "n_axes"), [("mse", 2), ("token-relative", 3)])
+def test_a_validation_error_other_than_the_mse_gets_its_own_axis(loss, n_axes, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: no report.png to draw")
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: drawn.append(figure))
+    rows = [{"index": i, "mse_before": 10.0, "mse_after": 5.0, "sparsity": 0.5, "val_before": 0.2,
+             "val_after": 0.1, "recon_kept": True} for i in range(3)]
+    assert plots.plot_blocks(rows, "t", 0.5, tmp_path / "report.png", validation_loss=loss)
+    axes = drawn[0].axes
+    assert len(axes) == n_axes  # MSE and sparsity panels, and the validation error's own axis if not the MSE
+    if loss != "mse":
+        assert "token-relative" in axes[-1].get_ylabel()
+        assert [line.get_label() for line in axes[-1].get_lines()] == ["validation before", "validation after"]

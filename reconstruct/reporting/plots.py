@@ -73,7 +73,7 @@ def draw_training_curve(axes, retrain: dict) -> None:
 
 
 def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, path: Path,
-                retrain: dict | None = None) -> bool:
+                retrain: dict | None = None, validation_loss: str = "mse") -> bool:
     """Per-block reconstruction MSE (before / after), held-out validation error, and sparsity, as a PNG.
 
     Args:
@@ -85,6 +85,8 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
         path: where the PNG goes (written atomically).
         retrain: the ``retrain`` section of a run with ``--retrain-steps``: its loss curve is drawn in a
             third panel (``draw_training_curve``); None: two panels.
+        validation_loss: the job's ``--recon-loss``; the validation error is drawn on the MSE's axis
+            when it is the MSE, else on an axis of its own.
 
     Returns:
         False (and nothing written) when matplotlib is missing.
@@ -113,10 +115,21 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
         nan = float("nan")
         mse_axes.plot(index, [nan if v is None else v for v in before], marker="o", label="before reconstruction")
         mse_axes.plot(index, [nan if v is None else v for v in after], marker="s", label="after reconstruction")
-        shown = before + after + _plot_validation(mse_axes, rows)
+        shown = before + after
+        if validation_loss == "mse":
+            shown += _plot_validation(mse_axes, rows)
+            handles, labels = mse_axes.get_legend_handles_labels()
+        else:  # another quantity: its own axis, on the right
+            validation_axes = mse_axes.twinx()
+            drawn = _plot_validation(validation_axes, rows)
+            if drawn and all(value > 0 for value in drawn):
+                validation_axes.set_yscale("log")
+            validation_axes.set_ylabel(f"validation error\n({validation_loss})")
+            handles, labels = [sum(pair, []) for pair in zip(mse_axes.get_legend_handles_labels(),
+                                                             validation_axes.get_legend_handles_labels())]
         if all(value is not None and value > 0 for value in shown):
             mse_axes.set_yscale("log")
-        mse_axes.legend()
+        mse_axes.legend(handles, labels)
     mse_axes.set_ylabel("block output MSE\n(pruned vs dense)")
     mse_axes.grid(True, alpha=0.3)
     sparsity_axes.bar(index, [row["sparsity"] for row in rows], color="tab:gray")

@@ -254,7 +254,8 @@ def write_run_report(out: Path, report: dict, model: str | None = None) -> bool:
     labels = describe_job(report, model)
     title = f"{labels['pruner']} · {labels['pattern']} · {labels['method']}"
     drawn = plot_blocks(block_rows(report), title, target_sparsity(report), out / FIGURE_NAME,
-                        retrain=report.get("retrain"))
+                        retrain=report.get("retrain"),
+                        validation_loss=((report.get("job") or {}).get("method") or {}).get("loss", "mse"))
     stage = report.get("loraprune")
     stage_drawn = bool(stage) and plot_loraprune(stage, out / LORAPRUNE_FIGURE)
     if not stage_drawn:
