@@ -58,7 +58,7 @@ def cell_name(settings: dict) -> str:
     else:
         shape = f"{settings['pattern']}{settings['sparsity']:g}"
     flags = "".join(f"-{flag.lstrip('-')}" for flag in settings.get("flags", []))
-    return f"{settings['pruner']}-{shape}-{settings['method']}{flags}"
+    return f"{settings['pruner']}-{shape}-{settings['method']}{flags}".replace("/", "-")  # a path value: one folder
 
 
 def run_cell(settings: dict, args, extra: list[str]) -> dict:
