@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from reconstruct.config import MASKLORA_FROM_SPARSITY, resolve_method
+from reconstruct.config import resolve_method
 
 
-@pytest.mark.parametrize(("sparsity", "expected"), [(0.0, "bias-ln"), (0.5, "bias-ln"), (MASKLORA_FROM_SPARSITY, "masklora"),
-                                                    (0.9, "masklora")])
-def test_auto_picks_bias_ln_below_the_threshold_and_masklora_from_it(sparsity, expected):
-    assert resolve_method("auto", sparsity) == expected
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.6, 0.9])
+def test_auto_picks_masklora_at_every_sparsity(sparsity):
+    assert resolve_method("auto", sparsity) == "masklora"
 
 
 def test_a_named_method_is_kept_at_any_sparsity():
