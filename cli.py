@@ -621,9 +621,9 @@ def build_job(options: RunOptions):
 
     shape, prune, calib, machine, output = options.shape, options.prune, options.calib, options.machine, options.output
     spec = SparsityPattern.parse(shape.pattern, shape.sparsity, prune.mask_scope.value)
-    chosen = resolve_method(shape.method.value, spec.sparsity)
+    chosen = resolve_method(shape.method.value)
     if shape.method == MethodName.auto:
-        logger.info("--method auto chose %s for sparsity %.2f", chosen, spec.sparsity)
+        logger.info("--method auto chose %s", chosen)
     job = JobConfig(
         model=machine.model,
         out=output.out or _default_out(machine.model, shape.pruner.value, shape.pattern, shape.sparsity),

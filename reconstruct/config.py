@@ -15,7 +15,7 @@ from reconstruct.state.checkpoint_policy import parse_checkpoint_every
 AUTO_METHOD = "masklora"  # what --method auto runs, at every sparsity and pattern
 
 
-def resolve_method(method: str, sparsity: float) -> str:
+def resolve_method(method: str) -> str:
     """The reconstruction method a job runs: ``--method`` itself, or what ``auto`` means.
 
     ``auto`` was bias-ln below 60% sparsity (it trains 0.18% of SmolLM2's block parameters, MaskLoRA
@@ -27,8 +27,6 @@ def resolve_method(method: str, sparsity: float) -> str:
 
     Args:
         method: the ``--method`` value (``auto`` or a method name).
-        sparsity: the pattern's fraction of weights removed (implied by N:M); kept for a rule that
-            depends on it again.
 
     Returns:
         ``method`` unless it is ``auto``: then :data:`AUTO_METHOD`.

@@ -116,7 +116,8 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
         mse_axes.plot(index, [nan if v is None else v for v in before], marker="o", label="before reconstruction")
         mse_axes.plot(index, [nan if v is None else v for v in after], marker="s", label="after reconstruction")
         shown = before + after
-        if validation_loss == "mse":
+        validated = any(row.get("val_before") is not None for row in rows)
+        if validation_loss == "mse" or not validated:
             shown += _plot_validation(mse_axes, rows)
             handles, labels = mse_axes.get_legend_handles_labels()
         else:  # another quantity: its own axis, on the right
@@ -125,8 +126,9 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
             if drawn and all(value > 0 for value in drawn):
                 validation_axes.set_yscale("log")
             validation_axes.set_ylabel(f"validation error\n({validation_loss})")
-            handles, labels = [sum(pair, []) for pair in zip(mse_axes.get_legend_handles_labels(),
-                                                             validation_axes.get_legend_handles_labels())]
+            mse_handles, mse_labels = mse_axes.get_legend_handles_labels()
+            val_handles, val_labels = validation_axes.get_legend_handles_labels()
+            handles, labels = mse_handles + val_handles, mse_labels + val_labels  # one legend for both axes
         if all(value is not None and value > 0 for value in shown):
             mse_axes.set_yscale("log")
         mse_axes.legend(handles, labels)

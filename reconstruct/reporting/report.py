@@ -90,10 +90,16 @@ def describe_job(report: dict, model: str | None) -> dict[str, str]:
     }
 
 
+def job_loss(job: dict) -> str:
+    """The job's ``--recon-loss`` (fingerprints older than the flag used the MSE)."""
+    return (job.get("method") or {}).get("loss", "mse")
+
+
 def loss_label(job: dict) -> str:
-    """The reconstruction loss of the job (``--recon-loss``; fingerprints older than the flag used the MSE)."""
-    loss = (job.get("method") or {}).get("loss", "mse")
-    return "MSE" if loss == "mse" else "each token's squared error over its target's squared norm, averaged"
+    """The reconstruction loss of the job, in words."""
+    if job_loss(job) == "mse":
+        return "MSE"
+    return "each token's squared error over its target's squared norm, averaged"
 
 
 def validation_label(job: dict) -> str:
@@ -255,7 +261,7 @@ def write_run_report(out: Path, report: dict, model: str | None = None) -> bool:
     title = f"{labels['pruner']} · {labels['pattern']} · {labels['method']}"
     drawn = plot_blocks(block_rows(report), title, target_sparsity(report), out / FIGURE_NAME,
                         retrain=report.get("retrain"),
-                        validation_loss=((report.get("job") or {}).get("method") or {}).get("loss", "mse"))
+                        validation_loss=job_loss(report.get("job") or {}))
     stage = report.get("loraprune")
     stage_drawn = bool(stage) and plot_loraprune(stage, out / LORAPRUNE_FIGURE)
     if not stage_drawn:
