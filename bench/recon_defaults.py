@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calib.activations import ActivationStream
-from calib.capture import BlockKwargs, block_output, capture_block_inputs
+from calib.capture import capture_block_inputs
 from calib.text_sources import read_text, sample_windows, tokenize_text
 from pruners import SparsityPattern, get_pruner
 from reconstruct.modelio.architecture import find_block_list, is_prunable_linear, weight_as_out_in
@@ -51,23 +51,21 @@ def main() -> None:
     _, blocks = find_block_list(model)
     hidden = model.config.hidden_size
     inputs = ActivationStream(args.n_samples, args.seq_len, hidden, torch.float32, cpu, "cpu")
-    by_size = capture_block_inputs(model, blocks[0], tokens, 8, inputs.write, cpu)
-    by_size.update(capture_block_inputs(model, blocks[0], tokens[:1], 1, lambda rows, x: None, cpu))
-    kwargs = BlockKwargs(by_size)
+    arguments = capture_block_inputs(model, blocks, tokens, 8, inputs.write, cpu)
 
-    def forward(block):
-        return lambda x: block_output(block(x, **kwargs.for_batch(x.shape[0])))
+    def forward(block, index=args.block):  # block ``index``'s own arguments (masks, rotary tables)
+        return lambda x: arguments.run(block, index, x)
 
-    def run_over(block, source, destination=None):
+    def run_over(block, source, destination=None, index=args.block):
         with torch.no_grad():
             for start in range(0, args.n_samples, 8):
                 rows = slice(start, start + 8)
-                out = forward(block)(source.read(rows))
+                out = forward(block, index)(source.read(rows))
                 if destination is not None:
                     destination.write(rows, out)
 
     for index in range(args.block):  # dense activations into block K
-        run_over(blocks[index], inputs, inputs)
+        run_over(blocks[index], inputs, inputs, index)
     block = blocks[args.block]
     targets = ActivationStream(args.n_samples, args.seq_len, hidden, torch.float32, cpu, "cpu")
     run_over(block, inputs, targets)

@@ -31,7 +31,6 @@ from typer.testing import CliRunner
 from conftest import WIKITEXT_VALID, build_word_tokenizer, make_job
 
 from calib.activations import ActivationStream
-from calib.capture import block_output
 from cli import app
 from pruners import get_pruner
 from pruners.pattern import SparsityPattern
@@ -150,7 +149,7 @@ def test_reconstruction_working_set_matches_the_profiler(arch, method, small_mod
     inputs, targets = sparse.read(slice(0, micro)), sparse.read(slice(micro, 2 * micro))
 
     def micro_step():  # as reconstruct.methods.train does it
-        out = block_output(block(inputs, **kwargs.for_batch(micro))).float()
+        out = kwargs.run(block, 0, inputs).float()
         target = targets.float()
         loss = torch.sum((out - target) ** 2) / (target[0].numel() * micro)
         loss.backward()

@@ -2,7 +2,7 @@
 
 Evaluation (perplexity, zero-shot tasks) only needs next-token logits for batches of token ids.
 ``InMemoryLM`` runs the model the usual way; ``StreamedLM`` never holds more than one block: it
-reuses the engine's pieces (``load_model``, ``capture_block_inputs`` / ``BlockKwargs``,
+reuses the engine's pieces (``load_model``, ``capture_block_inputs`` / ``BlockArguments``,
 ``load_module_weights`` / ``release_module_weights``), runs *every* window through block 0, then
 block 1, ..., and finally the model's own forward once more with each block replaced by a replay
 of the last hidden states, so the final norm, any output projection and the LM head are applied
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from calib.activations import ActivationStream
-from calib.capture import BlockKwargs, block_output, capture_block_inputs
+from calib.capture import BlockArguments, capture_block_inputs
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.checkpoint import CheckpointReader
 from reconstruct.modelio.safetensors_header import header_numel, read_safetensors_header
@@ -125,26 +125,24 @@ class StreamedLM:
         All batches are produced at the end, after the last block has run.
         """
         loaded = self.loaded
-        streams, kwargs = self._capture(token_sets, micro_batch)
-        tuple_output = False
+        streams, arguments = self._capture(token_sets, micro_batch)
         for index in progress_bar(range(loaded.layout.n_blocks), desc=f"{desc} blocks", unit="block"):
             block = loaded.blocks[index]
             load_module_weights(block, loaded.layout.block_prefix(index), loaded.reader, loaded.key_map,
                                 loaded.device, loaded.dtype)
             loaded.reader.close()  # unmap the shards: earlier blocks' pages must not stay resident
             try:
-                for stream, block_kwargs in zip(streams, kwargs):
+                for stream, set_arguments in zip(streams, arguments):
                     for rows in _micro_batches(stream.n_samples, micro_batch):
                         hidden = stream.read(rows)  # (b, T, H)
-                        output = block(hidden, **block_kwargs.for_batch(hidden.shape[0]))
-                        tuple_output = isinstance(output, (tuple, list))
-                        stream.write(rows, block_output(output))
+                        stream.write(rows, set_arguments.run(block, index, hidden))
             finally:
                 release_module_weights(block)
-        yield from self._head_pass(token_sets, streams, micro_batch, tuple_output)
+        yield from self._head_pass(token_sets, streams, micro_batch, arguments[0].tuple_output)
 
-    def _capture(self, token_sets: list[torch.Tensor], micro_batch: int) -> tuple[list[ActivationStream], list[BlockKwargs]]:
-        """Block-0 inputs and keyword arguments of every token set."""
+    def _capture(self, token_sets: list[torch.Tensor],
+                 micro_batch: int) -> tuple[list[ActivationStream], list[BlockArguments]]:
+        """Block-0 inputs of every token set, and every block's arguments for each set."""
         loaded = self.loaded
         hidden = loaded.hidden_size
         n_values = sum(tokens.numel() for tokens in token_sets) * hidden
@@ -153,23 +151,19 @@ class StreamedLM:
             free, _ = torch.cuda.mem_get_info(loaded.device)
             if n_values * torch.finfo(loaded.dtype).bits // 8 <= ACTIVATION_DEVICE_SHARE * free:
                 tier = "device"
-        streams, kwargs = [], []
+        streams, arguments = [], []
         outside = loaded.load_outside_blocks()
         try:
             for tokens in token_sets:
                 n, seq_len = tokens.shape
                 stream = ActivationStream(n, seq_len, hidden, dtype=loaded.dtype, device=loaded.device, tier=tier)
-                by_size = capture_block_inputs(loaded.model, loaded.blocks[0], tokens, micro_batch, stream.write,
-                                               loaded.device)
-                if 1 not in by_size:
-                    by_size.update(capture_block_inputs(loaded.model, loaded.blocks[0], tokens[:1], 1,
-                                                        lambda rows, x: None, loaded.device))
+                arguments.append(capture_block_inputs(loaded.model, loaded.blocks, tokens, micro_batch, stream.write,
+                                                      loaded.device))
                 streams.append(stream)
-                kwargs.append(BlockKwargs(by_size))
         finally:
             for module in outside:
                 release_module_weights(module)
-        return streams, kwargs
+        return streams, arguments
 
     def _head_pass(self, token_sets, streams, micro_batch: int, tuple_output: bool) -> LogitsBatches:
         """Run the model's forward with every block replaying the final hidden states: final norm + head."""
@@ -213,6 +207,9 @@ def load_head(loaded: LoadedModel) -> nn.Module:
     if prefix + "weight" in loaded.key_map:
         load_module_weights(head, prefix, loaded.reader, loaded.key_map, loaded.device, loaded.dtype)
         return head
+    if not getattr(loaded.config, "tie_word_embeddings", True):
+        raise ValueError(f"{loaded.folder}: the checkpoint has no {prefix}weight and config.json does not tie the head "
+                         "to the input embeddings")
     embedding = model.get_input_embeddings()
     if embedding.weight.is_meta:
         raise ValueError(f"{loaded.folder}: the checkpoint has no {prefix}weight and the head is not tied to loaded embeddings")

@@ -59,7 +59,7 @@ def outlier_pass(loaded: LoadedModel, forward_fn, stream: ActivationStream, micr
 
     Args:
         loaded: the model; each block is loaded, used and released in turn.
-        forward_fn: ``block → (x (b, T, H) → block(x) (b, T, H))`` with the captured keyword arguments.
+        forward_fn: ``(block, index) → (x (b, T, H) → block(x) (b, T, H))`` with block ``index``'s arguments.
         stream: block 0's inputs; overwritten, block by block, with the dense model's activations.
         micro_batch: samples per block forward.
         owl_m: the outlier threshold M.
@@ -79,7 +79,7 @@ def outlier_pass(loaded: LoadedModel, forward_fn, stream: ActivationStream, micr
             stats = {name: SumSquaresStats(weight_as_out_in(module).shape[1], loaded.device)
                      for name, module in linears.items()}
             with feeding_statistics(linears, stats):  # the full forward: its output is the next block's input
-                run_stream(forward_fn(block), stream, micro_batch, destination=stream)
+                run_stream(forward_fn(block, index), stream, micro_batch, destination=stream)
             distributed.all_reduce_statistics(stats.values())  # every rank's tokens: every rank gets the same ratio
             ratios.append(outlier_ratio(BlockWandaScores(linears, stats), owl_m))
         finally:

@@ -32,6 +32,7 @@ class BlockContext:
     dense: ActivationStream | None  # the dense model's inputs (None: a plain prune carries no dense stream)
     report: BlockReport  # what happened, filled in step by step
     forward: Callable[[Tensor], Tensor]  # x (b, T, H) -> block(x) (b, T, H)
+    run: Callable[[nn.Module, Tensor], Tensor]  # (module, x (b, T, H)) -> (b, T, H) with this block's arguments
     # A copy of the dense block when the objective needs the dense block's inputs during training
     # (unit granularity, local targets); the dense stream then advances only after the block.
     dense_copy: nn.Module | None = None

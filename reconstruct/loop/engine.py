@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from calib.activations import ActivationStream
-from calib.capture import BlockKwargs, capture_block_inputs
+from calib.capture import BlockArguments, capture_block_inputs
 from reconstruct.parallel import distributed
 from reconstruct.state.atomic import atomic_write_json, save_safetensors_atomic
 from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
@@ -253,17 +253,15 @@ def describe_guard(report: BlockReport) -> str:
 
 
 def capture_kwargs_and_inputs(loaded: LoadedModel, tokens: torch.Tensor, micro_batch: int,
-                              sparse: ActivationStream) -> BlockKwargs:
-    """Materialise the modules outside the blocks, capture block-0 inputs into ``sparse``, free them."""
+                              sparse: ActivationStream) -> BlockArguments:
+    """Materialise the modules outside the blocks, capture block-0 inputs into ``sparse`` and every
+    block's arguments, free the modules."""
     outside = loaded.load_outside_blocks()
     try:
-        by_size = capture_block_inputs(loaded.model, loaded.blocks[0], tokens, micro_batch, sparse.write, loaded.device)
-        single = capture_block_inputs(loaded.model, loaded.blocks[0], tokens[:1], 1, lambda rows, x: None, loaded.device)
+        return capture_block_inputs(loaded.model, loaded.blocks, tokens, micro_batch, sparse.write, loaded.device)
     finally:
         for module in outside:
             release_module_weights(module)
-    by_size.update(single)
-    return BlockKwargs(by_size)
 
 
 def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shards: int,

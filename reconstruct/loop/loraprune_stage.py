@@ -176,7 +176,8 @@ def block_layouts(loaded: LoadedModel, pipeline: BlockPipeline, sparse: Activati
         loaded.reader.close()
         try:
             linears = {name: block.get_submodule(name) for name in layout.linear_names}
-            order = pipeline.call_order(SimpleNamespace(block=block, linears=linears, sparse=sparse))
+            order = pipeline.call_order(SimpleNamespace(block=block, linears=linears, sparse=sparse,
+                                                        run=pipeline.block_runner(0)))
         finally:
             release_module_weights(block)
         pipeline.structure = find_groups(pattern, order, shapes, loaded.config)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from calib.activations import ActivationStream
-from calib.capture import BlockKwargs, block_output
+from calib.capture import BlockArguments
 from pruners import get_pruner
 from pruners.base import BlockTraining, GivenScores
 from pruners.masks import select_keep_mask
@@ -122,7 +122,7 @@ def uses_unit_objective(recon) -> bool:
 class BlockPipeline:
     """Prune and reconstruct one block at a time; knows nothing about files."""
 
-    def __init__(self, job: JobConfig, layout: BlockLayout, kwargs: BlockKwargs, device: torch.device,
+    def __init__(self, job: JobConfig, layout: BlockLayout, arguments: BlockArguments, device: torch.device,
                  model_config=None, split: SampleSplit | None = None):
         self.job = job
         self.split = split  # held-out calibration samples (global indices); None: every sample trains
@@ -132,7 +132,7 @@ class BlockPipeline:
         # rows follow). None: every row is a calibration window.
         self.calib_rows = None if split is None else split.calibration_rows(shard)
         self.layout = layout
-        self.kwargs = kwargs
+        self.arguments = arguments  # what the model passes each block (masks, rotary tables, ...)
         self.device = device
         self.model_config = model_config  # transformers config: head geometry for --pattern heads
         prune = job.prune
@@ -184,20 +184,20 @@ class BlockPipeline:
         """True when the job trains a reconstruction method (not ``--method none``)."""
         return self.job.recon is not None and self.job.recon.method != "none"
 
-    def run_block(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """``module(hidden)`` for a block-shaped module, with the captured keyword arguments."""
-        return block_output(module(hidden, **self.kwargs.for_batch(hidden.shape[0])))
+    def block_runner(self, index: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+        """``run(module, x (b, T, H)) → (b, T, H)``: a block-shaped module run with block ``index``'s arguments."""
+        return lambda module, hidden: self.arguments.run(module, index, hidden)
 
-    def forward_fn(self, block: nn.Module):
-        """``x (b, T, H) → block(x) (b, T, H)``."""
-        return lambda hidden: self.run_block(block, hidden)
+    def forward_fn(self, block: nn.Module, index: int):
+        """``x (b, T, H) → block(x) (b, T, H)`` with block ``index``'s arguments."""
+        return lambda hidden: self.arguments.run(block, index, hidden)
 
     def call_order(self, ctx: BlockContext) -> list[list[str]]:
         """The block's linears grouped by shared input, in execution order (found once, on block 0)."""
         if self.linear_call_order is None:
             record: list = []
             with torch.no_grad(), recording_linear_inputs(ctx.linears, record):
-                self.run_block(ctx.block, ctx.sparse.read(slice(0, 1)))
+                ctx.run(ctx.block, ctx.sparse.read(slice(0, 1)))
             self.linear_call_order = group_by_shared_input(record)
             logger.info("sub-layer order: %s", self.linear_call_order)
         return self.linear_call_order
@@ -206,7 +206,7 @@ class BlockPipeline:
         """``--granularity`` units (``objective.build_units``), found once, on the first block that trains."""
         if self.units is None:
             self.units = build_units(self.job.recon.granularity, self.call_order(ctx), ctx.block,
-                                     self.run_block, ctx.sparse.read(slice(0, 1)))
+                                     ctx.run, ctx.sparse.read(slice(0, 1)))
             logger.info("reconstruction units: %s", [(unit.name, unit.entries, unit.exit) for unit in self.units])
         return self.units
 
@@ -248,7 +248,7 @@ class BlockPipeline:
             if self.reconstructing:
                 self._reconstruct(ctx)
         if ctx.dense_copy is not None:
-            self.advance(self.forward_fn(ctx.dense_copy), dense)
+            self.advance(self.forward_fn(ctx.dense_copy, index), dense)
             ctx.dense_copy = ctx.objective = ctx.targets = None
         self._propagate(ctx, self._fit_storage(ctx, stored_dtypes or {}))
         ctx.report.seconds = time.perf_counter() - started
@@ -263,12 +263,12 @@ class BlockPipeline:
         """
         ctx = BlockContext(
             index=index, block=block, linears={name: block.get_submodule(name) for name in self.layout.linear_names},
-            sparse=sparse, dense=dense, forward=self.forward_fn(block),
+            sparse=sparse, dense=dense, forward=self.forward_fn(block, index), run=self.block_runner(index),
             report=BlockReport(index=index, block_params=sum(p.numel() for p in block.parameters())),
         )
         if self.reconstructing and uses_unit_objective(self.job.recon):
             ctx.dense_copy = copy.deepcopy(block)
-            whole = UnitObjective(block, ctx.dense_copy, discover_units("block", []), self.run_block, sparse, dense,
+            whole = UnitObjective(block, ctx.dense_copy, discover_units("block", []), ctx.run, sparse, dense,
                                   "dense")  # the dense copy on the dense stream
             ctx.objective, ctx.targets = whole.forward, whole
             return ctx
@@ -447,7 +447,7 @@ class BlockPipeline:
         """``(forward, targets)`` that training matches: the whole block's, or ``--granularity`` units'."""
         if ctx.dense_copy is None:  # PERP's objective: block(x_sparse) ≈ y_dense, the dense stream
             return ctx.objective, ctx.targets
-        objective = UnitObjective(ctx.block, ctx.dense_copy, self.reconstruction_units(ctx), self.run_block,
+        objective = UnitObjective(ctx.block, ctx.dense_copy, self.reconstruction_units(ctx), ctx.run,
                                   ctx.sparse, ctx.dense, self.job.recon.target)
         return objective.forward, objective
 

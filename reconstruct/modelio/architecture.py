@@ -110,6 +110,7 @@ def discover_layout(model: nn.Module, config: PretrainedConfig) -> BlockLayout:
     """Describe the model's blocks generically (see module docstring)."""
     blocks_path, blocks = find_block_list(model)
     first = blocks[0]
+    refuse_unsupported_blocks(blocks)
     linear_names = tuple(name for name, module in first.named_modules() if is_prunable_linear(module))
     if not linear_names:
         raise ValueError(f"{type(first).__name__} has no nn.Linear/Conv1D layers to prune")
@@ -120,6 +121,33 @@ def discover_layout(model: nn.Module, config: PretrainedConfig) -> BlockLayout:
         linear_names=linear_names,
         bias_flags=probe_bias_flags(config, blocks_path, first),
     )
+
+
+def refuse_unsupported_blocks(blocks: nn.ModuleList) -> None:
+    """Refuse blocks the engine would stream or prune wrongly, naming what is unsupported.
+
+    * Weights stored as 3-D (or higher) parameters outside any ``nn.Linear`` (stacked
+      mixture-of-experts projections, ``experts.gate_up_proj`` of shape (experts, 2I, H)): the
+      pruners and adapters work on 2-D linear weights, so the experts would stay dense.
+    * Blocks that differ in their parameters (names or shapes): one layout serves every block.
+    """
+    first = blocks[0]
+    for name, param in first.named_parameters():
+        if param.dim() >= 3:
+            raise ValueError(
+                f"{type(first).__name__}.{name} is a {param.dim()}-D parameter {tuple(param.shape)} outside any "
+                "nn.Linear (stacked mixture-of-experts weights): pruning and repairing such experts is not "
+                "supported yet"
+            )
+    shapes = {name: tuple(param.shape) for name, param in first.named_parameters()}
+    for index, block in enumerate(blocks):
+        other = {name: tuple(param.shape) for name, param in block.named_parameters()}
+        if other != shapes:
+            differing = sorted(set(other.items()) ^ set(shapes.items()))[0][0]
+            raise ValueError(
+                f"block {index} ({type(block).__name__}) differs from block 0 in its parameters (first: {differing}); "
+                "blocks of different structure in one model are not supported yet"
+            )
 
 
 def probe_bias_flags(config: PretrainedConfig, blocks_path: str, block: nn.Module) -> dict[str, tuple[str, ...]]:

@@ -75,17 +75,27 @@ class CheckpointReader:
         self._open_files.clear()
 
 
-def match_checkpoint_keys(model_keys: list[str], checkpoint_keys: list[str], base_prefix: str) -> dict[str, str]:
+def match_checkpoint_keys(model_keys: list[str], checkpoint_keys: list[str], base_prefix: str,
+                          renamed: dict[str, str] | None = None) -> dict[str, str]:
     """Pair each model state-dict key with its checkpoint key.
 
     Checkpoints saved from the bare base model (``facebook/opt-30b``: ``decoder.layers.0...``)
     lack the ``base_model_prefix`` that the causal-LM wrapper adds (``model.decoder...``), and
     some add it where the model has none; both are accepted.
 
+    Args:
+        model_keys: the skeleton's state-dict keys.
+        checkpoint_keys: the keys stored in the checkpoint.
+        base_prefix: the model's ``base_model_prefix``.
+        renamed: ``{renamed key: stored key}`` from transformers' renamings (``modelio.conversions``).
+
     Returns:
         ``{model_key: checkpoint_key}`` for every model key found; missing keys are left out.
     """
-    available = set(checkpoint_keys)
+    stored = {key: key for key in checkpoint_keys}
+    for name, key in (renamed or {}).items():
+        stored.setdefault(name, key)
+    available = set(stored)
     mapping: dict[str, str] = {}
     for key in model_keys:
         candidates = [key]
@@ -95,6 +105,6 @@ def match_checkpoint_keys(model_keys: list[str], checkpoint_keys: list[str], bas
             candidates.append(f"{base_prefix}.{key}")
         for candidate in candidates:
             if candidate in available:
-                mapping[key] = candidate
+                mapping[key] = stored[candidate]
                 break
     return mapping

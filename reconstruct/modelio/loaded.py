@@ -14,6 +14,7 @@ from calib.framing import SequenceFraming, resolve_framing
 from reconstruct.modelio.architecture import BlockLayout, build_skeleton, discover_layout, load_config
 from reconstruct.modelio.block_io import load_module_weights
 from reconstruct.modelio.checkpoint import CheckpointReader, match_checkpoint_keys
+from reconstruct.modelio.conversions import model_conversions, refuse_tensor_conversions, renamed_keys
 from reconstruct.modelio.source import resolve_model
 from reconstruct.runtime import resolve_device, resolve_dtype
 
@@ -114,7 +115,10 @@ def load_model(model: str, device_name: str, dtype_name: str) -> LoadedModel:
     skeleton = build_skeleton(config, dtype)
     layout = discover_layout(skeleton, config)
     reader = CheckpointReader(folder)
-    key_map = match_checkpoint_keys(list(skeleton.state_dict()), reader.keys(), skeleton.base_model_prefix)
+    conversions = model_conversions(skeleton)
+    refuse_tensor_conversions(reader.keys(), conversions, config.model_type, model)
+    key_map = match_checkpoint_keys(list(skeleton.state_dict()), reader.keys(), skeleton.base_model_prefix,
+                                    renamed_keys(reader.keys(), conversions))
     missing = [k for k in skeleton.state_dict() if k.startswith(layout.blocks_path + ".") and k not in key_map]
     if missing:
         raise ValueError(

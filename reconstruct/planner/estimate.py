@@ -319,7 +319,8 @@ def _kwargs_bytes(probe: ModelProbe, inputs: PlanInputs) -> int:
     total = 0
     for size in sizes:
         seen: set[int] = set()
-        for tensor in tree_leaves(probe.kwargs.for_batch(size)):
+        call = probe.arguments.call(0, size)
+        for tensor in tree_leaves((call.args, call.kwargs)):
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in seen:
                 seen.add(tensor.untyped_storage()._cdata)
                 total += tensor.untyped_storage().nbytes()

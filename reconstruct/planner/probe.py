@@ -1,4 +1,4 @@
-"""The model probe: one block of the model on ``meta`` with its block-0 keyword arguments, and the model's sizes."""
+"""The model probe: one block of the model on ``meta`` with its arguments, and the model's sizes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calib.capture import BlockKwargs, capture_block_inputs
+from calib.capture import capture_block_inputs
 from reconstruct.modelio.architecture import build_skeleton, discover_layout, weight_as_out_in
 
 
 @dataclass
 class ModelProbe:
-    """One block of the model on ``meta`` with its block-0 keyword arguments, plus the model's sizes."""
+    """One block of the model on ``meta`` with its arguments, plus the model's sizes."""
 
     architecture: str
     block_class: str
@@ -22,7 +22,7 @@ class ModelProbe:
     hidden: int
     block: nn.Module  # on meta, in the compute dtype
     layout: object  # reconstruct.modelio.architecture.BlockLayout of the probe model
-    kwargs: object  # calib.capture.BlockKwargs on meta
+    arguments: object  # calib.capture.BlockArguments of the probe's one block, on meta
     block_numel: int  # floating parameters and buffers of one block
     block_other_bytes: int  # non-floating tensors of one block
     outside_numel: int  # tensors outside the blocks, LM head excluded (materialised for the capture)
@@ -74,15 +74,13 @@ def probe_model(config, dtype: torch.dtype, seq_len: int, layout=None) -> ModelP
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_meta and id(param) not in block_ids and id(param) not in head_ids:
                 module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), requires_grad=False)
-    by_size: dict[int, dict] = {}
-    for size in (1, 2):  # BlockKwargs expands these to any micro-batch, as the engine's capture does
-        tokens = torch.zeros(size, seq_len, dtype=torch.long)
-        by_size.update(capture_block_inputs(model, block, tokens, size, lambda rows, x: None, torch.device("cpu")))
-    kwargs = BlockKwargs(by_size).to(torch.device("meta"))
+    tokens = torch.zeros(2, seq_len, dtype=torch.long)  # sizes 1 and 2: expanded to any micro-batch, as the engine's
+    arguments = capture_block_inputs(model, blocks, tokens, 2, lambda rows, x: None, torch.device("cpu"),
+                                     check=False).to(torch.device("meta"))
     block.to("meta").requires_grad_(False)  # frozen, as block_io loads it: no weight gradients
     return ModelProbe(
         architecture=type(model).__name__, block_class=layout.block_class, n_blocks=n_blocks,
-        hidden=int(config.hidden_size), block=block, layout=layout, kwargs=kwargs, block_numel=block_numel,
+        hidden=int(config.hidden_size), block=block, layout=layout, arguments=arguments, block_numel=block_numel,
         block_other_bytes=block_other, outside_numel=outside_numel, head_numel=head_numel, model_numel=model_numel,
     )
 

@@ -10,7 +10,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from calib.capture import block_output
 from pruners import get_pruner
 from reconstruct.loop.hooks import feeding_statistics, group_by_shared_input
 from reconstruct.methods.adapters import LowRankLinear
@@ -77,15 +76,15 @@ def trace_peak(fn: Callable[[], object]) -> int:
     return tracker.peak
 
 
-def _forward(block, kwargs):
-    return lambda hidden: block_output(block(hidden, **kwargs.for_batch(hidden.shape[0])))
+def _forward(block, arguments):
+    return lambda hidden: arguments.run(block, 0, hidden)
 
 
 def trace_block(probe: ModelProbe, dtype: torch.dtype, seq_len: int, micro_batch: int, recon_micro_batch: int,
                 input_copy: bool, pruner: str, groups: list[list[str]], recon) -> dict[str, int]:
     """Traced peaks of one block's passes (meta, exact shapes): forward, statistics, reconstruction."""
     block = probe.block
-    forward = _forward(block, probe.kwargs)
+    forward = _forward(block, probe.arguments)
     hidden = probe.hidden
     meta = torch.device("meta")
 
@@ -181,7 +180,7 @@ def sequential_groups(probe: ModelProbe, seq_len: int) -> list[list[str]]:
                 record.append((name, id(args[0]), tuple(args[0].shape)))  # meta tensors have no data pointer
             handles.append(module.register_forward_pre_hook(hook))
         with torch.no_grad(), _FusedAttention():
-            out = _forward(probe.block, probe.kwargs)(
+            out = _forward(probe.block, probe.arguments)(
                 torch.empty(1, seq_len, probe.hidden, dtype=next(probe.block.parameters()).dtype, device="meta"))
             del out
     finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from calib.activations import ActivationStream
-from calib.capture import BlockKwargs, block_output, capture_block_inputs
+from calib.capture import BlockArguments, capture_block_inputs
 from reconstruct.evaluation.streaming import load_head, replaying_blocks
 from reconstruct.modelio.block_io import release_module_weights
 from reconstruct.parallel import distributed
@@ -55,8 +55,7 @@ class StreamedModel:
         self.tier = tier
         self.scratch = scratch
         self.outside = self.loaded.load_outside_blocks() + [load_head(self.loaded)]
-        self.kwargs: BlockKwargs | None = None
-        self.tuple_output = False
+        self.arguments: BlockArguments | None = None  # every block's arguments, captured once per session
         self.files: set[Path] = set()  # disk-tier stream files, removed by close()
 
     def close(self) -> None:
@@ -77,18 +76,15 @@ class StreamedModel:
                                 device=self.loaded.device, tier=self.tier, disk_path=path)
 
     def _capture(self, tokens: torch.Tensor, stream: ActivationStream) -> None:
-        """Block-0 inputs of every window into ``stream``; the block kwargs once per session."""
-        model, first, device = self.loaded.model, self.loaded.blocks[0], self.loaded.device
-        by_size = capture_block_inputs(model, first, tokens, self.micro_batch, stream.write, device)
-        if self.kwargs is None:
-            by_size.update(capture_block_inputs(model, first, tokens[:1], 1, lambda rows, x: None, device))
-            self.kwargs = BlockKwargs(by_size)
+        """Block-0 inputs of every window into ``stream``; every block's arguments once per session."""
+        arguments = capture_block_inputs(self.loaded.model, self.loaded.blocks, tokens, self.micro_batch,
+                                         stream.write, self.loaded.device, check=self.arguments is None)
+        if self.arguments is None:
+            self.arguments = arguments
 
-    def _block_forward(self, block, hidden: torch.Tensor) -> torch.Tensor:
-        """One block on (b, T, H) ``hidden``; returns (b, T, H)."""
-        output = block(hidden, **self.kwargs.for_batch(hidden.shape[0]))
-        self.tuple_output = isinstance(output, (tuple, list))
-        return block_output(output)
+    def _block_forward(self, block, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` on (b, T, H) ``hidden`` with its own arguments; returns (b, T, H)."""
+        return self.arguments.run(block, index, hidden)
 
     @torch.no_grad()
     def _forward(self, tokens: torch.Tensor, keep_all: bool) -> list[ActivationStream]:
@@ -104,7 +100,7 @@ class StreamedModel:
             target = self._stream(f"boundary-{index + 1}", tokens) if keep_all or spare is None else spare
             with self.loader.session(index) as block:
                 for rows in micro_batches(tokens.shape[0], self.micro_batch):
-                    target.write(rows, self._block_forward(block, source.read(rows)))
+                    target.write(rows, self._block_forward(block, index, source.read(rows)))
             if keep_all:
                 streams.append(target)
             else:
@@ -117,7 +113,7 @@ class StreamedModel:
         model, device = self.loaded.model, self.loaded.device
         replay: dict[str, torch.Tensor] = {}
         loss_sum = 0.0
-        with replaying_blocks(self.loaded.blocks, replay, self.tuple_output), torch.set_grad_enabled(grads is not None):
+        with replaying_blocks(self.loaded.blocks, replay, self.arguments.tuple_output), torch.set_grad_enabled(grads is not None):
             for rows in micro_batches(tokens.shape[0], self.micro_batch):
                 hidden = last.read(rows).requires_grad_(grads is not None)  # (b, T, H)
                 replay["hidden"] = hidden
@@ -160,7 +156,7 @@ class StreamedModel:
                 for rows in micro_batches(tokens.shape[0], self.micro_batch):
                     hidden = inputs.read(rows).requires_grad_(index > 0)  # (b, T, H)
                     with torch.enable_grad():
-                        output = self._block_forward(block, hidden)  # (b, T, H)
+                        output = self._block_forward(block, index, hidden)  # (b, T, H)
                         output.backward(grads.read(rows))
                     if index > 0:
                         grads.write(rows, hidden.grad)

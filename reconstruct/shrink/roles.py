@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from calib.capture import block_output, capture_block_inputs
+from calib.capture import capture_block_inputs
 from pruners.structured import ChannelGroups, HeadGroups, find_channel_groups, find_head_groups
 from reconstruct.modelio.architecture import weight_as_out_in
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
@@ -43,8 +43,8 @@ def probe_call_order(loaded: LoadedModel) -> list[list[str]]:
     captured: dict = {}
     outside = loaded.load_outside_blocks()
     try:
-        kwargs = capture_block_inputs(loaded.model, block, tokens, 1,
-                                      lambda rows, hidden: captured.update(hidden=hidden), loaded.device)[1]
+        arguments = capture_block_inputs(loaded.model, loaded.blocks, tokens, 1,
+                                         lambda rows, hidden: captured.update(hidden=hidden), loaded.device)
     finally:
         for module in outside:
             release_module_weights(module)
@@ -54,7 +54,7 @@ def probe_call_order(loaded: LoadedModel) -> list[list[str]]:
     record: list = []
     try:
         with torch.no_grad(), recording_linear_inputs(linears, record):
-            block_output(block(captured["hidden"], **kwargs))  # (1, T, H)
+            arguments.run(block, 0, captured["hidden"])  # (1, T, H)
     finally:
         release_module_weights(block)
         loaded.reader.close()
