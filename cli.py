@@ -273,6 +273,7 @@ MicroBatch = Annotated[int, typer.Option(min=1, help="Samples per block forward.
 OffloadFlag = Annotated[Offload, typer.Option(help="Where the activation cache lives.")]
 CheckpointEvery = Annotated[str, typer.Option(help="When to checkpoint (what a resume restarts from): the activation streams every k blocks, and the training stages (--retrain-steps, --loraprune-objective model) every k optimizer steps; or auto = as often as costs at most about 10% of the time (after every block or step while that is cheap).")]
 Overlap = Annotated[bool, typer.Option(help="Read the next block and write the last one (shard, stream checkpoint, manifest) in the background while a block computes; --no-overlap runs them one after another (same output bytes).")]
+CheckStream = Annotated[bool, typer.Option(help="Before block 1, run the streamed forward and the model's own forward on two short random windows and stop if they differ (one more read of every block); --no-check-stream skips it for a family you know streams exactly.")]
 TrackError = Annotated[bool, typer.Option(help="--method none: also run the dense model alongside, to report each block's output error (one more block forward per block; reconstruction always does).")]
 GpuMemory = Annotated[Optional[str], typer.Option(help="GPU memory the job may use, e.g. 24GiB or 80GB.", show_default="the GPU's free memory")]
 HostMemory = Annotated[Optional[str], typer.Option(help="Host memory the job may use, e.g. 64GiB.", show_default="available memory")]
@@ -424,6 +425,7 @@ class MachineOptions(OptionGroup):
     offload: Offload = Offload.auto
     checkpoint_every: str = "auto"
     overlap: bool = True
+    check_stream: bool = True
     gpu_memory: str | None = None
     host_memory: str | None = None
 
@@ -544,6 +546,7 @@ def run(
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
     overlap: Overlap = MachineOptions.overlap,
+    check_stream: CheckStream = MachineOptions.check_stream,
     track_error: TrackError = ReconOptions.track_error,
     gpu_memory: GpuMemory = MachineOptions.gpu_memory,
     host_memory: HostMemory = MachineOptions.host_memory,
@@ -644,6 +647,7 @@ def build_job(options: RunOptions):
         offload=machine.offload.value,
         checkpoint_every=machine.checkpoint_every,
         overlap=machine.overlap,
+        check_stream=machine.check_stream,
         track_error=options.recon.track_error,
         force=output.force,
         evaluation=EvalSpec(output.eval_data, output.eval_seq_len, output.eval_windows) if output.eval_data else None,
@@ -772,6 +776,7 @@ def plan(
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
     overlap: Overlap = MachineOptions.overlap,
+    check_stream: CheckStream = MachineOptions.check_stream,
     track_error: TrackError = ReconOptions.track_error,
     gpu_memory: GpuMemory = MachineOptions.gpu_memory,
     host_memory: HostMemory = MachineOptions.host_memory,
@@ -937,6 +942,7 @@ def sweep(
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
     overlap: Overlap = MachineOptions.overlap,
+    check_stream: CheckStream = MachineOptions.check_stream,
     track_error: TrackError = ReconOptions.track_error,
     gpu_memory: GpuMemory = MachineOptions.gpu_memory,
     host_memory: HostMemory = MachineOptions.host_memory,

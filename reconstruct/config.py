@@ -210,6 +210,7 @@ class JobConfig:
     offload: str = "auto"  # activation cache tier: auto, device, cpu, disk
     checkpoint_every: str | int = "auto"  # stream checkpoints: "auto" (bounded cost) or every k blocks
     overlap: bool = True  # block reads/writes in the background (loop.overlap); not in the fingerprint: same bytes
+    check_stream: bool = True  # compare the streamed forward with the model's own before block 1 (evaluation.parity)
     track_error: bool = False  # --method none: keep the dense stream anyway, to report each block's error
     force: bool = False  # start over even if --out holds another job
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity

@@ -10,7 +10,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}  # float64: exact comparisons in tests and research, never a default
 
 
 def resolve_device(name: str) -> torch.device:

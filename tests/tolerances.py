@@ -77,3 +77,33 @@ def inverse_rtol(matrix: Tensor, dtype: torch.dtype = torch.float32) -> float:
     """
     n = matrix.shape[0]
     return float(torch.linalg.cond(matrix.double())) * gamma(3 * n + 1, dtype)
+
+
+# How much a block may amplify a relative rounding error of its input (norms divide by an RMS that may be
+# small, softmax exponentiates). An allowance, not a measurement: 10^4 per model, far above what the tiny
+# random models of the tests do, and still harmless at float64, where it leaves the bound near 1e-9 of
+# the values' scale while a modelling error (a wrong mask or rotary table) moves them by more than 1e-2.
+BLOCK_AMPLIFICATION = 1e4
+
+
+def forward_bound(reference: Tensor, config, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Bound on the difference of two evaluations of a model's forward that differ only in summation order.
+
+    Every value is built from sums of at most ``hidden + intermediate`` terms per block (the attention's
+    sums over positions are shorter in the tests), ``depth`` blocks deep (plus the head), each sum within
+    ``gamma_K`` of exact relative to its terms' magnitude; :data:`BLOCK_AMPLIFICATION` covers how the
+    nonlinear parts carry that on. Both evaluations lie within the bound of the exact value, so their
+    difference within twice it.
+
+    Args:
+        reference: one evaluation (e.g. logits); the bound scales with its largest magnitude (at least 1).
+        config: the model's transformers config (depth and widths).
+        dtype: the precision of both evaluations.
+    """
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+    intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0)
+                       or getattr(config, "n_inner", 0) or 4 * hidden)
+    depth = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)) + 1
+    scale = max(1.0, float(reference.detach().abs().max()))
+    return torch.full_like(reference, 2 * depth * gamma(hidden + intermediate, dtype) * BLOCK_AMPLIFICATION * scale,
+                           dtype=torch.float64)

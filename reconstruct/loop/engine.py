@@ -20,6 +20,7 @@ from reconstruct.parallel import distributed
 from reconstruct.state.atomic import atomic_write_json, save_safetensors_atomic
 from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
 from reconstruct.config import JobConfig
+from reconstruct.evaluation.parity import check_streamed_forward
 from reconstruct.state.job_state import JobState
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.loop.allocation import compute_allocation
@@ -59,6 +60,8 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
         loaded = load_model(job.model, job.device, job.dtype)
         resolved = resolve_evaluation(job, loaded.config)  # --eval-seq-len: default and limit from the config
         validate_job(resolved, loaded)
+        if job.check_stream:  # the streamed forward must be the model's own: refused before anything is written
+            check_streamed_forward(loaded, job.calib.seq_len)
         if job.retrain is not None:  # the retraining stage at the end: refused now rather than after the loop
             check_retrain_memory(job.retrain, loaded, choose_stream(job.retrain, loaded), RUN_RETRAIN_FLAGS)
             check_batch_split(job.retrain.batch, "--retrain-batch")

@@ -163,7 +163,7 @@ def _plan(job, config, device_type: str, dtype: torch.dtype, stored_dtype: torch
         micro_batch=min(job.micro_batch, n_samples), recon_micro_batch=recon_mb, pruner=job.prune.pruner,
         pattern=job.prune.pattern, sequential=job.prune.sequential, recon=recon, calib=job.calib.source,
         checkpoint_streams=True, n_streams=job.n_streams, allocation_pass=job.needs_allocation_pass,
-        overlap=job.overlap,
+        overlap=job.overlap, check_stream=job.check_stream,
     )
     probe = probe_model(config, dtype, seq_len, layout)
     groups = sequential_groups(probe, seq_len) if inputs.sequential else [list(probe.layout.linear_names)]

@@ -92,6 +92,7 @@ class PlanInputs:
     n_streams: int  # 2 with the dense stream (reconstruction, LoRAPrune, --track-error), else 1
     allocation_pass: bool = False  # --allocation owl: a dense pass over every block before block 0
     overlap: bool = False  # block IO in the background (loop.overlap): one block read ahead, one written behind
+    check_stream: bool = False  # --check-stream: the streamed forward compared with the model's own before block 1
 
 
 def _trace_cached(traces: dict, key: bool, inputs: PlanInputs, probe: ModelProbe, groups) -> dict:
@@ -222,6 +223,10 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
         notes.append("--allocation owl: before block 1, one more pass over the dense model (every block read once "
                      "more and run forward once, nothing pruned; the time of about one dense pass per block); its "
                      "per-block sparsities are saved in the manifest, so a resume does not repeat it")
+    if inputs.check_stream:
+        notes.append(f"stream check (--check-stream): before block 1, at every start, every block is read once more "
+                     f"({human(probe.n_blocks * block_stored)} in all) and run twice on 2 short windows of at most "
+                     "1024 tokens, beside the model's own forward; --no-check-stream skips it")
     if inputs.n_streams == 2:
         phases.append(Phase(f"dense pass (--micro-batch {inputs.micro_batch})", base + [
             Item("forward activations", trace["forward_plain"], dev), Item("allocator slack", slack(trace["forward_plain"]), dev),

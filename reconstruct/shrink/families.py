@@ -31,6 +31,14 @@ FAMILIES: dict[str, FamilyKeys] = {
     "gpt2": FamilyKeys("n_inner", heads_refusal="GPT-2 derives the head size from n_embd / n_head "
                                                 "(and computes q, k, v in one fused c_attn)"),
 }
+# Families whose MLP width is ``intermediate_size`` and whose MLP linears are separate (up/gate, down):
+# their channels shrink (checked by the parity matrix: the shrunk model computes the pruned one's
+# logits); their heads are not shrunk until the same check covers them (q/k norms over the whole
+# projection in OLMo-2, head sizes derived from hidden / heads in others).
+for _model_type in ("gemma", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3", "starcoder2", "stablelm",
+                    "cohere2"):
+    FAMILIES[_model_type] = FamilyKeys("intermediate_size", heads_refusal=f"shrinking {_model_type}'s heads is not "
+                                                                          "checked yet")
 
 
 def family_keys(model_type: str) -> FamilyKeys:
