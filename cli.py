@@ -1037,6 +1037,7 @@ def retrain(
     device: Device = "auto",
     dtype: DtypeFlag = Dtype.auto,
     checkpoint_every: RetrainCheckpointEvery = "auto",
+    check_stream: CheckStream = True,
     eval_data: EvalData = None,
     eval_seq_len: EvalSeqLen = None,
     eval_windows: EvalWindows = None,
@@ -1060,7 +1061,7 @@ def retrain(
         evaluation = EvalSpec(eval_data, eval_seq_len, eval_windows) if eval_data is not None else None
         job = RetrainJob(model=model, data=data, out=out, spec=spec, device=device, dtype=dtype.value,
                          bos=calib_bos.value, allow_dense=allow_dense, checkpoint_every=checkpoint_every,
-                         evaluation=evaluation)
+                         evaluation=evaluation, check_stream=check_stream)
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
             raise typer.Exit(distributed.relaunch(nproc, ["retrain", *command_flags(ctx, skip=("nproc",))]))
         try:

@@ -25,6 +25,7 @@ import reconstruct
 from calib.text_sources import SELF
 from reconstruct.config import EvalSpec
 from reconstruct.host_allocator import unpool_large_allocations
+from reconstruct.evaluation.parity import check_streamed_forward
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, is_own_leftover
 from reconstruct.parallel import distributed
@@ -60,6 +61,7 @@ class RetrainJob:
     allow_dense: bool = False  # accept a model whose block linears hold no zero
     checkpoint_every: str = "auto"  # steps between training checkpoints, or auto (bounded cost)
     evaluation: EvalSpec | None = None  # perplexity before and after; not part of the job's identity
+    check_stream: bool = True  # streamed path: compare it with the model's own forward first (evaluation.parity)
 
 
 # --------------------------------------------------------------------------- checks
@@ -159,7 +161,10 @@ def run_retrain(job: RetrainJob) -> dict:
         check_batch_split(job.spec.batch, "--batch")
         if distributed.is_main():
             check_out(Path(job.out))
-        check_fits(job.spec, loaded, choose_stream(job.spec, loaded))
+        stream = choose_stream(job.spec, loaded)
+        check_fits(job.spec, loaded, stream)
+        if stream and job.check_stream:  # the resident path is the model's own forward already
+            check_streamed_forward(loaded, job.spec.seq_len)
         return loaded
 
     loaded = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
