@@ -188,15 +188,33 @@ def _fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _guarded(action):
-    """Run ``action``; user errors (ValueError, full disk) become one line on stderr and exit code 2."""
+OS_ERROR_ADVICE = {  # errno -> what to do, for OS errors that are the user's to fix
+    errno.ENOSPC: "free space or choose another --out",
+    errno.EDQUOT: "free space or choose another --out",
+    errno.EROFS: "a read-only disk: choose another --out",
+    errno.EACCES: "no permission: choose a path you can write to, or fix its permissions",
+    errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+}
+
+
+def _guarded(action, files_flag: str = "--model", out: Path | None = None):
+    """Run ``action``; user errors become one line on stderr and exit code 2.
+
+    User errors: ``ValueError``; a damaged model file (``DamagedFileError``, prefixed with
+    ``files_flag``, or ``--out`` when the file lies in ``out``); a full, read-only or unwritable disk.
+    """
+    from reconstruct.modelio.safetensors_header import DamagedFileError
+
     try:
         return action()
+    except DamagedFileError as error:
+        inside_out = out is not None and Path(out).resolve() in (error.path.resolve(), *error.path.resolve().parents)
+        _fail(f"{'--out' if inside_out else files_flag} {error}")
     except ValueError as error:
         _fail(str(error))
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            _fail(f"{error.strerror}: {error.filename or ''} (free space or choose another --out)")
+        if error.errno in OS_ERROR_ADVICE:
+            _fail(f"{error.strerror}: {error.filename or ''} ({OS_ERROR_ADVICE[error.errno]})")
         raise
 
 
@@ -572,7 +590,10 @@ def run(
         from reconstruct.parallel import distributed
         from reconstruct.loop.engine import run_job
 
+        from reconstruct.state.out_folder import check_out_folder
+
         job = build_job(options)
+        check_out_folder(job.out)
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
             raise typer.Exit(distributed.relaunch(nproc, options.command_line()))
         try:
@@ -593,7 +614,7 @@ def run(
 
             _echo_shrunk(job.out / SHRUNK_DIR, shrink_folder(job.out, job.out / SHRUNK_DIR))
 
-    _guarded(build_and_run)
+    _guarded(build_and_run, out=options.output.out or _default_out(model, pruner.value, pattern, sparsity))
 
 
 def _echo_shrunk(out: Path, summary: dict) -> None:
@@ -950,6 +971,9 @@ def sweep(
     def run_grid():
         from reconstruct.config import EvalSpec
         from reconstruct.reporting.sweep import SweepSpec, checked_spec, run_sweep
+        from reconstruct.state.out_folder import check_out_folder
+
+        check_out_folder(out)
 
         def values(text: str) -> tuple[str, ...]:
             return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -966,7 +990,7 @@ def sweep(
         rows = run_sweep(spec, mask_scope.value)
         typer.echo(f"wrote {out / 'sweep.md'}, sweep.csv and sweep.png ({len(rows)} cells)")
 
-    _guarded(run_grid)
+    _guarded(run_grid, out=out)
 
 
 @app.command("shrink")
@@ -980,10 +1004,12 @@ def shrink_model_folder(
 
     def write():
         from reconstruct.shrink import shrink_folder
+        from reconstruct.state.out_folder import check_out_folder
 
+        check_out_folder(out)
         _echo_shrunk(out, shrink_folder(folder, out))
 
-    _guarded(write)
+    _guarded(write, files_flag="FOLDER", out=out)
 
 
 @app.command("inspect")
@@ -1001,7 +1027,7 @@ def inspect_model_folder(
         result = inspect_folder(folder, nm)
         typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))
 
-    _guarded(show)
+    _guarded(show, files_flag="FOLDER")
 
 
 @app.command("retrain")
@@ -1045,7 +1071,9 @@ def retrain(
         from reconstruct.config import EvalSpec
         from reconstruct.retrain.job import RetrainJob, run_retrain
         from reconstruct.retrain.spec import RetrainSpec
+        from reconstruct.state.out_folder import check_out_folder
 
+        check_out_folder(out)
         spec = RetrainSpec(
             method=method.value, steps=steps, batch=batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
             warmup=warmup, weight_decay=weight_decay, rank=rank, alpha=alpha, seed=seed, n_windows=n_windows,
@@ -1073,7 +1101,7 @@ def retrain(
         typer.echo(f"{prefix} ({result['steps']} steps, final loss {result['loss_curve'][-1]:.4f}{score}{kept}; "
                    "see report.md)")
 
-    _guarded(build_and_run)
+    _guarded(build_and_run, out=out)
 
 
 if __name__ == "__main__":

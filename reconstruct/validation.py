@@ -236,3 +236,15 @@ def model_config(model: str):
     from reconstruct.modelio.source import resolve_model
 
     return load_config(resolve_model(model))
+
+
+def check_model_files(model: str) -> None:
+    """Refuse ``--model`` when a weights file is missing or damaged (reads the headers only).
+
+    Raises:
+        DamagedFileError: the file and what is wrong (truncated: bytes present vs expected).
+    """
+    from reconstruct.modelio.checkpoint import CheckpointReader
+    from reconstruct.modelio.source import resolve_model
+
+    CheckpointReader(resolve_model(model)).close()

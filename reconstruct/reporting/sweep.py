@@ -34,7 +34,7 @@ from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
 from reconstruct.modelio.output import REPORT_NAME
 from reconstruct.reporting.plots import INSTALL_HINT, plot_sweep
 from reconstruct.reporting.report import evaluation_settings, format_or_dash
-from reconstruct.validation import check_calib_seq_len, model_config, resolve_eval_seq_len
+from reconstruct.validation import check_calib_seq_len, check_model_files, model_config, resolve_eval_seq_len
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def checked_spec(spec: SweepSpec, mask_scope: str, model: str, seq_len: int) -> 
     """
     build_cells(spec, mask_scope)  # a bad grid is refused before the model is read
     config = model_config(model)
+    check_model_files(model)  # a damaged weights file: one line now, not one per cell
     check_calib_seq_len(seq_len, config)
     window = resolve_eval_seq_len(spec.evaluation.seq_len, config, "--eval-seq-len")
     return dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, seq_len=window))
