@@ -29,12 +29,12 @@ def command_args(command: str, model: Path, calib: Path, out: Path) -> list[str]
     small = ["--n-samples", "2", "--seq-len", "16", "--device", "cpu"]
     return {
         "run": ["run", "--model", str(model), "--calib", str(calib), *small, "--out", str(out)],
-        "eval": ["eval", "--model", str(model), "--data", str(calib), "--device", "cpu", "--seq-len", "16"],
+        "eval": ["eval", "--model", str(model), "--data", str(calib), "--device", "cpu", "--max-length", "16"],
         "retrain": ["retrain", "--model", str(model), "--data", str(calib), "--out", str(out), "--device", "cpu",
                     "--seq-len", "16", "--steps", "1"],
         "inspect": ["inspect", str(model)],
         "shrink": ["shrink", str(model), "--out", str(out)],
-        "sweep": ["sweep", "--model", str(model), "--eval-data", str(calib), "--calib", str(calib), *small,
+        "sweep": ["sweep", "--model", str(model), "--eval", str(calib), "--calib", str(calib), *small,
                   "--method", "none", "--out", str(out)],
     }[command]
 
