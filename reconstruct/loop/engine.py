@@ -30,7 +30,7 @@ from reconstruct.state.faults import crash_point
 from reconstruct.methods import SampleSplit, split_samples
 from reconstruct.methods.train import log_training_budget
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
-from reconstruct.planner import MemoryBudget, check_memory_plan
+from reconstruct.planner import MemoryBudget, check_memory_plan, log_plan
 from reconstruct.progress import progress_bar
 from reconstruct.reporting.report import finish_report, refresh_finished_report
 from reconstruct.retrain.engine import choose_stream
@@ -47,9 +47,11 @@ logger = logging.getLogger(__name__)
 def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
     """Run (or resume) a job end to end; returns the report written to ``reconstruct.json``.
 
-    First the memory plan (``reconstruct.planner``) is logged; a job whose plan exceeds ``budget``
-    (``--gpu-memory``/``--host-memory``, default: this machine's free memory) is refused with a
-    ValueError naming the flags to change, and ``--offload auto`` becomes the tier the plan chose.
+    First the checks that can fail fast (``validation``), then the memory plan (``reconstruct.planner``):
+    a job whose plan exceeds ``budget`` (``--gpu-memory``/``--host-memory``, default: this machine's
+    free memory) is refused with a ValueError naming the flags to change, and ``--offload auto``
+    becomes the tier the plan chose. The plan is logged once ``--out`` has accepted the job, so a
+    refusal is the last line a user sees, not one buried under the plan.
     """
     started = time.perf_counter()
     unpool_large_allocations()
@@ -57,15 +59,18 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
 
     def prepare():  # rank 0 first: it may convert a GGUF into the cache the others then read
         loaded = load_model(job.model, job.device, job.dtype)
-        resolved = resolve_evaluation(job, loaded.config)  # --eval-seq-len: default and limit from the config
+        resolved = resolve_evaluation(job, loaded.config)  # --max-length: default and limit from the config
         validate_job(resolved, loaded)
         if job.retrain is not None:  # the retraining stage at the end: refused now rather than after the loop
             check_retrain_memory(job.retrain, loaded, choose_stream(job.retrain, loaded), RUN_RETRAIN_FLAGS)
-            check_batch_split(job.retrain.batch, "--retrain-batch")
-        return loaded, check_memory_plan(resolved, loaded, budget)
+            check_batch_split(job.retrain.batch, "--retrain-samples-per-step")
+        return loaded, check_memory_plan(resolved, loaded, budget, on_plan=plans.append)
 
+    plans: list = []  # the plan, logged once the job state accepted the job
     loaded, job = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     with JobState.open(job, loaded) as state:
+        for plan in plans:
+            log_plan(plan)
         if state.finished and not distributed.from_main(lambda: retrain_pending(job)):
             if not distributed.is_main():
                 return {"already_finished": True, **asdict(distributed.world())}
