@@ -191,11 +191,13 @@ class Dtype(str, Enum):
 def _setup_logging(verbose: bool) -> None:
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under torchrun
     quiet = rank not in (None, "0") and not verbose  # ranks other than 0 log warnings only, unless -v
+    from reconstruct.progress import TqdmLoggingHandler
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[TqdmLoggingHandler()],  # log lines above the progress bars, never glued onto one
     )
     for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
