@@ -84,11 +84,11 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def main(
+def root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Prune an LLM block by block and repair it by layer-wise reconstruction."""
+    """The options before the command: ``--version`` (the app's help text is ``app``'s)."""
 
 
 class PrunerName(str, Enum):
@@ -615,7 +615,6 @@ def run(
     def build_and_run():
         from reconstruct.parallel import distributed
         from reconstruct.loop.engine import run_job
-
         from reconstruct.state.out_folder import check_out_folder
 
         job = build_job(options)
