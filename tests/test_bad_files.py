@@ -129,3 +129,21 @@ def test_every_kind_of_damage_is_named(tiny_model_dir, tmp_path, damage, words):
     damage(path)
     with pytest.raises(DamagedFileError, match=words):
         check_safetensors_file(path)
+
+
+def test_a_shard_the_index_names_but_is_missing_is_named(tiny_model_dir, tmp_path):
+    import json
+
+    from reconstruct.modelio.checkpoint import CheckpointReader
+    from reconstruct.modelio.safetensors_header import read_safetensors_header
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    keys = list(read_safetensors_header(folder / "model.safetensors"))
+    weight_map = {key: ("model.safetensors" if i % 2 else "model-00002-of-00002.safetensors") for i, key in enumerate(keys)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(DamagedFileError, match="model-00002-of-00002.safetensors: missing, though "
+                                               "model.safetensors.index.json names it"):
+        CheckpointReader(folder)
+    line = one_error_line(runner.invoke(app, ["inspect", str(folder)]))
+    assert "missing" in line, line
