@@ -32,14 +32,20 @@ DEFAULT_MODEL = "smollm2-135m"
 class OneLineErrors(TyperGroup):
     """The app's command group: a usage error (unknown choice, missing value) is one ``error:`` line, exit 2."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, *rest, standalone_mode: bool = True, **kwargs):
         """Click's ``main``, with usage errors printed as one line instead of typer's box.
 
         Large host allocations are unpooled first, before any command allocates (``host_allocator``).
+        Old flag names are rewritten to the new ones, one notice each (``reconstruct.flag_aliases``).
         """
+        from reconstruct.flag_aliases import rewrite_deprecated
+
         unpool_large_allocations()
+        args, notices = rewrite_deprecated(sys.argv[1:] if args is None else args)
+        for notice in notices:
+            typer.echo(notice, err=True)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, *rest, standalone_mode=False, **kwargs)
         except NoArgsIsHelpError as error:  # no arguments at all: the help, as before
             error.show()
             code = error.exit_code
@@ -67,6 +73,22 @@ app = typer.Typer(
     context_settings={"max_content_width": 100},
 )
 logger = logging.getLogger("reconstruct")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from reconstruct import __version__
+
+        typer.echo(f"reconstruct {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """The options before the command: ``--version`` (the app's help text is ``app``'s)."""
 
 
 class PrunerName(str, Enum):
@@ -169,11 +191,13 @@ class Dtype(str, Enum):
 def _setup_logging(verbose: bool) -> None:
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under torchrun
     quiet = rank not in (None, "0") and not verbose  # ranks other than 0 log warnings only, unless -v
+    from reconstruct.progress import TqdmLoggingHandler
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[TqdmLoggingHandler()],  # log lines above the progress bars, never glued onto one
     )
     for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -188,15 +212,33 @@ def _fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _guarded(action):
-    """Run ``action``; user errors (ValueError, full disk) become one line on stderr and exit code 2."""
+OS_ERROR_ADVICE = {  # errno -> what to do, for OS errors that are the user's to fix
+    errno.ENOSPC: "free space or choose another --out",
+    errno.EDQUOT: "free space or choose another --out",
+    errno.EROFS: "a read-only disk: choose another --out",
+    errno.EACCES: "no permission: choose a path you can write to, or fix its permissions",
+    errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+}
+
+
+def _guarded(action, files_flag: str = "--model", out: Path | None = None):
+    """Run ``action``; user errors become one line on stderr and exit code 2.
+
+    User errors: ``ValueError``; a damaged model file (``DamagedFileError``, prefixed with
+    ``files_flag``, or ``--out`` when the file lies in ``out``); a full, read-only or unwritable disk.
+    """
+    from reconstruct.modelio.safetensors_header import DamagedFileError
+
     try:
         return action()
+    except DamagedFileError as error:
+        inside_out = out is not None and Path(out).resolve() in (error.path.resolve(), *error.path.resolve().parents)
+        _fail(f"{'--out' if inside_out else files_flag} {error}")
     except ValueError as error:
         _fail(str(error))
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            _fail(f"{error.strerror}: {error.filename or ''} (free space or choose another --out)")
+        if error.errno in OS_ERROR_ADVICE:
+            _fail(f"{error.strerror}: {error.filename or ''} ({OS_ERROR_ADVICE[error.errno]})")
         raise
 
 
@@ -236,7 +278,7 @@ Pattern = Annotated[str, typer.Option(help="'unstructured', N:M (N kept of every
 Scope = Annotated[MaskScope, typer.Option(help="Unstructured: equal sparsity per output row or per layer.")]
 Method = Annotated[MethodName, typer.Option(help="Reconstruction: auto = masklora (bias-ln, cheaper, made text unlike the calibration worse: docs/benchmarks.md).")]
 ReconSteps = Annotated[Optional[int], typer.Option(min=0, help="Optimizer steps per block.", show_default="64")]
-ReconEpochs = Annotated[Optional[float], typer.Option(help="Budget in passes over the training samples instead of --recon-steps: steps = ceil(E x training samples / --recon-batch).", show_default="off")]
+ReconEpochs = Annotated[Optional[float], typer.Option(help="Budget in passes over the training samples instead of --recon-steps: steps = ceil(E x training samples / --recon-samples-per-step).", show_default="off")]
 ReconVal = Annotated[float, typer.Option(help="Share of the calibration samples held out to validate each repair, in [0, 1) (at least one sample; 0 = none, every sample trains).")]
 ReconValData = Annotated[Optional[str], typer.Option(help="Validate each repair on windows of this text instead of held-out calibration samples (any --calib source; self = sampled from the dense model); every calibration sample then trains.", show_default="none: --recon-val's share")]
 ReconValSamples = Annotated[Optional[int], typer.Option(min=1, help="--recon-val-data: windows drawn (of --seq-len tokens).", show_default="max(1, n_samples // 8)")]
@@ -246,7 +288,7 @@ ReconGuard = Annotated[bool, typer.Option(help="Keep the best validation step's 
 Lr = Annotated[Optional[float], typer.Option(min=0.0, help="AdamW peak learning rate (linear decay to 0).", show_default="5e-3")]
 Rank = Annotated[int, typer.Option(min=1, help="LoRA rank (masklora, scalelora, lora).")]
 Alpha = Annotated[float, typer.Option(min=0.0, help="LoRA alpha; the update is scaled by alpha/rank.")]
-ReconBatch = Annotated[Optional[int], typer.Option(min=1, help="Calibration samples per optimizer step.", show_default="2")]
+ReconSamplesPerStep = Annotated[Optional[int], typer.Option(min=1, help="Reconstruction: calibration samples per optimizer step (their forwards go --batch-size at a time).", show_default="2")]
 WeightDecay = Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay.", show_default="0")]
 GranularityFlag = Annotated[Granularity, typer.Option(help="What reconstruction matches: the whole block, each sublayer (attention and MLP separately) or each linear.")]
 TargetFlag = Annotated[Target, typer.Option(help="Reconstruction target: dense = dense block on the dense stream (PERP), local = dense block on the pruned stream.")]
@@ -269,7 +311,7 @@ OwlM = Annotated[float, typer.Option(help="--allocation owl: a Wanda score is an
 OwlLambda = Annotated[float, typer.Option(help="--allocation owl: largest deviation of a block's sparsity from --sparsity, in [0, 1).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeFlag = Annotated[Dtype, typer.Option(help="Compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")]
-MicroBatch = Annotated[int, typer.Option(min=1, help="Samples per block forward.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Samples per forward pass (calibration, statistics, reconstruction, --eval; memory grows with it).")]
 OffloadFlag = Annotated[Offload, typer.Option(help="Where the activation cache lives.")]
 CheckpointEvery = Annotated[str, typer.Option(help="When to checkpoint (what a resume restarts from): the activation streams every k blocks, and the training stages (--retrain-steps, --loraprune-objective model) every k optimizer steps; or auto = as often as costs at most about 10% of the time (after every block or step while that is cheap).")]
 Overlap = Annotated[bool, typer.Option(help="Read the next block and write the last one (shard, stream checkpoint, manifest) in the background while a block computes; --no-overlap runs them one after another (same output bytes).")]
@@ -280,8 +322,8 @@ HostMemory = Annotated[Optional[str], typer.Option(help="Host memory the job may
 Out = Annotated[Optional[Path], typer.Option(help="Output folder; also holds the resume state.", show_default="MODEL-PRUNER-SHAPE in the current folder")]
 Force = Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")]
 EvalData = Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", show_default="no evaluation")]
-EvalSeqLen = Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per window.", show_default="the smaller of 2048 and the model's context length")]
-EvalWindows = Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")]
+MaxLength = Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per perplexity window (windows do not overlap).", show_default="the smaller of 2048 and the model's context length")]
+Limit = Annotated[Optional[int], typer.Option(min=1, help="--eval: score only the first N perplexity windows.", show_default="all")]
 Shrink = Annotated[bool, typer.Option("--shrink", help="--pattern heads/channels: at the end, also write OUT/shrunk, the smaller model with the removed heads/channels deleted (stock transformers loads it); heads with grouped-query attention are then removed equally from every key/value group.", show_default="off")]
 Nproc = Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")]
@@ -311,21 +353,23 @@ RetrainData = Annotated[str, typer.Option(help="Training text: a .txt/.jsonl fil
 RetrainOut = Annotated[Path, typer.Option(help="Output folder; also holds the resume state.")]
 RetrainMethod = Annotated[RetrainMethodName, typer.Option(help="What is trained in every block: biases, norms, both, or (Mask|Scale)LoRA adapters (lora refills zeros: needs --allow-dense-merge).")]
 RetrainSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
-RetrainBatch = Annotated[int, typer.Option(min=1, help="Token windows per optimizer step.")]
-RetrainMicroBatch = Annotated[int, typer.Option(min=1, help="Windows per forward/backward slice (gradients accumulate over the step).")]
+RetrainSamplesPerStep = Annotated[int, typer.Option(min=1, help="Token windows per optimizer step (their forwards/backwards go --batch-size at a time, gradients accumulate).")]
+RetrainBatchSize = Annotated[int, typer.Option(min=1, help="Windows per forward/backward pass (gradients accumulate over the step; memory grows with it).")]
 RetrainSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per window (the BOS included when the tokenizer adds one).")]
 RetrainLr = Annotated[float, typer.Option(min=0.0, help="AdamW peak learning rate (PERP: 5e-4).")]
 RetrainWarmup = Annotated[float, typer.Option(help="Share of the steps the learning rate rises linearly from 0, then decays linearly to 0 (PERP: 0.1).")]
 RetrainWeightDecay = Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")]
 RetrainSeed = Annotated[int, typer.Option(help="Seed of the windows, their order, the held-out split and adapter inits.")]
-RetrainWindows = Annotated[int, typer.Option(min=1, help="Token windows drawn from --data (training and held out).")]
+RetrainNSamples = Annotated[int, typer.Option(min=1, help="Token windows drawn from --data (training and held out).")]
+RetrainStageNSamples = Annotated[int, typer.Option(min=1, help="--retrain-steps: token windows drawn from --retrain-data (training and held out).")]
+RetrainStageSamplesPerStep = Annotated[int, typer.Option(min=1, help="--retrain-steps: token windows per optimizer step (their forwards/backwards go --batch-size at a time).")]
 RetrainVal = Annotated[float, typer.Option(help="Share of the windows held out, in [0, 1): the best evaluation is kept, and the input is written unchanged if training does not beat it (0 = none: the last step is kept).")]
 RetrainEvalEvery = Annotated[int, typer.Option(min=1, help="Held-out loss measured every this many steps.")]
 AllowDense = Annotated[bool, typer.Option(help="Retrain a --model whose block linears hold no zero (nothing looks pruned).")]
 StreamFlag = Annotated[StreamMode, typer.Option(help="Stream one block at a time (forward and backward): always, never, or auto = when the weights do not fit the device.")]
 RetrainCheckpointEvery = Annotated[str, typer.Option(help="Steps between training checkpoints (what a resume restarts from), or auto = every step while that costs at most 10% of a step's weight reads.")]
 
-RetrainStageSteps = Annotated[int, typer.Option(min=0, help="After the layer-wise loop, retrain the whole model end to end for this many AdamW steps (PERP's global step; 0 = no retraining). The --retrain-* flags set it; rank, alpha, seed, micro-batch are shared.")]
+RetrainStageSteps = Annotated[int, typer.Option(min=0, help="After the layer-wise loop, retrain the whole model end to end for this many AdamW steps (PERP's global step; 0 = no retraining). The --retrain-* flags set it; rank, alpha, seed, --batch-size are shared.")]
 RetrainStageData = Annotated[Optional[str], typer.Option(help="--retrain-steps: training text (any --calib source).", show_default="the --calib source")]
 RetrainStageSeqLen = Annotated[Optional[int], typer.Option(min=2, help="--retrain-steps: tokens per window.", show_default="--seq-len")]
 
@@ -377,7 +421,7 @@ class ReconOptions(OptionGroup):
     lr: float | None = None
     rank: int = 16
     alpha: float = 32.0
-    recon_batch: int | None = None
+    recon_samples_per_step: int | None = None
     weight_decay: float | None = None
     granularity: Granularity = Granularity.block
     target: Target = Target.dense
@@ -421,7 +465,7 @@ class MachineOptions(OptionGroup):
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: Dtype = Dtype.auto
-    micro_batch: int = 8
+    batch_size: int = 8
     offload: Offload = Offload.auto
     checkpoint_every: str = "auto"
     overlap: bool = True
@@ -437,8 +481,8 @@ class OutputOptions(OptionGroup):
     out: Path | None = None  # None: MODEL-PRUNER-SHAPE
     force: bool = False
     eval_data: str | None = field(default=None, metadata={"flag": "--eval"})
-    eval_seq_len: int | None = None
-    eval_windows: int | None = None
+    max_length: int | None = None
+    limit: int | None = None
     shrink: bool = False  # also write OUT/shrunk (reconstruct.shrink)
 
 
@@ -458,9 +502,9 @@ class RetrainStageOptions(OptionGroup):
     retrain_data: str | None = None  # None: --calib
     retrain_method: RetrainMethodName = RetrainMethodName.bias_ln
     retrain_lr: float = 5e-4
-    retrain_batch: int = 2
+    retrain_samples_per_step: int = 2
     retrain_seq_len: int | None = None  # None: --seq-len
-    retrain_windows: int = 64
+    retrain_n_samples: int = 64
     retrain_val: float = 0.125
 
 
@@ -519,7 +563,7 @@ def run(
     lr: Lr = ReconOptions.lr,
     rank: Rank = ReconOptions.rank,
     alpha: Alpha = ReconOptions.alpha,
-    recon_batch: ReconBatch = ReconOptions.recon_batch,
+    recon_samples_per_step: ReconSamplesPerStep = ReconOptions.recon_samples_per_step,
     weight_decay: WeightDecay = ReconOptions.weight_decay,
     granularity: GranularityFlag = ReconOptions.granularity,
     target: TargetFlag = ReconOptions.target,
@@ -542,7 +586,7 @@ def run(
     owl_lambda: OwlLambda = PruneOptions.owl_lambda,
     device: Device = MachineOptions.device,
     dtype: DtypeFlag = MachineOptions.dtype,
-    micro_batch: MicroBatch = MachineOptions.micro_batch,
+    batch_size: BatchSize = MachineOptions.batch_size,
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
     overlap: Overlap = MachineOptions.overlap,
@@ -553,8 +597,8 @@ def run(
     out: Out = OutputOptions.out,
     force: Force = OutputOptions.force,
     eval_data: EvalData = OutputOptions.eval_data,
-    eval_seq_len: EvalSeqLen = OutputOptions.eval_seq_len,
-    eval_windows: EvalWindows = OutputOptions.eval_windows,
+    max_length: MaxLength = OutputOptions.max_length,
+    limit: Limit = OutputOptions.limit,
     shrink: Shrink = OutputOptions.shrink,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = ProcessOptions.verbose,
@@ -562,9 +606,9 @@ def run(
     retrain_data: RetrainStageData = RetrainStageOptions.retrain_data,
     retrain_method: RetrainMethod = RetrainStageOptions.retrain_method,
     retrain_lr: RetrainLr = RetrainStageOptions.retrain_lr,
-    retrain_batch: RetrainBatch = RetrainStageOptions.retrain_batch,
+    retrain_samples_per_step: RetrainStageSamplesPerStep = RetrainStageOptions.retrain_samples_per_step,
     retrain_seq_len: RetrainStageSeqLen = RetrainStageOptions.retrain_seq_len,
-    retrain_windows: RetrainWindows = RetrainStageOptions.retrain_windows,
+    retrain_n_samples: RetrainStageNSamples = RetrainStageOptions.retrain_n_samples,
     retrain_val: RetrainVal = RetrainStageOptions.retrain_val,
 ) -> None:
     """Prune every linear layer of every block, reconstruct, and write a loadable model folder (+ report.md, report.png)."""
@@ -574,8 +618,10 @@ def run(
     def build_and_run():
         from reconstruct.parallel import distributed
         from reconstruct.loop.engine import run_job
+        from reconstruct.state.out_folder import check_out_folder
 
         job = build_job(options)
+        check_out_folder(job.out)
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
             raise typer.Exit(distributed.relaunch(nproc, options.command_line()))
         try:
@@ -596,7 +642,7 @@ def run(
 
             _echo_shrunk(job.out / SHRUNK_DIR, shrink_folder(job.out, job.out / SHRUNK_DIR))
 
-    _guarded(build_and_run)
+    _guarded(build_and_run, out=options.output.out or _default_out(model, pruner.value, pattern, sparsity))
 
 
 def _echo_shrunk(out: Path, summary: dict) -> None:
@@ -643,14 +689,14 @@ def build_job(options: RunOptions):
         recon=_recon_spec(options.recon, chosen),
         device=machine.device,
         dtype=machine.dtype.value,
-        micro_batch=machine.micro_batch,
+        micro_batch=machine.batch_size,
         offload=machine.offload.value,
         checkpoint_every=machine.checkpoint_every,
         overlap=machine.overlap,
         check_stream=machine.check_stream,
         track_error=options.recon.track_error,
         force=output.force,
-        evaluation=EvalSpec(output.eval_data, output.eval_seq_len, output.eval_windows) if output.eval_data else None,
+        evaluation=EvalSpec(output.eval_data, output.max_length, output.limit) if output.eval_data else None,
         shrink=output.shrink,
         retrain=_retrain_stage_spec(options),
         retrain_data=options.retrain.retrain_data,
@@ -683,10 +729,10 @@ def _retrain_stage_spec(options: RunOptions):
 
     try:
         return RetrainSpec(
-            method=stage.retrain_method.value, steps=stage.retrain_steps, batch=stage.retrain_batch,
-            micro_batch=options.machine.micro_batch, seq_len=stage.retrain_seq_len or options.calib.seq_len,
+            method=stage.retrain_method.value, steps=stage.retrain_steps, batch=stage.retrain_samples_per_step,
+            micro_batch=options.machine.batch_size, seq_len=stage.retrain_seq_len or options.calib.seq_len,
             lr=stage.retrain_lr, rank=options.recon.rank, alpha=options.recon.alpha, seed=options.calib.seed,
-            n_windows=stage.retrain_windows, val_fraction=stage.retrain_val,
+            n_windows=stage.retrain_n_samples, val_fraction=stage.retrain_val,
             allow_dense_merge=options.recon.allow_dense_merge,
         )
     except ValueError as error:  # RetrainSpec names reconstruct retrain's flags: name run's own
@@ -696,8 +742,9 @@ def _retrain_stage_spec(options: RunOptions):
         raise ValueError(f"{RUN_RETRAIN_FLAGS.get(flag, flag)} {rest}") from None
 
 
-RUN_RETRAIN_FLAGS = {"--method": "--retrain-method", "--steps": "--retrain-steps", "--batch": "--retrain-batch",
-                     "--seq-len": "--retrain-seq-len", "--lr": "--retrain-lr", "--n-windows": "--retrain-windows",
+RUN_RETRAIN_FLAGS = {"--method": "--retrain-method", "--steps": "--retrain-steps",
+                     "--samples-per-step": "--retrain-samples-per-step", "--seq-len": "--retrain-seq-len",
+                     "--lr": "--retrain-lr", "--n-samples": "--retrain-n-samples",
                      "--val": "--retrain-val"}  # RetrainSpec's flag -> run's (the others are shared or fixed)
 
 
@@ -707,7 +754,8 @@ def _recon_spec(recon: ReconOptions, method: str):
 
     if recon.recon_steps is not None and recon.recon_epochs is not None:
         raise ValueError("give --recon-steps or --recon-epochs, not both")
-    overrides = dict(steps=recon.recon_steps, lr=recon.lr, batch_size=recon.recon_batch, weight_decay=recon.weight_decay)
+    overrides = dict(steps=recon.recon_steps, lr=recon.lr, batch_size=recon.recon_samples_per_step,
+                     weight_decay=recon.weight_decay)
     return ReconSpec(
         method=method, rank=recon.rank, alpha=recon.alpha, allow_dense_merge=recon.allow_dense_merge,
         granularity=recon.granularity.value, target=recon.target.value, loss=recon.recon_loss.value,
@@ -749,7 +797,7 @@ def plan(
     lr: Lr = ReconOptions.lr,
     rank: Rank = ReconOptions.rank,
     alpha: Alpha = ReconOptions.alpha,
-    recon_batch: ReconBatch = ReconOptions.recon_batch,
+    recon_samples_per_step: ReconSamplesPerStep = ReconOptions.recon_samples_per_step,
     weight_decay: WeightDecay = ReconOptions.weight_decay,
     granularity: GranularityFlag = ReconOptions.granularity,
     target: TargetFlag = ReconOptions.target,
@@ -772,7 +820,7 @@ def plan(
     owl_lambda: OwlLambda = PruneOptions.owl_lambda,
     device: Device = MachineOptions.device,
     dtype: DtypeFlag = MachineOptions.dtype,
-    micro_batch: MicroBatch = MachineOptions.micro_batch,
+    batch_size: BatchSize = MachineOptions.batch_size,
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
     overlap: Overlap = MachineOptions.overlap,
@@ -786,9 +834,9 @@ def plan(
     retrain_data: RetrainStageData = RetrainStageOptions.retrain_data,
     retrain_method: RetrainMethod = RetrainStageOptions.retrain_method,
     retrain_lr: RetrainLr = RetrainStageOptions.retrain_lr,
-    retrain_batch: RetrainBatch = RetrainStageOptions.retrain_batch,
+    retrain_samples_per_step: RetrainStageSamplesPerStep = RetrainStageOptions.retrain_samples_per_step,
     retrain_seq_len: RetrainStageSeqLen = RetrainStageOptions.retrain_seq_len,
-    retrain_windows: RetrainWindows = RetrainStageOptions.retrain_windows,
+    retrain_n_samples: RetrainStageNSamples = RetrainStageOptions.retrain_n_samples,
     retrain_val: RetrainVal = RetrainStageOptions.retrain_val,
 ) -> None:
     """Print the memory plan of `run` with the same flags (block, streams, working set, peaks), doing no work.
@@ -850,10 +898,9 @@ def evaluate(
     data: Annotated[Optional[str], typer.Option(help="Perplexity test text: a .txt/.jsonl file or wikitext2, c4, ptb.", show_default="wikitext2 when no --tasks")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: piqa is built in (with --task-data); others need lm-eval-harness installed.", show_default="none")] = None,
     task_data: Annotated[Optional[Path], typer.Option(help="Folder holding piqa/valid.jsonl and piqa/valid-labels.lst (or the piqa folder itself).", show_default="none")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="--tasks: score only the first N questions of each task.", show_default="all")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(min=2, help="Tokens per window (windows do not overlap).", show_default="the smaller of 2048 and the model's context length")] = None,
-    max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Windows (or task sequences) per forward.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N perplexity windows, and the first N questions of each of --tasks.", show_default="all")] = None,
+    max_length: Annotated[Optional[int], typer.Option(min=2, help="Tokens per perplexity window (windows do not overlap).", show_default="the smaller of 2048 and the model's context length")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward pass: perplexity windows or task sequences (memory grows with it).")] = 1,
     calib_bos: Annotated[BosMode, typer.Option(help=BOS_HELP + " Perplexity windows: BOS + T-1 text tokens; tasks: BOS before each context.")] = BosMode.auto,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the model one block at a time.", show_default="only when it does not fit in memory")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -871,7 +918,7 @@ def evaluate(
         common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream, bos=calib_bos.value)
         result: dict = {}
         if data is not None or not task_names:
-            result = perplexity(model, data or "wikitext2", seq_len=seq_len, max_windows=max_windows, **common)
+            result = perplexity(model, data or "wikitext2", seq_len=max_length, max_windows=limit, **common)
         if task_names:
             result["tasks"] = evaluate_tasks(model, task_names, task_data, limit, **common)
         typer.echo(json.dumps(result))
@@ -894,14 +941,14 @@ def status(out: Annotated[Path, typer.Argument(help="A job's output folder.")]) 
 @app.command("sweep")
 def sweep(
     ctx: typer.Context,
-    eval_data: Annotated[str, typer.Option(help="Perplexity test text for every cell (.txt/.jsonl file or wikitext2, c4, ptb).")],
+    eval_data: Annotated[str, typer.Option("--eval", help="Perplexity test text for every cell (.txt/.jsonl file or wikitext2, c4, ptb).")],
     out: Annotated[Path, typer.Option(help="Sweep folder: cells go to OUT/<cell>, results to OUT/sweep.{md,csv,png}.")],
-    pruner: Annotated[str, typer.Option(help="Pruners, comma-separated: magnitude, wanda, sparsegpt.")] = "wanda",
+    pruner: Annotated[str, typer.Option(help="Pruners, comma-separated: " + ", ".join(member.value for member in PrunerName) + ".")] = "wanda",
     sparsity: Annotated[str, typer.Option(help="Sparsities for the unstructured pattern, comma-separated, e.g. 0.5,0.6,0.7.")] = "0.5",
     pattern: Annotated[str, typer.Option(help="Patterns, comma-separated: unstructured and/or N:M such as 2:4 (N:M implies its sparsity).")] = "unstructured",
     method: Annotated[str, typer.Option(help="Reconstruction methods, comma-separated, e.g. none,bias-ln,masklora.")] = "none,bias-ln,masklora",
-    eval_seq_len: Annotated[Optional[int], typer.Option(min=2, help="Tokens per evaluation window.", show_default="the smaller of 2048 and the model's context length")] = None,
-    eval_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
+    max_length: MaxLength = None,
+    limit: Limit = None,
     model: Model = MachineOptions.model,
     mask_scope: Scope = PruneOptions.mask_scope,
     recon_steps: ReconSteps = ReconOptions.recon_steps,
@@ -915,7 +962,7 @@ def sweep(
     lr: Lr = ReconOptions.lr,
     rank: Rank = ReconOptions.rank,
     alpha: Alpha = ReconOptions.alpha,
-    recon_batch: ReconBatch = ReconOptions.recon_batch,
+    recon_samples_per_step: ReconSamplesPerStep = ReconOptions.recon_samples_per_step,
     weight_decay: WeightDecay = ReconOptions.weight_decay,
     granularity: GranularityFlag = ReconOptions.granularity,
     target: TargetFlag = ReconOptions.target,
@@ -938,7 +985,7 @@ def sweep(
     owl_lambda: OwlLambda = PruneOptions.owl_lambda,
     device: Device = MachineOptions.device,
     dtype: DtypeFlag = MachineOptions.dtype,
-    micro_batch: MicroBatch = MachineOptions.micro_batch,
+    batch_size: BatchSize = MachineOptions.batch_size,
     offload: OffloadFlag = MachineOptions.offload,
     checkpoint_every: CheckpointEvery = MachineOptions.checkpoint_every,
     overlap: Overlap = MachineOptions.overlap,
@@ -956,6 +1003,9 @@ def sweep(
     def run_grid():
         from reconstruct.config import EvalSpec
         from reconstruct.reporting.sweep import SweepSpec, checked_spec, run_sweep
+        from reconstruct.state.out_folder import check_out_folder
+
+        check_out_folder(out)
 
         def values(text: str) -> tuple[str, ...]:
             return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -966,13 +1016,13 @@ def sweep(
             raise ValueError(f"--sparsity must be comma-separated numbers such as 0.5,0.6; got {sparsity!r}") from None
         spec = SweepSpec(
             out=out, pruners=values(pruner), patterns=values(pattern), sparsities=sparsities, methods=values(method),
-            evaluation=EvalSpec(eval_data, eval_seq_len, eval_windows), run_flags=tuple(options.shared_flags()),
+            evaluation=EvalSpec(eval_data, max_length, limit), run_flags=tuple(options.shared_flags()),
         )
         spec = checked_spec(spec, mask_scope.value, model, seq_len)
         rows = run_sweep(spec, mask_scope.value)
-        typer.echo(f"wrote {out / 'sweep.md'}, sweep.csv and sweep.png ({len(rows)} cells)")
+        typer.echo(f"wrote {out / 'sweep.md'}, sweep.csv and sweep.png ({len(rows) - 1} cells and the dense model)")
 
-    _guarded(run_grid)
+    _guarded(run_grid, out=out)
 
 
 @app.command("shrink")
@@ -986,10 +1036,12 @@ def shrink_model_folder(
 
     def write():
         from reconstruct.shrink import shrink_folder
+        from reconstruct.state.out_folder import check_out_folder
 
+        check_out_folder(out)
         _echo_shrunk(out, shrink_folder(folder, out))
 
-    _guarded(write)
+    _guarded(write, files_flag="FOLDER", out=out)
 
 
 @app.command("inspect")
@@ -1007,7 +1059,7 @@ def inspect_model_folder(
         result = inspect_folder(folder, nm)
         typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))
 
-    _guarded(show)
+    _guarded(show, files_flag="FOLDER")
 
 
 @app.command("retrain")
@@ -1018,8 +1070,8 @@ def retrain(
     model: Model = DEFAULT_MODEL,
     method: RetrainMethod = RetrainMethodName.bias_ln,
     steps: RetrainSteps = 20,
-    batch: RetrainBatch = 2,
-    micro_batch: RetrainMicroBatch = 1,
+    samples_per_step: RetrainSamplesPerStep = 2,
+    batch_size: RetrainBatchSize = 1,
     seq_len: RetrainSeqLen = 256,
     lr: RetrainLr = 5e-4,
     warmup: RetrainWarmup = 0.1,
@@ -1027,7 +1079,7 @@ def retrain(
     rank: Rank = 16,
     alpha: Alpha = 32.0,
     seed: RetrainSeed = 0,
-    n_windows: RetrainWindows = 64,
+    n_samples: RetrainNSamples = 64,
     val: RetrainVal = 0.125,
     eval_every: RetrainEvalEvery = 5,
     allow_dense: AllowDense = False,
@@ -1039,8 +1091,8 @@ def retrain(
     checkpoint_every: RetrainCheckpointEvery = "auto",
     check_stream: CheckStream = True,
     eval_data: EvalData = None,
-    eval_seq_len: EvalSeqLen = None,
-    eval_windows: EvalWindows = None,
+    max_length: MaxLength = None,
+    limit: Limit = None,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = False,
 ) -> None:
@@ -1052,13 +1104,15 @@ def retrain(
         from reconstruct.config import EvalSpec
         from reconstruct.retrain.job import RetrainJob, run_retrain
         from reconstruct.retrain.spec import RetrainSpec
+        from reconstruct.state.out_folder import check_out_folder
 
+        check_out_folder(out)
         spec = RetrainSpec(
-            method=method.value, steps=steps, batch=batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
-            warmup=warmup, weight_decay=weight_decay, rank=rank, alpha=alpha, seed=seed, n_windows=n_windows,
+            method=method.value, steps=steps, batch=samples_per_step, micro_batch=batch_size, seq_len=seq_len,
+            lr=lr, warmup=warmup, weight_decay=weight_decay, rank=rank, alpha=alpha, seed=seed, n_windows=n_samples,
             val_fraction=val, eval_every=eval_every, allow_dense_merge=allow_dense_merge, stream=stream.value,
         )
-        evaluation = EvalSpec(eval_data, eval_seq_len, eval_windows) if eval_data is not None else None
+        evaluation = EvalSpec(eval_data, max_length, limit) if eval_data is not None else None
         job = RetrainJob(model=model, data=data, out=out, spec=spec, device=device, dtype=dtype.value,
                          bos=calib_bos.value, allow_dense=allow_dense, checkpoint_every=checkpoint_every,
                          evaluation=evaluation, check_stream=check_stream)
@@ -1080,7 +1134,7 @@ def retrain(
         typer.echo(f"{prefix} ({result['steps']} steps, final loss {result['loss_curve'][-1]:.4f}{score}{kept}; "
                    "see report.md)")
 
-    _guarded(build_and_run)
+    _guarded(build_and_run, out=out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -21,6 +25,7 @@ HUB_DATASETS: dict[str, tuple[str, str | None, str, str]] = {
     "ptb": ("ptb_text_only", "penn_treebank", "train", "sentence"),
 }
 HUB_EVAL_SPLITS = {"wikitext2": "test", "c4": "validation", "ptb": "test"}
+HUB_URL = "https://huggingface.co"
 
 
 def describe_sources() -> str:
@@ -47,15 +52,57 @@ def read_text(source: str, split: str | None = None) -> str:
     if source not in HUB_DATASETS:
         raise ValueError(f"--calib/--data {source!r} is not a file or a known dataset; use {describe_sources()}")
     name, config, default_split, field = HUB_DATASETS[source]
+    online = hub_reachable()
+    if not online:  # the datasets cache alone: an answer in seconds instead of half a minute of retries
+        _go_offline()
     try:
         import datasets
 
         rows = datasets.load_dataset(name, config, split=split or default_split)
     except Exception as error:  # offline, missing dataset script, ...: one clear line
+        why = "the Hugging Face hub is unreachable and it is not cached" if not online else type(error).__name__
         raise ValueError(
-            f"could not load dataset {source!r} ({type(error).__name__}); pass a local .txt/.jsonl file instead"
+            f"could not load dataset {source!r} ({why}); pass a local .txt/.jsonl file instead"
         ) from None
     return "\n\n".join(rows[field])
+
+
+def check_dataset_available(source: str) -> None:
+    """Fail now, in seconds, when ``source`` names a dataset that cannot be had (offline, not cached).
+
+    Online, or for files and ``self``, nothing is done: the download happens when the text is read.
+
+    Raises:
+        ValueError: with the local-file hint, as ``read_text`` does.
+    """
+    if source in HUB_DATASETS and not hub_reachable():
+        read_text(source)  # offline: from the datasets cache, or the one-line refusal
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds.
+
+    Behind a proxy (``HTTPS_PROXY``) the hub is assumed reachable: the client knows the way.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or HUB_URL).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _go_offline() -> None:
+    """Tell ``datasets`` and ``huggingface_hub`` to use their caches only (no retries)."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module, attribute in (("datasets.config", "HF_DATASETS_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                              ("huggingface_hub.constants", "HF_HUB_OFFLINE")):
+        loaded = sys.modules.get(module)  # already imported: its flag was read at import time
+        if loaded is not None and hasattr(loaded, attribute):
+            setattr(loaded, attribute, True)
 
 
 def tokenize_text(text: str, tokenizer) -> torch.Tensor:

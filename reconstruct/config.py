@@ -184,15 +184,15 @@ class EvalSpec:
         path = Path(self.data).expanduser()
         if path.suffix in (".txt", ".jsonl") or path.exists():
             if not path.is_file():
-                raise ValueError(f"--eval/--eval-data {self.data}: no such file")
+                raise ValueError(f"--eval {self.data}: no such file")
         elif self.data not in HUB_DATASETS:
             raise ValueError(
-                f"--eval/--eval-data {self.data!r} is not a file or a known dataset ({', '.join(HUB_DATASETS)})"
+                f"--eval {self.data!r} is not a file or a known dataset ({', '.join(HUB_DATASETS)})"
             )
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"--eval-seq-len must be >= 2; got {self.seq_len}")
+            raise ValueError(f"--max-length must be >= 2; got {self.seq_len}")
         if self.max_windows is not None and self.max_windows < 1:
-            raise ValueError(f"--eval-windows must be >= 1; got {self.max_windows}")
+            raise ValueError(f"--limit must be >= 1; got {self.max_windows}")
 
 
 @dataclass(frozen=True)

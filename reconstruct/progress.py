@@ -2,11 +2,13 @@
 
 Bars go to stderr, with a rate and an ETA, and only on the main process of a data-parallel job.
 They show when stderr is a terminal; ``RECONSTRUCT_PROGRESS=1`` shows them anyway (logs, CI, tests)
-and ``RECONSTRUCT_PROGRESS=0`` hides them.
+and ``RECONSTRUCT_PROGRESS=0`` hides them. Log records go through tqdm too (``TqdmLoggingHandler``),
+so a log line is printed above the bars, never glued onto one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable
@@ -28,6 +30,17 @@ def _disabled() -> bool | None:
     if setting in ("1", "true", "yes"):
         return False
     return None
+
+
+class TqdmLoggingHandler(logging.Handler):
+    """The one logging handler: each record written through ``tqdm.write``, so it lands above any
+    progress bar instead of glued onto it. Writes to the ``sys.stderr`` of the moment (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
 
 
 def progress_bar(iterable: Iterable | None = None, *, desc: str, unit: str, total: int | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from calib.text_sources import HUB_DATASETS, SELF, describe_sources
+from calib.text_sources import HUB_DATASETS, SELF, check_dataset_available, describe_sources
 from pruners.masks import num_pruned
 from pruners.pattern import CHANNELS, HEADS, N_OF_M, UNSTRUCTURED
 from pruners.schedule import SCHEDULES
@@ -48,7 +48,15 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     source = calib.source
     if source != SELF and source not in HUB_DATASETS and not Path(source).expanduser().is_file():
         raise ValueError(f"--calib {source}: no such file; use {describe_sources()}")
-    loaded.framing(calib.bos)  # --calib-bos always needs a BOS token
+    for flag, text in (("--calib", source), ("--recon-val-data", job.recon_val_data and job.recon_val_data.source),
+                       ("--retrain-data", job.retrain_data), ("--eval", job.evaluation and job.evaluation.data)):
+        if text is not None:
+            try:
+                check_dataset_available(text)
+            except ValueError as error:
+                raise ValueError(f"{flag} {text}: {error}") from None
+    framing = loaded.framing(calib.bos)  # --calib-bos always needs a BOS token
+    check_short_text(source, "--calib", calib.seq_len, framing.text_length(calib.seq_len), loaded)
     check_validation_data(job)
     pattern = job.prune.pattern
     if job.shrink:
@@ -70,6 +78,31 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
                 raise ValueError(
                     f"--pattern {pattern.label}: layer {name} has {in_features} inputs, not a multiple of {pattern.m}"
                 )
+
+
+SHORT_TEXT_BYTES_PER_TOKEN = 64  # a file under this many bytes per needed token is tokenized up front
+
+
+def check_short_text(source: str, flag: str, seq_len: int, text_tokens: int, loaded: LoadedModel) -> None:
+    """Refuse a local text file too short for one window, before the memory plan and any work.
+
+    Only small files are tokenized here (fewer than 64 bytes per token a window needs): a longer
+    file holds enough tokens in any real text, and tokenizing it twice would cost seconds.
+
+    Raises:
+        ValueError: one line naming ``flag``, the file's token count and ``--seq-len``.
+    """
+    path = Path(source).expanduser()
+    if source == SELF or source in HUB_DATASETS or not path.is_file():
+        return
+    if path.stat().st_size >= SHORT_TEXT_BYTES_PER_TOKEN * text_tokens:
+        return
+    from calib.text_sources import read_text, tokenize_text
+
+    count = tokenize_text(read_text(source), loaded.tokenizer()).numel()
+    if count <= text_tokens:
+        raise ValueError(f"{flag} {source}: the text has {count} tokens, fewer than one window of --seq-len "
+                         f"{seq_len} needs; use more text or a shorter --seq-len")
 
 
 def check_validation_data(job: JobConfig) -> None:
@@ -209,7 +242,7 @@ def resolve_eval_seq_len(seq_len: int | None, config, flag: str) -> int:
     Args:
         seq_len: Tokens per evaluation window as given, or ``None`` for the default.
         config: The model's transformers config.
-        flag: The flag that set it, named in the error (``--eval-seq-len``, ``--seq-len``).
+        flag: The flag that set it, named in the error (``--max-length``, ``--seq-len``).
 
     Raises:
         ValueError: one line naming ``flag`` and the model's context length.
@@ -226,7 +259,7 @@ def resolve_evaluation(job: JobConfig, config) -> JobConfig:
     """``job`` with its ``--eval`` window resolved against the model (see :func:`resolve_eval_seq_len`)."""
     if job.evaluation is None:
         return job
-    seq_len = resolve_eval_seq_len(job.evaluation.seq_len, config, "--eval-seq-len")
+    seq_len = resolve_eval_seq_len(job.evaluation.seq_len, config, "--max-length")
     return replace(job, evaluation=replace(job.evaluation, seq_len=seq_len))
 
 
@@ -236,3 +269,15 @@ def model_config(model: str):
     from reconstruct.modelio.source import resolve_model
 
     return load_config(resolve_model(model))
+
+
+def check_model_files(model: str) -> None:
+    """Refuse ``--model`` when a weights file is missing or damaged (reads the headers only).
+
+    Raises:
+        DamagedFileError: the file and what is wrong (truncated: bytes present vs expected).
+    """
+    from reconstruct.modelio.checkpoint import CheckpointReader
+    from reconstruct.modelio.source import resolve_model
+
+    CheckpointReader(resolve_model(model)).close()

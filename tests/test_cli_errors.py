@@ -232,18 +232,18 @@ def test_eval_seq_len_longer_than_the_context_stops_before_any_block(tiny_model_
     monkeypatch.setattr("reconstruct.loop.engine.BlockPipeline.process", _no_block_work)
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir("opt")), "--out", str(out), *quick_args(calib_file), "--method", "none",
-            "--eval", str(calib_file), "--eval-seq-len", "4096"]  # max_position_embeddings = 256
+            "--eval", str(calib_file), "--max-length", "4096"]  # max_position_embeddings = 256
     message = assert_clean_error(invoke(args))
-    assert "--eval-seq-len 4096" in message and "256" in message, message
+    assert "--max-length 4096" in message and "256" in message, message
     assert not out.exists()
 
 
 @pytest.mark.parametrize("command, words", [
-    (["eval", "--seq-len", "4096"], ["--seq-len 4096", "256"]),
+    (["eval", "--max-length", "4096"], ["--max-length 4096", "256"]),
     (["plan", "--seq-len", "4096"], ["--seq-len 4096", "256"]),
-    (["sweep", "--eval-seq-len", "4096", "--seq-len", "32"], ["--eval-seq-len 4096", "256"]),
+    (["sweep", "--max-length", "4096", "--seq-len", "32"], ["--max-length 4096", "256"]),
     (["sweep", "--seq-len", "4096"], ["--seq-len 4096", "256"]),
-], ids=["eval-seq-len", "plan-seq-len", "sweep-eval-seq-len", "sweep-seq-len"])
+], ids=["eval-max-length", "plan-seq-len", "sweep-max-length", "sweep-seq-len"])
 def test_length_flags_of_other_commands_are_checked_first(tiny_model_dir, calib_file, tmp_path, monkeypatch,
                                                           command, words):
     monkeypatch.setattr("reconstruct.evaluation.perplexity.open_lm", _no_block_work)
@@ -251,7 +251,7 @@ def test_length_flags_of_other_commands_are_checked_first(tiny_model_dir, calib_
     name, *flags = command
     extra = {"eval": ["--data", str(calib_file), "--device", "cpu"],
              "plan": ["--device", "cpu", "--n-samples", "2"],
-             "sweep": ["--eval-data", str(calib_file), "--out", str(tmp_path / "s"), "--device", "cpu"]}[name]
+             "sweep": ["--eval", str(calib_file), "--out", str(tmp_path / "s"), "--device", "cpu"]}[name]
     result = runner.invoke(app, [name, "--model", str(tiny_model_dir("opt")), *extra, *flags])
     message = assert_clean_error(result)
     for word in words:

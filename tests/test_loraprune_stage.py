@@ -171,7 +171,7 @@ def test_a_stage_that_cannot_fit_is_refused_before_anything_is_written(tiny_mode
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="--loraprune-objective model: the LoRA training needs about .*--micro-batch"):
+    with pytest.raises(ValueError, match="--loraprune-objective model: the LoRA training needs about .*--batch-size"):
         run_job(model_level_job(tiny_model_dir("llama"), out, small_calib_file, "unstructured", 0.5))
     assert not out.exists() or not any(out.iterdir())
 

@@ -91,3 +91,46 @@ def test_gguf_conversion_shows_a_bar(tiny_model_dir, tmp_path, monkeypatch, caps
     assert (target / "config.json").is_file()
     err = capsys.readouterr().err
     assert "converting GGUF" in err and "3/3" in err
+
+
+def test_log_lines_are_printed_above_a_bar_not_glued_onto_it(monkeypatch, capsys):
+    """The one logging handler writes through tqdm: each record starts a line of its own."""
+    import logging
+
+    from reconstruct.progress import TqdmLoggingHandler
+
+    monkeypatch.setenv(PROGRESS_ENV, "1")
+    log = logging.getLogger("reconstruct.test-progress")
+    handler = TqdmLoggingHandler()
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with progress_bar(desc="blocks", unit="block", total=4) as bar:
+            bar.update()
+            log.warning("a line of its own")
+            bar.update()
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.split("\n") if "a line of its own" in line]
+    assert line.split("\r")[-1] == "a line of its own", repr(line)
+    assert "4/4" not in line and "blocks" not in line.split("\r")[-1]
+
+
+def test_retrain_shows_a_bar_while_merging_and_writing(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from test_retrain import prune_folder
+
+    monkeypatch.setenv(PROGRESS_ENV, "1")
+    model = tmp_path / "pruned"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    prune_folder(model, "llama")
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(["the cat sat on the mat ."] * 200))
+    result = runner.invoke(app, ["retrain", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"),
+                                 "--device", "cpu", "--seq-len", "16", "--n-samples", "4", "--samples-per-step", "2",
+                                 "--steps", "1", "--val", "0"])
+    assert result.exit_code == 0, result.output
+    assert "merging and writing" in result.stderr and "4/4" in result.stderr  # 3 blocks, then the rest

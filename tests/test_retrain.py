@@ -278,7 +278,7 @@ def test_memory_plan_refuses_naming_the_flag_and_streaming_needs_less(pruned_dir
     with pytest.raises(ValueError, match="--stream always"):
         memory.check_fits(spec, loaded, False)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
-    with pytest.raises(ValueError, match="--micro-batch"):
+    with pytest.raises(ValueError, match="--batch-size"):
         memory.check_fits(spec, loaded, True)
 
 

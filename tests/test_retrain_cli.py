@@ -206,7 +206,7 @@ def test_run_refuses_a_retraining_stage_that_cannot_fit_before_any_block(tiny_mo
     result = runner.invoke(cli.app, ["run", "--model", str(tiny_model_dir("llama")), "--calib", str(small_calib_file),
                                      "--out", str(out), *RUN_FLAGS])
     line = one_error_line(result)
-    assert "--retrain-batch" in line and "--retrain-seq-len" in line
+    assert "--retrain-samples-per-step" in line and "--retrain-seq-len" in line
     assert not (out / INDEX_NAME).exists()
 
 

@@ -80,3 +80,58 @@ def test_self_calibrated_job_completes(self_calibrated):
     with torch.no_grad():
         logits = model(input_ids=saved_tokens(self_calibrated["seed0"])).logits  # (n, T, V)
     assert torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- Ctrl-C keeps what was sampled
+def interrupt_after(checkpoints: int, monkeypatch):
+    """Make the sampling checkpoint raise KeyboardInterrupt after it saved ``checkpoints`` times."""
+    from reconstruct.state import job_state
+
+    real, saved = job_state.save_sampling, []
+
+    def save_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        saved.append(args[1].tokens_done())
+        if len(saved) == checkpoints:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_state, "save_sampling", save_then_interrupt)
+    return saved
+
+
+def test_interrupted_self_calibration_continues_where_it_stopped(tiny_model_dir, tmp_path, monkeypatch):
+    from calib import self_generated
+    from reconstruct.state.status import describe_job
+
+    model = tiny_model_dir("llama")
+    args = ["run", "--model", str(model), "--pruner", "wanda", "--calib", "self", "--n-samples", "3",
+            "--seq-len", "17", "--seed", "0", "--batch-size", "4", "--device", "cpu", "--method", "none"]
+    whole = tmp_path / "whole"
+    assert CliRunner().invoke(app, [*args, "--out", str(whole)]).exit_code == 0
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        saved = interrupt_after(3, patch)
+        stopped = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert stopped.exit_code == 130, stopped.output
+    total = 3 * 16
+    assert saved == [6, 12, 18]  # 3 sequences x 2 new tokens per chunk (16 new tokens in 8 chunks)
+    assert f"self-calibration: 18 of {total} tokens sampled" in stopped.stderr, stopped.stderr
+    status = describe_job(out)
+    assert f"sampling:   self-calibration: 18 of {total} tokens sampled" in status, status
+    assert "interrupted while sampling" in status
+
+    resumed_at = []
+    real_generate = self_generated.generate_self_calibration
+
+    def spy(*a, resume=None, **k):
+        resumed_at.append(resume.tokens_done() if resume is not None else 0)
+        return real_generate(*a, resume=resume, **k)
+
+    monkeypatch.setattr("reconstruct.state.job_state.generate_self_calibration", spy)
+    rerun = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert rerun.exit_code == 0, rerun.output
+    assert resumed_at == [18]
+    assert torch.equal(saved_tokens(out), saved_tokens(whole))  # the same tokens as a run never interrupted
+    assert block_shards(out) == block_shards(whole)
+    assert not list((out / ".reconstruct").glob("*.partial.safetensors"))

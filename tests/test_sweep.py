@@ -29,9 +29,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def sweep_args(model, calib, out) -> list[str]:
     return ["sweep", "--model", str(model), "--pruner", "wanda,sparsegpt", "--sparsity", "0.5",
-            "--method", "none,bias-ln", "--recon-steps", "2", "--eval-data", str(calib), "--eval-seq-len", "32",
-            "--eval-windows", "3", "--calib", str(calib), "--n-samples", "8", "--seq-len", "32", "--micro-batch", "4",
+            "--method", "none,bias-ln", "--recon-steps", "2", "--eval", str(calib), "--max-length", "32",
+            "--limit", "3", "--calib", str(calib), "--n-samples", "8", "--seq-len", "32", "--batch-size", "4",
             "--device", "cpu", "--out", str(out)]
+
+
+def dense_in_process(command: list[str]) -> dict:
+    """``sweep_module.run_dense`` without a child process: ``reconstruct eval`` through the CliRunner."""
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,7 @@ def swept(tiny_model_dir, small_calib_file, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sweep_module, "run_cell", in_process)
+        patch.setattr(sweep_module, "run_dense", dense_in_process)
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out, args, commands
@@ -58,7 +66,8 @@ def test_grid_writes_md_csv_png(swept):
     names = ["wanda-s0.5-none", "wanda-s0.5-bias-ln", "sparsegpt-s0.5-none", "sparsegpt-s0.5-bias-ln"]
     assert [command[command.index("--out") + 1] for command in commands] == [str(out / name) for name in names]
     rows = list(csv.DictReader(io.StringIO((out / "sweep.csv").read_text())))
-    assert [row["cell"] for row in rows] == names
+    assert [row["cell"] for row in rows] == ["dense", *names]
+    dense, rows = rows[0], rows[1:]
     assert set(rows[0]) >= {"pruner", "pattern", "sparsity", "method", "perplexity", "time_s", "peak_rss_mb", "trainable_share"}
     for row, name in zip(rows, names):
         report = json.loads((out / name / "reconstruct.json").read_text())
@@ -74,6 +83,10 @@ def test_grid_writes_md_csv_png(swept):
     table = [line for line in markdown.splitlines() if line.startswith("| wanda") or line.startswith("| sparsegpt")]
     assert len(table) == 4
     assert f"| {float(rows[1]['perplexity']):.3f} |" in table[1]
+    dense_eval = json.loads((out / "dense.json").read_text())
+    assert dense_eval["command"][:2] == ["eval", "--data"] and dense_eval["result"]["windows"] == 3
+    assert float(dense["perplexity"]) == dense_eval["result"]["perplexity"] and float(dense["sparsity"]) == 0.0
+    assert f"| dense | - | 0.00 | - | {float(dense['perplexity']):.3f} |" in markdown
     if matplotlib_available():
         assert (out / "sweep.png").read_bytes()[:8] == PNG_MAGIC
         assert "![perplexity vs sparsity](sweep.png)" in markdown
@@ -88,6 +101,7 @@ def test_rerun_does_no_work(swept, monkeypatch):
         raise AssertionError("a finished cell was run again")
 
     monkeypatch.setattr(sweep_module, "run_cell", no_work)
+    monkeypatch.setattr(sweep_module, "run_dense", no_work)
     monkeypatch.setattr("reconstruct.loop.engine.run_job", no_work)
     monkeypatch.setattr("reconstruct.evaluation.perplexity.perplexity", no_work)
     result = CliRunner().invoke(app, args)
@@ -101,7 +115,7 @@ def test_changed_command_is_not_skipped(swept):
     recorded = json.loads((out / "sweep-cells.json").read_text())
     spec = SweepSpec(out=out, pruners=("wanda",), patterns=("unstructured",), sparsities=(0.5,), methods=("none",),
                      evaluation=EvalSpec(commands[0][commands[0].index("--eval") + 1], 32, 3),
-                     run_flags=tuple(commands[0][commands[0].index("--eval-windows") + 2 : commands[0].index("--out")]))
+                     run_flags=tuple(commands[0][commands[0].index("--limit") + 2 : commands[0].index("--out")]))
     cell = Cell("wanda", "unstructured", 0.5, "none")
     assert is_done(spec, cell, cell_command(spec, cell), recorded)
     assert not is_done(spec, cell, [*cell_command(spec, cell), "--seed", "1"], recorded)
@@ -131,7 +145,7 @@ def test_cells_allow_nm_patterns():
     (["--sparsity", "1.5"], ["--sparsity"]),
     (["--pattern", "5:4"], ["--pattern"]),
     (["--method", "lora"], ["--allow-dense-merge"]),
-    (["--eval-data", "missing.txt"], ["--eval-data", "no such file"]),
+    (["--eval", "missing.txt"], ["--eval", "no such file"]),
 ])
 def test_bad_grid_is_one_clear_error(tmp_path, small_calib_file, flags, words):
     result = CliRunner().invoke(app, ["sweep", "--eval-data", str(small_calib_file), "--out", str(tmp_path / "s"), *flags])
@@ -156,7 +170,7 @@ def test_run_cell_starts_a_child_reconstruct_run(monkeypatch):
 
 
 def test_default_evaluation_flags_fit_a_short_context(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
-    """No --eval-seq-len / --eval-windows on a 256-token OPT: windows of 256 tokens, and the table is written."""
+    """No --max-length / --limit on a 256-token OPT: windows of 256 tokens, and the table is written."""
     out = tmp_path / "grid"
 
     def in_process(command: list[str]) -> None:
@@ -164,14 +178,15 @@ def test_default_evaluation_flags_fit_a_short_context(tiny_model_dir, small_cali
         assert result.exit_code == 0, result.output
 
     monkeypatch.setattr(sweep_module, "run_cell", in_process)
+    monkeypatch.setattr(sweep_module, "run_dense", dense_in_process)
     args = ["sweep", "--model", str(tiny_model_dir("opt")), "--pruner", "magnitude", "--method", "none",
-            "--eval-data", str(small_calib_file), "--calib", str(small_calib_file), "--n-samples", "4",
+            "--eval", str(small_calib_file), "--calib", str(small_calib_file), "--n-samples", "4",
             "--seq-len", "32", "--device", "cpu", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO((out / "sweep.csv").read_text())))
-    assert [row["cell"] for row in rows] == ["magnitude-s0.5-none"]
-    assert float(rows[0]["perplexity"]) > 1
+    assert [row["cell"] for row in rows] == ["dense", "magnitude-s0.5-none"]
+    assert float(rows[1]["perplexity"]) > 1
     evaluation = json.loads((out / "magnitude-s0.5-none" / "reconstruct.json").read_text())["evaluation"]
     assert evaluation["seq_len"] == 256 and evaluation["windows"] >= 1
     assert "× 256 tokens" in (out / "sweep.md").read_text()

@@ -74,7 +74,7 @@ def perplexity(
     from transformers import AutoTokenizer
 
     folder = resolve_model(model)
-    seq_len = resolve_eval_seq_len(seq_len, load_config(folder), "--seq-len")  # before any work
+    seq_len = resolve_eval_seq_len(seq_len, load_config(folder), "--max-length")  # before any work
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, None)
     started = time.perf_counter()

@@ -31,7 +31,7 @@ from reconstruct.state.faults import crash_point
 from reconstruct.methods import SampleSplit, split_samples
 from reconstruct.methods.train import log_training_budget
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
-from reconstruct.planner import MemoryBudget, check_memory_plan
+from reconstruct.planner import MemoryBudget, check_memory_plan, log_plan
 from reconstruct.progress import progress_bar
 from reconstruct.reporting.report import finish_report, refresh_finished_report
 from reconstruct.retrain.engine import choose_stream
@@ -48,9 +48,11 @@ logger = logging.getLogger(__name__)
 def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
     """Run (or resume) a job end to end; returns the report written to ``reconstruct.json``.
 
-    First the memory plan (``reconstruct.planner``) is logged; a job whose plan exceeds ``budget``
-    (``--gpu-memory``/``--host-memory``, default: this machine's free memory) is refused with a
-    ValueError naming the flags to change, and ``--offload auto`` becomes the tier the plan chose.
+    First the checks that can fail fast (``validation``), then the memory plan (``reconstruct.planner``):
+    a job whose plan exceeds ``budget`` (``--gpu-memory``/``--host-memory``, default: this machine's
+    free memory) is refused with a ValueError naming the flags to change, and ``--offload auto``
+    becomes the tier the plan chose. The plan is logged once ``--out`` has accepted the job, so a
+    refusal is the last line a user sees, not one buried under the plan.
     """
     started = time.perf_counter()
     unpool_large_allocations()
@@ -58,17 +60,20 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
 
     def prepare():  # rank 0 first: it may convert a GGUF into the cache the others then read
         loaded = load_model(job.model, job.device, job.dtype)
-        resolved = resolve_evaluation(job, loaded.config)  # --eval-seq-len: default and limit from the config
+        resolved = resolve_evaluation(job, loaded.config)  # --max-length: default and limit from the config
         validate_job(resolved, loaded)
         if job.check_stream:  # the streamed forward must be the model's own: refused before anything is written
             check_streamed_forward(loaded, job.calib.seq_len)
         if job.retrain is not None:  # the retraining stage at the end: refused now rather than after the loop
             check_retrain_memory(job.retrain, loaded, choose_stream(job.retrain, loaded), RUN_RETRAIN_FLAGS)
-            check_batch_split(job.retrain.batch, "--retrain-batch")
-        return loaded, check_memory_plan(resolved, loaded, budget)
+            check_batch_split(job.retrain.batch, "--retrain-samples-per-step")
+        return loaded, check_memory_plan(resolved, loaded, budget, on_plan=plans.append)
 
+    plans: list = []  # the plan, logged once the job state accepted the job
     loaded, job = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     with JobState.open(job, loaded) as state:
+        for plan in plans:
+            log_plan(plan)
         if state.finished and not distributed.from_main(lambda: retrain_pending(job)):
             if not distributed.is_main():
                 return {"already_finished": True, **asdict(distributed.world())}
@@ -208,13 +213,29 @@ def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: Acti
     # A disk-tier stream is a memory map: its checkpoint is written before the next block changes it.
     step.writer.submit(BlockWrite(index, write, stats), sync=streams is not None and tier_on_disk)
     logger.info(
-        "block %d/%d: sparsity %.3f%s, %.1fs (compute %.1fs, read wait %.1fs, write wait %.1fs)",
-        index + 1, layout.n_blocks,
-        sum(block_report.sparsity.values()) / max(len(block_report.sparsity), 1),
+        "block %d/%d: %s%s, %.1fs (compute %.1fs, read wait %.1fs, write wait %.1fs)",
+        index + 1, layout.n_blocks, describe_block_sparsity(block_report, getattr(step.pipeline, "structure", None)),
         ("" if block_report.mse_after is None else
          f", mse {block_report.mse_before or 0.0:.3g} → {block_report.mse_after:.3g}") + describe_guard(block_report),
         block_report.seconds, stats["compute_seconds"], read_wait, stats["write_wait_seconds"],
     )
+
+
+def describe_block_sparsity(report, structure=None) -> str:
+    """What a block lost, each number named: ``channels removed 35% (1075 of 3072); linear weights zero 15.0%``.
+
+    Linear weights zero: the mean over the block's linears of each one's share of zeros (what
+    ``--sparsity`` means for unstructured and N:M patterns; for heads/channels it is smaller, since
+    only the linears holding them lose weights).
+    """
+    zero = sum(report.sparsity.values()) / max(len(report.sparsity), 1)
+    text = f"linear weights zero {zero:.1%}"
+    for kind, attribute in (("heads", "num_heads"), ("channels", "channels")):
+        total = getattr(structure, attribute, None)
+        if kind in report.removed and isinstance(total, int) and total > 0:
+            count = len(report.removed[kind])
+            return f"{kind} removed {count / total:.0%} ({count} of {total}); {text}"
+    return text
 
 
 def block_sparsities(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: BlockPipeline,

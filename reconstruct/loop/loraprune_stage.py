@@ -141,7 +141,7 @@ def check_stage_memory(job: JobConfig, loaded: LoadedModel) -> RetrainMemory:
     if not plan.fits:
         raise ValueError(f"--loraprune-objective model: the LoRA training needs about {human(plan.total)} "
                          f"({'streamed' if plan.streamed else 'resident'}), {human(plan.available)} available; "
-                         "lower --micro-batch or --seq-len")
+                         "lower --batch-size or --seq-len")
     return plan
 
 

@@ -73,6 +73,16 @@ class BlockReport:
     target_sparsity: float | None = None  # the block's target (--allocation: its own; else --sparsity)
 
 
+def describe_structure(structure) -> str:
+    """The groups ``--pattern heads/channels`` removes, in words (not a dataclass repr)."""
+    if hasattr(structure, "channels"):
+        return (f"{structure.channels} MLP channels per block: output rows of {', '.join(structure.up)}, "
+                f"input columns of {structure.down}")
+    kv = f" ({structure.num_kv_heads} key/value heads)" if structure.num_kv_heads != structure.num_heads else ""
+    return (f"{structure.num_heads} attention heads of {structure.head_dim} per block{kv}: output rows of "
+            f"{', '.join((structure.query, *structure.key_value))}, input columns of {structure.output}")
+
+
 @torch.no_grad()
 def run_stream(
     forward, source: ActivationStream, micro_batch: int, destination: ActivationStream | None = None,
@@ -199,7 +209,7 @@ class BlockPipeline:
             with torch.no_grad(), recording_linear_inputs(ctx.linears, record):
                 ctx.run(ctx.block, ctx.sparse.read(slice(0, 1)))
             self.linear_call_order = group_by_shared_input(record)
-            logger.info("sub-layer order: %s", self.linear_call_order)
+            logger.info("sub-layer order: %s", " -> ".join(", ".join(group) for group in self.linear_call_order))
         return self.linear_call_order
 
     def reconstruction_units(self, ctx: BlockContext) -> list:
@@ -321,7 +331,7 @@ class BlockPipeline:
         if self.structure is None:
             shapes = {name: tuple(weight_as_out_in(module).shape) for name, module in ctx.linears.items()}
             self.structure = find_groups(pattern, self.call_order(ctx), shapes, self.model_config)
-            logger.info("--pattern %s prunes %s", pattern.kind, self.structure)
+            logger.info("--pattern %s: %s", pattern.kind, describe_structure(self.structure))
         return self.structure
 
     def _prune_structured(self, ctx: BlockContext, pattern) -> None:

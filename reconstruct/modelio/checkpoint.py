@@ -2,6 +2,8 @@
 
 Nothing here materialises the whole model: safetensors are opened with ``safe_open`` and
 read tensor by tensor; ``.bin`` shards are memory-mapped with ``torch.load(mmap=True)``.
+Every safetensors shard is checked against its header when the reader opens the folder, so a
+truncated file is one ``DamagedFileError`` naming it, never a library traceback mid-job.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from reconstruct.modelio.safetensors_header import DamagedFileError, check_safetensors_file
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +35,10 @@ class CheckpointReader:
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
             index_path = self.folder / index_name
             if index_path.is_file():
-                return dict(json.loads(index_path.read_text())["weight_map"])
+                key_to_file = _weight_map(index_path)
+                for name in sorted(set(key_to_file.values())):
+                    self._check_shard(self.folder / name, index_path)
+                return key_to_file
         shards = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("pytorch_model*.bin"))
         if not shards:
             raise ValueError(f"--model {self.folder}: no *.safetensors or pytorch_model*.bin checkpoint found")
@@ -43,14 +50,27 @@ class CheckpointReader:
 
     def _keys_of(self, shard: Path) -> list[str]:
         if shard.suffix == ".safetensors":
-            with safe_open(shard, framework="pt") as handle:
-                return list(handle.keys())
+            return list(check_safetensors_file(shard))
         return list(self._bin(shard.name).keys())
+
+    @staticmethod
+    def _check_shard(path: Path, index_path: Path) -> None:
+        """A shard the index names: present, and complete when it is safetensors."""
+        if not path.is_file():
+            raise DamagedFileError(path, f"missing, though {index_path.name} names it (copy or download it again)")
+        if path.suffix == ".safetensors":
+            check_safetensors_file(path)
 
     def _bin(self, filename: str) -> dict[str, torch.Tensor]:
         if filename not in self._open_files:
             path = self.folder / filename
-            self._open_files[filename] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                self._open_files[filename] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except (RuntimeError, EOFError, OSError) as error:
+                if isinstance(error, OSError) and error.errno is not None:
+                    raise  # unreadable (permissions, IO): the command line reports the OS error
+                raise DamagedFileError(path, f"not a readable PyTorch checkpoint ({str(error).splitlines()[0]}); "
+                                             "copy or download it again") from None
         return self._open_files[filename]  # type: ignore[return-value]
 
     def keys(self) -> list[str]:
@@ -73,6 +93,14 @@ class CheckpointReader:
     def close(self) -> None:
         """Drop open handles and memory maps."""
         self._open_files.clear()
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index file (tensor name -> shard file name)."""
+    try:
+        return dict(json.loads(index_path.read_text())["weight_map"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise DamagedFileError(index_path, "not a shard index (JSON with a weight_map); copy or download it again") from None
 
 
 def match_checkpoint_keys(model_keys: list[str], checkpoint_keys: list[str], base_prefix: str,

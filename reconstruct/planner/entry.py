@@ -24,11 +24,13 @@ def plan_job(job, loaded, budget: MemoryBudget | None = None) -> MemoryPlan:
                  cuda_index=loaded.device.index, layout=loaded.layout)
 
 
-def check_memory_plan(job, loaded, budget: MemoryBudget | None = None):
-    """Plan ``job``, log the plan, refuse it when it cannot fit; return it with ``--offload`` resolved.
+def check_memory_plan(job, loaded, budget: MemoryBudget | None = None, on_plan=log_plan):
+    """Plan ``job``, refuse it when it cannot fit; return it with ``--offload`` resolved.
 
     The returned job names the stream tier the plan was made for (``--offload auto`` → device, cpu
     or disk), so the engine and the plan agree. ``offload`` is not part of the resume fingerprint.
+    A plan that fits goes to ``on_plan`` (default: logged now; the engine keeps it to log after its
+    other checks); one that does not is logged at debug level, the refusal saying what matters.
 
     Raises:
         ValueError: the plan does not fit its budgets; the message names the flags to change.
@@ -41,9 +43,10 @@ def check_memory_plan(job, loaded, budget: MemoryBudget | None = None):
         logger.warning("memory plan unavailable (%s: %s); --offload %s decides the tier as before",
                        type(error).__name__, error, job.offload)
         return job
-    log_plan(plan)
     if not plan.fits:
+        log_plan(plan, logging.DEBUG)
         raise ValueError(plan.refusal())
+    on_plan(plan)
     return replace(job, offload=plan.stream_tier)
 
 

@@ -214,7 +214,7 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
     base = held + [weights] + in_flight
     if inputs.allocation_pass:
         all_inputs = [i for _, i in linears.values()]
-        phases.append(Phase(f"allocation pre-pass (--micro-batch {inputs.micro_batch})", base + [
+        phases.append(Phase(f"allocation pre-pass (--batch-size {inputs.micro_batch})", base + [
             Item("wanda statistics (every linear)", statistics_bytes("wanda", all_inputs), dev),
             Item("forward activations", trace["forward_plain"], dev),
             Item("outlier scores (largest linear, float32)", 4 * largest[0] * largest[1], dev),
@@ -228,7 +228,7 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
                      f"({human(probe.n_blocks * block_stored)} in all) and run twice on 2 short windows of at most "
                      "1024 tokens, beside the model's own forward; --no-check-stream skips it")
     if inputs.n_streams == 2:
-        phases.append(Phase(f"dense pass (--micro-batch {inputs.micro_batch})", base + [
+        phases.append(Phase(f"dense pass (--batch-size {inputs.micro_batch})", base + [
             Item("forward activations", trace["forward_plain"], dev), Item("allocator slack", slack(trace["forward_plain"]), dev),
             *([Item("output micro-batch on its way to the stream", inputs.micro_batch * inputs.seq_len * probe.hidden * e,
                     "host")] if cuda and tier != "device" else []),
@@ -263,7 +263,7 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
             mask_item, *dense_copy, Item("trainable params + AdamW state", trainable * 3, dev),
             Item("merged weight temporaries (largest linear)", trace.get("merge", 0), dev),
         ]))
-    phases.append(Phase(f"sparse pass (--micro-batch {inputs.micro_batch})", base + [
+    phases.append(Phase(f"sparse pass (--batch-size {inputs.micro_batch})", base + [
         mask_item, Item("forward activations + MSE", trace["forward"], dev), Item("allocator slack", slack(trace["forward"]), dev),
     ]))
     output_copy = cuda or inputs.stored_dtype != inputs.dtype

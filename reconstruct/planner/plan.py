@@ -95,7 +95,7 @@ class MemoryPlan:
             tips.insert(0, "--calib <text file> (--calib self loads the whole model to sample sequences)")
         forward = self.sizes.get("forward", 0)
         if self.job_micro_batch > 1 and (over_device or (over_host and self.device_type == "cpu")):
-            tips.append(f"--micro-batch {max(1, self.job_micro_batch // 4)} (forward activations at --micro-batch "
+            tips.append(f"--batch-size {max(1, self.job_micro_batch // 4)} (forward activations at --batch-size "
                         f"{self.job_micro_batch}: {human(forward)})")
         tips.append(f"--n-samples / --seq-len (each stream is n_samples x seq_len x hidden: {human(self.sizes['stream'])}; "
                     "--seq-len also shrinks every activation)")
@@ -123,7 +123,7 @@ class MemoryPlan:
             ("one block (weights)", sizes["block"], dev),
             ("activation streams", sizes["n_streams"] * sizes["stream"],
              f"{stream_place}: {sizes['n_streams']} x {human(sizes['stream'])}; {self.tier_note}"),
-            (f"forward, --micro-batch {self.job_micro_batch}", sizes["forward"], dev),
+            (f"forward, --batch-size {self.job_micro_batch}", sizes["forward"], dev),
             ("pruner statistics (largest group)", sizes["statistics"], dev),
             ("pruner temporaries (largest linear)", sizes["prune"], dev),
             ("keep masks", sizes["masks"], dev),
@@ -132,7 +132,7 @@ class MemoryPlan:
             rows += [
                 ("reconstruction working set", sizes["recon_working_set"], dev),
                 (f"  fwd/bwd of {self.recon_micro_batch} sample(s) with adapters", sizes["recon_activations"],
-                 "traced (or the MSE pass at --micro-batch, if larger)"),
+                 "traced (or the MSE pass at --batch-size, if larger)"),
                 ("  trainable params + AdamW state", sizes["recon_state"], "params, 2 moments, step temporaries"),
                 ("  keep masks (counted above)", sizes["masks"], ""),
                 ("merge temporaries", sizes["merge"], "largest linear, after training"),
@@ -160,7 +160,7 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def log_plan(plan: MemoryPlan) -> None:
-    """Log the plan, one line per text line."""
+def log_plan(plan: MemoryPlan, level: int = logging.INFO) -> None:
+    """Log the plan, one line per text line (at ``level``)."""
     for line in plan.format().splitlines():
-        logger.info("%s", line)
+        logger.log(level, "%s", line)

@@ -120,7 +120,7 @@ def trace_block(probe: ModelProbe, dtype: torch.dtype, seq_len: int, micro_batch
     trainable, wrappers, undo = _attach_on_meta(block, linears, recon, probe.layout)
     try:
         with torch.no_grad():
-            result["recon_eval"] = trace_peak(lambda: compare_pass(micro_batch))  # MSE before, at --micro-batch
+            result["recon_eval"] = trace_peak(lambda: compare_pass(micro_batch))  # MSE before, at --batch-size
             result["merge"] = max((trace_peak(w.merged_weight) for w in wrappers), default=0)
 
         def micro_step():  # methods.train: forward, float32 MSE, backward (gradients stay)

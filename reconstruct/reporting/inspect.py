@@ -22,6 +22,7 @@ import torch
 
 from reconstruct.modelio.checkpoint import CheckpointReader
 from reconstruct.modelio.output import WEIGHT_SUFFIXES
+from reconstruct.modelio.safetensors_header import DamagedFileError
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ def inspect_folder(folder: Path, nm: str | None = None) -> dict:
     pair = parse_nm(nm)
     try:
         architecture, entries, outside, reader = _layers_from_config(folder)
+    except DamagedFileError:
+        raise  # a damaged file: reading the tensor names would fail on it too
     except ValueError as error:
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
             raise ValueError(f"inspect: {folder} holds no *.safetensors or pytorch_model*.bin checkpoint") from None

@@ -8,9 +8,10 @@ skipped without starting a process; anything else goes to the child, which resum
 a changed one, or only adds the evaluation. The dense pass is not shared between cells: each cell
 computes its own dense targets (the price of cells being independent, resumable jobs).
 
-Results: ``DIR/sweep.csv`` and ``DIR/sweep.md`` (one row per cell) and ``DIR/sweep.png``
-(perplexity vs sparsity, one line per method, one panel per pruner; patterns other than
-unstructured, such as 2:4, dashed).
+Results: ``DIR/sweep.csv`` and ``DIR/sweep.md`` (a dense row first, then one row per cell) and
+``DIR/sweep.png`` (perplexity vs sparsity, one line per method, one panel per pruner; patterns other
+than unstructured, such as 2:4, dashed). The dense row is ``reconstruct eval`` of the unpruned model
+on the same windows, run once in a child process and kept in ``DIR/dense.json`` with its command.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
 from reconstruct.modelio.output import REPORT_NAME
 from reconstruct.reporting.plots import INSTALL_HINT, plot_sweep
 from reconstruct.reporting.report import evaluation_settings, format_or_dash
-from reconstruct.validation import check_calib_seq_len, model_config, resolve_eval_seq_len
+from reconstruct.validation import check_calib_seq_len, check_model_files, model_config, resolve_eval_seq_len
 
 logger = logging.getLogger(__name__)
 
 CSV_NAME, MARKDOWN_NAME, FIGURE_NAME = "sweep.csv", "sweep.md", "sweep.png"
 CELLS_NAME = "sweep-cells.json"  # cell → the command line it was run with
+DENSE_NAME = "dense.json"  # the dense model's evaluation and the command that made it
+DENSE_CELL = "dense"
+DENSE_FLAGS = ("--model", "--device", "--dtype", "--batch-size", "--calib-bos")  # run flags eval shares
 COLUMNS = ("cell", "pruner", "pattern", "sparsity", "method", "perplexity", "achieved_sparsity", "time_s",
            "peak_rss_mb", "peak_gpu_mb", "trainable_share", "eval_seconds")
 
@@ -135,8 +139,9 @@ def checked_spec(spec: SweepSpec, mask_scope: str, model: str, seq_len: int) -> 
     """
     build_cells(spec, mask_scope)  # a bad grid is refused before the model is read
     config = model_config(model)
+    check_model_files(model)  # a damaged weights file: one line now, not one per cell
     check_calib_seq_len(seq_len, config)
-    window = resolve_eval_seq_len(spec.evaluation.seq_len, config, "--eval-seq-len")
+    window = resolve_eval_seq_len(spec.evaluation.seq_len, config, "--max-length")
     return dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, seq_len=window))
 
 
@@ -148,9 +153,9 @@ def cell_command(spec: SweepSpec, cell: Cell) -> list[str]:
     evaluation = spec.evaluation
     args += ["--eval", evaluation.data]
     if evaluation.seq_len is not None:  # None: the cell's default, min(2048, the model's context)
-        args += ["--eval-seq-len", str(evaluation.seq_len)]
+        args += ["--max-length", str(evaluation.seq_len)]
     if evaluation.max_windows is not None:
-        args += ["--eval-windows", str(evaluation.max_windows)]
+        args += ["--limit", str(evaluation.max_windows)]
     return [*args, *spec.run_flags, "--out", str(spec.out / cell.name)]
 
 
@@ -204,11 +209,50 @@ def cell_row(spec: SweepSpec, cell: Cell) -> dict:
     }
 
 
+def dense_command(spec: SweepSpec) -> list[str]:
+    """The ``reconstruct eval`` arguments that score the unpruned model on the cells' windows."""
+    evaluation = spec.evaluation
+    args = ["eval", "--data", evaluation.data]
+    if evaluation.seq_len is not None:
+        args += ["--max-length", str(evaluation.seq_len)]
+    if evaluation.max_windows is not None:
+        args += ["--limit", str(evaluation.max_windows)]
+    flags = list(spec.run_flags)
+    for index, flag in enumerate(flags[:-1]):
+        if flag in DENSE_FLAGS:
+            args += [flag, flags[index + 1]]
+    return args
+
+
+def run_dense(command: list[str]) -> dict:
+    """Run ``reconstruct eval`` in a child process; its JSON result (perplexity, seconds, ...)."""
+    completed = subprocess.run([sys.executable, "-m", "reconstruct", *command], stdout=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        raise ValueError(f"the dense evaluation failed (exit code {completed.returncode}): reconstruct "
+                         f"{' '.join(command)}; fix the cause and run the sweep again (finished cells are kept)")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def dense_row(spec: SweepSpec) -> dict:
+    """The dense model's row: evaluated once, then read from ``DIR/dense.json`` while the command is the same."""
+    command = dense_command(spec)
+    path = spec.out / DENSE_NAME
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    if recorded.get("command") != command:
+        logger.info("dense model: reconstruct %s", " ".join(command))
+        recorded = {"command": command, "result": run_dense(command)}
+        atomic_write_json(path, recorded)
+    result = recorded["result"]
+    return {**{key: None for key in COLUMNS}, "cell": DENSE_CELL, "pruner": "-", "pattern": "-", "sparsity": 0.0,
+            "method": "-", "perplexity": result.get("perplexity"), "achieved_sparsity": 0.0,
+            "trainable_share": 0.0, "eval_seconds": result.get("seconds")}
+
+
 def run_sweep(spec: SweepSpec, mask_scope: str = "row") -> list[dict]:
     """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.md`` and ``sweep.png``.
 
     Returns:
-        The rows, one per cell, in grid order.
+        The rows, one per cell, in grid order; the dense model's row first.
     """
     cells = build_cells(spec, mask_scope)
     spec.out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +267,7 @@ def run_sweep(spec: SweepSpec, mask_scope: str = "row") -> list[dict]:
         run_cell(command)
         recorded[cell.name] = command
         atomic_write_json(cells_path, recorded)
-    rows = [cell_row(spec, cell) for cell in cells]
+    rows = [dense_row(spec), *(cell_row(spec, cell) for cell in cells)]
     write_results(spec, rows)
     return rows
 
@@ -244,13 +288,17 @@ def render_markdown(spec: SweepSpec, rows: list[dict], figure_drawn: bool) -> st
     lines = [
         "# Sweep",
         "",
-        f"{len(rows)} cells · perplexity on {Path(evaluation.data).name} ({windows} × {evaluation.seq_len} tokens) · "
+        f"{sum(row['cell'] != DENSE_CELL for row in rows)} cells and the dense model · perplexity on {Path(evaluation.data).name} ({windows} × {evaluation.seq_len} tokens) · "
         f"shared flags: `{' '.join(spec.run_flags) or '(defaults)'}`",
         "",
         "| pruner | pattern | sparsity | method | perplexity | time | peak RSS | trainable share | cell |",
         "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:
+        if row["cell"] == DENSE_CELL:
+            lines.append(f"| dense | - | 0.00 | - | {format_or_dash(row['perplexity'], '.3f')} | - | - | - | "
+                         f"[{DENSE_NAME}]({DENSE_NAME}) |")
+            continue
         lines.append(
             f"| {row['pruner']} | {row['pattern']} | {row['sparsity']:.2f} | {row['method']} | "
             f"{format_or_dash(row['perplexity'], '.3f')} | {format_or_dash(row['time_s'], '.1f')} s | {format_or_dash(row['peak_rss_mb'], '.0f')} MiB | "
@@ -267,7 +315,7 @@ def render_markdown(spec: SweepSpec, rows: list[dict], figure_drawn: bool) -> st
 def write_results(spec: SweepSpec, rows: list[dict]) -> None:
     """``sweep.csv``, ``sweep.png`` (when matplotlib is installed) and ``sweep.md``."""
     atomic_write_bytes(spec.out / CSV_NAME, _csv_text(rows).encode("utf-8"))
-    drawn = plot_sweep(rows, spec.out / FIGURE_NAME)
+    drawn = plot_sweep([row for row in rows if row["cell"] != DENSE_CELL], spec.out / FIGURE_NAME)
     if not drawn:
         (spec.out / FIGURE_NAME).unlink(missing_ok=True)
     atomic_write_bytes(spec.out / MARKDOWN_NAME, render_markdown(spec, rows, drawn).encode("utf-8"))

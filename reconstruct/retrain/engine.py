@@ -270,7 +270,13 @@ def write_model(loader: BlockLoader, out: Path, *, merge: bool, trained: bool,
     Returns:
         Block index → linears the merge gave a new bias.
     """
-    added = {index: write_block(loader, index, out, merge=merge, trained=trained, allow_dense_merge=allow_dense_merge)
-             for index in range(loader.loaded.layout.n_blocks)}
-    write_rest(loader, out, set().union(*added.values()))
+    n_blocks = loader.loaded.layout.n_blocks
+    added: dict[int, set[str]] = {}
+    with progress_bar(desc="merging and writing" if merge else "writing", unit="block", total=n_blocks + 1) as bar:
+        for index in range(n_blocks):
+            added[index] = write_block(loader, index, out, merge=merge, trained=trained,
+                                       allow_dense_merge=allow_dense_merge)
+            bar.update()
+        write_rest(loader, out, set().union(*added.values()))  # the modules outside the blocks, config, index
+        bar.update()
     return added

@@ -130,7 +130,8 @@ def flag_of(key: str) -> str:
     """The flag behind a fingerprint field (``retrain.lr`` → ``--lr``)."""
     head, _, rest = key.partition(".")
     if head == "retrain":
-        return {"val_fraction": "--val", "micro_batch": "--micro-batch"}.get(rest, "--" + rest.replace("_", "-"))
+        return {"val_fraction": "--val", "micro_batch": "--batch-size", "batch": "--samples-per-step",
+                "n_windows": "--n-samples"}.get(rest, "--" + rest.replace("_", "-"))
     return {"model_files": "--model", "data": "--data", "bos_id": "--calib-bos", "dtype": "--dtype",
             "device_type": "--device", "world_size": "--nproc", "versions": "the installed versions"}.get(head, key)
 
@@ -158,7 +159,7 @@ def run_retrain(job: RetrainJob) -> dict:
     def prepare() -> LoadedModel:  # rank 0 first: it may convert a GGUF into the cache the others then read
         loaded = load_model(job.model, job.device, job.dtype)
         check_calib_seq_len(job.spec.seq_len, loaded.config)
-        check_batch_split(job.spec.batch, "--batch")
+        check_batch_split(job.spec.batch, "--samples-per-step")
         if distributed.is_main():
             check_out(Path(job.out))
         stream = choose_stream(job.spec, loaded)

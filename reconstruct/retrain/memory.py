@@ -94,8 +94,8 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
     return RetrainMemory(streamed, items, available_bytes(loaded.device))
 
 
-RETRAIN_FLAGS = ("--micro-batch", "--batch", "--seq-len")  # what shrinks a step: reconstruct retrain's flags
-RUN_FLAGS = ("--micro-batch", "--retrain-batch", "--retrain-seq-len")  # ... and run --retrain-steps's
+RETRAIN_FLAGS = ("--batch-size", "--samples-per-step", "--seq-len")  # what shrinks a step: reconstruct retrain's flags
+RUN_FLAGS = ("--batch-size", "--retrain-samples-per-step", "--retrain-seq-len")  # ... and run --retrain-steps's
 
 
 def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool,

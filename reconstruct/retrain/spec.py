@@ -43,15 +43,15 @@ class RetrainSpec:
             raise ValueError(DENSE_MERGE_MESSAGE)
         checks = (
             (self.steps >= 1, f"--steps must be >= 1; got {self.steps}"),
-            (self.batch >= 1, f"--batch must be >= 1; got {self.batch}"),
-            (self.micro_batch >= 1, f"--micro-batch must be >= 1; got {self.micro_batch}"),
+            (self.batch >= 1, f"--samples-per-step must be >= 1; got {self.batch}"),
+            (self.micro_batch >= 1, f"--batch-size must be >= 1; got {self.micro_batch}"),
             (self.seq_len >= 2, f"--seq-len must be >= 2; got {self.seq_len}"),
             (self.lr > 0, f"--lr must be > 0; got {self.lr}"),
             (0 <= self.warmup < 1, f"--warmup must be a fraction in [0, 1); got {self.warmup}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}"),
             (self.rank >= 1, f"--rank must be >= 1; got {self.rank}"),
             (self.alpha > 0, f"--alpha must be > 0; got {self.alpha}"),
-            (self.n_windows >= 1, f"--n-windows must be >= 1; got {self.n_windows}"),
+            (self.n_windows >= 1, f"--n-samples must be >= 1; got {self.n_windows}"),
             (0 <= self.val_fraction < 1, f"--val must be a fraction in [0, 1); got {self.val_fraction}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1; got {self.eval_every}"),
             (self.stream in STREAM_MODES, f"--stream must be one of {', '.join(STREAM_MODES)}; got {self.stream!r}"),

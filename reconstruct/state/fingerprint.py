@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from reconstruct.state.atomic import atomic_write_json, sha256_file
+from reconstruct.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,16 @@ def fingerprint_model_files(model_dir: Path, hashes: HashCache | None = None) ->
     else:
         raise ValueError(f"--model {model_dir}: no such file or folder")
     hashes = hashes or HashCache()
-    with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-        identities = list(pool.map(lambda path: file_identity(path, hashes), files))
+    with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool, \
+            progress_bar(desc="hashing model files", unit="file", total=len(files), leave=False) as bar:
+        identities = list(pool.map(lambda path: _counted(file_identity(path, hashes), bar), files))
     return {path.name: identity for path, identity in zip(files, identities) if identity is not None}
+
+
+def _counted(value, bar):
+    """``value``, after one step of ``bar`` (a file hashed, or found unchanged)."""
+    bar.update()
+    return value
 
 
 def hash_text_source(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> str:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 import reconstruct
 from reconstruct.parallel import distributed
 from calib.activations import ActivationStream
-from calib.self_generated import generate_self_calibration
+from calib.self_generated import chunk_length, generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
 from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
 from reconstruct.state.checkpoint_policy import CheckpointPolicy
@@ -33,6 +33,7 @@ from reconstruct.config import JobConfig
 from reconstruct.state.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.state.lock import JobLock
+from reconstruct.state.sampling_checkpoint import load_sampling, partial_path, save_sampling
 from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
 from reconstruct.modelio.output import STATE_DIR, check_out_dir
@@ -252,15 +253,7 @@ class JobState:
         framing = loaded.framing(calib.bos)
         logger.info("%s windows: %s", windows.label, framing.describe())
         if windows.source == SELF:
-            logger.info("sampling %d × %d %s tokens from the dense model", windows.n_samples, calib.seq_len,
-                        windows.label)
-            bar = progress_bar(desc=f"self-{windows.label.lstrip('-')}", unit="token",
-                               total=windows.n_samples * (calib.seq_len - 1))
-            with bar:
-                tokens = generate_self_calibration(
-                    loaded.folder, windows.n_samples, calib.seq_len, windows.seed, loaded.device, loaded.dtype,
-                    framing=framing, on_tokens=bar.update,
-                )
+            tokens = self._sample_tokens(loaded, path, windows, framing)
         else:
             ids = tokenize_text(read_text(windows.source), loaded.tokenizer())
             try:
@@ -272,7 +265,36 @@ class JobState:
         self.state_dir.mkdir(exist_ok=True)
         tokens = tokens.contiguous()
         save_safetensors_atomic(path, {"tokens": tokens}, {"tokens_sha256": _tensor_digest(tokens)})
+        partial_path(path).unlink(missing_ok=True)
         return tokens
+
+    def _sample_tokens(self, loaded: LoadedModel, path: Path, windows: TokenWindows, framing) -> torch.Tensor:
+        """``--calib self`` (or ``--recon-val-data self``): sampled from the dense model, checkpointed after
+        every chunk in ``<name>.partial.safetensors`` so a rerun continues where Ctrl-C stopped it."""
+        seq_len = self.job.calib.seq_len
+        total = windows.n_samples * (seq_len - 1)
+        key = {"n_samples": windows.n_samples, "seq_len": seq_len, "seed": windows.seed, "bos": framing.bos_id,
+               "chunk": chunk_length(seq_len)}
+        checkpoint = partial_path(path)
+        resumed = load_sampling(checkpoint, key)
+        state, seconds_before = resumed if resumed is not None else (None, 0.0)
+        done = state.tokens_done() if state is not None else 0
+        if state is not None:
+            logger.info("continuing self-%s sampling at token %d of %d", windows.label, done, total)
+        else:
+            logger.info("sampling %d × %d %s tokens from the dense model", windows.n_samples, seq_len, windows.label)
+        started = time.monotonic()
+        self.state_dir.mkdir(exist_ok=True)
+
+        def save(progress) -> None:
+            save_sampling(checkpoint, progress, key, total, seconds_before + time.monotonic() - started)
+            self._save()  # the manifest's elapsed time counts the sampling too
+
+        with progress_bar(desc=f"self-{windows.label.lstrip('-')}", unit="token", total=total, initial=done) as bar:
+            return generate_self_calibration(
+                loaded.folder, windows.n_samples, seq_len, windows.seed, loaded.device, loaded.dtype,
+                framing=framing, on_tokens=bar.update, resume=state, on_checkpoint=save,
+            )
 
     def stream_path(self, name: str) -> Path:
         """Working file of a disk-tier activation stream (outside ``--out`` on ranks other than 0)."""

@@ -1,7 +1,7 @@
 """``reconstruct status DIR``: a job's progress and settings, read from its output folder.
 
-Reads only the manifest and the lock file; never loads the model, never takes the lock, never
-writes. Safe to run while the job is running.
+Reads only the manifest, the lock file and the header of an unfinished ``--calib self`` sampling;
+never loads the model, never takes the lock, never writes. Safe to run while the job is running.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import socket
 from pathlib import Path
 
 from reconstruct.state.lock import LOCK_NAME, pid_alive
+from reconstruct.modelio.output import STATE_DIR
 from reconstruct.state.manifest import DONE, MANIFEST_NAME, BlockRecord, Manifest
+from reconstruct.state.sampling_checkpoint import describe_sampling, sampling_progress
 
 
 def describe_job(out: Path) -> str:
@@ -48,14 +50,16 @@ def describe_job(out: Path) -> str:
             return retrain_job
         raise ValueError(f"{out} holds no reconstruct job (no {MANIFEST_NAME})")
     done = [record for record in manifest.blocks if record.status == DONE]
+    sampling = sampling_progress(out / STATE_DIR)
     settings = manifest.fingerprint
     lines = [
         f"job:        {out}",
-        f"state:      {_state(manifest, done, lock_holder(out))}",
+        f"state:      {_state(manifest, done, lock_holder(out), sampling is not None)}",
         f"blocks:     {len(done)} / {manifest.n_blocks} done",
         f"elapsed:    {format_duration(manifest.elapsed_seconds)} (last saved {manifest.updated or '?'})",
         f"time left:  {_time_left(manifest, done)}",
         *([f"resume:     {_resume_point(manifest, done)}"] if done and not manifest.finished else []),
+        *([f"sampling:   {describe_sampling(sampling)}"] if sampling is not None and not manifest.finished else []),
         f"model:      {settings.get('model_type', '?')}",
         f"pruner:     {settings.get('pruner', '?')}, pattern {_pattern(settings.get('pattern'))}",
         *([f"allocation: {_allocation(settings['allocation'], manifest.allocation)}"]
@@ -85,11 +89,15 @@ def interrupted_summary(out: Path) -> str:
         manifest = Manifest.load(out)
     except ValueError:
         manifest = None
+    sampling = sampling_progress(out / STATE_DIR)
     if manifest is None:
         return f"interrupted before any block was done; the same command starts the job again in {out}"
     done = [record for record in manifest.blocks if record.status == DONE]
     if manifest.finished:
         return f"interrupted after the job finished; {out} holds the finished job"
+    if sampling is not None and not done:
+        return (f"interrupted while sampling the calibration in {out}: {describe_sampling(sampling)}; "
+                f"then block 1 of {manifest.n_blocks}")
     resume = _resume_point(manifest, done) if done else f"at block 1 of {manifest.n_blocks}"
     return (f"interrupted with {len(done)} of {manifest.n_blocks} blocks done in {out}; "
             f"the same command resumes it {resume}")
@@ -128,12 +136,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
-def _state(manifest: Manifest, done: list[BlockRecord], holder: int | None) -> str:
+def _state(manifest: Manifest, done: list[BlockRecord], holder: int | None, sampling: bool = False) -> str:
     running = f"running: pid {holder} holds the lock" if holder is not None else None
     if manifest.finished:
         return "finished" + (f" ({running})" if running else "")
     if running:
         return f"in progress ({running})"
+    if not done and sampling:
+        return "in progress, interrupted while sampling the calibration (rerun the same command to continue)"
     if not done:
         return "not started (no process holds the lock; rerun the same command to start)"
     return "in progress, interrupted (no process holds the lock; rerun the same command to resume)"
