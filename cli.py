@@ -839,12 +839,19 @@ def _stage_plans(job, config: Path | None) -> list[tuple[str, bool]]:
     return [stage_plan(spec, loaded, title) for title, spec in stages]
 
 
+TASKS_HELP = ("Zero-shot tasks, comma-separated: any task, group or tag of lm-evaluation-harness (piqa, arc_easy, "
+              "hellaswag, ...), run on the model in memory or streamed (--stream); needs the eval extra "
+              '(pip install -e ".[eval]"). Log-likelihood tasks only: generative (generate_until) tasks are refused.')
+TASK_DATA_HELP = ("Local task data for offline use: DIR/<task>/ holds a task's files (train/validation/test .jsonl "
+                  "in the task's dataset schema; PIQA's valid.jsonl + valid-labels.lst) or a custom lm-eval task YAML.")
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model folder, .gguf, alias or hub id.")] = DEFAULT_MODEL,
     data: Annotated[Optional[str], typer.Option(help="Perplexity test text: a .txt/.jsonl file or wikitext2, c4, ptb.", show_default="wikitext2 when no --tasks")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: piqa is built in (with --task-data); others need lm-eval-harness installed.", show_default="none")] = None,
-    task_data: Annotated[Optional[Path], typer.Option(help="Folder holding piqa/valid.jsonl and piqa/valid-labels.lst (or the piqa folder itself).", show_default="none")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help=TASKS_HELP, show_default="none")] = None,
+    task_data: Annotated[Optional[Path], typer.Option(help=TASK_DATA_HELP, show_default="none: lm-eval's data from the hub")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="--tasks: score only the first N questions of each task.", show_default="all")] = None,
     seq_len: Annotated[Optional[int], typer.Option(min=2, help="Tokens per window (windows do not overlap).", show_default="the smaller of 2048 and the model's context length")] = None,
     max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
@@ -860,9 +867,9 @@ def evaluate(
 
     def evaluate_model():
         from reconstruct.evaluation.perplexity import perplexity
-        from reconstruct.evaluation.zero_shot import evaluate_tasks
+        from reconstruct.evaluation.tasks import evaluate_tasks, parse_task_names
 
-        task_names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
+        task_names = parse_task_names(tasks)
         common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream, bos=calib_bos.value)
         result: dict = {}
         if data is not None or not task_names:
