@@ -128,11 +128,19 @@ def _registered_task_config(manager, name: str, folder: Path, scratch: Path) -> 
             "dataset_kwargs": {"data_files": files, "cache_dir": str(scratch / "datasets")}}
 
 
+def _task_folder(task_data: Path | None, name: str) -> Path | None:
+    """``DIR/<name>``, or ``DIR`` itself when it is named after the task (``--task-data data/piqa``)."""
+    if task_data is None:
+        return None
+    task_data = Path(task_data).expanduser()
+    return task_data if task_data.name == name and not (task_data / name).is_dir() else task_data / name
+
+
 def task_specs(names: list[str], task_data: Path | None, manager, scratch: Path) -> list:
     """What ``simple_evaluate`` gets for each name: the name itself, or a config pointing at local data."""
     specs = []
     for name in names:
-        folder = Path(task_data).expanduser() / name if task_data is not None else None
+        folder = _task_folder(task_data, name)
         if folder is None or not folder.is_dir():
             if name not in manager.all_tasks:
                 raise ValueError(f"--tasks {name}: not a task, group or tag lm-eval knows"
