@@ -281,6 +281,9 @@ Force = Annotated[bool, typer.Option(help="Start over even if --out holds a diff
 EvalData = Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", show_default="no evaluation")]
 EvalSeqLen = Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per window.", show_default="the smaller of 2048 and the model's context length")]
 EvalWindows = Annotated[Optional[int], typer.Option(min=1, help="--eval: only the first N windows.", show_default="all")]
+EvalTasks = Annotated[Optional[str], typer.Option(help="At the end, these lm-evaluation-harness tasks on the output (comma-separated, e.g. piqa,arc_easy; log-likelihood tasks only; needs the eval extra: pip install -e \".[eval]\"); recorded in reconstruct.json and report.md.", show_default="no tasks")]
+TaskData = Annotated[Optional[Path], typer.Option(help="--eval-tasks: local task data for offline use, DIR/<task>/ (as `reconstruct eval --task-data`).", show_default="none: lm-eval's data from the hub")]
+EvalLimit = Annotated[Optional[int], typer.Option(min=1, help="--eval-tasks: only the first N items of each task.", show_default="all")]
 Shrink = Annotated[bool, typer.Option("--shrink", help="--pattern heads/channels: at the end, also write OUT/shrunk, the smaller model with the removed heads/channels deleted (stock transformers loads it); heads with grouped-query attention are then removed equally from every key/value group.", show_default="off")]
 Nproc = Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")]
@@ -437,6 +440,9 @@ class OutputOptions(OptionGroup):
     eval_data: str | None = field(default=None, metadata={"flag": "--eval"})
     eval_seq_len: int | None = None
     eval_windows: int | None = None
+    eval_tasks: str | None = None  # comma-separated lm-eval tasks on the output
+    task_data: Path | None = None
+    eval_limit: int | None = None
     shrink: bool = False  # also write OUT/shrunk (reconstruct.shrink)
 
 
@@ -552,6 +558,9 @@ def run(
     eval_data: EvalData = OutputOptions.eval_data,
     eval_seq_len: EvalSeqLen = OutputOptions.eval_seq_len,
     eval_windows: EvalWindows = OutputOptions.eval_windows,
+    eval_tasks: EvalTasks = OutputOptions.eval_tasks,
+    task_data: TaskData = OutputOptions.task_data,
+    eval_limit: EvalLimit = OutputOptions.eval_limit,
     shrink: Shrink = OutputOptions.shrink,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = ProcessOptions.verbose,
@@ -647,6 +656,7 @@ def build_job(options: RunOptions):
         track_error=options.recon.track_error,
         force=output.force,
         evaluation=EvalSpec(output.eval_data, output.eval_seq_len, output.eval_windows) if output.eval_data else None,
+        task_evaluation=_task_evaluation(output.eval_tasks, output.task_data, output.eval_limit, machine.micro_batch),
         shrink=output.shrink,
         retrain=_retrain_stage_spec(options),
         retrain_data=options.retrain.retrain_data,
@@ -654,6 +664,13 @@ def build_job(options: RunOptions):
     )
     check_validation_data(job)
     return job
+
+
+def _task_evaluation(tasks: str | None, task_data: Path | None, limit: int | None, batch_size: int | None = None):
+    """The TaskEvalSpec of ``--eval-tasks`` / ``--task-data`` / ``--eval-limit`` (None without ``--eval-tasks``)."""
+    from reconstruct.evaluation.tasks import TaskEvalSpec
+
+    return TaskEvalSpec.from_flags(tasks, task_data, limit, batch_size)
 
 
 def _validation_data(recon: ReconOptions, n_samples: int):
@@ -904,6 +921,9 @@ def sweep(
     method: Annotated[str, typer.Option(help="Reconstruction methods, comma-separated, e.g. none,bias-ln,masklora.")] = "none,bias-ln,masklora",
     eval_seq_len: Annotated[Optional[int], typer.Option(min=2, help="Tokens per evaluation window.", show_default="the smaller of 2048 and the model's context length")] = None,
     eval_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N windows.", show_default="all")] = None,
+    eval_tasks: EvalTasks = None,
+    task_data: TaskData = None,
+    eval_limit: EvalLimit = None,
     model: Model = MachineOptions.model,
     mask_scope: Scope = PruneOptions.mask_scope,
     recon_steps: ReconSteps = ReconOptions.recon_steps,
@@ -968,6 +988,7 @@ def sweep(
         spec = SweepSpec(
             out=out, pruners=values(pruner), patterns=values(pattern), sparsities=sparsities, methods=values(method),
             evaluation=EvalSpec(eval_data, eval_seq_len, eval_windows), run_flags=tuple(options.shared_flags()),
+            task_evaluation=_task_evaluation(eval_tasks, task_data, eval_limit),
         )
         spec = checked_spec(spec, mask_scope.value, model, seq_len)
         rows = run_sweep(spec, mask_scope.value)
@@ -1041,6 +1062,9 @@ def retrain(
     eval_data: EvalData = None,
     eval_seq_len: EvalSeqLen = None,
     eval_windows: EvalWindows = None,
+    eval_tasks: EvalTasks = None,
+    task_data: TaskData = None,
+    eval_limit: EvalLimit = None,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = False,
 ) -> None:
@@ -1061,7 +1085,8 @@ def retrain(
         evaluation = EvalSpec(eval_data, eval_seq_len, eval_windows) if eval_data is not None else None
         job = RetrainJob(model=model, data=data, out=out, spec=spec, device=device, dtype=dtype.value,
                          bos=calib_bos.value, allow_dense=allow_dense, checkpoint_every=checkpoint_every,
-                         evaluation=evaluation)
+                         evaluation=evaluation,
+                         task_evaluation=_task_evaluation(eval_tasks, task_data, eval_limit))
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
             raise typer.Exit(distributed.relaunch(nproc, ["retrain", *command_flags(ctx, skip=("nproc",))]))
         try:

@@ -20,10 +20,12 @@ Names without a ``DIR/<name>/`` folder load lm-eval's data as usual (the Hugging
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from calib.framing import resolve_framing
@@ -36,6 +38,8 @@ SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validat
 DATA_SUFFIXES = (".jsonl", ".json")
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 SKIPPED_RESULT_KEYS = ("sample_len",)  # lm-eval's item count before --limit; "n" is the count scored
+TASK_BATCH = 8  # --eval-tasks: sequences per forward (run passes its --micro-batch)
+RUN_KEYS = ("seconds", "streamed", "bos_id", "max_length")  # evaluate_tasks' own entries beside lm-eval's metrics
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
 
 
@@ -51,6 +55,73 @@ def require_lm_eval():
 def parse_task_names(text: str | None) -> list[str]:
     """``"piqa, arc_easy"`` → ``["piqa", "arc_easy"]`` (empty for None or blank)."""
     return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+@dataclass(frozen=True)
+class TaskEvalSpec:
+    """Zero-shot tasks on a finished output (``run --eval-tasks``, ``retrain --eval-tasks``)."""
+
+    tasks: tuple[str, ...]  # lm-eval task, group or tag names (or custom tasks in task_data)
+    task_data: str | None = None  # --task-data: local data, DIR/<task>/
+    limit: int | None = None  # --eval-limit: only the first items of each task (None: all)
+    batch_size: int = TASK_BATCH  # sequences per forward
+
+    def __post_init__(self) -> None:
+        # Checked when the job is built, not hours later when the evaluation starts.
+        if not self.tasks:
+            raise ValueError("--eval-tasks is empty; name at least one task, e.g. --eval-tasks piqa")
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ValueError(f"--eval-tasks needs lm-evaluation-harness (lm-eval), which is not installed: {EXTRA_HINT}")
+        if self.task_data is not None and not Path(self.task_data).expanduser().is_dir():
+            raise ValueError(f"--task-data {self.task_data}: no such folder")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--eval-limit must be at least 1; got {self.limit}")
+
+    @classmethod
+    def from_flags(cls, tasks: str | None, task_data: Path | str | None, limit: int | None,
+                   batch_size: int | None = None) -> TaskEvalSpec | None:
+        """The spec of ``--eval-tasks A,B --task-data DIR --eval-limit N`` (None without ``--eval-tasks``)."""
+        if tasks is None:
+            if task_data is not None or limit is not None:
+                raise ValueError("--task-data and --eval-limit only apply with --eval-tasks")
+            return None
+        return cls(tuple(parse_task_names(tasks)), None if task_data is None else str(task_data), limit,
+                   batch_size or TASK_BATCH)
+
+    def settings(self) -> dict:
+        """What identifies the evaluation in ``reconstruct.json``: a rerun with the same settings is skipped."""
+        data = None if self.task_data is None else str(Path(self.task_data).expanduser().resolve())
+        return {"tasks": list(self.tasks), "task_data": data, "limit": self.limit}
+
+    def evaluate(self, model: str, device: str, dtype: str, bos: str) -> dict:
+        """``{**settings, "results": {task: metrics}}`` for the model folder ``model``."""
+        results = evaluate_tasks(model, list(self.tasks), self.task_data and Path(self.task_data), self.limit,
+                                 device=device, dtype=dtype, batch_size=self.batch_size, bos=bos)
+        return {**self.settings(), "results": results}
+
+
+def headline_metric(metrics: dict) -> tuple[str, float] | None:
+    """The metric a table shows for a task: acc_norm, else acc, else the first number lm-eval gave."""
+    for key in ("acc_norm", "acc", *metrics):
+        if key in metrics and _is_metric(key):
+            return key, metrics[key]
+    return None
+
+
+def _is_metric(key: str) -> bool:
+    return not key.endswith("_stderr") and key not in RUN_KEYS and key != "n"
+
+
+def describe_results(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """``[(task, "acc 0.6100 ± 0.0114, acc_norm 0.6200 ± 0.0113 (1838 items)")]`` for reports."""
+    rows = []
+    for task, metrics in results.items():
+        parts = [f"{key} {value:.4f}" + (f" ± {metrics[key + '_stderr']:.4f}"
+                                         if isinstance(metrics.get(key + "_stderr"), (int, float)) else "")
+                 for key, value in metrics.items()
+                 if _is_metric(key)]
+        rows.append((task, ", ".join(parts) + (f" ({metrics['n']} items)" if "n" in metrics else "")))
+    return rows
 
 
 # --------------------------------------------------------------------------- local data
