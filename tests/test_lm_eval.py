@@ -146,6 +146,28 @@ def test_equals_lm_evals_own_hflm_item_by_item(tiny_model_dir):
     assert samples["stream"] == samples["hflm"]
 
 
+def test_a_tokenizer_that_adds_a_bos_gets_it_as_from_hflm(tiny_model_dir, tmp_path):
+    """BOS as lm-eval's HFLM adds it (its default add_bos_token=None: whatever the tokenizer adds) = calib.framing's."""
+    import shutil
+
+    from test_framing import BOS_ID, adding_tokenizer
+
+    folder = tmp_path / "bos"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    adding_tokenizer("<s> $A", [("<s>", BOS_ID)]).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    framing = resolve_framing(tokenizer, "auto")
+    assert framing.bos_id == BOS_ID
+    ours = ReconstructLM(StreamedLM(folder, CPU, torch.float32), tokenizer, framing, 2)
+    theirs = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=2)
+    for kind in ("loglikelihood", "loglikelihood_rolling"):
+        assert getattr(ours, kind)(requests(kind)) == getattr(theirs, kind)(requests(kind)), kind
+    assert ours.tok_encode("the first")[0] == theirs.tok_encode("the first")[0] == BOS_ID
+    assert ours.max_length == theirs.max_length == 256
+
+
 def test_custom_task_from_local_data_through_the_command_line(tiny_model_dir):
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir("opt")), "--tasks", "tiny_mc,piqa",
                                       "--task-data", str(TASK_DATA), "--batch-size", "4", "--device", "cpu", "--stream"])
@@ -204,3 +226,19 @@ def test_user_errors_name_the_fix(tiny_model_dir, tmp_path, monkeypatch):
         evaluate_tasks(model, ["piqa"], device="cpu")
     result = CliRunner().invoke(app, ["eval", "--model", model, "--tasks", "piqa", "--device", "cpu"])
     assert result.exit_code == 2 and "[eval]" in result.output
+
+
+def test_a_registered_task_reads_split_files_in_its_datasets_schema(tiny_model_dir, tmp_path):
+    """lm-eval's own arc_easy (prompt, choices, metrics) on two made-up rows in allenai/ai2_arc's schema."""
+    folder = tmp_path / "arc_easy"
+    folder.mkdir()
+    rows = [{"id": "q1", "question": "the first of the", "answerKey": "B",
+             "choices": {"text": ["city", "year", "game"], "label": ["A", "B", "C"]}},
+            {"id": "q2", "question": "he was a", "answerKey": "1",
+             "choices": {"text": ["member", "new"], "label": ["1", "2"]}}]
+    (folder / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match="evaluates on its test split; add test.jsonl"):
+        evaluate_tasks(str(tiny_model_dir("llama")), ["arc_easy"], tmp_path, device="cpu")
+    (folder / "validation.jsonl").rename(folder / "test.jsonl")
+    table = evaluate_tasks(str(tiny_model_dir("llama")), ["arc_easy"], tmp_path, device="cpu", batch_size=2)
+    assert table["arc_easy"]["n"] == 2 and table["arc_easy"]["acc"] in (0.0, 0.5, 1.0)

@@ -24,7 +24,8 @@ pytest.importorskip("lm_eval")
 from calib.framing import resolve_framing  # noqa: E402
 from reconstruct.evaluation.lm_eval_model import ReconstructLM  # noqa: E402
 from reconstruct.evaluation.streaming import InMemoryLM  # noqa: E402
-from reconstruct.evaluation.tasks import _load_tasks, evaluate_tasks, run_lm_eval, task_specs  # noqa: E402
+from reconstruct.evaluation.task_data import task_specs  # noqa: E402
+from reconstruct.evaluation.tasks import load_tasks, evaluate_tasks, run_lm_eval  # noqa: E402
 
 PIQA = SHARED_DATA / "piqa"
 pytestmark = pytest.mark.skipif(not (PIQA / "valid.jsonl").is_file(), reason=f"no PIQA copy at {PIQA}")
@@ -110,7 +111,7 @@ def test_all_items_load_from_the_folder_or_its_parent(tmp_path):
 
     manager = TaskManager()
     for task_data in (SHARED_DATA, PIQA):
-        loaded = _load_tasks(manager, task_specs(["piqa"], task_data, manager, tmp_path), ["piqa"])
+        loaded = load_tasks(manager, task_specs(["piqa"], task_data, manager, tmp_path), ["piqa"])
         docs = list(loaded["tasks"]["piqa"].eval_docs)
         assert len(docs) == 1838
         assert {doc["label"] for doc in docs} == {0, 1}

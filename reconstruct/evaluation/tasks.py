@@ -5,23 +5,12 @@
 than the GPU is scored block by block. lm-eval is an optional extra (``pip install -e ".[eval]"``);
 without it ``--tasks`` fails with one line naming the extra.
 
-Local data (``--task-data DIR``, for offline use): for each requested name, ``DIR/<name>/`` may hold
-
-- an lm-eval task YAML (a custom task: ``dataset_path: json`` with ``data_files`` relative to the
-  YAML's folder), used as it is; or
-- data files for a task lm-eval knows, in that task's dataset schema: ``train``, ``validation``
-  (or ``valid`` / ``dev``) and ``test`` as ``.jsonl`` / ``.json``; the registered task's own prompt,
-  choices and metrics are kept, only its dataset is replaced by the files (lm-eval's ``dataset_path:
-  json`` with ``data_files``). A ``<stem>-labels.lst`` beside ``<stem>.jsonl`` (PIQA's release format:
-  ``valid.jsonl`` + ``valid-labels.lst``) supplies each row's ``label``.
-
-Names without a ``DIR/<name>/`` folder load lm-eval's data as usual (the Hugging Face hub).
+Local data (``--task-data DIR``, for offline use): ``task_data.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import tempfile
 import time
@@ -29,14 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calib.framing import resolve_framing
+from reconstruct.evaluation.task_data import task_specs
 
 logger = logging.getLogger(__name__)
 
 EXTRA_HINT = 'install the eval extra: pip install -e ".[eval]" (or pip install "reconstruct[eval]")'
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
-                 "test": "test"}  # local file stem -> the split name lm-eval's task configs use
-DATA_SUFFIXES = (".jsonl", ".json")
-SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 SKIPPED_RESULT_KEYS = ("sample_len",)  # lm-eval's item count before --limit; "n" is the count scored
 TASK_BATCH = 8  # --eval-tasks: sequences per forward (run passes its --micro-batch)
 RUN_KEYS = ("seconds", "streamed", "bos_id", "max_length")  # evaluate_tasks' own entries beside lm-eval's metrics
@@ -124,110 +110,6 @@ def describe_results(results: dict[str, dict]) -> list[tuple[str, str]]:
     return rows
 
 
-# --------------------------------------------------------------------------- local data
-def _local_splits(folder: Path, scratch: Path) -> dict[str, str]:
-    """``{split: file}`` for the data files in ``folder`` (labels files merged into a copy in ``scratch``)."""
-    files: dict[str, str] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix not in DATA_SUFFIXES or path.stem not in SPLIT_ALIASES:
-            continue
-        split = SPLIT_ALIASES[path.stem]
-        if split in files:
-            raise ValueError(f"--task-data {folder}: two files for the {split} split ({Path(files[split]).name}, {path.name})")
-        labels = path.with_name(f"{path.stem}-labels.lst")
-        files[split] = str(_with_labels(path, labels, scratch / folder.name) if labels.is_file() else path)
-    return files
-
-
-def _with_labels(rows_path: Path, labels_path: Path, scratch: Path) -> Path:
-    """A copy of ``rows_path`` (JSON lines) with each row's ``label`` from ``labels_path`` (one per line)."""
-    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    labels = [int(label) for label in labels_path.read_text().split()]
-    if len(rows) != len(labels):
-        raise ValueError(f"--task-data {rows_path.parent}: {len(rows)} rows in {rows_path.name} "
-                         f"but {len(labels)} labels in {labels_path.name}")
-    scratch.mkdir(parents=True, exist_ok=True)
-    merged = scratch / f"{rows_path.stem}.jsonl"
-    merged.write_text("".join(json.dumps({**row, "label": label}) + "\n" for row, label in zip(rows, labels)),
-                      encoding="utf-8")
-    return merged
-
-
-def _custom_task_config(yaml_path: Path, name: str, scratch: Path) -> dict:
-    """A custom task's YAML as lm-eval reads it, its relative ``data_files`` made relative to the YAML."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    config = load_yaml(yaml_path, resolve_func=True)
-    if config.get("task") != name:
-        raise ValueError(f"--task-data: {yaml_path} defines task {config.get('task')!r}, not {name!r}; "
-                         f"name the folder after the task")
-    kwargs = dict(config.get("dataset_kwargs") or {})
-    data_files = kwargs.get("data_files")
-    if isinstance(data_files, dict):
-        kwargs["data_files"] = {split: _beside(yaml_path, files) for split, files in data_files.items()}
-    elif data_files is not None:
-        kwargs["data_files"] = _beside(yaml_path, data_files)
-    kwargs.setdefault("cache_dir", str(scratch / "datasets"))
-    return {**config, "dataset_kwargs": kwargs}
-
-
-def _beside(yaml_path: Path, files):
-    if isinstance(files, list):
-        return [_beside(yaml_path, one) for one in files]
-    path = Path(files).expanduser()
-    return str(path if path.is_absolute() else yaml_path.parent / path)
-
-
-def _registered_task_config(manager, name: str, folder: Path, scratch: Path) -> dict:
-    """lm-eval's config of task ``name`` with its dataset replaced by the files in ``folder``."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    entry = manager.task_index.get(name)
-    if entry is None or entry.yaml_path is None or entry.kind.name != "TASK":
-        raise ValueError(f"--task-data {folder}: lm-eval has no single YAML task {name!r} to give these files to; "
-                         f"put a task YAML (lm-eval's format) in {folder}")
-    files = _local_splits(folder, scratch)
-    config = load_yaml(entry.yaml_path, resolve_func=True)
-    for key in SPLIT_KEYS:  # splits without a local file are dropped (zero-shot needs only the evaluated one)
-        if config.get(key) is not None and config[key] not in files:
-            config[key] = None
-    if config.get("test_split") is None and config.get("validation_split") is None:
-        wanted = sorted({entry for entry in (load_yaml(entry.yaml_path).get(key) for key in ("test_split", "validation_split")) if entry})
-        raise ValueError(f"--task-data {folder}: task {name} evaluates on its {' or '.join(wanted)} split; "
-                         f"add {wanted[0]}.jsonl (rows in the task's dataset schema) there")
-    return {**config, "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": files, "cache_dir": str(scratch / "datasets")}}
-
-
-def _task_folder(task_data: Path | None, name: str) -> Path | None:
-    """``DIR/<name>``, or ``DIR`` itself when it is named after the task (``--task-data data/piqa``)."""
-    if task_data is None:
-        return None
-    task_data = Path(task_data).expanduser()
-    return task_data if task_data.name == name and not (task_data / name).is_dir() else task_data / name
-
-
-def task_specs(names: list[str], task_data: Path | None, manager, scratch: Path) -> list:
-    """What ``simple_evaluate`` gets for each name: the name itself, or a config pointing at local data."""
-    specs = []
-    for name in names:
-        folder = _task_folder(task_data, name)
-        if folder is None or not folder.is_dir():
-            if name not in manager.all_tasks:
-                raise ValueError(f"--tasks {name}: not a task, group or tag lm-eval knows"
-                                 + (f", and no folder {folder} with its data" if folder is not None else "")
-                                 + " (see `lm-eval ls tasks`)")
-            specs.append(name)
-            continue
-        yamls = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
-        if len(yamls) > 1:
-            raise ValueError(f"--task-data {folder}: {len(yamls)} YAML files; keep one task YAML per folder")
-        specs.append(_custom_task_config(yamls[0], name, scratch) if yamls
-                     else _registered_task_config(manager, name, folder, scratch))
-        logger.info("%s: data from %s", name, folder)
-    return specs
-
-
 # --------------------------------------------------------------------------- evaluation
 def _check_output_types(loaded: dict) -> None:
     """Refuse generative tasks before any model work."""
@@ -238,7 +120,8 @@ def _check_output_types(loaded: dict) -> None:
         raise ValueError(f"--tasks {', '.join(generative)}: {GENERATION_REFUSAL}")
 
 
-def _load_tasks(manager, specs: list, names: list[str]) -> dict:
+def load_tasks(manager, specs: list, names: list[str]) -> dict:
+    """``manager.load(specs)`` (lm-eval's tasks, their data read); data errors as a ``ValueError`` naming --task-data."""
     try:
         return manager.load(specs)
     except (ValueError, KeyError, TypeError):
@@ -284,7 +167,7 @@ def run_lm_eval(build_model, tasks: list[str], task_data: Path | None = None, li
 
     manager = TaskManager()
     with tempfile.TemporaryDirectory(prefix="reconstruct-tasks-") as scratch:
-        loaded = _load_tasks(manager, task_specs(tasks, task_data, manager, Path(scratch)), tasks)
+        loaded = load_tasks(manager, task_specs(tasks, task_data, manager, Path(scratch)), tasks)
         _check_output_types(loaded)
         model = build_model()
         output = lm_eval.simple_evaluate(model=model, tasks=top_level(loaded), limit=limit,
