@@ -97,3 +97,13 @@ def test_sweep_passes_the_tasks_to_every_cell_and_shows_a_column_per_task(tmp_pa
     assert header.endswith(",piqa acc_norm,tiny_mc acc") and values.endswith(",0.62,0.4")
     markdown = render_markdown(spec, [row], figure_drawn=True)
     assert "| perplexity | piqa acc_norm | tiny_mc acc | time |" in markdown and "| 30.000 | 0.6200 | 0.4000 |" in markdown
+
+
+def test_eval_tasks_without_lm_eval_names_the_extra(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    args = quick_run_args(tiny_model_dir("llama"), small_calib_file, tmp_path / "out")
+    result = CliRunner().invoke(app, [*args, *TASK_FLAGS])
+    assert result.exit_code == 2 and "--eval-tasks needs lm-evaluation-harness" in result.output and "[eval]" in result.output
+    assert not (tmp_path / "out").exists()

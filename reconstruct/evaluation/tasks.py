@@ -10,7 +10,6 @@ Local data (``--task-data DIR``, for offline use): ``task_data.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import tempfile
 import time
@@ -29,12 +28,12 @@ RUN_KEYS = ("seconds", "streamed", "bos_id", "max_length")  # evaluate_tasks' ow
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
 
 
-def require_lm_eval():
-    """The ``lm_eval`` module, or a ``ValueError`` naming the extra that installs it."""
+def require_lm_eval(flag: str = "--tasks"):
+    """The ``lm_eval`` module, or a ``ValueError`` naming ``flag`` and the extra that installs it."""
     try:
         import lm_eval
     except ImportError:
-        raise ValueError(f"--tasks needs lm-evaluation-harness (lm-eval), which is not installed: {EXTRA_HINT}") from None
+        raise ValueError(f"{flag} needs lm-evaluation-harness (lm-eval), which is not installed: {EXTRA_HINT}") from None
     return lm_eval
 
 
@@ -56,8 +55,7 @@ class TaskEvalSpec:
         # Checked when the job is built, not hours later when the evaluation starts.
         if not self.tasks:
             raise ValueError("--eval-tasks is empty; name at least one task, e.g. --eval-tasks piqa")
-        if importlib.util.find_spec("lm_eval") is None:
-            raise ValueError(f"--eval-tasks needs lm-evaluation-harness (lm-eval), which is not installed: {EXTRA_HINT}")
+        require_lm_eval("--eval-tasks")
         if self.task_data is not None and not Path(self.task_data).expanduser().is_dir():
             raise ValueError(f"--task-data {self.task_data}: no such folder")
         if self.limit is not None and self.limit < 1:
