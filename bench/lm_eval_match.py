@@ -2,8 +2,9 @@
 
 All three run lm-eval's task definitions (``reconstruct.evaluation.tasks.run_lm_eval``, local data
 from ``--task-data``) on the same model folder in float32 on the CPU. The script prints, per task,
-each way's metrics and seconds, how many items' log-likelihoods differ bit for bit from HFLM's (and
-the largest difference), and how many items' ``acc`` / ``acc_norm`` differ, as one JSON line.
+each way's metrics and seconds as it finishes, then how many items' log-likelihoods differ bit for bit
+from the first way's (and the largest difference) and how many items' ``acc`` / ``acc_norm`` differ,
+as JSON lines (the summary last).
 
     python bench/lm_eval_match.py --model smollm2-135m --tasks piqa --task-data ../shared/data --limit 200
 """
@@ -76,6 +77,7 @@ def main() -> None:
         started = time.perf_counter()
         outputs[way], _ = run_lm_eval(builders[way], tasks, args.task_data, args.limit, log_samples=True)
         report["ways"][way] = {"seconds": time.perf_counter() - started, "metrics": metric_table(outputs[way])}
+        print(json.dumps({way: report["ways"][way]}), flush=True)  # each way as it finishes; the summary last
     reference = next(iter(outputs))
     for way in outputs:
         if way != reference:
