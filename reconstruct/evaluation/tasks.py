@@ -189,7 +189,7 @@ def evaluate_tasks(
     Args:
         model: folder, .gguf, alias or hub id.
         tasks: task, group or tag names lm-eval knows, or custom tasks in ``task_data``.
-        task_data: folder with a ``<task>/`` sub-folder of local data per task (module docstring).
+        task_data: folder with a ``<task>/`` sub-folder of local data per task (``task_data.py``).
         limit: score only the first ``limit`` items of each task.
         batch_size: sequences per forward.
         stream: run the model one block at a time (None: when it does not fit in memory).
