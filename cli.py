@@ -323,7 +323,9 @@ Out = Annotated[Optional[Path], typer.Option(help="Output folder; also holds the
 Force = Annotated[bool, typer.Option(help="Start over even if --out holds a different or unfinished job.")]
 EvalData = Annotated[Optional[str], typer.Option("--eval", help="At the end, perplexity of the output on this test text (.txt/.jsonl file or wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", show_default="no evaluation")]
 MaxLength = Annotated[Optional[int], typer.Option(min=2, help="--eval: tokens per perplexity window (windows do not overlap).", show_default="the smaller of 2048 and the model's context length")]
-Limit = Annotated[Optional[int], typer.Option(min=1, help="--eval: score only the first N perplexity windows.", show_default="all")]
+Limit = Annotated[Optional[int], typer.Option(min=1, help="--eval / --eval-tasks: score only the first N perplexity windows, and the first N items of each task.", show_default="all")]
+EvalTasks = Annotated[Optional[str], typer.Option(help="At the end, these lm-evaluation-harness tasks on the output (comma-separated, e.g. piqa,arc_easy; log-likelihood tasks only; needs the eval extra: pip install -e \".[eval]\"); recorded in reconstruct.json and report.md.", show_default="no tasks")]
+TaskData = Annotated[Optional[Path], typer.Option(help="--eval-tasks: local task data for offline use, DIR/<task>/ (as `reconstruct eval --task-data`).", show_default="none: lm-eval's data from the hub")]
 Shrink = Annotated[bool, typer.Option("--shrink", help="--pattern heads/channels: at the end, also write OUT/shrunk, the smaller model with the removed heads/channels deleted (stock transformers loads it); heads with grouped-query attention are then removed equally from every key/value group.", show_default="off")]
 Nproc = Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (one GPU each on CUDA): relaunches through torchrun; see docs/distributed.md.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")]
@@ -482,7 +484,9 @@ class OutputOptions(OptionGroup):
     force: bool = False
     eval_data: str | None = field(default=None, metadata={"flag": "--eval"})
     max_length: int | None = None
-    limit: int | None = None
+    limit: int | None = None  # perplexity windows and task items
+    eval_tasks: str | None = None  # comma-separated lm-eval tasks on the output
+    task_data: Path | None = None
     shrink: bool = False  # also write OUT/shrunk (reconstruct.shrink)
 
 
@@ -599,6 +603,8 @@ def run(
     eval_data: EvalData = OutputOptions.eval_data,
     max_length: MaxLength = OutputOptions.max_length,
     limit: Limit = OutputOptions.limit,
+    eval_tasks: EvalTasks = OutputOptions.eval_tasks,
+    task_data: TaskData = OutputOptions.task_data,
     shrink: Shrink = OutputOptions.shrink,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = ProcessOptions.verbose,
@@ -697,6 +703,7 @@ def build_job(options: RunOptions):
         track_error=options.recon.track_error,
         force=output.force,
         evaluation=EvalSpec(output.eval_data, output.max_length, output.limit) if output.eval_data else None,
+        task_evaluation=_task_evaluation(output.eval_tasks, output.task_data, output.limit, machine.batch_size),
         shrink=output.shrink,
         retrain=_retrain_stage_spec(options),
         retrain_data=options.retrain.retrain_data,
@@ -704,6 +711,13 @@ def build_job(options: RunOptions):
     )
     check_validation_data(job)
     return job
+
+
+def _task_evaluation(tasks: str | None, task_data: Path | None, limit: int | None, batch_size: int | None = None):
+    """The TaskEvalSpec of ``--eval-tasks`` / ``--task-data`` / ``--limit`` (None without ``--eval-tasks``)."""
+    from reconstruct.evaluation.tasks import TaskEvalSpec
+
+    return TaskEvalSpec.from_flags(tasks, task_data, limit, batch_size)
 
 
 def _validation_data(recon: ReconOptions, n_samples: int):
@@ -892,12 +906,19 @@ def _stage_plans(job, config: Path | None) -> list[tuple[str, bool]]:
     return [stage_plan(spec, loaded, title) for title, spec in stages]
 
 
+TASKS_HELP = ("Zero-shot tasks, comma-separated: any task, group or tag of lm-evaluation-harness (piqa, arc_easy, "
+              "hellaswag, ...), run on the model in memory or streamed (--stream); needs the eval extra "
+              '(pip install -e ".[eval]"). Log-likelihood tasks only: generative (generate_until) tasks are refused.')
+TASK_DATA_HELP = ("Local task data for offline use: DIR/<task>/ holds a task's files (train/validation/test .jsonl "
+                  "in the task's dataset schema; PIQA's valid.jsonl + valid-labels.lst) or a custom lm-eval task YAML.")
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model folder, .gguf, alias or hub id.")] = DEFAULT_MODEL,
     data: Annotated[Optional[str], typer.Option(help="Perplexity test text: a .txt/.jsonl file or wikitext2, c4, ptb.", show_default="wikitext2 when no --tasks")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: piqa is built in (with --task-data); others need lm-eval-harness installed.", show_default="none")] = None,
-    task_data: Annotated[Optional[Path], typer.Option(help="Folder holding piqa/valid.jsonl and piqa/valid-labels.lst (or the piqa folder itself).", show_default="none")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help=TASKS_HELP, show_default="none")] = None,
+    task_data: Annotated[Optional[Path], typer.Option(help=TASK_DATA_HELP, show_default="none: lm-eval's data from the hub")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N perplexity windows, and the first N questions of each of --tasks.", show_default="all")] = None,
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Tokens per perplexity window (windows do not overlap).", show_default="the smaller of 2048 and the model's context length")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward pass: perplexity windows or task sequences (memory grows with it).")] = 1,
@@ -912,9 +933,9 @@ def evaluate(
 
     def evaluate_model():
         from reconstruct.evaluation.perplexity import perplexity
-        from reconstruct.evaluation.zero_shot import evaluate_tasks
+        from reconstruct.evaluation.tasks import evaluate_tasks, parse_task_names
 
-        task_names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
+        task_names = parse_task_names(tasks)
         common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream, bos=calib_bos.value)
         result: dict = {}
         if data is not None or not task_names:
@@ -949,6 +970,8 @@ def sweep(
     method: Annotated[str, typer.Option(help="Reconstruction methods, comma-separated, e.g. none,bias-ln,masklora.")] = "none,bias-ln,masklora",
     max_length: MaxLength = None,
     limit: Limit = None,
+    eval_tasks: EvalTasks = None,
+    task_data: TaskData = None,
     model: Model = MachineOptions.model,
     mask_scope: Scope = PruneOptions.mask_scope,
     recon_steps: ReconSteps = ReconOptions.recon_steps,
@@ -1017,6 +1040,7 @@ def sweep(
         spec = SweepSpec(
             out=out, pruners=values(pruner), patterns=values(pattern), sparsities=sparsities, methods=values(method),
             evaluation=EvalSpec(eval_data, max_length, limit), run_flags=tuple(options.shared_flags()),
+            task_evaluation=_task_evaluation(eval_tasks, task_data, limit),
         )
         spec = checked_spec(spec, mask_scope.value, model, seq_len)
         rows = run_sweep(spec, mask_scope.value)
@@ -1093,6 +1117,8 @@ def retrain(
     eval_data: EvalData = None,
     max_length: MaxLength = None,
     limit: Limit = None,
+    eval_tasks: EvalTasks = None,
+    task_data: TaskData = None,
     nproc: Nproc = ProcessOptions.nproc,
     verbose: Verbose = False,
 ) -> None:
@@ -1115,7 +1141,8 @@ def retrain(
         evaluation = EvalSpec(eval_data, max_length, limit) if eval_data is not None else None
         job = RetrainJob(model=model, data=data, out=out, spec=spec, device=device, dtype=dtype.value,
                          bos=calib_bos.value, allow_dense=allow_dense, checkpoint_every=checkpoint_every,
-                         evaluation=evaluation, check_stream=check_stream)
+                         evaluation=evaluation, check_stream=check_stream,
+                         task_evaluation=_task_evaluation(eval_tasks, task_data, limit))
         if nproc > 1 and not distributed.launched():  # under torchrun already: torchrun decides
             raise typer.Exit(distributed.relaunch(nproc, ["retrain", *command_flags(ctx, skip=("nproc",))]))
         try:

@@ -214,6 +214,7 @@ class JobConfig:
     track_error: bool = False  # --method none: keep the dense stream anyway, to report each block's error
     force: bool = False  # start over even if --out holds another job
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity
+    task_evaluation: object | None = None  # evaluation.tasks.TaskEvalSpec: --eval-tasks at the end; not in the identity either
     shrink: bool = False  # at the end, delete the removed heads/channels into OUT/shrunk (reconstruct.shrink)
     retrain: object | None = None  # reconstruct.retrain.RetrainSpec: model-level retraining after the loop; None = none
     retrain_data: str | None = None  # its training text (None: the --calib source)

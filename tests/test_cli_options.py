@@ -28,7 +28,8 @@ def test_plan_and_sweep_take_the_flags_of_their_groups():
     group_of = {item.name: item.default_factory for item in fields(cli.RunOptions)}
     plan = set(inspect.signature(cli.plan).parameters) - {"ctx", "config"}
     assert plan == set(_names(*(group_of[name] for name in cli.PLAN_GROUPS)))
-    sweep_own = {"eval_data", "out", "pruner", "sparsity", "pattern", "method", "max_length", "limit"}
+    sweep_own = {"eval_data", "out", "pruner", "sparsity", "pattern", "method", "max_length", "limit",
+                 "eval_tasks", "task_data"}
     sweep = set(inspect.signature(cli.sweep).parameters) - {"ctx"} - sweep_own
     assert sweep == set(_names(*(group_of[name] for name in cli.SWEEP_GROUPS)))
 

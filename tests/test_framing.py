@@ -27,7 +27,6 @@ from calib.self_generated import generate_self_calibration
 from calib.text_sources import consecutive_windows, read_text, sample_windows, tokenize_text
 from cli import app
 from reconstruct.evaluation.perplexity import perplexity
-from reconstruct.evaluation.zero_shot import MultipleChoiceDoc, score_multiple_choice
 from tests.conftest import VOCAB_SIZE, WIKITEXT_VALID, build_word_tokenizer, make_job
 
 BOS_ID = 1  # "<s>" in conftest's word tokenizer
@@ -215,10 +214,16 @@ class RecordingLM:
 
 @pytest.mark.parametrize("framing", [SequenceFraming(None), SequenceFraming(BOS_ID)], ids=["no-bos", "bos"])
 def test_zero_shot_requests_start_with_the_bos(framing):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from reconstruct.evaluation.lm_eval_model import ReconstructLM
+
     tokenizer = build_word_tokenizer(WIKITEXT_VALID, VOCAB_SIZE)
-    docs = [MultipleChoiceDoc("Question: the first\nAnswer:", ("of the", "in a"), 0)]
+    requests = [Instance("loglikelihood", {}, ("Question: the first\nAnswer:", " " + choice), index)
+                for index, choice in enumerate(("of the", "in a"))]
     lm = RecordingLM()
-    score_multiple_choice(lm, tokenizer, docs, batch_size=1, framing=framing)
+    ReconstructLM(lm, tokenizer, framing, batch_size=1, max_length=64).loglikelihood(requests)
     first = [int(tokens[0, 0]) for tokens in lm.token_sets]
     context = tokenizer("Question: the first\nAnswer:", add_special_tokens=False)["input_ids"]
     assert first == [BOS_ID if framing.bos_id is not None else context[0]] * 2

@@ -1,16 +1,15 @@
-"""PIQA zero-shot accuracy from the local copy, scored as lm-evaluation-harness scores it.
+"""PIQA zero-shot accuracy from the local copy, through lm-eval's own ``piqa`` task on ``ReconstructLM``.
 
 The hand computation below follows lm-eval's recipe directly (context ``"Question: {goal}\\nAnswer:"``,
 continuation ``" " + sol``, continuation tokens = ``encode(context + continuation)[len(encode(context)):]``,
 summed log-probabilities of those tokens from one unpadded forward per choice; acc_norm divides by
-the length of the choice string) and must agree with the batched, right-padded scorer.
+the length of the choice string) and must agree with lm-eval's task run on the batched, right-padded
+``ReconstructLM``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 
 import pytest
 import torch
@@ -20,12 +19,23 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import SHARED_DATA
 from tolerances import gamma
-from reconstruct.evaluation.streaming import InMemoryLM, StreamedLM
-from reconstruct.evaluation.zero_shot import evaluate_tasks, load_piqa, piqa_folder, score_multiple_choice
+
+pytest.importorskip("lm_eval")
+from calib.framing import resolve_framing  # noqa: E402
+from reconstruct.evaluation.lm_eval_model import ReconstructLM  # noqa: E402
+from reconstruct.evaluation.streaming import InMemoryLM  # noqa: E402
+from reconstruct.evaluation.task_data import task_specs  # noqa: E402
+from reconstruct.evaluation.tasks import load_tasks, evaluate_tasks, run_lm_eval  # noqa: E402
 
 PIQA = SHARED_DATA / "piqa"
 pytestmark = pytest.mark.skipif(not (PIQA / "valid.jsonl").is_file(), reason=f"no PIQA copy at {PIQA}")
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def hand_loglikelihood(model, tokenizer, goal: str, solution: str) -> float:
@@ -64,61 +74,48 @@ def test_three_items_equal_a_hand_computed_loglikelihood_comparison(tiny_model_d
     expected_norm = [max((0, 1), key=lambda i, lls=lls, row=row: lls[i] / len(row[f"sol{i + 1}"]))
                      for lls, row in zip(expected_lls, rows)]
 
-    docs = load_piqa(PIQA, limit=3)
-    metrics, items = score_multiple_choice(InMemoryLM(folder, CPU, torch.float64), tokenizer, docs, batch_size=2)
+    build = lambda: ReconstructLM(InMemoryLM(folder, CPU, torch.float64), tokenizer,  # noqa: E731
+                                  resolve_framing(tokenizer, "auto"), batch_size=2)
+    output, _ = run_lm_eval(build, ["piqa"], SHARED_DATA, limit=3, log_samples=True)
+    samples = sorted(output["samples"]["piqa"], key=lambda sample: sample["doc_id"])
     bounds = [[float32_log_softmax_bound(model, tokenizer, row["goal"], row[key]) for key in ("sol1", "sol2")]
               for row in rows]
-    for item, lls, bound, pred, pred_norm, label in zip(items, expected_lls, bounds, expected_pred, expected_norm, labels):
-        for got, want, tolerance in zip(item["loglikelihoods"], lls, bound):
-            assert got == pytest.approx(want, rel=0, abs=tolerance)
-        assert (item["pred"], item["pred_norm"], item["label"]) == (pred, pred_norm, label)
-    assert metrics["n"] == 3
+    for sample, lls, bound, pred, pred_norm, label in zip(samples, expected_lls, bounds, expected_pred, expected_norm, labels):
+        got = [float(response[0]) for response in sample["filtered_resps"]]
+        for value, want, tolerance in zip(got, lls, bound):
+            assert value == pytest.approx(want, rel=0, abs=tolerance)
+        assert sample["target"] == label
+        assert (sample["acc"], sample["acc_norm"]) == (float(pred == label), float(pred_norm == label))
+    piqa = output["results"]["piqa"]
     # a count over 3, one correctly rounded division of integers on both sides: exact
-    assert metrics["acc"] == sum(p == y for p, y in zip(expected_pred, labels)) / 3
-    assert metrics["acc_norm"] == sum(p == y for p, y in zip(expected_norm, labels)) / 3
+    assert piqa["acc,none"] == sum(p == y for p, y in zip(expected_pred, labels)) / 3
+    assert piqa["acc_norm,none"] == sum(p == y for p, y in zip(expected_norm, labels)) / 3
 
 
 def test_accuracy_in_unit_interval_and_streamed_equals_in_memory(tiny_model_dir):
-    folder = tiny_model_dir("gpt2")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    docs = load_piqa(PIQA, limit=40)
-    whole, whole_items = score_multiple_choice(InMemoryLM(folder, CPU, torch.float32), tokenizer, docs, batch_size=8)
-    streamed, streamed_items = score_multiple_choice(StreamedLM(folder, CPU, torch.float32), tokenizer, docs, batch_size=8)
+    folder = str(tiny_model_dir("gpt2"))
+    common = dict(task_data=SHARED_DATA, limit=40, device="cpu", batch_size=8)
+    whole = evaluate_tasks(folder, ["piqa"], stream=False, **common)["piqa"]
+    streamed = evaluate_tasks(folder, ["piqa"], stream=True, **common)["piqa"]
+    assert (whole["streamed"], streamed["streamed"]) == (False, True)
     assert whole["n"] == streamed["n"] == 40
     for metrics in (whole, streamed):
         assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
         assert metrics["acc"] == round(metrics["acc"] * 40) / 40  # a share of 40 questions (k / 40, rounded once)
-    for a, b in zip(whole_items, streamed_items):
-        # the same modules on the same micro-batches (streaming only moves the hidden states): the same bits
-        assert a["loglikelihoods"] == b["loglikelihoods"]
+    # the same modules on the same micro-batches (streaming only moves the hidden states): the same bits
     assert (whole["acc"], whole["acc_norm"]) == (streamed["acc"], streamed["acc_norm"])
 
 
-def test_all_items_load():
-    docs = load_piqa(PIQA)
-    assert len(docs) == 1838
-    assert docs[0].context.startswith("Question: ") and docs[0].context.endswith("\nAnswer:")
-    assert {doc.label for doc in docs} == {0, 1}
+def test_all_items_load_from_the_folder_or_its_parent(tmp_path):
+    from lm_eval.tasks import TaskManager
 
-
-def test_task_data_is_the_piqa_folder_or_its_parent(tmp_path):
-    assert piqa_folder(PIQA) == PIQA
-    assert piqa_folder(SHARED_DATA) == PIQA
-    with pytest.raises(ValueError, match="--task-data"):
-        piqa_folder(None)
-    with pytest.raises(ValueError, match="no valid.jsonl"):
-        piqa_folder(tmp_path)
-    broken = tmp_path / "piqa"
-    shutil.copytree(PIQA, broken)
-    (broken / "valid-labels.lst").write_text("0\n1\n")
-    with pytest.raises(ValueError, match="1838 questions but 2 labels"):
-        load_piqa(tmp_path)
-
-
-def test_other_tasks_need_lm_eval(tiny_model_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(ValueError, match="lm-eval"):
-        evaluate_tasks(str(tiny_model_dir("llama")), ["hellaswag"], device="cpu")
+    manager = TaskManager()
+    for task_data in (SHARED_DATA, PIQA):
+        loaded = load_tasks(manager, task_specs(["piqa"], task_data, manager, tmp_path), ["piqa"])
+        docs = list(loaded["tasks"]["piqa"].eval_docs)
+        assert len(docs) == 1838
+        assert {doc["label"] for doc in docs} == {0, 1}
+        assert loaded["tasks"]["piqa"].doc_to_text(docs[0]).startswith("Question: ")
 
 
 def test_cli_eval_tasks_piqa(tiny_model_dir):
@@ -130,6 +127,3 @@ def test_cli_eval_tasks_piqa(tiny_model_dir):
     assert "perplexity" not in output  # no --data: tasks only
     piqa = output["tasks"]["piqa"]
     assert piqa["n"] == 6 and 0.0 <= piqa["acc"] <= 1.0 and 0.0 <= piqa["acc_norm"] <= 1.0
-    missing = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir("opt")), "--tasks", "piqa", "--device", "cpu"])
-    if missing.exit_code != 0:  # without lm-eval installed: one clear line naming --task-data
-        assert missing.exit_code == 2 and "--task-data" in missing.output

@@ -198,6 +198,7 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
         f"| mean linear sparsity | {report.get('mean_linear_sparsity', 0.0):.4f} |",
         f"| perplexity | {perplexity} |",
+        *task_rows(report.get("task_evaluation")),
         *([f"| blocks kept their repair | {kept_summary(rows)} (the others were undone: no better on "
             f"{'--recon-val-data' if (report.get('job') or {}).get('validation') else 'held-out samples'}) |"]
           if kept_summary(rows) else []),
@@ -304,8 +305,33 @@ def add_evaluation(job, report: dict) -> tuple[dict, bool]:
     return {**report, "evaluation": {**settings, **result}}, True
 
 
+def add_task_evaluation(job, report: dict) -> tuple[dict, bool]:
+    """Run ``job.task_evaluation`` (``--eval-tasks``) on the output unless ``report`` holds the same one.
+
+    Returns:
+        ``(report, evaluated)``: the report with ``"task_evaluation"`` (settings and results) when it ran.
+    """
+    spec = job.task_evaluation
+    if spec is None:
+        return report, False
+    recorded = report.get("task_evaluation") or {}
+    if {key: recorded.get(key) for key in spec.settings()} == spec.settings():
+        return report, False
+    logger.info("zero-shot tasks %s on %s", ",".join(spec.tasks), job.out)
+    return {**report, "task_evaluation": spec.evaluate(str(job.out), job.device, job.dtype, job.calib.bos)}, True
+
+
+def task_rows(task_evaluation: dict | None) -> list[str]:
+    """``report.md``'s Totals rows of ``--eval-tasks``: one per task, beside perplexity."""
+    from reconstruct.evaluation.tasks import describe_results
+
+    if not task_evaluation:
+        return []
+    return [f"| {task} | {text} |" for task, text in describe_results(task_evaluation["results"])]
+
+
 def finish_report(job, report: dict) -> dict:
-    """The end of assembling a job's output: evaluate it (``--eval``) and write ``report.md`` / ``report.png``.
+    """The end of assembling a job's output: evaluate it (``--eval``, ``--eval-tasks``) and write ``report.md`` / ``report.png``.
 
     Called when the model folder is complete and before ``reconstruct.json`` is written and the job
     marked finished, so a job killed while evaluating evaluates again when resumed.
@@ -314,6 +340,7 @@ def finish_report(job, report: dict) -> dict:
         ``report`` with ``"evaluation"`` when one ran: the content of ``reconstruct.json``.
     """
     report, _ = add_evaluation(job, report)
+    report, _ = add_task_evaluation(job, report)
     write_run_report(job.out, report, job.model)
     return report
 
@@ -330,6 +357,8 @@ def refresh_finished_report(job, state) -> dict:
     """
     out = Path(job.out)
     report, evaluated = add_evaluation(job, state.report())
+    report, tasks_evaluated = add_task_evaluation(job, report)
+    evaluated = evaluated or tasks_evaluated
     if evaluated:
         state.update_report(report)
     figure_missing = not (out / FIGURE_NAME).is_file() and matplotlib_available()

@@ -58,9 +58,22 @@ def render_retrain_markdown(report: dict, figure_drawn: bool) -> str:
     if evaluation:
         lines.append(f"- perplexity on `{evaluation['data']}` ({evaluation['windows']} windows): "
                      f"{evaluation['perplexity_before']:.3f} before → {evaluation['perplexity_after']:.3f} after")
+    lines += task_lines(report.get("task_evaluation"))
     if figure_drawn:
         lines += ["", f"![training curve]({FIGURE_NAME})"]
     return "\n".join(lines) + "\n"
+
+
+def task_lines(task_evaluation: dict | None) -> list[str]:
+    """``--eval-tasks`` before and after retraining: one line per task and model."""
+    from reconstruct.evaluation.tasks import describe_results
+
+    if not task_evaluation:
+        return []
+    lines = []
+    for when in ("before", "after"):
+        lines += [f"- {task} {when}: {text}" for task, text in describe_results(task_evaluation[when])]
+    return lines
 
 
 def run_retrain_section(report: dict) -> list[str]:

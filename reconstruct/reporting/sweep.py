@@ -8,10 +8,11 @@ skipped without starting a process; anything else goes to the child, which resum
 a changed one, or only adds the evaluation. The dense pass is not shared between cells: each cell
 computes its own dense targets (the price of cells being independent, resumable jobs).
 
-Results: ``DIR/sweep.csv`` and ``DIR/sweep.md`` (a dense row first, then one row per cell) and
-``DIR/sweep.png`` (perplexity vs sparsity, one line per method, one panel per pruner; patterns other
-than unstructured, such as 2:4, dashed). The dense row is ``reconstruct eval`` of the unpruned model
-on the same windows, run once in a child process and kept in ``DIR/dense.json`` with its command.
+Results: ``DIR/sweep.csv`` and ``DIR/sweep.md`` (a dense row first, then one row per cell; with
+``--eval-tasks`` a column per task, its headline metric: acc_norm, else acc) and ``DIR/sweep.png``
+(perplexity vs sparsity, one line per method, one panel per pruner; patterns other than unstructured,
+such as 2:4, dashed). The dense row is ``reconstruct eval`` of the unpruned model on the same windows,
+run once in a child process and kept in ``DIR/dense.json`` with its command (perplexity only).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class SweepSpec:
     methods: tuple[str, ...]
     evaluation: EvalSpec
     run_flags: tuple[str, ...] = field(default_factory=tuple)  # shared `reconstruct run` flags (model, calibration, device, ...)
+    task_evaluation: object | None = None  # evaluation.tasks.TaskEvalSpec: --eval-tasks in every cell, a column per task
 
 
 def build_cells(spec: SweepSpec, mask_scope: str = "row") -> list[Cell]:
@@ -154,8 +156,14 @@ def cell_command(spec: SweepSpec, cell: Cell) -> list[str]:
     args += ["--eval", evaluation.data]
     if evaluation.seq_len is not None:  # None: the cell's default, min(2048, the model's context)
         args += ["--max-length", str(evaluation.seq_len)]
-    if evaluation.max_windows is not None:
-        args += ["--limit", str(evaluation.max_windows)]
+    tasks = spec.task_evaluation
+    limit = evaluation.max_windows if evaluation.max_windows is not None else tasks and tasks.limit
+    if limit is not None:
+        args += ["--limit", str(limit)]  # perplexity windows and items per task: one flag, as `run` reads it
+    if tasks is not None:
+        args += ["--eval-tasks", ",".join(tasks.tasks)]
+        if tasks.task_data is not None:
+            args += ["--task-data", tasks.settings()["task_data"]]
     return [*args, *spec.run_flags, "--out", str(spec.out / cell.name)]
 
 
@@ -171,8 +179,14 @@ def is_done(spec: SweepSpec, cell: Cell, command: list[str], recorded: dict) -> 
     report_path = out / REPORT_NAME
     if not report_path.is_file():
         return False
-    evaluation = json.loads(report_path.read_text()).get("evaluation") or {}
+    report = json.loads(report_path.read_text())
+    evaluation = report.get("evaluation") or {}
     settings = evaluation_settings(spec.evaluation)
+    if spec.task_evaluation is not None:
+        recorded_tasks = report.get("task_evaluation") or {}
+        task_settings = spec.task_evaluation.settings()
+        if {key: recorded_tasks.get(key) for key in task_settings} != task_settings:
+            return False
     return {key: evaluation.get(key) for key in settings} == settings and "perplexity" in evaluation
 
 
@@ -206,6 +220,7 @@ def cell_row(spec: SweepSpec, cell: Cell) -> dict:
         "peak_gpu_mb": report.get("peak_gpu_mb"),
         "trainable_share": trainable / block_params if block_params else 0.0,
         "eval_seconds": evaluation.get("seconds"),
+        **task_columns(report.get("task_evaluation")),
     }
 
 
@@ -248,6 +263,26 @@ def dense_row(spec: SweepSpec) -> dict:
             "trainable_share": 0.0, "eval_seconds": result.get("seconds")}
 
 
+def task_columns(task_evaluation: dict | None) -> dict:
+    """``{"piqa acc_norm": 0.62, ...}``: one column per task of ``--eval-tasks`` (its headline metric)."""
+    from reconstruct.evaluation.tasks import headline_metric
+
+    columns = {}
+    for task, metrics in ((task_evaluation or {}).get("results") or {}).items():
+        headline = headline_metric(metrics)
+        if headline is not None:
+            columns[f"{task} {headline[0]}"] = headline[1]
+    return columns
+
+
+def _task_keys(rows: list[dict]) -> list[str]:
+    """The task columns of the rows, in first-seen order."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [key for key in row if key not in COLUMNS and key not in keys]
+    return keys
+
+
 def run_sweep(spec: SweepSpec, mask_scope: str = "row") -> list[dict]:
     """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.md`` and ``sweep.png``.
 
@@ -274,16 +309,18 @@ def run_sweep(spec: SweepSpec, mask_scope: str = "row") -> list[dict]:
 
 def _csv_text(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    columns = [*COLUMNS, *_task_keys(rows)]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: ("" if row[key] is None else row[key]) for key in COLUMNS})
+        writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in columns})
     return buffer.getvalue()
 
 
 def render_markdown(spec: SweepSpec, rows: list[dict], figure_drawn: bool) -> str:
     """The text of ``sweep.md``."""
     evaluation = spec.evaluation
+    task_keys = _task_keys(rows)
     windows = f"{evaluation.max_windows} windows" if evaluation.max_windows else "all windows"
     lines = [
         "# Sweep",
@@ -291,17 +328,20 @@ def render_markdown(spec: SweepSpec, rows: list[dict], figure_drawn: bool) -> st
         f"{sum(row['cell'] != DENSE_CELL for row in rows)} cells and the dense model · perplexity on {Path(evaluation.data).name} ({windows} × {evaluation.seq_len} tokens) · "
         f"shared flags: `{' '.join(spec.run_flags) or '(defaults)'}`",
         "",
-        "| pruner | pattern | sparsity | method | perplexity | time | peak RSS | trainable share | cell |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|",
+        "| pruner | pattern | sparsity | method | perplexity | " + "".join(f"{key} | " for key in task_keys)
+        + "time | peak RSS | trainable share | cell |",
+        "|---|---|---:|---|---:|" + "---:|" * len(task_keys) + "---:|---:|---:|---|",
     ]
     for row in rows:
         if row["cell"] == DENSE_CELL:
-            lines.append(f"| dense | - | 0.00 | - | {format_or_dash(row['perplexity'], '.3f')} | - | - | - | "
+            lines.append(f"| dense | - | 0.00 | - | {format_or_dash(row['perplexity'], '.3f')} | " + "- | " * len(task_keys)
+                         + "- | - | - | "
                          f"[{DENSE_NAME}]({DENSE_NAME}) |")
             continue
         lines.append(
             f"| {row['pruner']} | {row['pattern']} | {row['sparsity']:.2f} | {row['method']} | "
-            f"{format_or_dash(row['perplexity'], '.3f')} | {format_or_dash(row['time_s'], '.1f')} s | {format_or_dash(row['peak_rss_mb'], '.0f')} MiB | "
+            f"{format_or_dash(row['perplexity'], '.3f')} | " + "".join(f"{format_or_dash(row.get(key), '.4f')} | " for key in task_keys)
+            + f"{format_or_dash(row['time_s'], '.1f')} s | {format_or_dash(row['peak_rss_mb'], '.0f')} MiB | "
             f"{row['trainable_share']:.4%} | [{row['cell']}]({row['cell']}/report.md) |"
         )
     lines.append("")

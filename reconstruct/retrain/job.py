@@ -62,6 +62,7 @@ class RetrainJob:
     checkpoint_every: str = "auto"  # steps between training checkpoints, or auto (bounded cost)
     evaluation: EvalSpec | None = None  # perplexity before and after; not part of the job's identity
     check_stream: bool = True  # streamed path: compare it with the model's own forward first (evaluation.parity)
+    task_evaluation: object | None = None  # evaluation.tasks.TaskEvalSpec: --eval-tasks before and after; not in the identity
 
 
 # --------------------------------------------------------------------------- checks
@@ -249,7 +250,7 @@ def _read_manifest(path: Path) -> dict | None:
 
 def build_report(job: RetrainJob, fingerprint: dict, result: RetrainResult, sparsity: float,
                  loaded: LoadedModel) -> dict:
-    """The content of ``reconstruct.json``: the job, the training, memory and, with ``--eval``, perplexity."""
+    """The content of ``reconstruct.json``: the job, the training, memory and, with ``--eval`` / ``--eval-tasks``, quality."""
     report = {
         "job": {"model": job.model, "data": job.data, **asdict(job.spec), "fingerprint": fingerprint},
         "input_block_sparsity": sparsity,
@@ -259,7 +260,17 @@ def build_report(job: RetrainJob, fingerprint: dict, result: RetrainResult, spar
     }
     if job.evaluation is not None:
         report["evaluation"] = evaluate_before_after(job)
+    if job.task_evaluation is not None:
+        report["task_evaluation"] = tasks_before_after(job)
     return report
+
+
+def tasks_before_after(job: RetrainJob) -> dict:
+    """``--eval-tasks`` on ``--model`` and on ``--out``: ``{**settings, "before": results, "after": results}``."""
+    spec = job.task_evaluation
+    before = spec.evaluate(job.model, job.device, job.dtype, job.bos)
+    after = spec.evaluate(str(job.out), job.device, job.dtype, job.bos)
+    return {**spec.settings(), "before": before["results"], "after": after["results"]}
 
 
 def evaluate_before_after(job: RetrainJob) -> dict:
