@@ -23,9 +23,10 @@ from transformers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
-WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
+TEST_DATA = REPO / "tests" / "data"  # excerpts carried by the repository (sources and licences: data/README.md)
+WIKITEXT_VALID = TEST_DATA / "wikitext-2" / "valid.txt"
+WIKITEXT_TEST = TEST_DATA / "wikitext-2" / "test.txt"
+PIQA_DATA = TEST_DATA / "piqa"
 VOCAB_SIZE = 512
 HIDDEN = 64
 
@@ -57,7 +58,7 @@ def build_word_tokenizer(text_path: Path, vocab_size: int) -> PreTrainedTokenize
     """A word-level tokenizer over the most frequent words of a text file (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = Counter(re.findall(r"\S+", text_path.read_text(encoding="utf-8")[:400_000]))
+    words = Counter(re.findall(r"\S+", text_path.read_text(encoding="utf-8")))
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {token: i for i, token in enumerate(specials)}
     for word, _ in words.most_common(vocab_size - len(specials)):
@@ -95,7 +96,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def calib_file() -> Path:
-    """The WikiText-2 validation text (local)."""
+    """The WikiText-2 validation excerpt carried in ``tests/data``."""
     assert WIKITEXT_VALID.is_file(), f"missing {WIKITEXT_VALID}"
     return WIKITEXT_VALID
 

@@ -1,4 +1,4 @@
-"""PIQA zero-shot accuracy from the local copy, scored as lm-evaluation-harness scores it.
+"""PIQA zero-shot accuracy from the excerpt in ``tests/data/piqa`` (the first 100 validation questions), scored as lm-evaluation-harness scores it.
 
 The hand computation below follows lm-eval's recipe directly (context ``"Question: {goal}\\nAnswer:"``,
 continuation ``" " + sol``, continuation tokens = ``encode(context + continuation)[len(encode(context)):]``,
@@ -18,13 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import SHARED_DATA
+from conftest import PIQA_DATA, TEST_DATA
 from tolerances import gamma
 from reconstruct.evaluation.streaming import InMemoryLM, StreamedLM
 from reconstruct.evaluation.zero_shot import evaluate_tasks, load_piqa, piqa_folder, score_multiple_choice
 
-PIQA = SHARED_DATA / "piqa"
-pytestmark = pytest.mark.skipif(not (PIQA / "valid.jsonl").is_file(), reason=f"no PIQA copy at {PIQA}")
+PIQA = PIQA_DATA
+PIQA_ITEMS = 100  # questions in the excerpt
 CPU = torch.device("cpu")
 
 
@@ -96,14 +96,14 @@ def test_accuracy_in_unit_interval_and_streamed_equals_in_memory(tiny_model_dir)
 
 def test_all_items_load():
     docs = load_piqa(PIQA)
-    assert len(docs) == 1838
+    assert len(docs) == PIQA_ITEMS
     assert docs[0].context.startswith("Question: ") and docs[0].context.endswith("\nAnswer:")
     assert {doc.label for doc in docs} == {0, 1}
 
 
 def test_task_data_is_the_piqa_folder_or_its_parent(tmp_path):
     assert piqa_folder(PIQA) == PIQA
-    assert piqa_folder(SHARED_DATA) == PIQA
+    assert piqa_folder(TEST_DATA) == PIQA
     with pytest.raises(ValueError, match="--task-data"):
         piqa_folder(None)
     with pytest.raises(ValueError, match="no valid.jsonl"):
@@ -111,7 +111,7 @@ def test_task_data_is_the_piqa_folder_or_its_parent(tmp_path):
     broken = tmp_path / "piqa"
     shutil.copytree(PIQA, broken)
     (broken / "valid-labels.lst").write_text("0\n1\n")
-    with pytest.raises(ValueError, match="1838 questions but 2 labels"):
+    with pytest.raises(ValueError, match=f"{PIQA_ITEMS} questions but 2 labels"):
         load_piqa(tmp_path)
 
 
@@ -123,7 +123,7 @@ def test_other_tasks_need_lm_eval(tiny_model_dir, monkeypatch):
 
 def test_cli_eval_tasks_piqa(tiny_model_dir):
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir("opt")), "--tasks", "piqa",
-                                      "--task-data", str(SHARED_DATA), "--limit", "6", "--batch-size", "4",
+                                      "--task-data", str(TEST_DATA), "--limit", "6", "--batch-size", "4",
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     output = json.loads(result.stdout.strip().splitlines()[-1])
