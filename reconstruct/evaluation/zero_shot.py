@@ -218,15 +218,16 @@ def evaluate_tasks(
     """
     from transformers import AutoTokenizer
 
+    from reconstruct.modelio.architecture import load_config
     from reconstruct.modelio.source import resolve_model
-    from reconstruct.runtime import resolve_device, resolve_dtype
+    from reconstruct.runtime import model_dtype, resolve_device
     from reconstruct.evaluation.streaming import open_lm
 
     builtin = [task for task in tasks if task in BUILTIN_TASKS and (task_data is not None or not _has_lm_eval())]
     external = [task for task in tasks if task not in builtin]
     folder = resolve_model(model)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, None)
+    torch_dtype = model_dtype(dtype, torch_device, load_config(folder))
     results: dict[str, dict] = {}
     if builtin:
         docs = load_piqa(task_data, limit)  # the one built-in task
