@@ -6,13 +6,19 @@ that table instead of copying per-model code.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import (
+# One torch thread per test process (each pytest-xdist worker, and every process a test starts, which
+# inherits the variable): the workers share the cores, and a test that claims "the same order, so the
+# same bits" compares two computations made with one thread each. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
@@ -21,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+torch.set_num_threads(1)  # also when torch was imported first (OMP_NUM_THREADS set elsewhere)
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"  # excerpts carried by the repository (sources and licences: data/README.md)
@@ -79,6 +87,19 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     build_word_tokenizer(WIKITEXT_VALID, VOCAB_SIZE).save_pretrained(folder)
     return folder
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns xdist_group marks into groups
+def pytest_collection_modifyitems(config, items):
+    """Keep the tests of a module that share a module-scoped fixture on one xdist worker, so it runs once.
+
+    With ``--dist loadgroup`` (pyproject's addopts) the other tests spread over the workers one by one.
+    """
+    for item in items:
+        fixture_info = getattr(item, "_fixtureinfo", None)
+        definitions = fixture_info.name2fixturedefs.values() if fixture_info is not None else ()
+        if any(definition.scope == "module" for group in definitions for definition in group):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")
