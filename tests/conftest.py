@@ -91,15 +91,23 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns xdist_group marks into groups
 def pytest_collection_modifyitems(config, items):
-    """Keep the tests of a module that share a module-scoped fixture on one xdist worker, so it runs once.
+    """Schedule for parallel workers: shared module fixtures run once, the longest work starts first.
 
-    With ``--dist loadgroup`` (pyproject's addopts) the other tests spread over the workers one by one.
+    - The tests of a module that share a module-scoped fixture stay on one xdist worker (``--dist
+      loadgroup``, pyproject's addopts), so the fixture runs once; a module whose fixtures are cheap
+      next to its tests sets ``SPREAD_OVER_WORKERS = True`` and its tests spread like the others.
+    - The real-model tests (``slow``) go first, then the grouped modules: a long test that starts last
+      would keep one worker busy while the others wait.
     """
+    grouped = set()
     for item in items:
         fixture_info = getattr(item, "_fixtureinfo", None)
         definitions = fixture_info.name2fixturedefs.values() if fixture_info is not None else ()
-        if any(definition.scope == "module" for group in definitions for definition in group):
+        shares_module_fixture = any(definition.scope == "module" for group in definitions for definition in group)
+        if shares_module_fixture and not getattr(item.module, "SPREAD_OVER_WORKERS", False):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            grouped.add(item)
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item not in grouped))  # stable
 
 
 @pytest.fixture(scope="session")

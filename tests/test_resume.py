@@ -29,6 +29,7 @@ from reconstruct.state.manifest import DONE, MANIFEST_NAME, Manifest, verify_blo
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
 
 REPO = Path(__file__).resolve().parents[1]
+SPREAD_OVER_WORKERS = True  # conftest: the module fixtures are 2 runs, the tests some 40: let workers share them
 ARCH = "llama"
 RUN_TIMEOUT_S = 240
 CALIB_CHARS = 50_000  # enough text for 8 × 32-token windows; the whole file costs ~1 s of tokenizing a run
@@ -527,13 +528,20 @@ def test_disk_full_in_process(job, reference, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- the reconstruction guard
-GUARD_FLAGS = {"lr": "50", "recon_steps": "16", "recon_eval_every": "4"}  # a diverging repair the guard undoes
+GUARD_FLAGS = {"lr": "50", "recon_steps": "8", "recon_eval_every": "4"}  # a diverging repair the guard undoes
+
+
+@pytest.fixture(scope="module")
+def guard_reference(job, tmp_path_factory) -> Path:
+    """Output folder of one uninterrupted run whose guard undoes repairs."""
+    reference = tmp_path_factory.mktemp("guard-reference") / "out"
+    ok(job.run(reference, **GUARD_FLAGS))
+    return reference
 
 
 @pytest.mark.parametrize("point", ["reconstruction:1", "statistics:2"])
-def test_resume_with_the_guard_undoing_repairs_gives_identical_output(job, tmp_path, point):
-    reference = tmp_path / "reference"
-    ok(job.run(reference, **GUARD_FLAGS))
+def test_resume_with_the_guard_undoing_repairs_gives_identical_output(job, guard_reference, tmp_path, point):
+    reference = guard_reference
     decisions = [record.stats["recon_kept"] for record in Manifest.load(reference).blocks]
     assert False in decisions  # the manifest records each block's decision
     out = tmp_path / "out"
