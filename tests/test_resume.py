@@ -52,12 +52,20 @@ DEFAULT_FLAGS = {  # the job under test; a test overrides single flags by name
 
 
 # --------------------------------------------------------------------------- helpers
-class Job:
-    """Builds and runs ``reconstruct run`` commands for one model and calibration text."""
+WITHOUT_MATPLOTLIB = REPO / "tests" / "support" / "without_matplotlib"  # runs that need no report.png
 
-    def __init__(self, model: Path, calib: Path):
+
+class Job:
+    """Builds and runs ``reconstruct run`` commands for one model and calibration text.
+
+    ``figures=False`` runs without matplotlib (no ``report.png``: the comparisons here skip it anyway,
+    ``test_report`` draws it), which saves a quarter of a tiny run's CPU.
+    """
+
+    def __init__(self, model: Path, calib: Path, figures: bool = True):
         self.model = model
         self.calib = calib
+        self.figures = figures
         self.n_blocks = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         self.n_shards = self.n_blocks + 1  # one shard per block + one for the tensors outside them
 
@@ -76,6 +84,8 @@ class Job:
     def run(self, out: Path, *extra: str, crash: str | None = None, **flags: str) -> subprocess.CompletedProcess:
         """Run the job in a subprocess; ``crash`` sets RECONSTRUCT_CRASH_AT."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        if not self.figures:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WITHOUT_MATPLOTLIB), env.get("PYTHONPATH")]))
         env.pop(CRASH_ENV, None)
         if crash is not None:
             env[CRASH_ENV] = crash
@@ -189,7 +199,7 @@ def job(tiny_model_dir, calib_file, tmp_path_factory) -> Job:
     text = calib_file.read_text(encoding="utf-8")[:CALIB_CHARS]
     calib = tmp_path_factory.mktemp("calib") / "valid-head.txt"
     calib.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
-    return Job(tiny_model_dir(ARCH), calib)
+    return Job(tiny_model_dir(ARCH), calib, figures=False)
 
 
 @pytest.fixture(scope="module")
