@@ -89,25 +89,16 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns xdist_group marks into groups
 def pytest_collection_modifyitems(config, items):
-    """Schedule for parallel workers: shared module fixtures run once, the longest work starts first.
+    """Order for parallel workers: the longest work starts first.
 
-    - The tests of a module that share a module-scoped fixture stay on one xdist worker (``--dist
-      loadgroup``, pyproject's addopts), so the fixture runs once; a module whose fixtures are cheap
-      next to its tests sets ``SPREAD_OVER_WORKERS = True`` and its tests spread like the others.
-    - The real-model tests (``slow``) go first, then the grouped modules: a long test that starts last
-      would keep one worker busy while the others wait.
+    ``--dist loadscope`` (pyproject's addopts) hands each module to one xdist worker, so a
+    module-scoped fixture runs once, and sends the modules in the order of ``items``. The real-model
+    tests (``slow``) go first, then the modules that set ``SCHEDULE_EARLY = True`` (many whole jobs):
+    a long module that starts last keeps one worker busy while the others wait.
     """
-    grouped = set()
-    for item in items:
-        fixture_info = getattr(item, "_fixtureinfo", None)
-        definitions = fixture_info.name2fixturedefs.values() if fixture_info is not None else ()
-        shares_module_fixture = any(definition.scope == "module" for group in definitions for definition in group)
-        if shares_module_fixture and not getattr(item.module, "SPREAD_OVER_WORKERS", False):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-            grouped.add(item)
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item not in grouped))  # stable
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 not getattr(item.module, "SCHEDULE_EARLY", False)))  # stable: module order kept
 
 
 @pytest.fixture(scope="session")

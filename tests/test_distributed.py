@@ -44,6 +44,7 @@ from reconstruct.config import ValidationData
 from reconstruct.methods import ReconSpec
 
 REPO = Path(__file__).resolve().parents[1]
+SCHEDULE_EARLY = True  # conftest: the module fixture runs every job twice, so this module starts first
 WORLD = 2
 RECON = dict(steps=4, batch_size=2, micro_batch=1, lr=1e-3)  # 2 addends per gradient sum: exact
 UNEVEN = dict(RECON, batch_size=1)  # each step's batch on one rank only

@@ -20,7 +20,7 @@ from reconstruct.modelio.output import STATE_DIR
 from reconstruct.state.manifest import Manifest
 from test_resume import Job, assert_same_output, computed_blocks, crashed, ok, refused
 
-SPREAD_OVER_WORKERS = True  # conftest: one reference run is cheap next to the killed-and-resumed tests
+SCHEDULE_EARLY = True  # conftest: many whole jobs, so this module starts first
 STEPS = 6
 MODEL_LEVEL = {"loraprune_objective": "model", "loraprune_steps": STEPS, "loraprune_lr": 1e-3}
 

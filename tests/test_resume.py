@@ -29,7 +29,7 @@ from reconstruct.state.manifest import DONE, MANIFEST_NAME, Manifest, verify_blo
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
 
 REPO = Path(__file__).resolve().parents[1]
-SPREAD_OVER_WORKERS = True  # conftest: the module fixtures are 2 runs, the tests some 40: let workers share them
+SCHEDULE_EARLY = True  # conftest: many whole jobs, so this module starts first
 ARCH = "llama"
 RUN_TIMEOUT_S = 240
 CALIB_CHARS = 50_000  # enough text for 8 × 32-token windows; the whole file costs ~1 s of tokenizing a run
