@@ -925,7 +925,7 @@ def evaluate(
     calib_bos: Annotated[BosMode, typer.Option(help=BOS_HELP + " Perplexity windows: BOS + T-1 text tokens; tasks: BOS before each context.")] = BosMode.auto,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Run the model one block at a time.", show_default="only when it does not fit in memory")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="Compute dtype.")] = Dtype.auto,
+    dtype: DtypeFlag = Dtype.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", show_default="off")] = False,
 ) -> None:
     """Perplexity on non-overlapping windows of a test text, and zero-shot task accuracy (prints JSON)."""

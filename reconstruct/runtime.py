@@ -28,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-    """``auto`` → float32 on CPU, the checkpoint's dtype on a GPU."""
+    """``auto`` → float32 on CPU, the checkpoint's dtype on a GPU (float32 when the config names none)."""
     if name == "auto":
         if device.type == "cpu" or checkpoint_dtype is None:
             return torch.float32
@@ -36,6 +36,26 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype
     if name not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def config_dtype(config) -> torch.dtype | None:
+    """The dtype a model config records for its weights (``dtype``, or the older ``torch_dtype``), or None."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def model_dtype(name: str, device: torch.device, config) -> torch.dtype:
+    """The compute dtype of ``--dtype name`` for the model of ``config`` on ``device``.
+
+    The one place ``--dtype`` is decided for a model: run, eval, retrain, sweep and run's ``--eval``
+    all come here, so ``auto`` means the same everywhere (float32 on CPU, the checkpoint's dtype on a GPU).
+
+    Raises:
+        ValueError: ``name`` is not auto or a known dtype.
+    """
+    return resolve_dtype(name, device, config_dtype(config))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -6,13 +6,19 @@ that table instead of copying per-model code.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import (
+# One torch thread per test process (each pytest-xdist worker, and every process a test starts, which
+# inherits the variable): the workers share the cores, and a test that claims "the same order, so the
+# same bits" compares two computations made with one thread each. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
@@ -22,10 +28,13 @@ from transformers import (
     Qwen2Config,
 )
 
+torch.set_num_threads(1)  # also when torch was imported first (OMP_NUM_THREADS set elsewhere)
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
-WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
+TEST_DATA = REPO / "tests" / "data"  # excerpts carried by the repository (sources and licences: data/README.md)
+WIKITEXT_VALID = TEST_DATA / "wikitext-2" / "valid.txt"
+WIKITEXT_TEST = TEST_DATA / "wikitext-2" / "test.txt"
+PIQA_DATA = TEST_DATA / "piqa"
 VOCAB_SIZE = 512
 HIDDEN = 64
 
@@ -57,7 +66,7 @@ def build_word_tokenizer(text_path: Path, vocab_size: int) -> PreTrainedTokenize
     """A word-level tokenizer over the most frequent words of a text file (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = Counter(re.findall(r"\S+", text_path.read_text(encoding="utf-8")[:400_000]))
+    words = Counter(re.findall(r"\S+", text_path.read_text(encoding="utf-8")))
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {token: i for i, token in enumerate(specials)}
     for word, _ in words.most_common(vocab_size - len(specials)):
@@ -80,6 +89,18 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def pytest_collection_modifyitems(config, items):
+    """Order for parallel workers: the longest work starts first.
+
+    ``--dist loadscope`` (pyproject's addopts) hands each module to one xdist worker, so a
+    module-scoped fixture runs once, and sends the modules in the order of ``items``. The real-model
+    tests (``slow``) go first, then the modules that set ``SCHEDULE_EARLY = True`` (many whole jobs):
+    a long module that starts last keeps one worker busy while the others wait.
+    """
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 not getattr(item.module, "SCHEDULE_EARLY", False)))  # stable: module order kept
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(arch)`` → folder of a saved tiny model (built once per session)."""
@@ -95,7 +116,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def calib_file() -> Path:
-    """The WikiText-2 validation text (local)."""
+    """The WikiText-2 validation excerpt carried in ``tests/data``."""
     assert WIKITEXT_VALID.is_file(), f"missing {WIKITEXT_VALID}"
     return WIKITEXT_VALID
 

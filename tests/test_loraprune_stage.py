@@ -20,6 +20,7 @@ from reconstruct.modelio.output import STATE_DIR
 from reconstruct.state.manifest import Manifest
 from test_resume import Job, assert_same_output, computed_blocks, crashed, ok, refused
 
+SCHEDULE_EARLY = True  # conftest: many whole jobs, so this module starts first
 STEPS = 6
 MODEL_LEVEL = {"loraprune_objective": "model", "loraprune_steps": STEPS, "loraprune_lr": 1e-3}
 

@@ -1,4 +1,4 @@
-"""PIQA zero-shot accuracy from the local copy, through lm-eval's own ``piqa`` task on ``ReconstructLM``.
+"""PIQA zero-shot accuracy from the excerpt in ``tests/data/piqa`` (its first 100 validation questions), through lm-eval's own ``piqa`` task on ``ReconstructLM``.
 
 The hand computation below follows lm-eval's recipe directly (context ``"Question: {goal}\\nAnswer:"``,
 continuation ``" " + sol``, continuation tokens = ``encode(context + continuation)[len(encode(context)):]``,
@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 from tolerances import gamma
 
 pytest.importorskip("lm_eval")
@@ -27,8 +27,8 @@ from reconstruct.evaluation.streaming import InMemoryLM  # noqa: E402
 from reconstruct.evaluation.task_data import task_specs  # noqa: E402
 from reconstruct.evaluation.tasks import load_tasks, evaluate_tasks, run_lm_eval  # noqa: E402
 
-PIQA = SHARED_DATA / "piqa"
-pytestmark = pytest.mark.skipif(not (PIQA / "valid.jsonl").is_file(), reason=f"no PIQA copy at {PIQA}")
+PIQA = TEST_DATA / "piqa"
+PIQA_ITEMS = len((PIQA / "valid-labels.lst").read_text().split())
 CPU = torch.device("cpu")
 
 
@@ -76,7 +76,7 @@ def test_three_items_equal_a_hand_computed_loglikelihood_comparison(tiny_model_d
 
     build = lambda: ReconstructLM(InMemoryLM(folder, CPU, torch.float64), tokenizer,  # noqa: E731
                                   resolve_framing(tokenizer, "auto"), batch_size=2)
-    output, _ = run_lm_eval(build, ["piqa"], SHARED_DATA, limit=3, log_samples=True)
+    output, _ = run_lm_eval(build, ["piqa"], TEST_DATA, limit=3, log_samples=True)
     samples = sorted(output["samples"]["piqa"], key=lambda sample: sample["doc_id"])
     bounds = [[float32_log_softmax_bound(model, tokenizer, row["goal"], row[key]) for key in ("sol1", "sol2")]
               for row in rows]
@@ -94,7 +94,7 @@ def test_three_items_equal_a_hand_computed_loglikelihood_comparison(tiny_model_d
 
 def test_accuracy_in_unit_interval_and_streamed_equals_in_memory(tiny_model_dir):
     folder = str(tiny_model_dir("gpt2"))
-    common = dict(task_data=SHARED_DATA, limit=40, device="cpu", batch_size=8)
+    common = dict(task_data=TEST_DATA, limit=40, device="cpu", batch_size=8)
     whole = evaluate_tasks(folder, ["piqa"], stream=False, **common)["piqa"]
     streamed = evaluate_tasks(folder, ["piqa"], stream=True, **common)["piqa"]
     assert (whole["streamed"], streamed["streamed"]) == (False, True)
@@ -110,17 +110,17 @@ def test_all_items_load_from_the_folder_or_its_parent(tmp_path):
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager()
-    for task_data in (SHARED_DATA, PIQA):
+    for task_data in (TEST_DATA, PIQA):
         loaded = load_tasks(manager, task_specs(["piqa"], task_data, manager, tmp_path), ["piqa"])
         docs = list(loaded["tasks"]["piqa"].eval_docs)
-        assert len(docs) == 1838
+        assert len(docs) == PIQA_ITEMS
         assert {doc["label"] for doc in docs} == {0, 1}
         assert loaded["tasks"]["piqa"].doc_to_text(docs[0]).startswith("Question: ")
 
 
 def test_cli_eval_tasks_piqa(tiny_model_dir):
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir("opt")), "--tasks", "piqa",
-                                      "--task-data", str(SHARED_DATA), "--limit", "6", "--batch-size", "4",
+                                      "--task-data", str(TEST_DATA), "--limit", "6", "--batch-size", "4",
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     output = json.loads(result.stdout.strip().splitlines()[-1])

@@ -134,15 +134,19 @@ def _guarded_job(tiny_model_dir, small_calib_file, out, **recon):
 def test_a_repair_that_raises_the_validation_error_is_undone_bit_for_bit(tiny_model_dir, small_calib_file, tmp_path,
                                                                          plain_prune):
     report = run_job(_guarded_job(tiny_model_dir, small_calib_file, tmp_path / "out", lr=DIVERGING_LR))
+    linears = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
     for block in report["blocks"]:
         assert block["recon_kept"] is False and block["recon_stopped_at"] == 0
-        assert block["added_biases"] == []  # bias-ln's new biases went away with the repair
+        assert sorted(block["added_biases"]) == sorted(linears)  # bias-ln's biases stay, as zeros: the config says so
         assert block["val_after"] >= block["val_before"]
     got, want = _tensors(tmp_path / "out"), _tensors(plain_prune)
-    assert got.keys() == want.keys()
+    zero_biases = {f"model.layers.{index}.{name}.bias" for index in range(3) for name in linears}
+    assert got.keys() == want.keys() | zero_biases
     assert all(torch.equal(got[name], want[name]) for name in want), "an undone block differs from the pruned one"
+    assert all(not got[name].any() for name in zero_biases)  # a zero bias changes no output
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config == json.loads((plain_prune / "config.json").read_text())
+    assert config == {**json.loads((plain_prune / "config.json").read_text()), "attention_bias": True, "mlp_bias": True}
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| blocks kept their repair | 0 of 3 " in markdown
     rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| 1 |")]  # blocks numbered from 1

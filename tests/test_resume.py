@@ -29,6 +29,7 @@ from reconstruct.state.manifest import DONE, MANIFEST_NAME, Manifest, verify_blo
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name
 
 REPO = Path(__file__).resolve().parents[1]
+SCHEDULE_EARLY = True  # conftest: many whole jobs, so this module starts first
 ARCH = "llama"
 RUN_TIMEOUT_S = 240
 CALIB_CHARS = 50_000  # enough text for 8 × 32-token windows; the whole file costs ~1 s of tokenizing a run
@@ -51,12 +52,20 @@ DEFAULT_FLAGS = {  # the job under test; a test overrides single flags by name
 
 
 # --------------------------------------------------------------------------- helpers
-class Job:
-    """Builds and runs ``reconstruct run`` commands for one model and calibration text."""
+WITHOUT_MATPLOTLIB = REPO / "tests" / "support" / "without_matplotlib"  # runs that need no report.png
 
-    def __init__(self, model: Path, calib: Path):
+
+class Job:
+    """Builds and runs ``reconstruct run`` commands for one model and calibration text.
+
+    ``figures=False`` runs without matplotlib (no ``report.png``: the comparisons here skip it anyway,
+    ``test_report`` draws it), which saves a quarter of a tiny run's CPU.
+    """
+
+    def __init__(self, model: Path, calib: Path, figures: bool = True):
         self.model = model
         self.calib = calib
+        self.figures = figures
         self.n_blocks = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         self.n_shards = self.n_blocks + 1  # one shard per block + one for the tensors outside them
 
@@ -75,6 +84,8 @@ class Job:
     def run(self, out: Path, *extra: str, crash: str | None = None, **flags: str) -> subprocess.CompletedProcess:
         """Run the job in a subprocess; ``crash`` sets RECONSTRUCT_CRASH_AT."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        if not self.figures:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WITHOUT_MATPLOTLIB), env.get("PYTHONPATH")]))
         env.pop(CRASH_ENV, None)
         if crash is not None:
             env[CRASH_ENV] = crash
@@ -188,7 +199,7 @@ def job(tiny_model_dir, calib_file, tmp_path_factory) -> Job:
     text = calib_file.read_text(encoding="utf-8")[:CALIB_CHARS]
     calib = tmp_path_factory.mktemp("calib") / "valid-head.txt"
     calib.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
-    return Job(tiny_model_dir(ARCH), calib)
+    return Job(tiny_model_dir(ARCH), calib, figures=False)
 
 
 @pytest.fixture(scope="module")
@@ -527,13 +538,20 @@ def test_disk_full_in_process(job, reference, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- the reconstruction guard
-GUARD_FLAGS = {"lr": "50", "recon_steps": "16", "recon_eval_every": "4"}  # a diverging repair the guard undoes
+GUARD_FLAGS = {"lr": "50", "recon_steps": "8", "recon_eval_every": "4"}  # a diverging repair the guard undoes
+
+
+@pytest.fixture(scope="module")
+def guard_reference(job, tmp_path_factory) -> Path:
+    """Output folder of one uninterrupted run whose guard undoes repairs."""
+    reference = tmp_path_factory.mktemp("guard-reference") / "out"
+    ok(job.run(reference, **GUARD_FLAGS))
+    return reference
 
 
 @pytest.mark.parametrize("point", ["reconstruction:1", "statistics:2"])
-def test_resume_with_the_guard_undoing_repairs_gives_identical_output(job, tmp_path, point):
-    reference = tmp_path / "reference"
-    ok(job.run(reference, **GUARD_FLAGS))
+def test_resume_with_the_guard_undoing_repairs_gives_identical_output(job, guard_reference, tmp_path, point):
+    reference = guard_reference
     decisions = [record.stats["recon_kept"] for record in Manifest.load(reference).blocks]
     assert False in decisions  # the manifest records each block's decision
     out = tmp_path / "out"

@@ -23,6 +23,7 @@ from test_retrain import prune_folder
 from test_resume import VOLATILE_BLOCK_KEYS, VOLATILE_REPORT_KEYS
 
 runner = CliRunner()
+SCHEDULE_EARLY = True  # conftest: many whole jobs, so this module starts first
 FLAGS = ["--device", "cpu", "--seq-len", "16", "--n-windows", "8", "--batch", "4", "--micro-batch", "2",
          "--steps", "4", "--method", "masklora", "--lr", "1e-2", "--eval-every", "2", "--val", "0.25"]
 

@@ -8,6 +8,22 @@ A float sum of ``n`` products, in any order and with or without fused multiply-a
 with ``u`` the unit roundoff (2**-24 for float32). Kernels that block, vectorise or split the sum
 over threads (what ``ATEN_CPU_CAPABILITY`` and the thread count change) only change the order, so
 the bound holds on every machine.
+
+The rule for every comparison in the suite:
+
+- **Exact** (``torch.equal``, ``==`` on floats, equal bytes) only where the arithmetic guarantees the
+  same bits, for one of three reasons, said in a comment next to the assertion:
+  *integers*: integer-valued data small enough that every product and partial sum is exact in the
+  dtype, so any order gives the same bits;
+  *same order*: both sides make the same kernel calls on the same shapes and dtypes, one torch thread
+  each (``conftest`` sets it), e.g. a rerun or a resume, a rank whose slice is exactly one
+  single-process micro-batch, a sum of two terms (float addition is commutative);
+  *no arithmetic*: copies, masks applied, bytes moved.
+- **Bounded** everywhere else: another process count, micro-batch split, kernel, dtype or a reference
+  written another way changes the summation order, so values are compared with :func:`assert_within`
+  and a bound from the data (:func:`dot_sum_bound`, :func:`linear_bound`, :func:`inverse_rtol`), and
+  keep masks chosen from such scores with :func:`assert_masks_agree` (the same count in every group,
+  flips only at near-ties of the score).
 """
 
 from __future__ import annotations
@@ -77,6 +93,48 @@ def inverse_rtol(matrix: Tensor, dtype: torch.dtype = torch.float32) -> float:
     """
     n = matrix.shape[0]
     return float(torch.linalg.cond(matrix.double())) * gamma(3 * n + 1, dtype)
+
+
+def assert_masks_agree(keep: Tensor, expected: Tensor, scores: Tensor, rel_tol: float, *,
+                       group: str | int = "row", max_flip_fraction: float = 0.01) -> None:
+    """Assert two keep masks chosen from scores computed in different orders agree up to near-ties.
+
+    Both masks meet the same pattern, so every group keeps as many weights in both; a weight may change
+    sides only where rounding can reorder it against its group's threshold, i.e. where its score lies
+    within ``rel_tol`` (relative) of the boundary between ``expected``'s kept and pruned scores.
+
+    Args:
+        keep: ``(out, in)`` bool mask under test.
+        expected: ``(out, in)`` bool reference mask.
+        scores: ``(out, in)`` the reference's scores (higher = kept), any float dtype.
+        rel_tol: relative error the two computations' scores may have (from the data, e.g. ``gamma``).
+        group: where the pattern counts: ``"row"``, ``"layer"``, or ``m`` of N:M (groups of m along in).
+        max_flip_fraction: the share of weights allowed to differ at all.
+    """
+    def grouped(t: Tensor) -> Tensor:
+        if group == "row":
+            return t.reshape(t.shape[0], -1)  # (out, in)
+        if group == "layer":
+            return t.reshape(1, -1)  # (1, out * in)
+        return t.reshape(-1, int(group))  # (out * in / m, m)
+
+    keep, expected, scores = grouped(keep), grouped(expected), grouped(scores.detach().double())
+    assert torch.equal(keep.sum(-1), expected.sum(-1)), "the masks keep different counts in some group"
+    flips = keep != expected
+    fraction = float(flips.double().mean())
+    assert fraction <= max_flip_fraction, f"{fraction:.2%} of the weights flip (at most {max_flip_fraction:.2%})"
+    if not flips.any():
+        return
+    lowest_kept = scores.masked_fill(~expected, float("inf")).amin(-1, keepdim=True)  # (G, 1)
+    highest_pruned = scores.masked_fill(expected, float("-inf")).amax(-1, keepdim=True)
+    boundary = (lowest_kept + highest_pruned) / 2  # a group with a flip has both kept and pruned weights
+    distance = (scores - boundary).abs()
+    allowed = rel_tol * (scores.abs() + boundary.abs())
+    far = flips & (distance > allowed)
+    assert not far.any(), (
+        f"{int(far.sum())} flipped weight(s) are not near a tie: score {float(scores[far][0]):.6g}, "
+        f"boundary {float(boundary.expand_as(scores)[far][0]):.6g}, allowed distance {float(allowed[far][0]):.3g}"
+    )
 
 
 # How much a block may amplify a relative rounding error of its input (norms divide by an RMS that may be

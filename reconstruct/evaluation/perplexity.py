@@ -16,7 +16,7 @@ from calib.framing import resolve_framing
 from calib.text_sources import HUB_EVAL_SPLITS, consecutive_windows, read_text, tokenize_text
 from reconstruct.modelio.architecture import load_config
 from reconstruct.modelio.source import resolve_model
-from reconstruct.runtime import resolve_device, resolve_dtype
+from reconstruct.runtime import model_dtype, resolve_device
 from reconstruct.evaluation.streaming import open_lm
 from reconstruct.validation import resolve_eval_seq_len
 
@@ -74,9 +74,10 @@ def perplexity(
     from transformers import AutoTokenizer
 
     folder = resolve_model(model)
-    seq_len = resolve_eval_seq_len(seq_len, load_config(folder), "--max-length")  # before any work
+    config = load_config(folder)
+    seq_len = resolve_eval_seq_len(seq_len, config, "--max-length")  # before any work
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, None)
+    torch_dtype = model_dtype(dtype, torch_device, config)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     framing = resolve_framing(tokenizer, bos)

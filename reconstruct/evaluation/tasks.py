@@ -216,11 +216,12 @@ def evaluate_tasks(
     from reconstruct.evaluation.lm_eval_model import ReconstructLM
     from reconstruct.evaluation.streaming import open_lm
     from reconstruct.modelio.source import resolve_model
-    from reconstruct.runtime import resolve_device, resolve_dtype
+    from reconstruct.modelio.architecture import load_config
+    from reconstruct.runtime import model_dtype, resolve_device
 
     folder = resolve_model(model)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, None)
+    torch_dtype = model_dtype(dtype, torch_device, load_config(folder))  # --dtype auto: as every command reads it
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     framing = resolve_framing(tokenizer, bos)

@@ -41,6 +41,7 @@ from reconstruct.loop.context import BlockContext
 from reconstruct.methods import (
     SampleSplit, attach_method, block_trainer, evaluate_error, evaluate_mse, sum_of_squares, train_reconstruction,
 )
+from reconstruct.methods.bias_norm import BIAS_METHODS, add_zero_biases
 from reconstruct.methods.snapshot import BlockSnapshot
 from reconstruct.methods.train import local_rows
 from reconstruct.loop.objective import UnitObjective, build_units, discover_units
@@ -257,6 +258,10 @@ class BlockPipeline:
             self._prune(ctx, cycle_pattern(ctx.pattern, cycle, prune.cycles, prune.cycle_schedule))
             if self.reconstructing:
                 self._reconstruct(ctx)
+        if self.reconstructing and self.job.recon.method in BIAS_METHODS:
+            # the config flag a kept repair switches on covers every block: zero biases where it was undone
+            padded = add_zero_biases(ctx.linears, self.bias_linears(ctx.linears))
+            ctx.report.added_biases = sorted(set(ctx.report.added_biases) | set(padded))
         if ctx.dense_copy is not None:
             self.advance(self.forward_fn(ctx.dense_copy, index), dense)
             ctx.dense_copy = ctx.objective = ctx.targets = None

@@ -132,3 +132,26 @@ def norm_masters(block: nn.Module, param_dtype: torch.dtype) -> dict[str, Master
                 key = f"{name}.{attr}" if name else attr
                 masters[key] = MasterParam(norm, attr, key, param_dtype=param_dtype, order=order)
     return masters
+
+
+BIAS_METHODS = ("bias", "bias-ln")  # the methods that may give a linear a bias it did not have
+
+
+@torch.no_grad()
+def add_zero_biases(linears: dict[str, nn.Module], bias_linears: set[str]) -> list[str]:
+    """Give every linear in ``bias_linears`` that has no bias a zero one (the weight's dtype and device).
+
+    A config flag (``attention_bias``, ``mlp_bias``) switches a bias on in every block, so a block whose
+    repair was undone, or never trained, must carry the bias too: as zeros it changes no output.
+
+    Returns:
+        The linears given a bias, in the order of ``linears``.
+    """
+    added = []
+    for name, linear in linears.items():
+        if name in bias_linears and linear.bias is None:
+            weight = weight_as_out_in(linear)
+            linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                       requires_grad=False)
+            added.append(name)
+    return added

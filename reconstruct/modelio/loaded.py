@@ -16,7 +16,7 @@ from reconstruct.modelio.block_io import load_module_weights
 from reconstruct.modelio.checkpoint import CheckpointReader, match_checkpoint_keys
 from reconstruct.modelio.conversions import model_conversions, refuse_tensor_conversions, renamed_keys
 from reconstruct.modelio.source import resolve_model
-from reconstruct.runtime import resolve_device, resolve_dtype
+from reconstruct.runtime import model_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,7 @@ def load_model(model: str, device_name: str, dtype_name: str) -> LoadedModel:
     folder = resolve_model(model)
     config = load_config(folder)
     device = resolve_device(device_name)
-    checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(checkpoint_dtype, str):
-        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
-    dtype = resolve_dtype(dtype_name, device, checkpoint_dtype)
+    dtype = model_dtype(dtype_name, device, config)
     skeleton = build_skeleton(config, dtype)
     layout = discover_layout(skeleton, config)
     reader = CheckpointReader(folder)

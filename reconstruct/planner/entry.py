@@ -14,12 +14,13 @@ from reconstruct.planner.plan import MemoryPlan, log_plan
 from reconstruct.planner.probe import probe_model
 from reconstruct.planner.tier import choose_stream_tier
 from reconstruct.planner.tracing import sequential_groups
+from reconstruct.runtime import config_dtype, model_dtype
 
 logger = logging.getLogger(__name__)
 
 def plan_job(job, loaded, budget: MemoryBudget | None = None) -> MemoryPlan:
     """The plan of ``job`` for a model already opened by the engine (``LoadedModel``)."""
-    stored = _config_dtype(loaded.config) or torch.float32
+    stored = config_dtype(loaded.config) or torch.float32
     return _plan(job, loaded.config, loaded.device.type, loaded.dtype, stored, budget or MemoryBudget(),
                  cuda_index=loaded.device.index, layout=loaded.layout)
 
@@ -57,7 +58,6 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
     ``budget.device_bytes``.
     """
     from reconstruct.modelio.architecture import load_config
-    from reconstruct.runtime import resolve_dtype
     from reconstruct.validation import check_calib_seq_len
 
     if config_path is not None:
@@ -74,8 +74,8 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
     budget = budget or MemoryBudget()
     device_type, reason = planned_device(job.device, budget.device_bytes)
     check_calib_seq_len(job.calib.seq_len, config)  # --seq-len longer than the context: refused like run
-    checkpoint_dtype = _config_dtype(config)
-    dtype = resolve_dtype(job.dtype, torch.device(device_type), checkpoint_dtype)
+    checkpoint_dtype = config_dtype(config)
+    dtype = model_dtype(job.dtype, torch.device(device_type), config)
     plan = _plan(job, config, device_type, dtype, checkpoint_dtype or torch.float32, budget)
     plan.device_reason = reason
     return plan
@@ -129,13 +129,6 @@ def _device_type(name: str) -> str:
         return torch.device(name).type
     except RuntimeError:
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-
-
-def _config_dtype(config) -> torch.dtype | None:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else None
 
 
 def _budgets(device_type: str, budget: MemoryBudget, cuda_index: int | None) -> tuple[int | None, int]:

@@ -13,3 +13,8 @@ PATTERNS = {
     "row0": SparsityPattern(sparsity=0.0, scope="row"),
     "layer0": SparsityPattern(sparsity=0.0, scope="layer"),
 }
+
+
+def mask_group(pattern: SparsityPattern) -> str | int:
+    """Where ``pattern`` counts its kept weights, as ``tolerances.assert_masks_agree`` takes it."""
+    return pattern.m if pattern.kind == "nm" else pattern.scope
