@@ -17,9 +17,11 @@ from reconstruct import runtime
 from reconstruct.evaluation import perplexity as perplexity_module
 from reconstruct.evaluation import streaming
 from reconstruct.evaluation.perplexity import perplexity
-from reconstruct.evaluation.zero_shot import evaluate_tasks
 from reconstruct.modelio import loaded as loaded_module
 from reconstruct.modelio.loaded import load_model
+
+pytest.importorskip("lm_eval")
+from reconstruct.evaluation.tasks import evaluate_tasks  # noqa: E402
 
 
 class Opened(Exception):
@@ -48,7 +50,7 @@ def _stop_at_open(opened: dict, key: str):
 @pytest.mark.parametrize(("device", "expected"), [("cpu", torch.float32), ("cuda", torch.bfloat16)])
 def test_run_and_eval_pick_the_same_dtype_for_auto(bf16_model, small_calib_file, monkeypatch, device, expected):
     named = torch.device(device)
-    for module in (loaded_module, perplexity_module, runtime):  # zero_shot imports it from runtime when called
+    for module in (loaded_module, perplexity_module, runtime):  # evaluate_tasks imports it from runtime when called
         monkeypatch.setattr(module, "resolve_device", lambda name: named)
     opened: dict[str, torch.dtype] = {"run": load_model(str(bf16_model), device, "auto").dtype}  # run, retrain, plan
     monkeypatch.setattr(perplexity_module, "open_lm", _stop_at_open(opened, "eval"))

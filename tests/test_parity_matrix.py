@@ -30,6 +30,7 @@ from reconstruct.retrain import RetrainSpec
 from reconstruct.shrink import SHRUNK_DIR, shrink_folder
 from tolerances import assert_within, forward_bound
 
+SCHEDULE_EARLY = True  # conftest: a whole job per family, so this module starts first
 SEQ_LEN = 32  # longer than the sliding window, so sliding and full masks differ
 assert SEQ_LEN > WINDOW
 CPU = torch.device("cpu")
