@@ -4,7 +4,7 @@ One row per family of ``tests/families.py`` (mixed layer types, sliding windows 
 windows, GQA, biases, tied embeddings):
 1. the streamed forward equals the model's own forward, and ``eval --stream`` equals ``--no-stream``
    (float64, within :func:`tolerances.forward_bound`);
-2. ``run --pruner wanda --sparsity 0.5 --method masklora`` with the retraining stage finishes with
+2. ``run --pruner wanda --sparsity 0.5 --method masklora`` with the (streamed) retraining stage finishes with
    exact sparsity, every zero kept through retraining, and the folder loads in stock transformers
    with no missing or unexpected keys;
 3. ``--shrink`` works (the smaller model loads) or is refused with its reason;
