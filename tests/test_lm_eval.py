@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import VOCAB_SIZE
-from tolerances import gamma
+from tolerances import forward_bound, gamma
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -160,10 +160,28 @@ def test_a_tokenizer_that_adds_a_bos_gets_it_as_from_hflm(tiny_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(folder)
     framing = resolve_framing(tokenizer, "auto")
     assert framing.bos_id == BOS_ID
-    ours = ReconstructLM(StreamedLM(folder, CPU, torch.float32), tokenizer, framing, 2)
-    theirs = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=2)
+    # float64 on both sides: HFLM may batch the rolling windows otherwise than ReconstructLM (other GEMM
+    # shapes, another summation order), so the two agree within a bound, not bit for bit; a misplaced BOS
+    # moves a log-likelihood by orders of magnitude more than the bound
+    ours = ReconstructLM(StreamedLM(folder, CPU, torch.float64), tokenizer, framing, 2)
+    theirs = HFLM(pretrained=str(folder), device="cpu", dtype="float64", batch_size=2)
+    config = theirs.model.config
     for kind in ("loglikelihood", "loglikelihood_rolling"):
-        assert getattr(ours, kind)(requests(kind)) == getattr(theirs, kind)(requests(kind)), kind
+        for index, (have, want) in enumerate(zip(getattr(ours, kind)(requests(kind)),
+                                                 getattr(theirs, kind)(requests(kind)))):
+            have_ll, want_ll = (have[0], want[0]) if kind == "loglikelihood" else (have, want)
+            tokens = theirs.tok_encode(CONTEXTS[index][0] + CONTEXTS[index][1])
+            with torch.no_grad():
+                logits = theirs.model(input_ids=torch.tensor([tokens])).logits
+            logit_bound = float(forward_bound(logits, config, torch.float64).max())
+            u64, max_logit = torch.finfo(torch.float64).eps / 2, float(logits.abs().max())
+            # each scored token's log-softmax: twice the logits' bound, plus each side's own rounding
+            # (gamma_V + 4 u max|z|): HFLM's in float64, ReconstructLM's in float32 (it scores in float32)
+            per_token = (2 * logit_bound + gamma(VOCAB_SIZE, torch.float64) + 4 * u64 * max_logit
+                         + gamma(VOCAB_SIZE) + 4 * U32 * max_logit)
+            assert have_ll == pytest.approx(want_ll, rel=0, abs=(len(tokens) + 1) * per_token), (kind, index)
+            if kind == "loglikelihood":
+                assert have[1] == want[1]
     assert ours.tok_encode("the first")[0] == theirs.tok_encode("the first")[0] == BOS_ID
     assert ours.max_length == theirs.max_length == 256
 
