@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 # Keyword arguments that belong to generation (caches, extra outputs), not to a single block forward.
-DROPPED_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions", "layer_past", "cache",
-                  "cache_position_offset")
+DROPPED_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions", "layer_past", "cache")
 
 
 class NotStreamable(ValueError):
