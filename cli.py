@@ -623,7 +623,7 @@ def run(
 
     def build_and_run():
         from reconstruct.parallel import distributed
-        from reconstruct.loop.engine import run_job
+        from reconstruct.jobs.run_job import run_job
         from reconstruct.state.out_folder import check_out_folder
 
         job = build_job(options)
@@ -661,7 +661,7 @@ def _echo_shrunk(out: Path, summary: dict) -> None:
 def _stop_interrupted(out: Path) -> None:
     """After Ctrl-C: one line on where the job stopped and how to resume it, then exit 130."""
     from reconstruct.parallel import distributed
-    from reconstruct.state.status import interrupted_summary
+    from reconstruct.reporting.status import interrupted_summary
 
     if distributed.is_main():
         typer.echo(f"\n{interrupted_summary(out)}", err=True)
@@ -889,7 +889,7 @@ def _stage_plans(job, config: Path | None) -> list[tuple[str, bool]]:
     """
     stages = []
     if job.prune.model_level_loraprune:
-        from reconstruct.loop.loraprune_stage import stage_spec
+        from reconstruct.jobs.loraprune_stage import stage_spec
 
         stages.append(("LoRAPrune stage (--loraprune-objective model)", stage_spec(job)))
     if job.retrain is not None:
@@ -952,7 +952,7 @@ def status(out: Annotated[Path, typer.Argument(help="A job's output folder.")]) 
     """Blocks done / total, elapsed and estimated time left, and the job's settings."""
 
     def show():
-        from reconstruct.state.status import describe_job
+        from reconstruct.reporting.status import describe_job
 
         typer.echo(describe_job(out))
 
@@ -1128,7 +1128,7 @@ def retrain(
     def build_and_run():
         from reconstruct.parallel import distributed
         from reconstruct.config import EvalSpec
-        from reconstruct.retrain.job import RetrainJob, run_retrain
+        from reconstruct.jobs.retrain_job import RetrainJob, run_retrain
         from reconstruct.retrain.spec import RetrainSpec
         from reconstruct.state.out_folder import check_out_folder
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from reconstruct.state.atomic import save_safetensors_atomic
+from reconstruct.atomic import save_safetensors_atomic
 from reconstruct.state.checkpoint_policy import simulate_schedule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -62,7 +62,7 @@ def timed_run(job) -> dict:
     """``run_job(job)`` with the seconds of each engine phase summed over blocks."""
     from unittest import mock
 
-    from reconstruct.loop import engine
+    from reconstruct.jobs import run_job as engine
     from reconstruct.loop import pipeline as block_pipeline
 
     seconds: dict[str, float] = defaultdict(float)

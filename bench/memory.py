@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         models = {depth: write_model(work, depth, args.calib, args.seed) for depth in depths}
         build_seconds = time.perf_counter() - started
 
-        baseline = measure([sys.executable, "-c", "import cli, reconstruct.loop.engine, reconstruct.methods"],
+        baseline = measure([sys.executable, "-c", "import cli, reconstruct.jobs.run_job, reconstruct.methods"],
                            work / "baseline.log")
         plan = [(depth, "none") for depth in depths]
         if not args.no_masklora:

@@ -24,7 +24,7 @@ from pruners import SparsityPattern, get_pruner
 from reconstruct.modelio.architecture import find_block_list, is_prunable_linear, weight_as_out_in
 from reconstruct.methods import ReconSpec, attach_method, evaluate_mse, train_reconstruction
 from reconstruct.modelio.source import resolve_model
-from reconstruct.loop.hooks import feeding_statistics
+from calib.hooks import feeding_statistics
 
 SETTINGS = [(20, 1, 5e-4), (20, 1, 2e-3), (64, 2, 5e-4), (64, 2, 2e-3), (64, 2, 5e-3), (128, 4, 2e-3)]
 

@@ -67,7 +67,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     validate_allocation(job, loaded.layout.n_blocks)
     validate_pruning_counts(job, loaded)
     if job.prune.model_level_loraprune:  # its options are checked above
-        from reconstruct.loop.loraprune_stage import check_stage_memory  # the engine's stage, imported on use
+        from reconstruct.jobs.loraprune_stage import check_stage_memory  # the engine's stage, imported on use
 
         check_stage_memory(job, loaded)
     if pattern.kind == N_OF_M:

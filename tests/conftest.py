@@ -170,7 +170,7 @@ def make_job(model: Path, out: Path, pruner: str, pattern: str = "unstructured",
 @pytest.fixture(scope="session")
 def finished_job(tiny_model_dir, small_calib_file, tmp_path_factory):
     """``finished_job(arch, pruner, pattern, sparsity, scope)`` → ``(job, report)``, run once per session."""
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
 
     cache: dict[tuple, tuple] = {}
 

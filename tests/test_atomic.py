@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from reconstruct.state import atomic
-from reconstruct.state.atomic import (
+from reconstruct import atomic
+from reconstruct.atomic import (
     TEMP_SUFFIX,
     DiskWriteError,
     atomic_write_bytes,

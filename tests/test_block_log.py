@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pruners.structured import ChannelGroups, HeadGroups
-from reconstruct.loop.engine import describe_block_sparsity
+from reconstruct.jobs.run_job import describe_block_sparsity
 from reconstruct.loop.pipeline import BlockReport, describe_structure
 
 

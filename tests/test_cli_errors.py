@@ -229,7 +229,7 @@ def _no_block_work(*args, **kwargs):
 
 
 def test_eval_seq_len_longer_than_the_context_stops_before_any_block(tiny_model_dir, calib_file, tmp_path, monkeypatch):
-    monkeypatch.setattr("reconstruct.loop.engine.BlockPipeline.process", _no_block_work)
+    monkeypatch.setattr("reconstruct.jobs.run_job.BlockPipeline.process", _no_block_work)
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir("opt")), "--out", str(out), *quick_args(calib_file), "--method", "none",
             "--eval", str(calib_file), "--max-length", "4096"]  # max_position_embeddings = 256

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import reconstruct.loop.engine as engine
+import reconstruct.jobs.run_job as engine
 import reconstruct.loop.pipeline as pipeline
 from conftest import make_job
 from pruners.masks import select_keep_mask

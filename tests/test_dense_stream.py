@@ -16,7 +16,7 @@ from conftest import make_job
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.modelio.loaded import load_model
 from reconstruct.methods.spec import ReconSpec
 from reconstruct.modelio.output import STATE_DIR
@@ -42,7 +42,7 @@ def test_track_error_measures_the_error_and_changes_no_byte(tiny_model_dir, smal
 def test_plain_prune_checkpoints_only_the_pruned_stream(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
     job = make_job(tiny_model_dir("llama"), tmp_path / "out", "wanda", sparsity=0.5, calib=small_calib_file)
     saved: list[set[str]] = []
-    import reconstruct.state.job_state as job_state
+    import reconstruct.jobs.job_state as job_state
 
     original = job_state.save_safetensors_atomic
 

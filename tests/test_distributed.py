@@ -94,8 +94,8 @@ def _run(job, interrupt: str | None = None, stage_starts: list[int] | None = Non
     from unittest import mock
 
     from pruners.loraprune_model import LoRAPruneController
-    from reconstruct.loop import engine, loraprune_stage, pipeline
-    from reconstruct.state.job_state import JobState
+    from reconstruct.jobs import run_job as engine, loraprune_stage, pipeline
+    from reconstruct.jobs.job_state import JobState
 
     starts: list[int] = []
     restore, restore_stage = JobState.restore_streams, LoRAPruneController.restore

@@ -205,7 +205,7 @@ def test_report_and_index_cover_every_block_and_tensor(finished_job, tiny_model_
 
 @cases
 def test_rerunning_a_finished_job_rewrites_nothing(finished_job, case):
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
 
     job, first = finished_job(*case)
     before = file_times(job.out)

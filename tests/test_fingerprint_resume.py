@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_CONFIGS, VOCAB_SIZE, WIKITEXT_VALID, build_word_tokenizer, make_job
-from reconstruct.state.atomic import sha256_file
+from reconstruct.atomic import sha256_file
 
 
 def save_wide_opt(folder: Path) -> Path:
@@ -38,7 +38,7 @@ def counting(monkeypatch, module: str) -> list[Path]:
 
 @pytest.fixture
 def finished(tmp_path, small_calib_file):
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
 
     model = save_wide_opt(tmp_path / "model")
     shard = model / "model.safetensors"
@@ -49,7 +49,7 @@ def finished(tmp_path, small_calib_file):
 
 
 def test_edit_in_the_middle_of_a_shard_is_refused_on_resume(finished):
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
 
     job, shard = finished
     data = bytearray(shard.read_bytes())
@@ -60,7 +60,7 @@ def test_edit_in_the_middle_of_a_shard_is_refused_on_resume(finished):
 
 
 def test_unchanged_rerun_reads_neither_the_model_nor_the_blocks(finished, monkeypatch):
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
 
     job, shard = finished
     model_reads = counting(monkeypatch, "reconstruct.state.fingerprint")

@@ -42,7 +42,7 @@ def written_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_report_sparsity_is_the_written_files(tmp_path, small_calib_file):
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
     from reconstruct.methods import ReconSpec
 
     model = save_fp16_opt(tmp_path / "model")

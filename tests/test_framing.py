@@ -122,7 +122,7 @@ def test_self_generated_sequences_start_from_the_bos(plain_model, framing):
 
 # --------------------------------------------------------------------------- the job
 def _run(model: Path, out: Path, calib, bos: str = "auto", n_samples: int = 4):
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
 
     job = make_job(model, out, "magnitude", sparsity=0.5, calib=calib, n_samples=n_samples, seq_len=16)
     job = dataclasses.replace(job, calib=dataclasses.replace(job.calib, bos=bos))

@@ -39,7 +39,7 @@ MIN_MASK_AGREEMENT = 0.99
 
 
 def run(job):
-    from reconstruct.loop.engine import run_job
+    from reconstruct.jobs.run_job import run_job
 
     return run_job(job)
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from pruners.pattern import SparsityPattern
 from reconstruct.config import CalibSpec, JobConfig, PruneSpec
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec
 from reconstruct.loop.objective import build_units, discover_units, starting_at_input_norms
 

@@ -21,7 +21,7 @@ from pruners.loraprune import (
 )
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec, block_trainer
 from tolerances import assert_within, gamma
 

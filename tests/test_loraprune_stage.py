@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_job
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.state.manifest import Manifest
@@ -76,7 +76,7 @@ def test_streamed_and_resident_stages_choose_the_same_masks(tiny_model_dir, smal
     """The streamed trainer (blocks loaded twice a step, masks at each load) against the resident one
     (loaded once, masks moved at step_done). Their gradients agree to rounding, and the masks compare
     scores that are far from tied on this model, so the masks must be equal."""
-    import reconstruct.loop.loraprune_stage as stage
+    import reconstruct.jobs.loraprune_stage as stage
 
     masks = {}
     for streamed in (False, True):
@@ -183,7 +183,7 @@ def test_the_stage_holds_one_block_of_final_masks_at_a_time(tiny_model_dir, smal
     import weakref
 
     from pruners.loraprune_model import LoRAPruneController
-    from reconstruct.loop import loraprune_stage
+    from reconstruct.jobs import loraprune_stage
 
     alive, most = [0], [0]
     real_final, real_save = LoRAPruneController.final_masks, loraprune_stage.save_safetensors_atomic

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reconstruct.state.atomic import save_safetensors_atomic, sha256_file
+from reconstruct.atomic import save_safetensors_atomic, sha256_file
 from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
 from reconstruct.state.manifest import (
     DONE,

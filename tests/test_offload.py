@@ -22,7 +22,7 @@ from reconstruct.modelio.loaded import load_model
 from reconstruct.methods.spec import ReconSpec
 from reconstruct.planner import GIB, MemoryBudget, choose_stream_tier, plan_job, streams_fit_free_memory
 from reconstruct.planner.tier import AUTO_HOST_SHARE
-from reconstruct.state.job_state import JobState
+from reconstruct.jobs.job_state import JobState
 
 N_SAMPLES, SEQ_LEN = 48, 64  # two streams of 768 KiB each at hidden 64, float32
 CALIB_CHARS = 6_000  # a short text: tokenizing it needs less host memory than the streams

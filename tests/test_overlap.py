@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import make_job
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.loop.overlap import TIMING_KEYS, BlockWrite, BlockWriter
 from reconstruct.methods import ReconSpec
 from reconstruct.modelio.output import REPORT_NAME
-from reconstruct.state import atomic
-from reconstruct.state.atomic import TEMP_SUFFIX, sha256_file
+from reconstruct import atomic
+from reconstruct.atomic import TEMP_SUFFIX, sha256_file
 from reconstruct.state.manifest import DONE, Manifest
 from test_resume import assert_same_output, computed_blocks, crashed, ok
 from test_resume import job, reference  # noqa: F401 (module fixtures: the tiny LLaMA job and its output)
@@ -202,7 +202,7 @@ def test_at_most_one_stream_checkpoint_copy_is_held_at_a_time(tiny_model_dir, sm
     """The planner counts one private copy of the streams for the checkpoint being written behind: the
     next block's copy is taken only once that write is done (which also lets ``--checkpoint-every auto``
     decide after the previous checkpoint's time is known)."""
-    from reconstruct.state.job_state import JobState
+    from reconstruct.jobs.job_state import JobState
 
     live, most = [0], [0]
     lock = threading.Lock()

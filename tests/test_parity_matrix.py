@@ -25,7 +25,7 @@ from conftest import WIKITEXT_VALID, build_word_tokenizer, make_job
 from families import FAMILIES, REFUSED, SHRINK_REFUSED, STREAMED, VOCAB, WINDOW, save_family_model
 from reconstruct.evaluation.perplexity import perplexity
 from reconstruct.evaluation.streaming import InMemoryLM, StreamedLM
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec
 from reconstruct.modelio.loaded import load_model
 from reconstruct.retrain import RetrainSpec

@@ -36,7 +36,7 @@ from pruners import get_pruner
 from pruners.pattern import SparsityPattern
 from reconstruct.modelio.architecture import weight_as_out_in
 from reconstruct.modelio.block_io import load_module_weights
-from reconstruct.loop.engine import capture_kwargs_and_inputs
+from reconstruct.jobs.run_job import capture_kwargs_and_inputs
 from reconstruct.loop.pipeline import prune_layer
 from reconstruct.modelio.loaded import load_model
 from reconstruct.methods import ReconSpec, attach_method

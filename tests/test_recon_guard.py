@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import cli
 from conftest import make_job
 from reconstruct.parallel import distributed
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec, split_samples
 from reconstruct.methods.snapshot import BlockSnapshot
 from reconstruct.methods.train import MANY_EPOCHS, SampleSplit, local_rows, log_training_budget

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import cli
 from conftest import make_job
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec, SampleSplit, evaluate_error, evaluate_mse, train_reconstruction
 from reconstruct.methods.loss import error_terms
 from reconstruct.state.job_diff import flag_of_field

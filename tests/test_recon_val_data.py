@@ -20,11 +20,11 @@ import cli
 from test_distributed import _run  # run_job, interrupted at a crash point; returns the block it started from
 from conftest import WIKITEXT_TEST, make_job, write_text_head
 from reconstruct.config import ValidationData
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec
 from reconstruct.methods.train import SampleSplit
 from reconstruct.parallel import distributed
-from reconstruct.state.status import describe_job
+from reconstruct.reporting.status import describe_job
 
 DIVERGING_LR = 50.0  # as in test_recon_guard.py: every trained bias / norm weight moves by ~50 a step
 VAL_TEXT_CHARS = 20_000  # enough WikiText-2 *test* text for a few 32-token windows

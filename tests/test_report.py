@@ -18,7 +18,7 @@ from cli import app
 from conftest import make_job
 from reconstruct.reporting import plots
 from reconstruct.config import EvalSpec
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.state.manifest import Manifest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -143,7 +143,7 @@ def test_run_without_matplotlib_writes_the_report_and_says_how_to_get_the_figure
 def test_eval_added_to_a_finished_job_is_recorded_once(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
     import dataclasses
 
-    from reconstruct.loop import engine
+    from reconstruct.jobs import run_job as engine
 
     job = make_job(tiny_model_dir("gpt2"), tmp_path / "out", "magnitude", calib=small_calib_file)
     run_job(job)

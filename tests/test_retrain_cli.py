@@ -16,7 +16,7 @@ import cli
 from conftest import REPO
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, STATE_DIR
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
-from reconstruct.retrain.job import MANIFEST_NAME
+from reconstruct.jobs.retrain_job import MANIFEST_NAME
 from reconstruct.state.faults import CRASH_ENV
 from reconstruct.state.manifest import MANIFEST_NAME as RUN_MANIFEST
 from test_retrain import prune_folder
@@ -177,7 +177,7 @@ def test_run_with_retrain_steps_retrains_after_the_loop(run_reference, tiny_mode
 
 
 def read_stage_finished(out: Path) -> bool:
-    from reconstruct.retrain.stage import read_stage
+    from reconstruct.jobs.retrain_stage import read_stage
 
     return bool(read_stage(out).get("finished"))
 
@@ -191,7 +191,7 @@ def test_run_killed_in_the_retraining_stage_resumes_to_the_same_bytes(run_refere
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = run_job_cli(out, tiny_model_dir("llama"), small_calib_file)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "reconstruct.loop.engine: block" not in resumed.stderr  # the layer-wise blocks are not recomputed
+    assert "reconstruct.jobs.run_job: block" not in resumed.stderr  # the layer-wise blocks are not recomputed
     if crash != "retrain-step:2":
         assert "retrain step" not in resumed.stderr  # staged: never trained (nor merged) twice
     assert model_files(out) == model_files(run_reference)
@@ -282,7 +282,7 @@ def test_run_with_self_data_samples_the_retraining_windows_from_the_dense_model(
 def test_run_checkpoints_the_retraining_stage_every_k_steps_as_told(tiny_model_dir, small_calib_file, tmp_path,
                                                                     monkeypatch):
     """``--checkpoint-every k`` is k blocks in the loop and k optimizer steps in the stage (as for LoRAPrune's)."""
-    from reconstruct.retrain import stage
+    from reconstruct.jobs import retrain_stage as stage
 
     asked = []
     real = stage.auto_or_every

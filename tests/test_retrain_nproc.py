@@ -16,8 +16,8 @@ import pytest
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
-from reconstruct.retrain.job import MANIFEST_NAME, check_batch_split
-from reconstruct.state.status import describe_job
+from reconstruct.jobs.retrain_job import MANIFEST_NAME, check_batch_split
+from reconstruct.reporting.status import describe_job
 from test_retrain_cli import (  # noqa: F401 (pruned_llama: a fixture)
     comparable_report, model_files, pruned_llama, run_cli, run_job_cli,
 )

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
-from reconstruct.retrain.job import MANIFEST_NAME
-from reconstruct.retrain.stage import STAGE_NAME
-from reconstruct.retrain.status import stage_progress
-from reconstruct.state.status import describe_job
+from reconstruct.jobs.retrain_job import MANIFEST_NAME
+from reconstruct.jobs.retrain_stage import STAGE_NAME
+from reconstruct.reporting.retrain_status import stage_progress
+from reconstruct.reporting.status import describe_job
 
 SPEC = {"method": "masklora", "steps": 6, "batch": 4, "seq_len": 16, "lr": 0.01, "seed": 0}
 

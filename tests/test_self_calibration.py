@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import VOCAB_SIZE, make_job
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 
 N_SAMPLES, SEQ_LEN = 4, 16
 TOKENS_FILE = Path(".reconstruct") / "calibration-tokens.safetensors"
@@ -85,7 +85,7 @@ def test_self_calibrated_job_completes(self_calibrated):
 # --------------------------------------------------------------------------- Ctrl-C keeps what was sampled
 def interrupt_after(checkpoints: int, monkeypatch):
     """Make the sampling checkpoint raise KeyboardInterrupt after it saved ``checkpoints`` times."""
-    from reconstruct.state import job_state
+    from reconstruct.jobs import job_state
 
     real, saved = job_state.save_sampling, []
 
@@ -101,7 +101,7 @@ def interrupt_after(checkpoints: int, monkeypatch):
 
 def test_interrupted_self_calibration_continues_where_it_stopped(tiny_model_dir, tmp_path, monkeypatch):
     from calib import self_generated
-    from reconstruct.state.status import describe_job
+    from reconstruct.reporting.status import describe_job
 
     model = tiny_model_dir("llama")
     args = ["run", "--model", str(model), "--pruner", "wanda", "--calib", "self", "--n-samples", "3",
@@ -128,7 +128,7 @@ def test_interrupted_self_calibration_continues_where_it_stopped(tiny_model_dir,
         resumed_at.append(resume.tokens_done() if resume is not None else 0)
         return real_generate(*a, resume=resume, **k)
 
-    monkeypatch.setattr("reconstruct.state.job_state.generate_self_calibration", spy)
+    monkeypatch.setattr("reconstruct.jobs.job_state.generate_self_calibration", spy)
     rerun = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert rerun.exit_code == 0, rerun.output
     assert resumed_at == [18]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import WIKITEXT_TEST, WIKITEXT_VALID
 from pruners.pattern import SparsityPattern
 from reconstruct.config import CalibSpec, JobConfig, PruneSpec
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.evaluation.perplexity import perplexity
 from reconstruct.methods import ReconSpec
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pruners import get_pruner
-from reconstruct.loop.hooks import feeding_statistics
+from calib.hooks import feeding_statistics
 
 WIDTH = 16
 

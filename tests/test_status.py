@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from reconstruct.state.faults import CRASH_ENV
-from reconstruct.state.status import describe_job, format_duration
+from reconstruct.reporting.status import describe_job, format_duration
 from reconstruct.state.lock import LOCK_NAME
 from reconstruct.state.manifest import MANIFEST_NAME, Manifest
 

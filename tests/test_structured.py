@@ -21,7 +21,7 @@ from pruners.structured import (
     select_structured,
     structured_count,
 )
-from reconstruct.loop.engine import run_job
+from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec
 
 LLAMA_ORDER = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],

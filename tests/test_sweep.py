@@ -102,7 +102,7 @@ def test_rerun_does_no_work(swept, monkeypatch):
 
     monkeypatch.setattr(sweep_module, "run_cell", no_work)
     monkeypatch.setattr(sweep_module, "run_dense", no_work)
-    monkeypatch.setattr("reconstruct.loop.engine.run_job", no_work)
+    monkeypatch.setattr("reconstruct.jobs.run_job.run_job", no_work)
     monkeypatch.setattr("reconstruct.evaluation.perplexity.perplexity", no_work)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -60,7 +60,7 @@ def discover_units(granularity: str, linear_call_order: list[list[str]]) -> list
     Args:
         granularity: ``block``, ``sublayer`` or ``linear``.
         linear_call_order: groups of linears that read the same input, in call order
-            (``reconstruct.loop.hooks.group_by_shared_input``).
+            (``calib.hooks.group_by_shared_input``).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")

@@ -1,6 +1,6 @@
 """Block IO in the background: read the next block and write the last one while a block computes.
 
-Two helpers of the block loop (``reconstruct.loop.engine``), each with a serial twin that runs the
+Two helpers of the block loop (``reconstruct.jobs.run_job``), each with a serial twin that runs the
 same work in the calling thread (``--no-overlap``: the old order, for comparison and debugging):
 
 - :class:`BlockReads` reads block i+1's tensors from the shards (``modelio.block_io.read_module_tensors``,

@@ -2,7 +2,7 @@
 
 ``BlockPipeline.process`` takes one block already loaded on the compute device and both activation
 streams at its input, and leaves the streams at its output. It knows nothing about files: loading,
-writing and checkpoints are ``reconstruct.loop.engine``'s. Each step takes the block's
+writing and checkpoints are ``reconstruct.jobs.run_job``'s. Each step takes the block's
 :class:`~reconstruct.loop.context.BlockContext`.
 """
 
@@ -45,7 +45,7 @@ from reconstruct.methods.bias_norm import BIAS_METHODS, add_zero_biases
 from reconstruct.methods.snapshot import BlockSnapshot
 from reconstruct.methods.train import local_rows
 from reconstruct.loop.objective import UnitObjective, build_units, discover_units
-from reconstruct.loop.hooks import feeding_statistics, group_by_shared_input, recording_linear_inputs
+from calib.hooks import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
 logger = logging.getLogger(__name__)
 

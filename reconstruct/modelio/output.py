@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reconstruct.state.atomic import TEMP_SUFFIX, atomic_copy_file, atomic_write_bytes, atomic_write_json
+from reconstruct.atomic import TEMP_SUFFIX, atomic_copy_file, atomic_write_bytes, atomic_write_json
 from reconstruct.state.lock import LOCK_NAME
 from reconstruct.state.manifest import MANIFEST_NAME
 

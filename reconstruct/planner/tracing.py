@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from pruners import get_pruner
-from reconstruct.loop.hooks import feeding_statistics, group_by_shared_input
+from calib.hooks import feeding_statistics, group_by_shared_input
 from reconstruct.methods.adapters import LowRankLinear
 from reconstruct.methods.bias_norm import bias_masters, norm_masters
 from reconstruct.methods.spec import LOW_RANK_METHODS

@@ -10,7 +10,7 @@ import io
 import logging
 from pathlib import Path
 
-from reconstruct.state.atomic import atomic_write_bytes
+from reconstruct.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reconstruct.state.atomic import atomic_write_bytes
+from reconstruct.atomic import atomic_write_bytes
 from reconstruct.reporting.plots import INSTALL_HINT, matplotlib_available, plot_blocks
 from reconstruct.reporting.loraprune_report import FIGURE_NAME as LORAPRUNE_FIGURE
 from reconstruct.reporting.loraprune_report import loraprune_section, plot_loraprune

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from reconstruct.reporting.plots import draw_training_curve, load_matplotlib, save_figure
 from reconstruct.reporting.report import FIGURE_NAME, MARKDOWN_NAME
-from reconstruct.state.atomic import atomic_write_bytes
+from reconstruct.atomic import atomic_write_bytes
 
 
 def plot_training(retrain: dict, path: Path) -> bool:

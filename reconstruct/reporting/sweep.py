@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pruners.pattern import N_OF_M, UNSTRUCTURED, SparsityPattern
 from pruners.registry import PRUNER_NAMES
-from reconstruct.state.atomic import atomic_write_bytes, atomic_write_json
+from reconstruct.atomic import atomic_write_bytes, atomic_write_json
 from reconstruct.config import EvalSpec
 from reconstruct.state.manifest import Manifest
 from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES

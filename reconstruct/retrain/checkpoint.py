@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.state.atomic import save_safetensors_atomic
+from reconstruct.atomic import save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 

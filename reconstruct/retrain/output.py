@@ -24,7 +24,7 @@ from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.modelio.output import copy_side_files, shard_name, write_config, write_index
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.trainables import block_linears
-from reconstruct.state.atomic import save_safetensors_atomic
+from reconstruct.atomic import save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 

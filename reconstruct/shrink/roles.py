@@ -18,7 +18,7 @@ from pruners.structured import ChannelGroups, HeadGroups, find_channel_groups, f
 from reconstruct.modelio.architecture import weight_as_out_in
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.loaded import LoadedModel
-from reconstruct.loop.hooks import group_by_shared_input, recording_linear_inputs
+from calib.hooks import group_by_shared_input, recording_linear_inputs
 
 logger = logging.getLogger(__name__)
 

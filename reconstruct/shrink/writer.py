@@ -4,7 +4,7 @@ Layout: one safetensors shard per block plus one for the tensors outside the blo
 ``shard_name``), ``config.json`` with the kept sizes, the tokenizer and generation files, ``shrink.json``
 (what was deleted, parameter counts before and after) and, last, the index: the file that makes the
 folder loadable, so a folder without it is visibly unfinished. Every file is written to a temp file,
-fsynced and renamed (``reconstruct.state.atomic``). ``.shrink-state.json`` records the source's identity,
+fsynced and renamed (``reconstruct.atomic``). ``.shrink-state.json`` records the source's identity,
 the plan and the sha256 of each finished shard: a rerun after a kill re-verifies them and writes only
 what is missing; a rerun after the end does nothing; an ``--out`` holding anything else is refused.
 """
@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from reconstruct.state.atomic import (
+from reconstruct.atomic import (
     atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file,
 )
 from reconstruct.state.fingerprint import fingerprint_model_files

@@ -24,7 +24,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reconstruct.state.atomic import atomic_write_json, sha256_file
+from reconstruct.atomic import atomic_write_json, sha256_file
 from reconstruct.progress import progress_bar
 
 logger = logging.getLogger(__name__)

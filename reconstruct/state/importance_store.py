@@ -26,7 +26,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import Tensor
 
-from reconstruct.state.atomic import fsync_dir, remove_stale_temp_files, save_safetensors_atomic
+from reconstruct.atomic import fsync_dir, remove_stale_temp_files, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
         )
 
 
-# Fingerprint field (``reconstruct.state.job_state.job_fingerprint``, flattened) → the flag a user changes.
+# Fingerprint field (``reconstruct.jobs.job_state.job_fingerprint``, flattened) → the flag a user changes.
 # A field takes the entry of its longest listed prefix; fields no flag sets keep their own name.
 FINGERPRINT_FLAGS: dict[str, str] = {
     "model_files": "--model (its file {rest})",

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from reconstruct.state.atomic import DiskWriteError
+from reconstruct.atomic import DiskWriteError
 
 try:
     import fcntl

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from reconstruct.state.atomic import atomic_write_json, sha256_file
+from reconstruct.atomic import atomic_write_json, sha256_file
 from reconstruct.state.faults import crash_point
 from reconstruct.state.fingerprint import file_stat
 from reconstruct.state.job_diff import (  # noqa: F401  (re-exported: the manifest is where callers look)

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from calib.self_generated import SamplingState
-from reconstruct.state.atomic import save_safetensors_atomic
+from reconstruct.atomic import save_safetensors_atomic
 
 PARTIAL_SUFFIX = ".partial.safetensors"
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
-from reconstruct.retrain.job import MANIFEST_NAME
+from reconstruct.jobs.retrain_job import MANIFEST_NAME
 
 
 def saved_step(out: Path) -> int:
@@ -36,7 +36,7 @@ def stage_progress(out: Path, steps: int, layerwise_finished: bool) -> str:
         steps: the stage's ``--retrain-steps``.
         layerwise_finished: whether the layer-wise loop has finished (the run's manifest says so).
     """
-    from reconstruct.retrain.stage import read_stage
+    from reconstruct.jobs.retrain_stage import read_stage
 
     stage = read_stage(out)
     if stage.get("finished"):

@@ -17,15 +17,15 @@ import torch
 from calib.activations import ActivationStream
 from calib.capture import BlockArguments, capture_block_inputs
 from reconstruct.parallel import distributed
-from reconstruct.state.atomic import atomic_write_json, save_safetensors_atomic
+from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
 from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
 from reconstruct.config import JobConfig
 from reconstruct.evaluation.parity import check_streamed_forward
-from reconstruct.state.job_state import JobState
+from reconstruct.jobs.job_state import JobState
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.loop.allocation import compute_allocation
 from reconstruct.loop.overlap import BlockReads, BlockWrite, BlockWriter, io_totals
-from reconstruct.loop.loraprune_stage import run_stage, stored_masks
+from reconstruct.jobs.loraprune_stage import run_stage, stored_masks
 from reconstruct.loop.pipeline import BlockPipeline, BlockReport
 from reconstruct.state.faults import crash_point
 from reconstruct.methods import SampleSplit, split_samples
@@ -35,9 +35,9 @@ from reconstruct.planner import MemoryBudget, check_memory_plan, log_plan
 from reconstruct.progress import progress_bar
 from reconstruct.reporting.report import finish_report, refresh_finished_report
 from reconstruct.retrain.engine import choose_stream
-from reconstruct.retrain.job import check_batch_split
+from reconstruct.jobs.retrain_job import check_batch_split
 from reconstruct.retrain.memory import RUN_FLAGS as RUN_RETRAIN_FLAGS, check_fits as check_retrain_memory
-from reconstruct.retrain.stage import read_stage, run_retrain_stage
+from reconstruct.jobs.retrain_stage import read_stage, run_retrain_stage
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.validation import resolve_evaluation, validate_job
@@ -80,7 +80,7 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
             logger.info("%s already holds this finished job; nothing to do", job.out)
             return {**refresh_finished_report(job, state), "already_finished": True}
         report = state.report() if state.finished else _run_blocks(job, loaded, state)
-        if job.retrain is not None:  # every rank trains; rank 0 alone writes (retrain/stage.py)
+        if job.retrain is not None:  # every rank trains; rank 0 alone writes (jobs/retrain_stage.py)
             report = run_retrain_stage(job, loaded, state, assemble=reassemble_output)
         report["seconds_this_session"] = time.perf_counter() - started
         return report

@@ -32,7 +32,7 @@ from reconstruct.reporting.report import write_run_report
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
 from reconstruct.retrain.engine import Checkpointing, retrain_model
-from reconstruct.state.atomic import atomic_write_json, sha256_file
+from reconstruct.atomic import atomic_write_json, sha256_file
 from reconstruct.state.faults import crash_point
 from reconstruct.state.fingerprint import file_stat
 from reconstruct.state.manifest import Manifest

@@ -27,7 +27,7 @@ from reconstruct.parallel import distributed
 from calib.activations import ActivationStream
 from calib.self_generated import chunk_length, generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
-from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
+from reconstruct.atomic import atomic_write_json, remove_stale_temp_files, save_safetensors_atomic, sha256_file
 from reconstruct.state.checkpoint_policy import CheckpointPolicy
 from reconstruct.config import JobConfig
 from reconstruct.state.fingerprint import HashCache, file_stat, fingerprint_model_files, hash_text_source
@@ -39,7 +39,7 @@ from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_fi
 from reconstruct.modelio.output import STATE_DIR, check_out_dir
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
 from reconstruct.progress import progress_bar
-from reconstruct.retrain.stage import complete_pending_swap
+from reconstruct.jobs.retrain_stage import complete_pending_swap
 from reconstruct.runtime import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def text_source_identity(source: str) -> dict:
 
 def retrain_identity(job: JobConfig) -> dict:
     """The fingerprint of ``run``'s retraining stage: its settings and its training text."""
-    from reconstruct.retrain.job import data_identity
+    from reconstruct.jobs.retrain_job import data_identity
 
     return {**job.retrain.fingerprint(), "data": data_identity(job.retrain_data or job.calib.source)}
 

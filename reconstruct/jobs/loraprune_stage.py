@@ -53,10 +53,10 @@ from reconstruct.retrain.memory import RetrainMemory, estimate
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.trainables import ModelTrainables
-from reconstruct.state.atomic import save_safetensors_atomic, sha256_file
+from reconstruct.atomic import save_safetensors_atomic, sha256_file
 from reconstruct.state.faults import crash_point
 from reconstruct.state.importance_store import DiskImportanceStore
-from reconstruct.state.job_state import JobState
+from reconstruct.jobs.job_state import JobState
 
 logger = logging.getLogger(__name__)
 

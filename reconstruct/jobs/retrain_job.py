@@ -35,7 +35,7 @@ from reconstruct.retrain.engine import Checkpointing, RetrainResult, choose_stre
 from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
-from reconstruct.state.atomic import atomic_write_json, remove_stale_temp_files
+from reconstruct.atomic import atomic_write_json, remove_stale_temp_files
 from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
 from reconstruct.state.job_diff import diff_fingerprints
 from reconstruct.state.lock import JobLock

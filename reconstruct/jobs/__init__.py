@@ -1,0 +1,8 @@
+"""The job drivers: the top layer, above everything but the command line.
+
+Each module here runs one kind of job from start to finish on the layers below it (model I/O, job
+state, methods, the block loop, retraining, shrinking, reporting), and nothing below imports it:
+``run_job`` (the ``run`` command), ``retrain_job``, the retraining and LoRAPrune stages of a run,
+``sweep``, ``validation`` (a job's flags checked against its model before any work) and ``finish``
+(the evaluations that complete a report).
+"""
