@@ -17,6 +17,29 @@ import typer
 from typer.core import TyperGroup
 
 from reconstruct.host_allocator import unpool_large_allocations
+from pruners.pattern import SparsityPattern
+from reconstruct import __version__
+from reconstruct.config import AllocationSpec, CalibSpec, EvalSpec, JobConfig, PruneSpec, ValidationData, resolve_method
+from reconstruct.evaluation.perplexity import perplexity
+from reconstruct.evaluation.tasks import TaskEvalSpec, evaluate_tasks, parse_task_names
+from reconstruct.flag_aliases import rewrite_deprecated
+from reconstruct.jobs.loraprune_stage import stage_spec
+from reconstruct.jobs.retrain_job import RetrainJob, run_retrain
+from reconstruct.jobs.run_job import run_job
+from reconstruct.jobs.sweep import SweepSpec, checked_spec, run_sweep
+from reconstruct.jobs.validation import check_validation_data
+from reconstruct.methods import ReconSpec
+from reconstruct.modelio.loaded import load_model
+from reconstruct.modelio.safetensors_header import DamagedFileError
+from reconstruct.parallel import distributed
+from reconstruct.planner import MemoryBudget, parse_bytes, plan_from_config
+from reconstruct.progress import TqdmLoggingHandler
+from reconstruct.reporting.inspect import format_table, inspect_folder
+from reconstruct.reporting.status import describe_job, interrupted_summary
+from reconstruct.retrain.memory import stage_plan
+from reconstruct.retrain.spec import RetrainSpec
+from reconstruct.shrink import SHRUNK_DIR, shrink_folder
+from reconstruct.state.out_folder import check_out_folder
 
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -38,7 +61,6 @@ class OneLineErrors(TyperGroup):
         Large host allocations are unpooled first, before any command allocates (``host_allocator``).
         Old flag names are rewritten to the new ones, one notice each (``reconstruct.flag_aliases``).
         """
-        from reconstruct.flag_aliases import rewrite_deprecated
 
         unpool_large_allocations()
         args, notices = rewrite_deprecated(sys.argv[1:] if args is None else args)
@@ -77,7 +99,6 @@ logger = logging.getLogger("reconstruct")
 
 def _print_version(value: bool) -> None:
     if value:
-        from reconstruct import __version__
 
         typer.echo(f"reconstruct {__version__}")
         raise typer.Exit()
@@ -191,7 +212,6 @@ class Dtype(str, Enum):
 def _setup_logging(verbose: bool) -> None:
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under torchrun
     quiet = rank not in (None, "0") and not verbose  # ranks other than 0 log warnings only, unless -v
-    from reconstruct.progress import TqdmLoggingHandler
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
@@ -227,7 +247,6 @@ def _guarded(action, files_flag: str = "--model", out: Path | None = None):
     User errors: ``ValueError``; a damaged model file (``DamagedFileError``, prefixed with
     ``files_flag``, or ``--out`` when the file lies in ``out``); a full, read-only or unwritable disk.
     """
-    from reconstruct.modelio.safetensors_header import DamagedFileError
 
     try:
         return action()
@@ -622,9 +641,6 @@ def run(
     _setup_logging(verbose)
 
     def build_and_run():
-        from reconstruct.parallel import distributed
-        from reconstruct.jobs.run_job import run_job
-        from reconstruct.state.out_folder import check_out_folder
 
         job = build_job(options)
         check_out_folder(job.out)
@@ -644,7 +660,6 @@ def run(
         else:
             typer.echo(f"wrote {job.out} ({summary})")
         if job.shrink:
-            from reconstruct.shrink import SHRUNK_DIR, shrink_folder
 
             _echo_shrunk(job.out / SHRUNK_DIR, shrink_folder(job.out, job.out / SHRUNK_DIR))
 
@@ -660,8 +675,6 @@ def _echo_shrunk(out: Path, summary: dict) -> None:
 
 def _stop_interrupted(out: Path) -> None:
     """After Ctrl-C: one line on where the job stopped and how to resume it, then exit 130."""
-    from reconstruct.parallel import distributed
-    from reconstruct.reporting.status import interrupted_summary
 
     if distributed.is_main():
         typer.echo(f"\n{interrupted_summary(out)}", err=True)
@@ -670,9 +683,6 @@ def _stop_interrupted(out: Path) -> None:
 
 def build_job(options: RunOptions):
     """The JobConfig for the flags of ``run``."""
-    from pruners.pattern import SparsityPattern
-    from reconstruct.config import AllocationSpec, CalibSpec, EvalSpec, JobConfig, PruneSpec, resolve_method
-    from reconstruct.validation import check_validation_data
 
     shape, prune, calib, machine, output = options.shape, options.prune, options.calib, options.machine, options.output
     spec = SparsityPattern.parse(shape.pattern, shape.sparsity, prune.mask_scope.value)
@@ -715,14 +725,12 @@ def build_job(options: RunOptions):
 
 def _task_evaluation(tasks: str | None, task_data: Path | None, limit: int | None, batch_size: int | None = None):
     """The TaskEvalSpec of ``--eval-tasks`` / ``--task-data`` / ``--limit`` (None without ``--eval-tasks``)."""
-    from reconstruct.evaluation.tasks import TaskEvalSpec
 
     return TaskEvalSpec.from_flags(tasks, task_data, limit, batch_size)
 
 
 def _validation_data(recon: ReconOptions, n_samples: int):
     """The ValidationData of ``--recon-val-data`` / ``--recon-val-samples`` (None without ``--recon-val-data``)."""
-    from reconstruct.config import ValidationData
 
     if recon.recon_val_data is None:
         if recon.recon_val_samples is not None:
@@ -739,7 +747,6 @@ def _retrain_stage_spec(options: RunOptions):
     stage = options.retrain
     if stage.retrain_steps == 0:
         return None
-    from reconstruct.retrain.spec import RetrainSpec
 
     try:
         return RetrainSpec(
@@ -764,7 +771,6 @@ RUN_RETRAIN_FLAGS = {"--method": "--retrain-method", "--steps": "--retrain-steps
 
 def _recon_spec(recon: ReconOptions, method: str):
     """The ReconSpec of the reconstruction flags, for ``method`` (``--method auto`` already resolved)."""
-    from reconstruct.methods import ReconSpec
 
     if recon.recon_steps is not None and recon.recon_epochs is not None:
         raise ValueError("give --recon-steps or --recon-epochs, not both")
@@ -781,7 +787,6 @@ def _recon_spec(recon: ReconOptions, method: str):
 
 
 def _memory_budget(machine: MachineOptions):
-    from reconstruct.planner import MemoryBudget, parse_bytes
 
     gpu, host = machine.gpu_memory, machine.host_memory
     return MemoryBudget(
@@ -866,7 +871,6 @@ def plan(
     _setup_logging(verbose)
 
     def show():
-        from reconstruct.planner import plan_from_config
 
         job = build_job(options)
         memory_plan = plan_from_config(job, config, _memory_budget(options.machine))
@@ -889,7 +893,6 @@ def _stage_plans(job, config: Path | None) -> list[tuple[str, bool]]:
     """
     stages = []
     if job.prune.model_level_loraprune:
-        from reconstruct.jobs.loraprune_stage import stage_spec
 
         stages.append(("LoRAPrune stage (--loraprune-objective model)", stage_spec(job)))
     if job.retrain is not None:
@@ -899,8 +902,6 @@ def _stage_plans(job, config: Path | None) -> list[tuple[str, bool]]:
     if config is not None:
         return [(f"{title}: not planned from --config alone (its sizes come from the checkpoint; give --model)", True)
                 for title, _ in stages]
-    from reconstruct.modelio.loaded import load_model
-    from reconstruct.retrain.memory import stage_plan
 
     loaded = load_model(job.model, job.device, job.dtype)
     return [stage_plan(spec, loaded, title) for title, spec in stages]
@@ -932,8 +933,6 @@ def evaluate(
     _setup_logging(verbose)
 
     def evaluate_model():
-        from reconstruct.evaluation.perplexity import perplexity
-        from reconstruct.evaluation.tasks import evaluate_tasks, parse_task_names
 
         task_names = parse_task_names(tasks)
         common = dict(device=device, dtype=dtype.value, batch_size=batch_size, stream=stream, bos=calib_bos.value)
@@ -952,7 +951,6 @@ def status(out: Annotated[Path, typer.Argument(help="A job's output folder.")]) 
     """Blocks done / total, elapsed and estimated time left, and the job's settings."""
 
     def show():
-        from reconstruct.reporting.status import describe_job
 
         typer.echo(describe_job(out))
 
@@ -1024,9 +1022,6 @@ def sweep(
     _setup_logging(verbose)
 
     def run_grid():
-        from reconstruct.config import EvalSpec
-        from reconstruct.reporting.sweep import SweepSpec, checked_spec, run_sweep
-        from reconstruct.state.out_folder import check_out_folder
 
         check_out_folder(out)
 
@@ -1059,8 +1054,6 @@ def shrink_model_folder(
     _setup_logging(verbose)
 
     def write():
-        from reconstruct.shrink import shrink_folder
-        from reconstruct.state.out_folder import check_out_folder
 
         check_out_folder(out)
         _echo_shrunk(out, shrink_folder(folder, out))
@@ -1078,7 +1071,6 @@ def inspect_model_folder(
     """Sparsity per block of a model folder (per layer with --layers), read tensor by tensor; N:M compliance with --nm."""
 
     def show():
-        from reconstruct.reporting.inspect import format_table, inspect_folder
 
         result = inspect_folder(folder, nm)
         typer.echo(json.dumps(result, indent=2) if as_json else format_table(result, per_layer=layers))
@@ -1126,11 +1118,6 @@ def retrain(
     _setup_logging(verbose)
 
     def build_and_run():
-        from reconstruct.parallel import distributed
-        from reconstruct.config import EvalSpec
-        from reconstruct.jobs.retrain_job import RetrainJob, run_retrain
-        from reconstruct.retrain.spec import RetrainSpec
-        from reconstruct.state.out_folder import check_out_folder
 
         check_out_folder(out)
         spec = RetrainSpec(

@@ -17,7 +17,7 @@ column of a channel) are zero, nothing the group computes reaches the block's ou
 its q/k/v or up biases hold.
 
 Which linears play which role is found without a per-model table: the sub-layer order
-(``reconstruct.loop.hooks.group_by_shared_input``: ``[[q, k, v], [o], [gate, up], [down]]``, OPT
+(``calib.hooks.group_by_shared_input``: ``[[q, k, v], [o], [gate, up], [down]]``, OPT
 ``[[q, k, v], [out], [fc1], [fc2]]``) split into attention and MLP by module name (``attn``,
 ``attention``), the head geometry from the config (``num_attention_heads``, ``num_key_value_heads``,
 ``head_dim`` or hidden / heads), and the query projection among q/k/v by its output size. A fused

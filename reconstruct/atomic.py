@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-from reconstruct.state.faults import crash_point
+from reconstruct.faults import crash_point
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,30 @@ from pathlib import Path
 
 from pruners.allocation import OWL_LAMBDA, OWL_M, check_explicit_sparsities
 from pruners.pattern import SparsityPattern
-from reconstruct.state.checkpoint_policy import parse_checkpoint_every
+from calib.framing import BOS_MODES
+from calib.text_sources import HUB_DATASETS
 
 
 AUTO_METHOD = "masklora"  # what --method auto runs, at every sparsity and pattern
+
+
+CHECKPOINT_AUTO = "auto"  # --checkpoint-every auto: the job picks the blocks between checkpoints
+
+
+def parse_checkpoint_every(value: str | int) -> str | int:
+    """``"auto"`` or a block count >= 1, from the ``--checkpoint-every`` text; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"--checkpoint-every must be 'auto' or a whole number of blocks >= 1, got {value!r}")
+    text = str(value).strip().lower()
+    if text == CHECKPOINT_AUTO:
+        return CHECKPOINT_AUTO
+    try:
+        blocks = int(text)
+    except ValueError:
+        blocks = 0
+    if blocks < 1 or str(blocks) != text:
+        raise ValueError(f"--checkpoint-every must be 'auto' or a whole number of blocks >= 1, got {value!r}")
+    return blocks
 
 
 def resolve_method(method: str) -> str:
@@ -47,7 +67,6 @@ class CalibSpec:
     bos: str = "auto"  # how windows start: auto (a BOS when the tokenizer adds one), always, never
 
     def __post_init__(self) -> None:
-        from calib.framing import BOS_MODES
 
         if self.bos not in BOS_MODES:
             raise ValueError(f"--calib-bos must be one of {', '.join(BOS_MODES)}; got {self.bos!r}")
@@ -179,7 +198,6 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         # Checked when the job is built, not hours later when the evaluation starts.
-        from calib.text_sources import HUB_DATASETS
 
         path = Path(self.data).expanduser()
         if path.suffix in (".txt", ".jsonl") or path.exists():

@@ -14,13 +14,13 @@ import sys
 from collections.abc import Iterable
 
 from tqdm.auto import tqdm
+from reconstruct.parallel import distributed
 
 PROGRESS_ENV = "RECONSTRUCT_PROGRESS"
 
 
 def _disabled() -> bool | None:
     """tqdm's ``disable``: True off the main rank or when switched off, None = on a terminal only."""
-    from reconstruct.parallel import distributed
 
     if not distributed.is_main():
         return True

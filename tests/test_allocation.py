@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, save_tiny_model
 from pruners.allocation import check_explicit_sparsities, outlier_ratio, owl_sparsities, weighted_mean
-from reconstruct.state.faults import CRASH_ENV
+from reconstruct.faults import CRASH_ENV
 from reconstruct.state.manifest import Manifest
 
 EXACT = 1e-12  # the bisection's solution, in float64

@@ -247,7 +247,7 @@ def test_eval_seq_len_longer_than_the_context_stops_before_any_block(tiny_model_
 def test_length_flags_of_other_commands_are_checked_first(tiny_model_dir, calib_file, tmp_path, monkeypatch,
                                                           command, words):
     monkeypatch.setattr("reconstruct.evaluation.perplexity.open_lm", _no_block_work)
-    monkeypatch.setattr("reconstruct.reporting.sweep.run_cell", _no_block_work)
+    monkeypatch.setattr("reconstruct.jobs.sweep.run_cell", _no_block_work)
     name, *flags = command
     extra = {"eval": ["--data", str(calib_file), "--device", "cpu"],
              "plan": ["--device", "cpu", "--n-samples", "2"],
@@ -262,7 +262,7 @@ def test_length_flags_of_other_commands_are_checked_first(tiny_model_dir, calib_
 def test_default_eval_window_is_the_smaller_of_2048_and_the_context():
     from types import SimpleNamespace
 
-    from reconstruct.validation import default_eval_seq_len, resolve_eval_seq_len
+    from reconstruct.modelio.facts import default_eval_seq_len, resolve_eval_seq_len
 
     assert default_eval_seq_len(SimpleNamespace(max_position_embeddings=512)) == 512
     assert default_eval_seq_len(SimpleNamespace(n_positions=1024)) == 1024

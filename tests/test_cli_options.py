@@ -45,7 +45,7 @@ def test_the_relaunch_command_line_builds_the_same_job(monkeypatch, tmp_path):
         process=cli.ProcessOptions(nproc=4),
     )
     seen = []
-    monkeypatch.setattr("reconstruct.jobs.run_job.run_job", lambda job, budget: seen.append(job) or {})
+    monkeypatch.setattr("cli.run_job", lambda job, budget: seen.append(job) or {})
     args = options.command_line()
     assert "--nproc" not in args and "--no-recon-guard" in args
     result = CliRunner().invoke(cli.app, args)

@@ -15,12 +15,12 @@ import torch
 from conftest import PIQA_DATA, save_tiny_model
 from reconstruct import runtime
 from reconstruct.evaluation import perplexity as perplexity_module
-from reconstruct.evaluation import streaming
 from reconstruct.evaluation.perplexity import perplexity
 from reconstruct.modelio import loaded as loaded_module
 from reconstruct.modelio.loaded import load_model
 
 pytest.importorskip("lm_eval")
+from reconstruct.evaluation import tasks as tasks_module  # noqa: E402
 from reconstruct.evaluation.tasks import evaluate_tasks  # noqa: E402
 
 
@@ -50,11 +50,11 @@ def _stop_at_open(opened: dict, key: str):
 @pytest.mark.parametrize(("device", "expected"), [("cpu", torch.float32), ("cuda", torch.bfloat16)])
 def test_run_and_eval_pick_the_same_dtype_for_auto(bf16_model, small_calib_file, monkeypatch, device, expected):
     named = torch.device(device)
-    for module in (loaded_module, perplexity_module, runtime):  # evaluate_tasks imports it from runtime when called
+    for module in (loaded_module, perplexity_module, tasks_module, runtime):
         monkeypatch.setattr(module, "resolve_device", lambda name: named)
     opened: dict[str, torch.dtype] = {"run": load_model(str(bf16_model), device, "auto").dtype}  # run, retrain, plan
     monkeypatch.setattr(perplexity_module, "open_lm", _stop_at_open(opened, "eval"))
-    monkeypatch.setattr(streaming, "open_lm", _stop_at_open(opened, "eval --tasks"))
+    monkeypatch.setattr(tasks_module, "open_lm", _stop_at_open(opened, "eval --tasks"))
     with pytest.raises(Opened):
         perplexity(str(bf16_model), str(small_calib_file), seq_len=16, max_windows=1, device=device, dtype="auto")
     with pytest.raises(Opened):

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from reconstruct.config import EvalSpec
-from reconstruct.reporting.sweep import Cell, SweepSpec, _csv_text, cell_command, render_markdown, task_columns
+from reconstruct.jobs.sweep import Cell, SweepSpec, cell_command
+from reconstruct.reporting.sweep import _csv_text, render_markdown, task_columns
 from test_report import EVAL_FLAGS, quick_run_args, table_rows
 
 pytest.importorskip("lm_eval")

@@ -19,7 +19,7 @@ from conftest import make_job
 from test_engine_output import linear_weight_keys, output_tensors
 
 from pruners.pattern import SparsityPattern
-from reconstruct.state.faults import CRASH_ENV
+from reconstruct.faults import CRASH_ENV
 from reconstruct.methods.spec import ReconSpec
 
 pytestmark = [

@@ -159,7 +159,7 @@ def test_eval_added_to_a_finished_job_is_recorded_once(tiny_model_dir, small_cal
         raise AssertionError("a finished, evaluated job did work again")
 
     monkeypatch.setattr(engine, "_run_blocks", no_work)
-    monkeypatch.setattr("reconstruct.evaluation.perplexity.perplexity", no_work)
+    monkeypatch.setattr("reconstruct.jobs.finish.perplexity", no_work)
     again = run_job(evaluated)  # the rewritten reconstruct.json is the job's recorded output: nothing to redo
     assert again["already_finished"] and again["evaluation"] == stored["evaluation"]
 

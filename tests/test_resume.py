@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from reconstruct.state.faults import CRASH_ENV
+from reconstruct.faults import CRASH_ENV
 from reconstruct.state.lock import LOCK_NAME
 from reconstruct.state.manifest import DONE, MANIFEST_NAME, Manifest, verify_block_files
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, shard_name

@@ -17,7 +17,7 @@ from conftest import REPO
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, STATE_DIR
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
 from reconstruct.jobs.retrain_job import MANIFEST_NAME
-from reconstruct.state.faults import CRASH_ENV
+from reconstruct.faults import CRASH_ENV
 from reconstruct.state.manifest import MANIFEST_NAME as RUN_MANIFEST
 from test_retrain import prune_folder
 from test_resume import VOLATILE_BLOCK_KEYS, VOLATILE_REPORT_KEYS
@@ -177,7 +177,7 @@ def test_run_with_retrain_steps_retrains_after_the_loop(run_reference, tiny_mode
 
 
 def read_stage_finished(out: Path) -> bool:
-    from reconstruct.jobs.retrain_stage import read_stage
+    from reconstruct.state.retrain_stage_record import read_stage
 
     return bool(read_stage(out).get("finished"))
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
 from reconstruct.jobs.retrain_job import MANIFEST_NAME
-from reconstruct.jobs.retrain_stage import STAGE_NAME
+from reconstruct.modelio.folder_layout import RETRAIN_STAGE_NAME as STAGE_NAME
 from reconstruct.reporting.retrain_status import stage_progress
 from reconstruct.reporting.status import describe_job
 

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct.state.faults import CRASH_ENV
+from reconstruct.faults import CRASH_ENV
 from reconstruct.reporting.status import describe_job, format_duration
 from reconstruct.state.lock import LOCK_NAME
 from reconstruct.state.manifest import MANIFEST_NAME, Manifest

@@ -19,10 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from reconstruct.reporting import sweep as sweep_module
+from reconstruct.jobs import sweep as sweep_module
 from reconstruct.config import EvalSpec
 from reconstruct.reporting.plots import matplotlib_available
-from reconstruct.reporting.sweep import Cell, SweepSpec, build_cells, cell_command, is_done, run_cell
+from reconstruct.jobs.sweep import Cell, SweepSpec, build_cells, cell_command, is_done, run_cell
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,8 +102,9 @@ def test_rerun_does_no_work(swept, monkeypatch):
 
     monkeypatch.setattr(sweep_module, "run_cell", no_work)
     monkeypatch.setattr(sweep_module, "run_dense", no_work)
-    monkeypatch.setattr("reconstruct.jobs.run_job.run_job", no_work)
-    monkeypatch.setattr("reconstruct.evaluation.perplexity.perplexity", no_work)
+    monkeypatch.setattr("cli.run_job", no_work)
+    monkeypatch.setattr("cli.perplexity", no_work)
+    monkeypatch.setattr("reconstruct.jobs.finish.perplexity", no_work)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert {name: (out / name).read_bytes() for name in before} == before

@@ -18,7 +18,7 @@ from reconstruct.modelio.architecture import load_config
 from reconstruct.modelio.source import resolve_model
 from reconstruct.runtime import model_dtype, resolve_device
 from reconstruct.evaluation.streaming import open_lm
-from reconstruct.validation import resolve_eval_seq_len
+from reconstruct.modelio.facts import resolve_eval_seq_len
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,10 @@ from pathlib import Path
 
 from calib.framing import resolve_framing
 from reconstruct.evaluation.task_data import task_specs
+from reconstruct.evaluation.streaming import open_lm
+from reconstruct.modelio.source import resolve_model
+from reconstruct.modelio.architecture import load_config
+from reconstruct.runtime import model_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +218,6 @@ def evaluate_tasks(
     from transformers import AutoTokenizer
 
     from reconstruct.evaluation.lm_eval_model import ReconstructLM
-    from reconstruct.evaluation.streaming import open_lm
-    from reconstruct.modelio.source import resolve_model
-    from reconstruct.modelio.architecture import load_config
-    from reconstruct.runtime import model_dtype, resolve_device
 
     folder = resolve_model(model)
     torch_device = resolve_device(device)

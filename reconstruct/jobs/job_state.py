@@ -36,17 +36,19 @@ from reconstruct.state.lock import JobLock
 from reconstruct.state.sampling_checkpoint import load_sampling, partial_path, save_sampling
 from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
-from reconstruct.modelio.output import STATE_DIR, check_out_dir
+from reconstruct.modelio.output import STATE_DIR
+from reconstruct.state.out_folder import check_out_dir
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
 from reconstruct.progress import progress_bar
-from reconstruct.jobs.retrain_stage import complete_pending_swap
+from reconstruct.state.retrain_stage_record import complete_pending_swap
 from reconstruct.runtime import dtype_name
+from reconstruct.modelio.folder_layout import HASH_CACHE_NAME
+from reconstruct.jobs.retrain_job import data_identity
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration-tokens.safetensors"
 VALIDATION_FILE = "validation-tokens.safetensors"  # --recon-val-data's windows
-HASH_CACHE_NAME = "file-hashes.json"  # model files' whole-file sha256 by stat (fingerprint.HashCache)
 
 
 def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | None = None) -> dict:
@@ -103,7 +105,6 @@ def text_source_identity(source: str) -> dict:
 
 def retrain_identity(job: JobConfig) -> dict:
     """The fingerprint of ``run``'s retraining stage: its settings and its training text."""
-    from reconstruct.jobs.retrain_job import data_identity
 
     return {**job.retrain.fingerprint(), "data": data_identity(job.retrain_data or job.calib.source)}
 

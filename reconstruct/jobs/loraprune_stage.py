@@ -47,14 +47,15 @@ from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import checkpoint_interval, load_checkpoint
 from reconstruct.planner.budget import human
-from reconstruct.retrain.engine import Checkpointing, RetrainResult, Trainer, choose_stream, open_model
+from reconstruct.retrain.engine import Checkpointing, RetrainResult, Trainer, open_model
+from reconstruct.retrain.memory import choose_stream
 from reconstruct.retrain.engine import train as train_steps
 from reconstruct.retrain.memory import RetrainMemory, estimate
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.trainables import ModelTrainables
 from reconstruct.atomic import save_safetensors_atomic, sha256_file
-from reconstruct.state.faults import crash_point
+from reconstruct.faults import crash_point
 from reconstruct.state.importance_store import DiskImportanceStore
 from reconstruct.jobs.job_state import JobState
 

@@ -27,11 +27,13 @@ from reconstruct.config import EvalSpec
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.evaluation.parity import check_streamed_forward
 from reconstruct.modelio.loaded import LoadedModel, load_model
-from reconstruct.modelio.output import REPORT_NAME, STATE_DIR, is_own_leftover
+from reconstruct.modelio.output import REPORT_NAME, STATE_DIR
+from reconstruct.state.out_folder import is_own_leftover
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
-from reconstruct.retrain.engine import Checkpointing, RetrainResult, choose_stream, retrain_model
+from reconstruct.retrain.engine import Checkpointing, RetrainResult, retrain_model
+from reconstruct.retrain.memory import choose_stream
 from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
@@ -39,12 +41,13 @@ from reconstruct.atomic import atomic_write_json, remove_stale_temp_files
 from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
 from reconstruct.state.job_diff import diff_fingerprints
 from reconstruct.state.lock import JobLock
-from reconstruct.validation import check_calib_seq_len
+from reconstruct.modelio.facts import check_calib_seq_len
+from reconstruct.modelio.folder_layout import HASH_CACHE_NAME as HASHES_NAME, RETRAIN_MANIFEST_NAME as MANIFEST_NAME
+from reconstruct.reporting.retrain_report import write_retrain_report
+from reconstruct.evaluation.perplexity import perplexity
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "retrain-manifest.json"  # in --out/.reconstruct/
-HASHES_NAME = "file-hashes.json"
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,6 @@ def run_retrain(job: RetrainJob) -> dict:
             return {"rank": distributed.world().rank}
         report = build_report(job, fingerprint, result, sparsity, loaded)
         report["seconds_this_session"] = time.perf_counter() - started
-        from reconstruct.reporting.retrain_report import write_retrain_report
 
         write_retrain_report(out, report)
         atomic_write_json(out / REPORT_NAME, report)
@@ -275,7 +277,6 @@ def tasks_before_after(job: RetrainJob) -> dict:
 
 def evaluate_before_after(job: RetrainJob) -> dict:
     """Perplexity of ``--model`` and of ``--out`` on ``--eval`` (same windows, same framing)."""
-    from reconstruct.evaluation.perplexity import perplexity
 
     spec = job.evaluation
     common = dict(seq_len=spec.seq_len, max_windows=spec.max_windows, device=job.device, dtype=job.dtype,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -33,50 +32,11 @@ from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
 from reconstruct.retrain.engine import Checkpointing, retrain_model
 from reconstruct.atomic import atomic_write_json, sha256_file
-from reconstruct.state.faults import crash_point
-from reconstruct.state.fingerprint import file_stat
+from reconstruct.faults import crash_point
 from reconstruct.state.manifest import Manifest
+from reconstruct.state.retrain_stage_record import STAGING_DIR, complete_pending_swap, read_stage, record_path
 
 logger = logging.getLogger(__name__)
-
-STAGE_NAME = "retrain-stage.json"  # in --out/.reconstruct/
-STAGING_DIR = "retrained"  # in --out/.reconstruct/: the merged model before the swap
-
-
-def _stage_path(out: Path) -> Path:
-    return Path(out) / STATE_DIR / STAGE_NAME
-
-
-def read_stage(out: Path) -> dict:
-    """The stage's record (``{}`` before it starts)."""
-    path = _stage_path(out)
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def complete_pending_swap(out: Path) -> bool:
-    """Move staged block shards over the layer-wise ones and record them in the run's manifest.
-
-    Idempotent: a shard already moved is only recorded. Returns whether a swap was pending.
-    """
-    out = Path(out)
-    stage = read_stage(out)
-    staged = stage.get("staged")
-    if not staged or stage.get("swapped"):
-        return False
-    manifest = Manifest.load(out)
-    staging = out / STATE_DIR / STAGING_DIR
-    by_file = {record.file: record for record in manifest.blocks}
-    for name, digest in sorted(staged["shards"].items()):
-        if (staging / name).is_file():
-            os.replace(staging / name, out / name)
-            crash_point(f"retrain-swap:{name}")
-        record = by_file[name]
-        record.sha256, record.stat = digest, file_stat(out / name)
-        added = staged["added_biases"].get(name, [])
-        record.stats["added_biases"] = sorted(set(record.stats.get("added_biases", [])) | set(added))
-    manifest.save(out)
-    atomic_write_json(_stage_path(out), {**stage, "swapped": True})
-    return True
 
 
 def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
@@ -107,7 +67,7 @@ def run_retrain_stage(job, loaded: LoadedModel, state, assemble) -> dict:
     report = {**report, "retrain": stage["result"], "evaluation_before_retrain": stage.get("layerwise_evaluation")}
     state.update_report(report)
     write_run_report(out, report, job.model)  # report.md with the retraining section
-    atomic_write_json(_stage_path(out), {**read_stage(out), "finished": True})
+    atomic_write_json(record_path(out), {**read_stage(out), "finished": True})
     shutil.rmtree(out / STATE_DIR / STAGING_DIR, ignore_errors=True)
     return report
 
@@ -123,7 +83,7 @@ def _train_and_stage(job, dense: LoadedModel, stage: dict) -> dict:
     if not stage and distributed.is_main():  # first session of the stage: keep what the layer-wise report measured
         layerwise = json.loads((out / REPORT_NAME).read_text()).get("evaluation")
         stage = {"layerwise_evaluation": layerwise}
-        atomic_write_json(_stage_path(out), stage)
+        atomic_write_json(record_path(out), stage)
     # every rank reads the layer-wise blocks from --out (rank 0 has finished writing them)
     layerwise_model = distributed.agree(lambda: load_model(str(out), job.device, job.dtype))
     spec = job.retrain
@@ -142,7 +102,7 @@ def _train_and_stage(job, dense: LoadedModel, stage: dict) -> dict:
               for index in range(layerwise_model.layout.n_blocks)}
     added = {shard_name(int(index), n_shards): names for index, names in result.added_biases.items()}
     stage = {**stage, "result": asdict(result), "staged": {"shards": shards, "added_biases": added}}
-    atomic_write_json(_stage_path(out), stage)
+    atomic_write_json(record_path(out), stage)
     (out / STATE_DIR / CHECKPOINT_NAME).unlink(missing_ok=True)
     crash_point("retrain-staged")
     return stage

@@ -27,20 +27,21 @@ from reconstruct.loop.allocation import compute_allocation
 from reconstruct.loop.overlap import BlockReads, BlockWrite, BlockWriter, io_totals
 from reconstruct.jobs.loraprune_stage import run_stage, stored_masks
 from reconstruct.loop.pipeline import BlockPipeline, BlockReport
-from reconstruct.state.faults import crash_point
+from reconstruct.faults import crash_point
 from reconstruct.methods import SampleSplit, split_samples
 from reconstruct.methods.train import log_training_budget
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
 from reconstruct.planner import MemoryBudget, check_memory_plan, log_plan
 from reconstruct.progress import progress_bar
-from reconstruct.reporting.report import finish_report, refresh_finished_report
-from reconstruct.retrain.engine import choose_stream
+from reconstruct.jobs.finish import finish_report, refresh_finished_report
+from reconstruct.retrain.memory import choose_stream
 from reconstruct.jobs.retrain_job import check_batch_split
 from reconstruct.retrain.memory import RUN_FLAGS as RUN_RETRAIN_FLAGS, check_fits as check_retrain_memory
-from reconstruct.jobs.retrain_stage import read_stage, run_retrain_stage
+from reconstruct.jobs.retrain_stage import run_retrain_stage
+from reconstruct.state.retrain_stage_record import read_stage
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
-from reconstruct.validation import resolve_evaluation, validate_job
+from reconstruct.jobs.validation import resolve_evaluation, validate_job
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from reconstruct.parallel import distributed
 from reconstruct.modelio.architecture import BlockLayout, weight_as_out_in
 from reconstruct.modelio.block_io import keep_nonzero_when_stored, stored_sparsity
 from reconstruct.config import JobConfig
-from reconstruct.state.faults import crash_point
+from reconstruct.faults import crash_point
 from reconstruct.loop.context import BlockContext
 from reconstruct.methods import (
     SampleSplit, attach_method, block_trainer, evaluate_error, evaluate_mse, sum_of_squares, train_reconstruction,

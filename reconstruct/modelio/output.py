@@ -5,36 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reconstruct.atomic import TEMP_SUFFIX, atomic_copy_file, atomic_write_bytes, atomic_write_json
-from reconstruct.state.lock import LOCK_NAME
-from reconstruct.state.manifest import MANIFEST_NAME
+from reconstruct.atomic import atomic_copy_file, atomic_write_bytes, atomic_write_json
+from reconstruct.modelio.folder_layout import INDEX_NAME, JOB_FILES, REPORT_NAME, STATE_DIR
 
-INDEX_NAME = "model.safetensors.index.json"
-REPORT_NAME = "reconstruct.json"
-STATE_DIR = ".reconstruct"  # resume state: activation checkpoints, calibration tokens
+__all__ = ["INDEX_NAME", "REPORT_NAME", "STATE_DIR", "WEIGHT_SUFFIXES", "copy_side_files", "shard_name",
+           "write_config", "write_index"]
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 SKIPPED_FILES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json"}  # written anew by every job
-# What a reconstruct job writes about itself (run, retrain, shrink): never carried from an input folder
-# that is itself a job's output, where it would describe the earlier job (a stale manifest would even
-# make a resume of this job look like another one).
-JOB_FILES = {MANIFEST_NAME, REPORT_NAME, "report.md", "report.png", "loraprune.png", "shrink.json"}
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse an ``--out`` that exists and holds something other than a reconstruct job."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    foreign = [path for path in out.iterdir() if not is_own_leftover(path.name)] if out.is_dir() else []
-    if foreign and not (out / MANIFEST_NAME).is_file():
-        raise ValueError(
-            f"--out {out} is not empty and holds no reconstruct job; choose an empty or new folder "
-            "(nothing there was changed)"
-        )
-
-
-def is_own_leftover(name: str) -> bool:
-    """Files a killed run may leave before its first manifest: lock, state folder, temp files."""
-    return name == LOCK_NAME or name.startswith(LOCK_NAME + ".") or name == STATE_DIR or name.endswith(TEMP_SUFFIX)
 
 
 def shard_name(index: int, n_shards: int) -> str:

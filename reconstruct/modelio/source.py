@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from reconstruct.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ def convert_gguf(folder: Path, filename: str, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reconstruct.progress import progress_bar
 
     logger.info("converting %s to safetensors in %s (once; %s moves this cache)", filename, target, CACHE_ENV)
     target.parent.mkdir(parents=True, exist_ok=True)

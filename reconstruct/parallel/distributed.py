@@ -33,6 +33,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from reconstruct.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,6 @@ def join(job):
     Raises:
         ValueError: more processes on this node than GPUs.
     """
-    from reconstruct.runtime import resolve_device
 
     if not (launched() or (dist.is_available() and dist.is_initialized())):
         return job

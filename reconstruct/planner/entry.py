@@ -15,6 +15,11 @@ from reconstruct.planner.probe import probe_model
 from reconstruct.planner.tier import choose_stream_tier
 from reconstruct.planner.tracing import sequential_groups
 from reconstruct.runtime import config_dtype, model_dtype
+from reconstruct.modelio.architecture import load_config
+from reconstruct.modelio.facts import check_calib_seq_len
+from reconstruct.modelio.source import resolve_model
+from reconstruct.modelio.architecture import CAUSAL_LM_SUFFIXES
+from reconstruct.parallel import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +62,6 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
     The device may be one this machine lacks (``--device cuda`` on a laptop): give its memory with
     ``budget.device_bytes``.
     """
-    from reconstruct.modelio.architecture import load_config
-    from reconstruct.validation import check_calib_seq_len
 
     if config_path is not None:
         config_path = Path(config_path).expanduser()
@@ -68,7 +71,6 @@ def plan_from_config(job, config_path: Path | None, budget: MemoryBudget | None 
             raise ValueError(f"--config {config_path}: no such file")
         config = _load_config_file(config_path)
     else:
-        from reconstruct.modelio.source import resolve_model
 
         config = load_config(resolve_model(job.model))
     budget = budget or MemoryBudget()
@@ -108,7 +110,6 @@ def _load_config_file(path: Path):
 
     from transformers import AutoConfig
 
-    from reconstruct.modelio.architecture import CAUSAL_LM_SUFFIXES
 
     try:
         data = json.loads(path.read_text())
@@ -185,7 +186,6 @@ def _samples_of_this_rank(n_samples: int) -> int:
 
     The rows are the calibration windows and, with ``--recon-val-data``, its windows after them.
     """
-    from reconstruct.parallel import distributed
 
     shard = distributed.split_samples(n_samples)
     return shard.stop - shard.start

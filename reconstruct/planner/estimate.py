@@ -13,6 +13,7 @@ from reconstruct.planner.budget import MIB, human
 from reconstruct.planner.plan import Item, MemoryPlan, Phase
 from reconstruct.planner.probe import ModelProbe, in_out
 from reconstruct.planner.tracing import trace_block
+from pruners import get_pruner
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +289,6 @@ def plan_for_tier(inputs: PlanInputs, probe: ModelProbe, groups, tier: str, devi
         notes.append("sparsegpt keeps one in x in float32 Gram matrix per linear, also for linears that read the "
                      f"same input (q/k/v), and all of a group at once ({human(stats)}); pruning one adds three "
                      "more in x in matrices (H, its Cholesky factor and inverse)")
-    from pruners import get_pruner
 
     if getattr(get_pruner(inputs.pruner), "needs_block_training", False):
         notes.append(f"the {inputs.pruner} pruner trains the block to score weights; that pass is not in the plan")

@@ -23,6 +23,9 @@ import torch
 from reconstruct.modelio.checkpoint import CheckpointReader
 from reconstruct.modelio.output import WEIGHT_SUFFIXES
 from reconstruct.modelio.safetensors_header import DamagedFileError
+from reconstruct.modelio.architecture import is_prunable_linear
+from reconstruct.modelio.loaded import load_model
+from reconstruct.shrink.roles import block_group_counts, find_roles
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +91,6 @@ def _layers_from_config(folder: Path):
     """``(architecture, [(block, name, key, stored_as_in_out)], outside keys, reader)`` via the engine's discovery."""
     from transformers.pytorch_utils import Conv1D
 
-    from reconstruct.modelio.architecture import is_prunable_linear
-    from reconstruct.modelio.loaded import load_model
 
     loaded = load_model(str(folder), "cpu", "float32")
     entries = []
@@ -202,8 +203,6 @@ def _parameters(folder: Path) -> int:
 
 def _group_counts(folder: Path) -> list[dict[str, int]] | None:
     """Heads, key/value heads and MLP channels per block (``reconstruct.shrink``); None where not found."""
-    from reconstruct.modelio.loaded import load_model
-    from reconstruct.shrink.roles import block_group_counts, find_roles
 
     try:
         loaded = load_model(str(folder), "cpu", "float32")

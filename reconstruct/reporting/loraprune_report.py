@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from reconstruct.reporting.plots import load_matplotlib, save_figure
+from reconstruct.modelio.folder_layout import LORAPRUNE_FIGURE_NAME as FIGURE_NAME
 
-FIGURE_NAME = "loraprune.png"
 
 
 def loraprune_section(stage: dict, figure_drawn: bool) -> list[str]:

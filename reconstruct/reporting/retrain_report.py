@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from reconstruct.reporting.plots import draw_training_curve, load_matplotlib, save_figure
-from reconstruct.reporting.report import FIGURE_NAME, MARKDOWN_NAME
+from reconstruct.modelio.folder_layout import FIGURE_NAME, MARKDOWN_NAME
 from reconstruct.atomic import atomic_write_bytes
+from reconstruct.evaluation.tasks import describe_results
 
 
 def plot_training(retrain: dict, path: Path) -> bool:
@@ -66,7 +67,6 @@ def render_retrain_markdown(report: dict, figure_drawn: bool) -> str:
 
 def task_lines(task_evaluation: dict | None) -> list[str]:
     """``--eval-tasks`` before and after retraining: one line per task and model."""
-    from reconstruct.evaluation.tasks import describe_results
 
     if not task_evaluation:
         return []

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from reconstruct.modelio.output import STATE_DIR
-from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
-from reconstruct.jobs.retrain_job import MANIFEST_NAME
+from reconstruct.modelio.folder_layout import RETRAIN_CHECKPOINT_NAME as CHECKPOINT_NAME
+from reconstruct.modelio.folder_layout import RETRAIN_MANIFEST_NAME as MANIFEST_NAME
+from reconstruct.modelio.folder_layout import STATE_DIR
+from reconstruct.state.retrain_stage_record import read_stage
 
 
 def saved_step(out: Path) -> int:
@@ -36,8 +37,6 @@ def stage_progress(out: Path, steps: int, layerwise_finished: bool) -> str:
         steps: the stage's ``--retrain-steps``.
         layerwise_finished: whether the layer-wise loop has finished (the run's manifest says so).
     """
-    from reconstruct.jobs.retrain_stage import read_stage
-
     stage = read_stage(out)
     if stage.get("finished"):
         return f"finished ({steps} of {steps} steps)"

@@ -14,6 +14,8 @@ from reconstruct.state.lock import LOCK_NAME, pid_alive
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.state.manifest import DONE, MANIFEST_NAME, BlockRecord, Manifest
 from reconstruct.state.sampling_checkpoint import describe_sampling, sampling_progress
+from reconstruct.reporting.retrain_status import describe_retrain_job
+from reconstruct.reporting.retrain_status import stage_progress
 
 
 def describe_job(out: Path) -> str:
@@ -43,7 +45,6 @@ def describe_job(out: Path) -> str:
         raise ValueError(f"{out} is a file, not a job's output folder (pass the --out folder of a reconstruct run)")
     manifest = Manifest.load(out)
     if manifest is None:
-        from reconstruct.reporting.retrain_status import describe_retrain_job
 
         retrain_job = describe_retrain_job(out, lock_holder(out))
         if retrain_job is not None:
@@ -72,7 +73,6 @@ def describe_job(out: Path) -> str:
     if done:
         lines.append(f"quality:    {_quality(done)}")
     if settings.get("retrain"):  # run --retrain-steps: the stage after the loop
-        from reconstruct.reporting.retrain_status import stage_progress
 
         lines.append(f"retrain:    {stage_progress(out, settings['retrain']['steps'], manifest.finished)}")
     return "\n".join(lines)

@@ -23,10 +23,12 @@ from safetensors import safe_open
 
 from reconstruct.retrain.trainables import ModelTrainables
 from reconstruct.atomic import save_safetensors_atomic
+from reconstruct.modelio.folder_layout import RETRAIN_CHECKPOINT_NAME as CHECKPOINT_NAME  # noqa: F401  (callers import it here)
+from reconstruct.evaluation.streaming import model_bytes
+from reconstruct.retrain.trainables import estimate_trainable_count
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "retrain-checkpoint.safetensors"
 AUTO_BUDGET = 0.1  # auto: checkpoint bytes at most this share of the bytes a step reads
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -89,8 +91,6 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, trainables: ModelTrainab
 
 def auto_or_every(every: str | int, spec, loaded) -> int:
     """``checkpoint_interval`` for a job: the trainables' bytes estimated from the skeleton."""
-    from reconstruct.evaluation.streaming import model_bytes
-    from reconstruct.retrain.trainables import estimate_trainable_count
 
     trainable_bytes = 4 * estimate_trainable_count(spec, loaded.layout, loaded.blocks)
     return checkpoint_interval(every, trainable_bytes, model_bytes(loaded.folder, loaded.dtype))

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from calib.framing import SequenceFraming
-from reconstruct.evaluation.streaming import should_stream
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.parallel import distributed
@@ -28,7 +27,7 @@ from reconstruct.progress import progress_bar
 from reconstruct.retrain.data import held_out_split, retrain_windows, step_rows
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
 from reconstruct.retrain.loss import scored_tokens
-from reconstruct.retrain.memory import boundary_tier, estimate
+from reconstruct.retrain.memory import boundary_tier, choose_stream
 from reconstruct.retrain.output import write_block, write_rest
 from reconstruct.retrain.resident import ResidentModel
 from reconstruct.retrain.schedule import lr_factor
@@ -37,7 +36,7 @@ from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.streamed import StreamedModel
 from reconstruct.retrain.trainables import ModelTrainables
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
-from reconstruct.state.faults import crash_point
+from reconstruct.faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +61,6 @@ class RetrainResult:
     read_share: float = 0.0  # share of the training time spent reading block weights
     tokens_per_second: float = 0.0  # scored training tokens per second
     added_biases: dict[str, list[str]] = field(default_factory=dict)  # block index → linears given a new bias
-
-
-def choose_stream(spec: RetrainSpec, loaded: LoadedModel) -> bool:
-    """Whether to stream: ``--stream always|never``, or ``auto``: when the weights do not fit the device
-    comfortably or the resident path's memory plan (``memory.estimate``) does not fit."""
-    if spec.stream != "auto":
-        return spec.stream == "always"
-    return should_stream(loaded.folder, loaded.device, loaded.dtype) or not estimate(spec, loaded, False).fits
 
 
 def open_model(loader: BlockLoader, spec: RetrainSpec, stream: bool, scratch: Path):

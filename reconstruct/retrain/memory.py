@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reconstruct.evaluation.streaming import available_bytes, model_bytes
+from reconstruct.evaluation.streaming import available_bytes, model_bytes, should_stream
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.planner.budget import human
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
@@ -126,11 +126,10 @@ def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool,
 def stage_plan(spec: RetrainSpec, loaded: LoadedModel, title: str = "retraining stage") -> tuple[str, bool]:
     """Both paths' plans for ``reconstruct plan``, naming the one the stage would take; whether that one fits.
 
-    The path is the stage's own choice (``engine.choose_stream``: ``--stream``, else stream when the
+    The path is the stage's own choice (``choose_stream`` below: ``--stream``, else stream when the
     weights or the resident plan do not fit). ``title`` names the stage (the retraining stage, or
     model-level LoRAPrune's training, which runs on the same trainer).
     """
-    from reconstruct.retrain.engine import choose_stream
 
     streamed = choose_stream(spec, loaded)
     plans = {path: estimate(spec, loaded, path) for path in (False, True)}
@@ -140,3 +139,11 @@ def stage_plan(spec: RetrainSpec, loaded: LoadedModel, title: str = "retraining 
              f"{'streamed' if streamed else 'resident'}, {verdict}"]
     lines += [plans[path].format() for path in (False, True)]
     return "\n".join(lines), chosen.fits
+
+
+def choose_stream(spec: RetrainSpec, loaded: LoadedModel) -> bool:
+    """Whether to stream: ``--stream always|never``, or ``auto``: when the weights do not fit the device
+    comfortably or the resident path's memory plan (``memory.estimate``) does not fit."""
+    if spec.stream != "auto":
+        return spec.stream == "always"
+    return should_stream(loaded.folder, loaded.device, loaded.dtype) or not estimate(spec, loaded, False).fits

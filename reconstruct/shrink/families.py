@@ -8,6 +8,7 @@ size from the config (``head_dim``) rather than deriving it from ``hidden_size /
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pruners.structured import attention_geometry, structured_count
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,6 @@ def check_run_shrink(kind: str, sparsity: float, config) -> None:
         ValueError: an unstructured pattern, a family whose heads cannot shrink, or (grouped-query
             attention) a number of removed heads that does not split evenly over the key/value groups.
     """
-    from pruners.structured import attention_geometry, structured_count
 
     check_shrinkable(config.model_type, kind)
     if kind != "heads":

@@ -20,7 +20,7 @@ from pruners.structured import ChannelGroups, HeadGroups, kv_heads_removed
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.modelio.output import REPORT_NAME
 from reconstruct.shrink.families import ShrunkSizes, check_shrinkable
-from reconstruct.shrink.roles import BlockRoles
+from reconstruct.shrink.roles import BlockRoles, output_weight
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,6 @@ class ShrinkPlan:
     def to_dict(self) -> dict:
         """JSON form (stored in the shrink state and in ``shrink.json``)."""
         return {"removed": list(self.removed), "sizes": asdict(self.sizes), "found_by": self.found_by}
-
-
-def output_weight(loaded: LoadedModel, roles: BlockRoles, index: int, name: str) -> torch.Tensor:
-    """Block ``index``'s linear ``name`` as stored in the checkpoint, read as ``(out, in)``."""
-    key = loaded.key_map[f"{loaded.layout.block_prefix(index)}{name}.weight"]
-    weight = loaded.reader.read(key)
-    return weight.t() if name in roles.stored_in_out else weight
 
 
 def zero_column_groups(weight: torch.Tensor, n_groups: int) -> list[int]:

@@ -83,7 +83,6 @@ def find_roles(loaded: LoadedModel) -> BlockRoles:
 
 def block_group_counts(loaded: LoadedModel, roles: BlockRoles) -> list[dict[str, int]]:
     """Heads, key/value heads and MLP channels of every block, read from the stored shapes (headers only)."""
-    from reconstruct.shrink.removed import output_weight
 
     counts = []
     for index in range(loaded.layout.n_blocks):
@@ -97,3 +96,10 @@ def block_group_counts(loaded: LoadedModel, roles: BlockRoles) -> list[dict[str,
         loaded.reader.close()
         counts.append(block)
     return counts
+
+
+def output_weight(loaded: LoadedModel, roles: BlockRoles, index: int, name: str) -> torch.Tensor:
+    """Block ``index``'s linear ``name`` as stored in the checkpoint, read as ``(out, in)``."""
+    key = loaded.key_map[f"{loaded.layout.block_prefix(index)}{name}.weight"]
+    weight = loaded.reader.read(key)
+    return weight.t() if name in roles.stored_in_out else weight

@@ -21,11 +21,10 @@ from reconstruct.atomic import (
 from reconstruct.state.fingerprint import fingerprint_model_files
 from reconstruct.state.lock import LOCK_NAME
 from reconstruct.modelio.output import INDEX_NAME, WEIGHT_SUFFIXES, copy_side_files, shard_name, write_index
+from reconstruct.modelio.folder_layout import SHRINK_STATE_NAME as STATE_NAME, SHRINK_SUMMARY_NAME as SUMMARY_NAME
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = ".shrink-state.json"
-SUMMARY_NAME = "shrink.json"
 
 
 def source_identity(folder: Path) -> dict[str, str]:

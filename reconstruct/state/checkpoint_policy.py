@@ -17,25 +17,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-AUTO = "auto"
+from reconstruct.config import CHECKPOINT_AUTO as AUTO
+from reconstruct.config import parse_checkpoint_every  # noqa: F401  (re-exported for the policy's callers)
+
 MAX_OVERHEAD = 0.1  # auto: checkpoint writes take at most this fraction of the block time between them
 CHEAP_SECONDS = 0.5  # auto: a checkpoint faster than this is taken after every block
-
-
-def parse_checkpoint_every(value: str | int) -> str | int:
-    """``"auto"`` or a block count >= 1, from the ``--checkpoint-every`` text; ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"--checkpoint-every must be 'auto' or a whole number of blocks >= 1, got {value!r}")
-    text = str(value).strip().lower()
-    if text == AUTO:
-        return AUTO
-    try:
-        blocks = int(text)
-    except ValueError:
-        blocks = 0
-    if blocks < 1 or str(blocks) != text:
-        raise ValueError(f"--checkpoint-every must be 'auto' or a whole number of blocks >= 1, got {value!r}")
-    return blocks
 
 
 class CheckpointPolicy:

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from reconstruct.atomic import DiskWriteError
+from reconstruct.modelio.folder_layout import LOCK_NAME
 
 try:
     import fcntl
@@ -46,7 +47,6 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".reconstruct.lock"
 
 # Lock files held by this process in fallback (no-flock) mode: a lock naming our own pid that is
 # not in here was left by a dead process whose pid we now reuse.

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from reconstruct.atomic import atomic_write_json, sha256_file
-from reconstruct.state.faults import crash_point
+from reconstruct.faults import crash_point
 from reconstruct.state.fingerprint import file_stat
+from reconstruct.modelio.folder_layout import MANIFEST_NAME
 from reconstruct.state.job_diff import (  # noqa: F401  (re-exported: the manifest is where callers look)
     WORLD_SIZE_KEY, check_same_world_size, diff_fingerprints, flag_of_field, to_jsonable,
 )
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "reconstruct-manifest.json"
 MANIFEST_VERSION = 1
 PENDING = "pending"
 DONE = "done"

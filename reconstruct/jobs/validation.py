@@ -12,30 +12,13 @@ from pruners.schedule import SCHEDULES
 from pruners.structured import attention_geometry, is_attention, structured_count
 from reconstruct.modelio.architecture import weight_as_out_in
 from reconstruct.config import LORAPRUNE_OBJECTIVES, JobConfig
+from reconstruct.modelio.facts import check_calib_seq_len, resolve_eval_seq_len
 from reconstruct.modelio.loaded import LoadedModel
-
-CONTEXT_LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
-
-
-def context_length(config) -> int | None:
-    """The longest sequence the model's position handling accepts, if the config says."""
-    for field in CONTEXT_LENGTH_FIELDS:
-        value = getattr(config, field, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_calib_seq_len(seq_len: int, config) -> None:
-    """Refuse calibration windows (``--seq-len``) longer than the model's context.
-
-    Raises:
-        ValueError: one line naming ``--seq-len`` and the model's context length.
-    """
-    limit = context_length(config)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's context length {limit}; use --seq-len {limit} or less")
-
+from reconstruct.shrink.families import check_run_shrink
+from reconstruct.jobs.loraprune_stage import check_stage_memory
+from calib.text_sources import read_text, tokenize_text
+from pruners import get_pruner
+from pruners.allocation import check_explicit_sparsities
 
 def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     """Refuse settings the model or the inputs cannot satisfy, each with the flag at fault.
@@ -60,14 +43,12 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     check_validation_data(job)
     pattern = job.prune.pattern
     if job.shrink:
-        from reconstruct.shrink.families import check_run_shrink
 
         check_run_shrink(pattern.kind, pattern.sparsity, loaded.config)
     validate_prune_options(job, loaded)
     validate_allocation(job, loaded.layout.n_blocks)
     validate_pruning_counts(job, loaded)
     if job.prune.model_level_loraprune:  # its options are checked above
-        from reconstruct.jobs.loraprune_stage import check_stage_memory  # the engine's stage, imported on use
 
         check_stage_memory(job, loaded)
     if pattern.kind == N_OF_M:
@@ -97,7 +78,6 @@ def check_short_text(source: str, flag: str, seq_len: int, text_tokens: int, loa
         return
     if path.stat().st_size >= SHORT_TEXT_BYTES_PER_TOKEN * text_tokens:
         return
-    from calib.text_sources import read_text, tokenize_text
 
     count = tokenize_text(read_text(source), loaded.tokenizer()).numel()
     if count <= text_tokens:
@@ -129,7 +109,6 @@ def check_validation_data(job: JobConfig) -> None:
 def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:
     """``--cycles``, ``--cycle-schedule`` and the structured patterns against the model's config."""
     prune = job.prune
-    from pruners import get_pruner  # builds the pruner once to check its options (names the flag)
 
     get_pruner(prune.pruner, blocksize=prune.blocksize, percdamp=prune.percdamp, loraprune_steps=prune.loraprune_steps,
                loraprune_rank=prune.loraprune_rank, loraprune_lr=prune.loraprune_lr)
@@ -178,7 +157,6 @@ def validate_allocation(job: JobConfig, n_blocks: int) -> None:
         raise ValueError(f"--allocation {allocation.file or allocation.kind} works with --pattern unstructured only "
                          f"(not {pattern.label}); use --allocation uniform with N:M, heads or channels")
     if allocation.kind == "file":
-        from pruners.allocation import check_explicit_sparsities
 
         check_explicit_sparsities(list(allocation.sparsities), n_blocks, allocation.file)
 
@@ -227,57 +205,9 @@ def validate_pruning_counts(job: JobConfig, loaded: LoadedModel) -> None:
         )
 
 
-DEFAULT_EVAL_SEQ_LEN = 2048  # evaluation window when the model's context allows it (Wanda/SparseGPT's)
-
-
-def default_eval_seq_len(config) -> int:
-    """The evaluation window when none is given: the smaller of 2048 and the model's context length."""
-    limit = context_length(config)
-    return DEFAULT_EVAL_SEQ_LEN if limit is None else min(DEFAULT_EVAL_SEQ_LEN, limit)
-
-
-def resolve_eval_seq_len(seq_len: int | None, config, flag: str) -> int:
-    """``seq_len`` checked against the model's context, or its default when ``None``.
-
-    Args:
-        seq_len: Tokens per evaluation window as given, or ``None`` for the default.
-        config: The model's transformers config.
-        flag: The flag that set it, named in the error (``--max-length``, ``--seq-len``).
-
-    Raises:
-        ValueError: one line naming ``flag`` and the model's context length.
-    """
-    if seq_len is None:
-        return default_eval_seq_len(config)
-    limit = context_length(config)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"{flag} {seq_len} exceeds the model's context length {limit}; use {flag} {limit} or less")
-    return seq_len
-
-
 def resolve_evaluation(job: JobConfig, config) -> JobConfig:
     """``job`` with its ``--eval`` window resolved against the model (see :func:`resolve_eval_seq_len`)."""
     if job.evaluation is None:
         return job
     seq_len = resolve_eval_seq_len(job.evaluation.seq_len, config, "--max-length")
     return replace(job, evaluation=replace(job.evaluation, seq_len=seq_len))
-
-
-def model_config(model: str):
-    """The transformers config of ``--model`` (resolved to its folder), for checks before any work."""
-    from reconstruct.modelio.architecture import load_config
-    from reconstruct.modelio.source import resolve_model
-
-    return load_config(resolve_model(model))
-
-
-def check_model_files(model: str) -> None:
-    """Refuse ``--model`` when a weights file is missing or damaged (reads the headers only).
-
-    Raises:
-        DamagedFileError: the file and what is wrong (truncated: bytes present vs expected).
-    """
-    from reconstruct.modelio.checkpoint import CheckpointReader
-    from reconstruct.modelio.source import resolve_model
-
-    CheckpointReader(resolve_model(model)).close()
