@@ -63,7 +63,7 @@ def timed_run(job) -> dict:
     from unittest import mock
 
     from reconstruct.jobs import run_job as engine
-    from reconstruct.loop import pipeline as block_pipeline
+    from reconstruct.loop import pruning as block_pipeline
 
     seconds: dict[str, float] = defaultdict(float)
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from cli import app
 from pruners.structured import ChannelGroups, HeadGroups
 from reconstruct.jobs.run_job import describe_block_sparsity
-from reconstruct.loop.pipeline import BlockReport, describe_structure
+from reconstruct.loop.block_report import BlockReport, describe_structure
 
 
 def test_channels_line_names_both_numbers():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from reconstruct.loop.pipeline import run_stream
+from reconstruct.loop.streams import run_stream
 from reconstruct.methods import evaluate_mse, sum_of_squares
 
 

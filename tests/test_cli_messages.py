@@ -19,7 +19,7 @@ def quick_run(model, calib, out) -> list[str]:
 
 
 def test_ctrl_c_says_where_the_job_stopped_and_how_to_resume(tiny_model_dir, small_calib_file, tmp_path, monkeypatch):
-    import reconstruct.loop.pipeline as pipeline
+    import reconstruct.loop.pruning as pipeline  # where the statistics crash point sits
 
     def interrupt_in_block_2(point: str) -> None:
         if point == "statistics:1":  # 0-based index 1: the second block

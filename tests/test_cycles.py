@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reconstruct.jobs.run_job as engine
-import reconstruct.loop.pipeline as pipeline
+import reconstruct.loop.pruning as pipeline  # the pruning steps of the block pipeline
 from conftest import make_job
 from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern

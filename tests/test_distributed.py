@@ -94,7 +94,9 @@ def _run(job, interrupt: str | None = None, stage_starts: list[int] | None = Non
     from unittest import mock
 
     from pruners.loraprune_model import LoRAPruneController
-    from reconstruct.jobs import run_job as engine, loraprune_stage, pipeline
+    from reconstruct.jobs import loraprune_stage
+    from reconstruct.jobs import run_job as engine
+    from reconstruct.loop import pipeline, pruning
     from reconstruct.jobs.job_state import JobState
 
     starts: list[int] = []
@@ -114,8 +116,8 @@ def _run(job, interrupt: str | None = None, stage_starts: list[int] | None = Non
             engine.run_job(job)
         else:
             crash = _interrupting(interrupt)
-            with mock.patch.object(pipeline, "crash_point", crash), mock.patch.object(
-                    loraprune_stage, "crash_point", crash), pytest.raises(Interrupted):
+            with mock.patch.object(pipeline, "crash_point", crash), mock.patch.object(pruning, "crash_point", crash), \
+                    mock.patch.object(loraprune_stage, "crash_point", crash), pytest.raises(Interrupted):
                 engine.run_job(job)
     return starts[0] if starts else 0  # a kill in the LoRAPrune stage comes before the streams are restored
 

@@ -37,7 +37,7 @@ from pruners.pattern import SparsityPattern
 from reconstruct.modelio.architecture import weight_as_out_in
 from reconstruct.modelio.block_io import load_module_weights
 from reconstruct.jobs.run_job import capture_kwargs_and_inputs
-from reconstruct.loop.pipeline import prune_layer
+from reconstruct.loop.pruning import prune_layer
 from reconstruct.modelio.loaded import load_model
 from reconstruct.methods import ReconSpec, attach_method
 from reconstruct.planner import GIB, MemoryBudget, parse_bytes, plan_from_config, plan_job, prune_temporary_bytes
@@ -174,7 +174,7 @@ def test_reconstruction_working_set_matches_the_profiler(arch, method, small_mod
     ("magnitude", ("unstructured", 0.5, "row")), ("sparsegpt", ("unstructured", 0.5, "row")),
 ])
 def test_pruner_temporaries_match_the_profiler(pruner, pattern):
-    """``loop.pipeline.prune_layer`` on one (out, in) linear: the planner's formula against the allocator's peak."""
+    """``loop.pruning.prune_layer`` on one (out, in) linear: the planner's formula against the allocator's peak."""
     out_features, in_features = 384, 512
     linear = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False)
     pruner_obj = get_pruner(pruner)

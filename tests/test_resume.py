@@ -39,7 +39,7 @@ VOLATILE_REPORT_KEYS = ("elapsed_seconds", "peak_rss_mb", "peak_gpu_mb", "host_m
 # Per-block fields that describe the run: the block's time, its compute / IO split and whether its IO overlapped.
 VOLATILE_BLOCK_KEYS = ("seconds", "compute_seconds", "read_wait_seconds", "write_wait_seconds", "read_seconds",
                        "write_seconds", "checkpoint_seconds", "overlap")
-BLOCK_LOG = re.compile(r"reconstruct\.loop\.engine: block (\d+)/(\d+):")  # one line per computed block
+BLOCK_LOG = re.compile(r"reconstruct\.jobs\.run_job: block (\d+)/(\d+):")  # one line per computed block
 DEFAULT_FLAGS = {  # the job under test; a test overrides single flags by name
     "n_samples": "8",
     "seq_len": "32",

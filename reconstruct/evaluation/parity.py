@@ -87,7 +87,7 @@ def compare_streamed_forward(loaded: LoadedModel, seq_len: int, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, int(loaded.config.vocab_size), (CHECK_WINDOWS, n_tokens), generator=generator)
     batch = tokens.to(loaded.device)  # (2, T)
-    layout, blocks = loaded.layout, loaded.blocks
+    blocks = loaded.blocks
     modules = loaded.load_outside_blocks()
     try:
         modules.append(load_head(loaded))
@@ -96,44 +96,65 @@ def compare_streamed_forward(loaded: LoadedModel, seq_len: int, seed: int = 0) -
         arguments = capture_block_inputs(loaded.model, blocks, tokens, 1,
                                          lambda rows, hidden: first.setdefault("rows", []).append(hidden),
                                          loaded.device)
-        streamed = {"hidden": torch.cat(first["rows"])}  # (2, T, H)
-        differences: list[float] = []
-        inside = {"streamed": False}
-
-        def load(index):
-            def hook(block, args, kwargs):
-                if not inside["streamed"]:
-                    load_module_weights(block, layout.block_prefix(index), loaded.reader, loaded.key_map,
-                                        loaded.device, loaded.dtype)
-            return hook
-
-        def compare_and_release(index):
-            def hook(block, args, kwargs, output):
-                if inside["streamed"]:
-                    return
-                inside["streamed"] = True
-                try:
-                    streamed["hidden"] = arguments.run(block, index, streamed["hidden"])
-                finally:
-                    inside["streamed"] = False
-                differences.append(_relative(streamed["hidden"], block_output(output)))
-                release_module_weights(block)
-            return hook
-
-        with ExitStack() as hooks:
-            for index, block in enumerate(blocks):
-                hooks.callback(block.register_forward_pre_hook(load(index), with_kwargs=True).remove)
-                hooks.callback(block.register_forward_hook(compare_and_release(index), with_kwargs=True).remove)
-            own = loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits
-        for block in blocks:  # released even if the forward stopped halfway
-            release_module_weights(block)
+        lockstep = _Lockstep(loaded, arguments, torch.cat(first["rows"]))  # (2, T, H) into block 0
+        own = lockstep.run_model(batch)
+        streamed = {"hidden": lockstep.hidden}
         with replaying_blocks(blocks, streamed, arguments.tuple_output):
             ours = loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits
     finally:
         for module in modules:
             release_module_weights(module)
         loaded.reader.close()
-    return ParityResult(n_tokens, _relative(ours, own), tuple(differences), tolerance_for(loaded.dtype))
+    return ParityResult(n_tokens, _relative(ours, own), tuple(lockstep.differences), tolerance_for(loaded.dtype))
+
+
+class _Lockstep:
+    """The model's own forward with each block loaded just before the model calls it and released after,
+    and, inside the same call, the streamed step of that block on its own state.
+
+    Each block is read once; ``differences`` gets one relative difference per block (streamed vs own).
+    """
+
+    def __init__(self, loaded: LoadedModel, arguments, hidden: torch.Tensor):
+        self.loaded, self.arguments = loaded, arguments
+        self.hidden = hidden  # (batch, T, H): the streamed state, entering the next block
+        self.differences: list[float] = []
+        self.inside_streamed = False
+
+    def run_model(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's own logits on ``batch`` (batch, T), every block compared on the way."""
+        blocks = self.loaded.blocks
+        with ExitStack() as hooks:
+            for index, block in enumerate(blocks):
+                hooks.callback(block.register_forward_pre_hook(self._loader(index), with_kwargs=True).remove)
+                hooks.callback(block.register_forward_hook(self._comparer(index), with_kwargs=True).remove)
+            try:
+                return self.loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits
+            finally:
+                for block in blocks:  # released even if the forward stopped halfway
+                    release_module_weights(block)
+
+    def _loader(self, index: int):
+        loaded = self.loaded
+
+        def hook(block, args, kwargs):
+            if not self.inside_streamed:
+                load_module_weights(block, loaded.layout.block_prefix(index), loaded.reader, loaded.key_map,
+                                    loaded.device, loaded.dtype)
+        return hook
+
+    def _comparer(self, index: int):
+        def hook(block, args, kwargs, output):
+            if self.inside_streamed:
+                return
+            self.inside_streamed = True
+            try:
+                self.hidden = self.arguments.run(block, index, self.hidden)
+            finally:
+                self.inside_streamed = False
+            self.differences.append(_relative(self.hidden, block_output(output)))
+            release_module_weights(block)
+        return hook
 
 
 def check_streamed_forward(loaded: LoadedModel, seq_len: int) -> ParityResult:

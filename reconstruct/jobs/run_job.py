@@ -26,7 +26,8 @@ from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.loop.allocation import compute_allocation
 from reconstruct.loop.overlap import BlockReads, BlockWrite, BlockWriter, io_totals
 from reconstruct.jobs.loraprune_stage import run_stage, stored_masks
-from reconstruct.loop.pipeline import BlockPipeline, BlockReport
+from reconstruct.loop.block_report import BlockReport
+from reconstruct.loop.pipeline import BlockPipeline
 from reconstruct.faults import crash_point
 from reconstruct.methods import SampleSplit, split_samples
 from reconstruct.methods.train import log_training_budget

@@ -21,7 +21,7 @@ from pruners.stats import SumSquaresStats
 from pruners.wanda import wanda_scores
 from reconstruct.config import JobConfig
 from calib.hooks import feeding_statistics
-from reconstruct.loop.pipeline import run_stream
+from reconstruct.loop.streams import run_stream
 from reconstruct.modelio.architecture import weight_as_out_in
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.loaded import LoadedModel

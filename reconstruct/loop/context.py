@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
 from calib.activations import ActivationStream
 from pruners.pattern import SparsityPattern
 
-if TYPE_CHECKING:
-    from reconstruct.loop.pipeline import BlockReport
+from reconstruct.loop.block_report import BlockReport
 
 
 @dataclass

@@ -12,117 +12,34 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from calib.activations import ActivationStream
 from calib.capture import BlockArguments
+from calib.hooks import group_by_shared_input, recording_linear_inputs
 from pruners import get_pruner
-from pruners.base import BlockTraining, GivenScores
-from pruners.masks import select_keep_mask
 from pruners.pattern import SparsityPattern
-from pruners.schedule import cycle_pattern, scaled_pattern, schedule_fraction
-from pruners.structured import (
-    ChannelGroups,
-    HeadGroups,
-    find_groups,
-    removed_groups,
-    removed_indices,
-    select_structured,
-)
-from reconstruct.parallel import distributed
-from reconstruct.modelio.architecture import BlockLayout, weight_as_out_in
-from reconstruct.modelio.block_io import keep_nonzero_when_stored, stored_sparsity
+from pruners.schedule import cycle_pattern
+from pruners.structured import ChannelGroups, HeadGroups
 from reconstruct.config import JobConfig
 from reconstruct.faults import crash_point
+from reconstruct.loop.block_report import BlockReport
 from reconstruct.loop.context import BlockContext
-from reconstruct.methods import (
-    SampleSplit, attach_method, block_trainer, evaluate_error, evaluate_mse, sum_of_squares, train_reconstruction,
-)
+from reconstruct.loop.objective import UnitObjective, build_units, discover_units
+from reconstruct.loop.pruning import PruningSteps
+from reconstruct.loop.streams import run_stream
+from reconstruct.methods import SampleSplit, attach_method, evaluate_error, evaluate_mse, train_reconstruction
 from reconstruct.methods.bias_norm import BIAS_METHODS, add_zero_biases
 from reconstruct.methods.snapshot import BlockSnapshot
 from reconstruct.methods.train import local_rows
-from reconstruct.loop.objective import UnitObjective, build_units, discover_units
-from calib.hooks import feeding_statistics, group_by_shared_input, recording_linear_inputs
+from reconstruct.modelio.architecture import BlockLayout, weight_as_out_in
+from reconstruct.modelio.block_io import keep_nonzero_when_stored, stored_sparsity
+from reconstruct.parallel import distributed
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BlockReport:
-    """What happened to one block; stored in the manifest and in ``reconstruct.json``."""
-
-    index: int
-    sparsity: dict[str, float] = field(default_factory=dict)  # linear → fraction of zeros
-    mse_before: float | None = None  # pruned block on pruned stream vs dense targets, before reconstruction
-    mse_after: float | None = None  # same, after reconstruction and merge
-    target_mean_square: float | None = None  # mean square of the dense targets: the scale of the MSEs
-    trainable_params: int = 0
-    block_params: int = 0
-    recon_steps: int = 0
-    added_biases: list[str] = field(default_factory=list)
-    densified_fraction: float = 0.0  # lora only: share of pruned weights that became non-zero
-    removed: dict[str, list[int]] = field(default_factory=dict)  # heads/channels: removed heads, kv_heads, channels
-    seconds: float = 0.0
-    train_error: float | None = None  # training-batch loss over the last evaluation interval (last cycle)
-    val_before: float | None = None  # error on the held-out samples before reconstruction (first cycle)
-    val_after: float | None = None  # the same after the merge (last cycle), whether kept or undone
-    recon_kept: bool | None = None  # guard: a repair is in the written block (None: no guard)
-    recon_stopped_at: int | None = None  # guard: step whose parameters were kept, last cycle (0: none)
-    target_sparsity: float | None = None  # the block's target (--allocation: its own; else --sparsity)
-
-
-def describe_structure(structure) -> str:
-    """The groups ``--pattern heads/channels`` removes, in words (not a dataclass repr)."""
-    if hasattr(structure, "channels"):
-        return (f"{structure.channels} MLP channels per block: output rows of {', '.join(structure.up)}, "
-                f"input columns of {structure.down}")
-    kv = f" ({structure.num_kv_heads} key/value heads)" if structure.num_kv_heads != structure.num_heads else ""
-    return (f"{structure.num_heads} attention heads of {structure.head_dim} per block{kv}: output rows of "
-            f"{', '.join((structure.query, *structure.key_value))}, input columns of {structure.output}")
-
-
-@torch.no_grad()
-def run_stream(
-    forward, source: ActivationStream, micro_batch: int, destination: ActivationStream | None = None,
-    compare_with: ActivationStream | None = None,
-) -> tuple[float, float] | None:
-    """Run ``forward`` over every micro-batch of ``source``.
-
-    Outputs go to ``destination`` (may be ``source`` itself: samples are independent). If
-    ``compare_with`` is given, returns the mean squared error of the outputs against it and the mean
-    square of ``compare_with`` itself, the scale of that error (over every rank's samples in a
-    distributed run: then every rank must call it); both summed as ``methods.sum_of_squares`` does,
-    the arithmetic of ``methods.evaluate_mse``.
-    """
-    squared_error, target_square, count = 0.0, 0.0, 0
-    for start in range(0, source.n_samples, micro_batch):
-        rows = slice(start, min(start + micro_batch, source.n_samples))
-        output = forward(source.read(rows))  # (b, T, H)
-        if compare_with is not None:
-            target = compare_with.read(rows).float()  # (b, T, H)
-            squared_error += sum_of_squares(output.float() - target)
-            target_square += sum_of_squares(target)
-            count += target.numel()
-        if destination is not None:
-            destination.write(rows, output)
-    if compare_with is None:
-        return None
-    squared_error, target_square, count = distributed.all_reduce_sum(squared_error, target_square, count)
-    return squared_error / count, target_square / count
-
-
-def prune_layer(module: nn.Module, pruner, stats, pattern, within: torch.Tensor | None = None) -> torch.Tensor:
-    """Prune one linear in place and return its keep mask, shape (out, in) (a subset of ``within``)."""
-    weight = weight_as_out_in(module).detach().float().clone()  # (out, in)
-    new_weight, keep_mask = pruner.prune(weight, stats, pattern, within)
-    assert bool((keep_mask | (new_weight == 0)).all()), "pruner returned non-zero pruned weights"
-    with torch.no_grad():
-        target = weight_as_out_in(module)  # a view: writing it writes the parameter
-        target.copy_(new_weight.to(target.dtype))
-    return keep_mask
 
 
 def uses_unit_objective(recon) -> bool:
@@ -130,7 +47,7 @@ def uses_unit_objective(recon) -> bool:
     return recon.granularity != "block" or recon.target != "dense"
 
 
-class BlockPipeline:
+class BlockPipeline(PruningSteps):
     """Prune and reconstruct one block at a time; knows nothing about files."""
 
     def __init__(self, job: JobConfig, layout: BlockLayout, arguments: BlockArguments, device: torch.device,
@@ -316,116 +233,9 @@ class BlockPipeline:
                              name, nudged, written[name])
         return written
 
-    def _prune(self, ctx: BlockContext, pattern) -> None:
-        """Prune the block to ``pattern``, nested in ``ctx.keep_masks`` (earlier cycles), which it updates."""
-        if self.given_masks is not None:
-            self._prune_given(ctx, pattern)
-            return
-        if pattern.structured:
-            self._prune_structured(ctx, pattern)
-            return
-        for group in self.groups(ctx):
-            stats = self._pruner_inputs(ctx, {name: ctx.linears[name] for name in group})
-            for name in group:
-                ctx.keep_masks[name] = prune_layer(ctx.linears[name], self.pruner, stats.get(name), pattern,
-                                                   ctx.keep_masks.get(name))
-            del stats
-
-    def find_structure(self, ctx: BlockContext, pattern) -> HeadGroups | ChannelGroups:
-        """The heads or channels a structured ``pattern`` prunes (found once, on the first block pruned)."""
-        if self.structure is None:
-            shapes = {name: tuple(weight_as_out_in(module).shape) for name, module in ctx.linears.items()}
-            self.structure = find_groups(pattern, self.call_order(ctx), shapes, self.model_config)
-            logger.info("--pattern %s: %s", pattern.kind, describe_structure(self.structure))
-        return self.structure
-
-    def _prune_structured(self, ctx: BlockContext, pattern) -> None:
-        """Remove whole heads or channels (pruners.structured); the other linears stay dense."""
-        members = {name: ctx.linears[name] for name in self.find_structure(ctx, pattern).linears}
-        stats = self._pruner_inputs(ctx, members)
-        importance = {
-            name: self.pruner.importance(weight_as_out_in(module).detach().float(), stats.get(name))
-            for name, module in members.items()
-        }
-        del stats
-        previous = {name: ctx.keep_masks[name] for name in members if name in ctx.keep_masks}
-        masks, ctx.report.removed = select_structured(pattern, self.structure, importance, previous or None,
-                                                        self.job.prune.heads_per_kv_group)
-        with torch.no_grad():
-            for name, keep_mask in masks.items():
-                weight = weight_as_out_in(ctx.linears[name])  # a view: writing it writes the parameter
-                weight.masked_fill_(~keep_mask.to(weight.device), 0.0)
-                ctx.keep_masks[name] = keep_mask
-        for name, module in ctx.linears.items():  # untouched linears: everything kept
-            ctx.keep_masks.setdefault(name, self._keep_all(module))
-
-    def _prune_given(self, ctx: BlockContext, pattern) -> None:
-        """Zero what the block's given keep masks prune (model-level LoRAPrune chose them at ``pattern``)."""
-        masks = self.given_masks(ctx.index)
-        with torch.no_grad():
-            for name, module in ctx.linears.items():
-                weight = weight_as_out_in(module)  # a view: writing it writes the parameter
-                keep_mask = masks[name].to(device=weight.device, dtype=torch.bool)
-                weight.masked_fill_(~keep_mask, 0.0)
-                ctx.keep_masks[name] = keep_mask
-        if pattern.structured:
-            structure = self.find_structure(ctx, pattern)
-            ctx.report.removed = removed_indices(structure, removed_groups(structure, ctx.keep_masks))
-
-    def _pruner_inputs(self, ctx: BlockContext, group: dict[str, nn.Module]) -> dict:
-        """What the pruner needs for ``group``: hook statistics, or scores from block training (LoRAPrune)."""
-        if not self.pruner.needs_block_training:
-            return self._collect_statistics(ctx, group)
-        scores = self.pruner.score_block(self._block_training(ctx, group))
-        crash_point(f"statistics:{ctx.index}")
-        return {name: GivenScores(scores[name]) for name in group}
-
-    def _block_training(self, ctx: BlockContext, group: dict[str, nn.Module]) -> BlockTraining:
-        """The block, its objective and the trainer, for a block-training pruner (LoRAPrune)."""
-        current = {name: ctx.keep_masks[name] if name in ctx.keep_masks else self._keep_all(module)
-                   for name, module in group.items()}
-        prune = self.job.prune  # provisional masks ramp from the previous cycle's sparsity to this one's
-        start = schedule_fraction(ctx.cycle - 1, prune.cycles, prune.cycle_schedule) if ctx.cycle > 1 else 0.0
-        end = schedule_fraction(ctx.cycle, prune.cycles, prune.cycle_schedule)
-        seed = self.block_seed(ctx.index, ctx.cycle)
-        return BlockTraining(
-            block=ctx.block, linears=group, keep_masks=current, forward=ctx.objective, inputs=ctx.sparse,
-            targets=ctx.targets, seed=seed, micro_batch=self.job.micro_batch,
-            select_masks=lambda scores, fraction, within: self._select_masks(
-                scores, scaled_pattern(ctx.pattern, start + fraction * (end - start)), within),
-            train=block_trainer(ctx.objective, ctx.sparse, ctx.targets, seed, self.job.micro_batch,
-                                samples=None if self.split is None else self.split.calibration),
-        )
-
-    def _keep_all(self, module: nn.Module) -> torch.Tensor:
-        """A keep mask that keeps every weight of ``module``, shape (out, in)."""
-        return torch.ones(weight_as_out_in(module).shape, dtype=torch.bool, device=self.device)
-
-    def _select_masks(self, scores: dict[str, torch.Tensor], pattern, within: dict[str, torch.Tensor]) -> dict:
-        """Keep masks ``pattern`` chooses from ``scores`` (per linear), nested in ``within``; changes no weight."""
-        if pattern.structured:
-            masks, _ = select_structured(pattern, self.structure, scores, within or None,
-                                           self.job.prune.heads_per_kv_group)
-            return masks
-        return {name: select_keep_mask(value, pattern, within.get(name)) for name, value in scores.items()}
-
     def block_seed(self, index: int, cycle: int = 1) -> int:
         """Seed of block ``index`` (and cycle): resume needs no global RNG state."""
         return self.job.calib.seed * 100_003 + index + (cycle - 1) * 1_000_003
-
-    def _collect_statistics(self, ctx: BlockContext, group: dict[str, nn.Module]) -> dict:
-        """Hook statistics of ``group``'s inputs on the pruned stream, summed over ranks (empty if none needed)."""
-        if not self.pruner.needs_calibration:
-            return {}
-        stats = {
-            name: self.pruner.new_stats(weight_as_out_in(module).shape[1], self.device) for name, module in group.items()
-        }
-        with feeding_statistics(group, stats) as cut_short:
-            # outputs unused: stop once all are fed; calibration rows only (never --recon-val-data's)
-            run_stream(cut_short(ctx.forward), self.calibration(ctx.sparse), self.job.micro_batch)
-        distributed.all_reduce_statistics(stats.values())  # every rank's tokens, before any mask is chosen
-        crash_point(f"statistics:{ctx.index}")
-        return stats
 
     def _reconstruct(self, ctx: BlockContext) -> None:
         """Train the method's parameters, merge them, and record what happened (``mse_before``: first cycle's)."""

@@ -25,7 +25,7 @@ Everything in the device column goes to the host when the device is the CPU.
 
 from reconstruct.planner.budget import GIB, KIB, MIB, MemoryBudget, human, parse_bytes
 from reconstruct.planner.entry import check_memory_plan, plan_from_config, plan_job, planned_device
-from reconstruct.planner.estimate import prune_temporary_bytes, statistics_bytes, stream_bytes
+from reconstruct.planner.sizes import prune_temporary_bytes, statistics_bytes, stream_bytes
 from reconstruct.planner.plan import Item, MemoryPlan, Phase, log_plan
 from reconstruct.planner.probe import ModelProbe, probe_model
 from reconstruct.planner.tier import auto_tiers, choose_stream_tier, streams_fit_free_memory

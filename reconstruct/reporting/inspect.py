@@ -142,28 +142,8 @@ def inspect_folder(folder: Path, nm: str | None = None) -> dict:
     if not folder.is_dir():
         raise ValueError(f"inspect: {folder} is not a folder")
     pair = parse_nm(nm)
-    try:
-        architecture, entries, outside, reader = _layers_from_config(folder)
-    except DamagedFileError:
-        raise  # a damaged file: reading the tensor names would fail on it too
-    except ValueError as error:
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
-            raise ValueError(f"inspect: {folder} holds no *.safetensors or pytorch_model*.bin checkpoint") from None
-        logger.warning("%s; reading the layers from the tensor names instead", error)
-        architecture, entries, outside, reader = _layers_from_names(folder)
-    if not entries:
-        raise ValueError(f"inspect: found no prunable layers in {folder}")
-    layers: list[LayerSparsity] = []
-    current_block = None
-    for block, name, key, stored_in_out in entries:
-        if block != current_block:
-            reader.close()  # unmap the previous block's shard pages
-            current_block = block
-        weight = reader.read(key)
-        weight = weight.t() if stored_in_out else weight  # (out, in)
-        zeros, compliant, violations = count_layer(weight, pair)
-        layers.append(LayerSparsity(block, name, key, tuple(weight.shape), weight.numel(), zeros, compliant, violations))
-        del weight
+    architecture, entries, outside, reader = _find_layers(folder)
+    layers = _count_layers(entries, reader, pair)
     outside_numel = outside_zeros = 0
     for key in outside:
         tensor = reader.read(key)
@@ -190,6 +170,38 @@ def inspect_folder(folder: Path, nm: str | None = None) -> dict:
             "sparsity": outside_zeros / outside_numel if outside_numel else 0.0,
         },
     }
+
+
+def _find_layers(folder: Path):
+    """``(architecture, entries, outside, reader)`` from ``config.json``, else from the tensor names."""
+    try:
+        found = _layers_from_config(folder)
+    except DamagedFileError:
+        raise  # a damaged file: reading the tensor names would fail on it too
+    except ValueError as error:
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+            raise ValueError(f"inspect: {folder} holds no *.safetensors or pytorch_model*.bin checkpoint") from None
+        logger.warning("%s; reading the layers from the tensor names instead", error)
+        found = _layers_from_names(folder)
+    if not found[1]:
+        raise ValueError(f"inspect: found no prunable layers in {folder}")
+    return found
+
+
+def _count_layers(entries, reader, pair) -> list[LayerSparsity]:
+    """Zeros (and N:M compliance) of every prunable layer, reading one block's shard pages at a time."""
+    layers: list[LayerSparsity] = []
+    current_block = None
+    for block, name, key, stored_in_out in entries:
+        if block != current_block:
+            reader.close()  # unmap the previous block's shard pages
+            current_block = block
+        weight = reader.read(key)
+        weight = weight.t() if stored_in_out else weight  # (out, in)
+        zeros, compliant, violations = count_layer(weight, pair)
+        layers.append(LayerSparsity(block, name, key, tuple(weight.shape), weight.numel(), zeros, compliant, violations))
+        del weight
+    return layers
 
 
 def _parameters(folder: Path) -> int:

@@ -94,9 +94,17 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     Figure = load_matplotlib()
     if Figure is None:
         return False
-    from matplotlib.ticker import MaxNLocator
-
+    figure, mse_axes, sparsity_axes = _block_figure(Figure, retrain)
     index = [row["index"] + 1 for row in rows]  # numbered from 1, as in the log, report.md and status
+    _draw_block_errors(mse_axes, rows, index, validation_loss)
+    _draw_block_sparsity(sparsity_axes, rows, index, target_sparsity)
+    figure.suptitle(title)
+    save_figure(figure, path)
+    return True
+
+
+def _block_figure(Figure, retrain: dict | None):
+    """``(figure, mse_axes, sparsity_axes)``; with ``retrain``, a third panel holds its loss curve."""
     if retrain:
         figure = Figure(figsize=(8, 9), layout="constrained")
         mse_axes, sparsity_axes, training_axes = figure.subplots(3, 1, height_ratios=(2, 1, 1.5))
@@ -106,6 +114,11 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     else:
         figure = Figure(figsize=(8, 6), layout="constrained")
         mse_axes, sparsity_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    return figure, mse_axes, sparsity_axes
+
+
+def _draw_block_errors(mse_axes, rows: list[dict], index: list[int], validation_loss: str) -> None:
+    """MSE before/after per block, and the validation error on the same axis (MSE) or its own."""
     before = [row["mse_before"] for row in rows]
     after = [row["mse_after"] for row in rows]
     if all(value is None for value in before + after):  # a plain prune without --track-error
@@ -121,19 +134,30 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
             shown += _plot_validation(mse_axes, rows)
             handles, labels = mse_axes.get_legend_handles_labels()
         else:  # another quantity: its own axis, on the right
-            validation_axes = mse_axes.twinx()
-            drawn = _plot_validation(validation_axes, rows)
-            if drawn and all(value > 0 for value in drawn):
-                validation_axes.set_yscale("log")
-            validation_axes.set_ylabel(f"validation error\n({validation_loss})")
-            mse_handles, mse_labels = mse_axes.get_legend_handles_labels()
-            val_handles, val_labels = validation_axes.get_legend_handles_labels()
-            handles, labels = mse_handles + val_handles, mse_labels + val_labels  # one legend for both axes
+            handles, labels = _draw_validation_axis(mse_axes, rows, validation_loss)
         if all(value is not None and value > 0 for value in shown):
             mse_axes.set_yscale("log")
         mse_axes.legend(handles, labels)
     mse_axes.set_ylabel("block output MSE\n(pruned vs dense)")
     mse_axes.grid(True, alpha=0.3)
+
+
+def _draw_validation_axis(mse_axes, rows: list[dict], validation_loss: str):
+    """The validation error on a right-hand axis; returns one legend's handles and labels for both axes."""
+    validation_axes = mse_axes.twinx()
+    drawn = _plot_validation(validation_axes, rows)
+    if drawn and all(value > 0 for value in drawn):
+        validation_axes.set_yscale("log")
+    validation_axes.set_ylabel(f"validation error\n({validation_loss})")
+    mse_handles, mse_labels = mse_axes.get_legend_handles_labels()
+    val_handles, val_labels = validation_axes.get_legend_handles_labels()
+    return mse_handles + val_handles, mse_labels + val_labels
+
+
+def _draw_block_sparsity(sparsity_axes, rows: list[dict], index: list[int], target_sparsity: float | None) -> None:
+    """Sparsity bars, the job's target dashed, and each block's own target under ``--allocation``."""
+    from matplotlib.ticker import MaxNLocator  # matplotlib is optional (load_matplotlib checked it)
+
     sparsity_axes.bar(index, [row["sparsity"] for row in rows], color="tab:gray")
     targets = [row.get("target_sparsity") for row in rows]
     if target_sparsity is not None and any(t is not None and t != target_sparsity for t in targets):
@@ -149,9 +173,6 @@ def plot_blocks(rows: list[dict], title: str, target_sparsity: float | None, pat
     sparsity_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     sparsity_axes.set_ylabel("sparsity")
     sparsity_axes.set_xlabel("block (from 1)")
-    figure.suptitle(title)
-    save_figure(figure, path)
-    return True
 
 
 def _plot_validation(axes, rows: list[dict]) -> list[float]:

@@ -162,28 +162,42 @@ def target_cell(report: dict, row: dict) -> str:
 
 
 def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
-    """The text of ``report.md``."""
-
+    """The text of ``report.md``: a header line, the totals, the retraining stage, the blocks, the figure."""
     rows = block_rows(report)
     labels = describe_job(report, model)
-    trainable = sum(row["trainable_params"] for row in rows)
-    block_params = sum(row["block_params"] for row in rows)
-    evaluation = report.get("evaluation")
-    if evaluation:
-        perplexity = (
-            f"{evaluation['perplexity']:.3f} on {Path(str(evaluation['data'])).name} "
-            f"({evaluation['windows']} windows × {evaluation['seq_len']} tokens, "
-            f"{'streamed' if evaluation.get('streamed') else 'in memory'}, {_duration(evaluation.get('seconds', 0))})"
-        )
-    else:
-        perplexity = "not evaluated (add `--eval FILE` to `reconstruct run`, or run `reconstruct eval --model OUT --data FILE`)"
-    gpu = report.get("peak_gpu_mb")
     lines = [
         f"# Reconstruction report: {labels['model']}",
         "",
         f"{labels['pruner']} · {labels['pattern']} · method {labels['method']} · {labels['architecture']}, "
         f"{len(rows)} blocks · calibration {labels['calibration']} · {labels['compute']}",
         "",
+        *_totals_section(report, rows),
+        "",
+        *run_retrain_section(report),
+        *_blocks_section(report, rows),
+        "",
+        *_figure_lines(figure_drawn),
+    ]
+    return "\n".join(lines)
+
+
+def _perplexity_cell(evaluation: dict | None) -> str:
+    if not evaluation:
+        return "not evaluated (add `--eval FILE` to `reconstruct run`, or run `reconstruct eval --model OUT --data FILE`)"
+    return (
+        f"{evaluation['perplexity']:.3f} on {Path(str(evaluation['data'])).name} "
+        f"({evaluation['windows']} windows × {evaluation['seq_len']} tokens, "
+        f"{'streamed' if evaluation.get('streamed') else 'in memory'}, {_duration(evaluation.get('seconds', 0))})"
+    )
+
+
+def _totals_section(report: dict, rows: list[dict]) -> list[str]:
+    trainable = sum(row["trainable_params"] for row in rows)
+    block_params = sum(row["block_params"] for row in rows)
+    gpu = report.get("peak_gpu_mb")
+    kept = kept_summary(rows)
+    checked_on = "--recon-val-data" if (report.get("job") or {}).get("validation") else "held-out samples"
+    return [
         "## Totals",
         "",
         "| | |",
@@ -194,13 +208,16 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         f"| peak GPU memory | {'–' if gpu is None else format(gpu, '.0f') + ' MiB'} |",
         f"| trainable parameters | {trainable:,} ({trainable / max(block_params, 1):.4%} of the block parameters) |",
         f"| mean linear sparsity | {report.get('mean_linear_sparsity', 0.0):.4f} |",
-        f"| perplexity | {perplexity} |",
+        f"| perplexity | {_perplexity_cell(report.get('evaluation'))} |",
         *task_rows(report.get("task_evaluation")),
-        *([f"| blocks kept their repair | {kept_summary(rows)} (the others were undone: no better on "
-            f"{'--recon-val-data' if (report.get('job') or {}).get('validation') else 'held-out samples'}) |"]
-          if kept_summary(rows) else []),
-        "",
-        *run_retrain_section(report),
+        *([f"| blocks kept their repair | {kept} (the others were undone: no better on {checked_on}) |"] if kept else []),
+    ]
+
+
+def _blocks_section(report: dict, rows: list[dict]) -> list[str]:
+    job = report.get("job") or {}
+    allocated = bool(report.get("allocation"))
+    lines = [
         "## Blocks",
         "",
         "MSE: the pruned block's output on the pruned stream vs the dense block's output (the targets), "
@@ -213,39 +230,42 @@ def render_markdown(report: dict, model: str | None, figure_drawn: bool) -> str:
         "block exactly, 1 = an error as large as the output itself); well under 0.01 means the pruned block "
         "reproduces the dense one to within 1% of its output's energy, and reconstruction should lower it.",
         "",
-        f"Train: the reconstruction loss ({loss_label(report.get('job') or {})}) on training batches at the end; "
+        f"Train: the reconstruction loss ({loss_label(job)}) on training batches at the end; "
         "val before/after: the same error on "
-        f"{validation_label(report.get('job') or {})} before training and after the merge; repair: kept, or undone "
+        f"{validation_label(job)} before training and after the merge; repair: kept, or undone "
         "(the pruned block written instead) when val after is not below val before; stop: the step whose "
         "parameters were kept (0 = none improved).",
         "",
-        *([allocation_note(report["allocation"]), ""] if report.get("allocation") else []),
-        f"| block |{' target |' if report.get('allocation') else ''} sparsity | MSE before | MSE after | after / before "
+        *([allocation_note(report["allocation"]), ""] if allocated else []),
+        f"| block |{' target |' if allocated else ''} sparsity | MSE before | MSE after | after / before "
         "| relative error before | relative error after | trainable params | steps | seconds | train | val before "
         "| val after | repair | stop |",
-        f"|---:|{'---:|' if report.get('allocation') else ''}---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        f"|---:|{'---:|' if allocated else ''}---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
-    for row in rows:
-        before, after, scale = row["mse_before"], row["mse_after"], row["target_mean_square"]
-        ratio = after / before if before and after is not None else None
-        relative = [value / scale if value is not None and scale else None for value in (before, after)]
-        lines.append(
-            f"| {row['index'] + 1} |{target_cell(report, row)} {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
-            f"{format_or_dash(ratio, '.3f')} | {format_or_dash(relative[0], '.3e')} | {format_or_dash(relative[1], '.3e')} | "
-            f"{row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} | "
-            f"{format_or_dash(row['train_error'], '.3e')} | {format_or_dash(row['val_before'], '.3e')} | "
-            f"{format_or_dash(row['val_after'], '.3e')} | {_verdict(row)} | {format_or_dash(row['recon_stopped_at'], 'd')} |"
-        )
-    lines.append("")
+    return lines + [_block_line(report, row) for row in rows]
+
+
+def _block_line(report: dict, row: dict) -> str:
+    before, after, scale = row["mse_before"], row["mse_after"], row["target_mean_square"]
+    ratio = after / before if before and after is not None else None
+    relative = [value / scale if value is not None and scale else None for value in (before, after)]
+    return (
+        f"| {row['index'] + 1} |{target_cell(report, row)} {row['sparsity']:.4f} | {format_or_dash(before, '.4e')} | {format_or_dash(after, '.4e')} | "
+        f"{format_or_dash(ratio, '.3f')} | {format_or_dash(relative[0], '.3e')} | {format_or_dash(relative[1], '.3e')} | "
+        f"{row['trainable_params']:,} | {row['recon_steps']} | {row['seconds']:.1f} | "
+        f"{format_or_dash(row['train_error'], '.3e')} | {format_or_dash(row['val_before'], '.3e')} | "
+        f"{format_or_dash(row['val_after'], '.3e')} | {_verdict(row)} | {format_or_dash(row['recon_stopped_at'], 'd')} |"
+    )
+
+
+def _figure_lines(figure_drawn: bool) -> list[str]:
     if figure_drawn:
-        lines += [f"![MSE and sparsity per block]({FIGURE_NAME})", ""]
-    else:
-        lines += [
-            f"No {FIGURE_NAME}: matplotlib is not installed. Install it (`{INSTALL_HINT}`) and run the same "
-            "`reconstruct run` command again: a finished job only redraws its report.",
-            "",
-        ]
-    return "\n".join(lines)
+        return [f"![MSE and sparsity per block]({FIGURE_NAME})", ""]
+    return [
+        f"No {FIGURE_NAME}: matplotlib is not installed. Install it (`{INSTALL_HINT}`) and run the same "
+        "`reconstruct run` command again: a finished job only redraws its report.",
+        "",
+    ]
 
 
 def write_run_report(out: Path, report: dict, model: str | None = None) -> bool:
