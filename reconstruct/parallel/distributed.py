@@ -23,8 +23,6 @@ import atexit
 import datetime
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -33,6 +31,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from reconstruct.parallel.launch import relaunch  # noqa: F401  (the command line calls distributed.relaunch)
 from reconstruct.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def scatter_rows(full: Tensor | None, shard: Shard, row_shape: tuple[int, ...], 
     return local
 
 
-# --------------------------------------------------------------------------- launching
+# --------------------------------------------------------------------------- scratch space
 @contextmanager
 def scratch_dir():
     """A private temporary folder, removed on exit (non-main ranks keep disk-tier streams here, never in --out)."""
@@ -396,16 +396,3 @@ def scratch_dir():
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def relaunch(nproc: int, args: list[str]) -> int:
-    """Run ``python -m reconstruct <args>`` as ``nproc`` processes on this machine through torchrun.
-
-    Returns torchrun's exit status (0 when every rank succeeded).
-    """
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "reconstruct", *args,
-    ]
-    logger.info("starting %d processes: %s", nproc, " ".join(command))
-    return subprocess.run(command).returncode
