@@ -3,7 +3,7 @@
 Evaluation (perplexity, zero-shot tasks) only needs next-token logits for batches of token ids.
 ``InMemoryLM`` runs the model the usual way; ``StreamedLM`` never holds more than one block: it
 reuses the engine's pieces (``load_model``, ``capture_block_inputs`` / ``BlockArguments``,
-``load_module_weights`` / ``release_module_weights``), runs *every* window through block 0, then
+``LoadedModel.visiting_block``), runs *every* window through block 0, then
 block 1, ..., and finally the model's own forward once more with each block replaced by a replay
 of the last hidden states, so the final norm, any output projection and the LM head are applied
 exactly as the model defines them. ``open_lm`` picks one (``stream=None``: stream when the model's
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from calib.activations import ActivationStream
-from calib.capture import BlockArguments, capture_block_inputs
+from calib.capture import BlockArguments
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.checkpoint import CheckpointReader
 from reconstruct.modelio.safetensors_header import header_numel, read_safetensors_header
@@ -127,17 +127,11 @@ class StreamedLM:
         loaded = self.loaded
         streams, arguments = self._capture(token_sets, micro_batch)
         for index in progress_bar(range(loaded.layout.n_blocks), desc=f"{desc} blocks", unit="block"):
-            block = loaded.blocks[index]
-            load_module_weights(block, loaded.layout.block_prefix(index), loaded.reader, loaded.key_map,
-                                loaded.device, loaded.dtype)
-            loaded.reader.close()  # unmap the shards: earlier blocks' pages must not stay resident
-            try:
+            with loaded.visiting_block(index) as block:
                 for stream, set_arguments in zip(streams, arguments):
                     for rows in _micro_batches(stream.n_samples, micro_batch):
                         hidden = stream.read(rows)  # (b, T, H)
                         stream.write(rows, set_arguments.run(block, index, hidden))
-            finally:
-                release_module_weights(block)
         yield from self._head_pass(token_sets, streams, micro_batch, arguments[0].tuple_output)
 
     def _capture(self, token_sets: list[torch.Tensor],
@@ -152,17 +146,11 @@ class StreamedLM:
             if n_values * torch.finfo(loaded.dtype).bits // 8 <= ACTIVATION_DEVICE_SHARE * free:
                 tier = "device"
         streams, arguments = [], []
-        outside = loaded.load_outside_blocks()
-        try:
-            for tokens in token_sets:
-                n, seq_len = tokens.shape
-                stream = ActivationStream(n, seq_len, hidden, dtype=loaded.dtype, device=loaded.device, tier=tier)
-                arguments.append(capture_block_inputs(loaded.model, loaded.blocks, tokens, micro_batch, stream.write,
-                                                      loaded.device))
-                streams.append(stream)
-        finally:
-            for module in outside:
-                release_module_weights(module)
+        for tokens in token_sets:
+            n, seq_len = tokens.shape
+            stream = ActivationStream(n, seq_len, hidden, dtype=loaded.dtype, device=loaded.device, tier=tier)
+            arguments.append(loaded.capture_block_inputs(tokens, micro_batch, stream.write))
+            streams.append(stream)
         return streams, arguments
 
     def _head_pass(self, token_sets, streams, micro_batch: int, tuple_output: bool) -> LogitsBatches:

@@ -42,7 +42,6 @@ from pruners.loraprune_training import LoRAPruneHooks, iter_final_masks
 from pruners.structured import find_groups
 from reconstruct.config import JobConfig
 from reconstruct.loop.pipeline import BlockPipeline
-from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import checkpoint_interval, load_checkpoint
@@ -172,15 +171,10 @@ def block_layouts(loaded: LoadedModel, pipeline: BlockPipeline, sparse: Activati
     pattern = pipeline.block_pattern(0)
     shapes = {name: tuple(weight_as_out_in(loaded.blocks[0].get_submodule(name)).shape) for name in layout.linear_names}
     if pattern.structured and pipeline.structure is None:
-        block = loaded.blocks[0]
-        load_module_weights(block, layout.block_prefix(0), loaded.reader, loaded.key_map, loaded.device, loaded.dtype)
-        loaded.reader.close()
-        try:
+        with loaded.visiting_block(0) as block:
             linears = {name: block.get_submodule(name) for name in layout.linear_names}
             order = pipeline.call_order(SimpleNamespace(block=block, linears=linears, sparse=sparse,
                                                         run=pipeline.block_runner(0)))
-        finally:
-            release_module_weights(block)
         pipeline.structure = find_groups(pattern, order, shapes, loaded.config)
     groups = pipeline.structure if pattern.structured else None
     return [BlockLayout(shapes=shapes, groups=groups, pattern=pipeline.block_pattern(index))

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from calib.activations import ActivationStream
-from calib.capture import BlockArguments, capture_block_inputs
+from calib.capture import BlockArguments
 from reconstruct.parallel import distributed
 from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
 from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
@@ -282,12 +282,7 @@ def capture_kwargs_and_inputs(loaded: LoadedModel, tokens: torch.Tensor, micro_b
                               sparse: ActivationStream) -> BlockArguments:
     """Materialise the modules outside the blocks, capture block-0 inputs into ``sparse`` and every
     block's arguments, free the modules."""
-    outside = loaded.load_outside_blocks()
-    try:
-        return capture_block_inputs(loaded.model, loaded.blocks, tokens, micro_batch, sparse.write, loaded.device)
-    finally:
-        for module in outside:
-            release_module_weights(module)
+    return loaded.capture_block_inputs(tokens, micro_batch, sparse.write)
 
 
 def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shards: int,

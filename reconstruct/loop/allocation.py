@@ -23,7 +23,6 @@ from reconstruct.config import JobConfig
 from calib.hooks import feeding_statistics
 from reconstruct.loop.streams import run_stream
 from reconstruct.modelio.architecture import weight_as_out_in
-from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
 from reconstruct.progress import progress_bar
@@ -70,11 +69,7 @@ def outlier_pass(loaded: LoadedModel, forward_fn, stream: ActivationStream, micr
     layout = loaded.layout
     ratios = []
     for index in progress_bar(range(layout.n_blocks), desc="allocation pass", unit="block"):
-        block = loaded.blocks[index]
-        load_module_weights(block, layout.block_prefix(index), loaded.reader, loaded.key_map, loaded.device,
-                            loaded.dtype)
-        loaded.reader.close()  # unmap the shards, as the block loop does
-        try:
+        with loaded.visiting_block(index) as block:
             linears = {name: block.get_submodule(name) for name in layout.linear_names}
             stats = {name: SumSquaresStats(weight_as_out_in(module).shape[1], loaded.device)
                      for name, module in linears.items()}
@@ -82,8 +77,6 @@ def outlier_pass(loaded: LoadedModel, forward_fn, stream: ActivationStream, micr
                 run_stream(forward_fn(block, index), stream, micro_batch, destination=stream)
             distributed.all_reduce_statistics(stats.values())  # every rank's tokens: every rank gets the same ratio
             ratios.append(outlier_ratio(BlockWandaScores(linears, stats), owl_m))
-        finally:
-            release_module_weights(block)
         logger.debug("allocation pass: block %d outlier ratio %.5f", index + 1, ratios[-1])
     return ratios
 

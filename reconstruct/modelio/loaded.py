@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,9 +12,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from calib.capture import BlockArguments, capture_block_inputs
 from calib.framing import SequenceFraming, resolve_framing
 from reconstruct.modelio.architecture import BlockLayout, build_skeleton, discover_layout, load_config
-from reconstruct.modelio.block_io import load_module_weights
+from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.checkpoint import CheckpointReader, match_checkpoint_keys
 from reconstruct.modelio.conversions import model_conversions, refuse_tensor_conversions, renamed_keys
 from reconstruct.modelio.source import resolve_model
@@ -85,6 +88,36 @@ class LoadedModel:
             load_module_weights(module, prefix, self.reader, self.key_map, self.device, self.dtype)
             modules.append(module)
         return modules
+
+    @contextmanager
+    def visiting_block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` with its weights on the device, released on exit (also when the body raises).
+
+        The reader is closed once the weights are in: the shard pages of earlier blocks must not stay
+        resident (it reopens on the next read). The one way to load, run and release a block outside
+        the engine's read-ahead loop (``loop.overlap``).
+        """
+        block = self.blocks[index]
+        load_module_weights(block, self.layout.block_prefix(index), self.reader, self.key_map, self.device, self.dtype)
+        try:
+            self.reader.close()
+            yield block
+        finally:
+            release_module_weights(block)
+
+    def capture_block_inputs(self, tokens: torch.Tensor, micro_batch: int,
+                             sink: Callable[[slice, torch.Tensor], None], check: bool = True) -> BlockArguments:
+        """Block-0 inputs of ``tokens`` (n, T) into ``sink`` and every block's own arguments.
+
+        The modules outside the blocks (embeddings, rotary tables) are loaded for the capture and
+        released after it. See ``calib.capture.capture_block_inputs``.
+        """
+        outside = self.load_outside_blocks()
+        try:
+            return capture_block_inputs(self.model, self.blocks, tokens, micro_batch, sink, self.device, check=check)
+        finally:
+            for module in outside:
+                release_module_weights(module)
 
     def read_outside_block_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor outside the blocks, read unchanged from the checkpoint (bit-identical)."""

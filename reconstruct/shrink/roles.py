@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from calib.capture import capture_block_inputs
 from pruners.structured import ChannelGroups, HeadGroups, find_channel_groups, find_head_groups
 from reconstruct.modelio.architecture import weight_as_out_in
-from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.loaded import LoadedModel
 from calib.hooks import group_by_shared_input, recording_linear_inputs
 
@@ -39,25 +37,13 @@ class BlockRoles:
 def probe_call_order(loaded: LoadedModel) -> list[list[str]]:
     """Block 0's linears grouped by shared input, in execution order, from one small forward."""
     tokens = (torch.arange(PROBE_TOKENS) % loaded.config.vocab_size).unsqueeze(0)  # (1, T)
-    block = loaded.blocks[0]
     captured: dict = {}
-    outside = loaded.load_outside_blocks()
-    try:
-        arguments = capture_block_inputs(loaded.model, loaded.blocks, tokens, 1,
-                                         lambda rows, hidden: captured.update(hidden=hidden), loaded.device)
-    finally:
-        for module in outside:
-            release_module_weights(module)
-    prefix = loaded.layout.block_prefix(0)
-    load_module_weights(block, prefix, loaded.reader, loaded.key_map, loaded.device, loaded.dtype)
-    linears = {name: block.get_submodule(name) for name in loaded.layout.linear_names}
+    arguments = loaded.capture_block_inputs(tokens, 1, lambda rows, hidden: captured.update(hidden=hidden))
     record: list = []
-    try:
+    with loaded.visiting_block(0) as block:
+        linears = {name: block.get_submodule(name) for name in loaded.layout.linear_names}
         with torch.no_grad(), recording_linear_inputs(linears, record):
             arguments.run(block, 0, captured["hidden"])  # (1, T, H)
-    finally:
-        release_module_weights(block)
-        loaded.reader.close()
     return group_by_shared_input(record)
 
 
