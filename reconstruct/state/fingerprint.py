@@ -24,6 +24,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from calib.text_sources import SELF
 from reconstruct.atomic import atomic_write_json, sha256_file
 from reconstruct.progress import progress_bar
 
@@ -166,3 +167,15 @@ def hash_text_source(path_or_bytes: str | os.PathLike | bytes | bytearray | memo
             while block := handle.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def text_source_identity(source: str) -> dict:
+    """What of a ``--calib``-style source decides its windows: a file's name and content hash, else its name.
+
+    The one identity of a text in every fingerprint: ``--calib``, ``--recon-val-data``, ``--retrain-data``,
+    ``retrain --data``. A dataset name or ``self`` is named as given.
+    """
+    path = Path(source).expanduser()
+    if source != SELF and path.is_file():
+        return {"file": path.name, "sha256": hash_text_source(path)}
+    return {"name": source}

@@ -1,8 +1,9 @@
 """How two job fingerprints differ, said in the flags a user changes.
 
-A resume compares the fingerprint stored in the manifest with the one of the job asked for now
-(:meth:`reconstruct.state.manifest.Manifest.check_same_job`); this module flattens both, lists the
-fields that differ and names each by its flag (``method.steps`` → ``--recon-steps``).
+A resume compares the fingerprint stored in the job's record with the one of the job asked for now
+(``reconstruct.state.job_folder.JobFolder.check_same_job``, for ``run``, ``retrain`` and ``shrink``);
+this module flattens both, lists the fields that differ and names each by its flag through the one
+map of fields to flags, ``FINGERPRINT_FLAGS`` (``method.steps`` → ``--recon-steps``).
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ def to_jsonable(obj):
 
 
 
-def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
+def check_same_world_size(old: dict, new: dict, out_dir: Path, start_over: str = "pass --force to start over") -> None:
     """Refuse to resume with another number of processes than the job started with.
 
     Another count splits the calibration samples differently, so float sums (statistics, gradients)
     round differently and a resumed job would not write the bytes of an uninterrupted one. A
     fingerprint without ``WORLD_SIZE_KEY`` was made by one process.
+
+    Args:
+        old: the fingerprint on disk.
+        new: the fingerprint of the job asked for now.
+        out_dir: the job's folder, for the message.
+        start_over: the message's other way out (``run``: ``--force``).
 
     Raises:
         ValueError: one line naming ``--nproc``, both counts and the ways out.
@@ -58,14 +65,49 @@ def check_same_world_size(old: dict, new: dict, out_dir: Path) -> None:
     if before != now:
         raise ValueError(
             f"--nproc: --out {out_dir} was started with {before} process(es) and this run has {now}; resume with "
-            f"--nproc {before} (under torchrun: {before} processes in all), or pass --force to start over"
+            f"--nproc {before} (under torchrun: {before} processes in all), or {start_over}"
         )
 
 
-# Fingerprint field (``reconstruct.jobs.job_state.job_fingerprint``, flattened) → the flag a user changes.
-# A field takes the entry of its longest listed prefix; fields no flag sets keep their own name.
-FINGERPRINT_FLAGS: dict[str, str] = {
+# The one map from fingerprint fields to the flags a user changes, a section per kind of job. A field
+# (flattened: ``method.steps``) takes the entry of its longest listed prefix; ``{rest}`` is the rest of the
+# field (the file behind ``model_files.<name>``); fields no flag sets keep their own name.
+
+# Every job's setup (``reconstruct.state.job_folder.setup_fingerprint``), named alike by every command.
+SETUP_FLAGS: dict[str, str] = {
     "model_files": "--model (its file {rest})",
+    "dtype": "--dtype",
+    "device_type": "--device",
+    WORLD_SIZE_KEY: "--nproc",
+    "versions": "the installed {rest}",
+}
+
+# The retraining settings (``RetrainSpec.fingerprint()``) by the flags of ``reconstruct retrain``.
+RETRAIN_SPEC_FLAGS: dict[str, str] = {
+    "method": "--method",
+    "steps": "--steps",
+    "batch": "--samples-per-step",
+    "micro_batch": "--batch-size",
+    "seq_len": "--seq-len",
+    "lr": "--lr",
+    "warmup": "--warmup",
+    "weight_decay": "--weight-decay",
+    "rank": "--rank",
+    "alpha": "--alpha",
+    "seed": "--seed",
+    "n_windows": "--n-samples",
+    "val_fraction": "--val",
+    "eval_every": "--eval-every",
+    "allow_dense_merge": "--allow-dense-merge",
+}
+# ``run --retrain-steps``: these are ``--retrain-<flag>``; rank, alpha, seed, --batch-size and
+# --allow-dense-merge are the run's own flags; the others keep their defaults (named by ``retrain``).
+RUN_STAGE_FLAGS = ("method", "steps", "batch", "seq_len", "lr", "n_windows", "val_fraction")
+RUN_SHARED_FLAGS = ("rank", "alpha", "seed", "micro_batch", "allow_dense_merge")
+
+# reconstruct run (``reconstruct.jobs.run_fingerprint.job_fingerprint``)
+FINGERPRINT_FLAGS: dict[str, str] = {
+    **SETUP_FLAGS,
     "model_type": "--model",
     "pruner": "--pruner",
     "pattern.kind": "--pattern",
@@ -102,22 +144,10 @@ FINGERPRINT_FLAGS: dict[str, str] = {
     "calibration.seq_len": "--seq-len",
     "seed": "--seed",
     "retrain": "--retrain-steps",
-    "retrain.method": "--retrain-method",
-    "retrain.steps": "--retrain-steps",
-    "retrain.batch": "--retrain-samples-per-step",
-    "retrain.seq_len": "--retrain-seq-len",
-    "retrain.lr": "--retrain-lr",
-    "retrain.n_windows": "--retrain-n-samples",
-    "retrain.val_fraction": "--retrain-val",
+    **{f"retrain.{field}": "--retrain-" + RETRAIN_SPEC_FLAGS[field].removeprefix("--") for field in RUN_STAGE_FLAGS},
+    **{f"retrain.{field}": RETRAIN_SPEC_FLAGS[field] for field in RUN_SHARED_FLAGS},
     "retrain.data": "--retrain-data",
     "retrain.data.sha256": "--retrain-data (the file's contents)",
-    "retrain.rank": "--rank",
-    "retrain.alpha": "--alpha",
-    "retrain.seed": "--seed",
-    "retrain.micro_batch": "--batch-size",
-    "retrain.allow_dense_merge": "--allow-dense-merge",
-    "dtype": "--dtype",
-    "device_type": "--device",
     "micro_batch": "--batch-size",
     "track_error": "--track-error",
     "calibration.bos_id": "--calib-bos",
@@ -127,15 +157,38 @@ FINGERPRINT_FLAGS: dict[str, str] = {
     "allocation.owl_m": "--owl-m",
     "allocation.owl_lambda": "--owl-lambda",
 }
+# reconstruct retrain (``reconstruct.jobs.retrain_job.retrain_fingerprint``)
+RETRAIN_FINGERPRINT_FLAGS: dict[str, str] = {
+    **SETUP_FLAGS,
+    "data": "--data",
+    "data.sha256": "--data (the file's contents)",
+    "bos_id": "--calib-bos",
+    **{f"retrain.{field}": flag for field, flag in RETRAIN_SPEC_FLAGS.items()},
+}
+# reconstruct shrink (``reconstruct.shrink``: the folder shrunk and what it removes; no flag sets either)
+SHRINK_FINGERPRINT_FLAGS: dict[str, str] = {
+    "source": "the model folder (its file {rest})",
+    "plan": "the heads and channels removed",
+}
+COMMAND_FLAGS = {"run": FINGERPRINT_FLAGS, "retrain": RETRAIN_FINGERPRINT_FLAGS, "shrink": SHRINK_FINGERPRINT_FLAGS}
 
 
-def flag_of_field(key: str) -> str:
-    """The flag behind a flattened fingerprint field (``method.steps`` → ``--recon-steps``), else the field."""
+def flag_of_field(key: str, command: str = "run") -> str:
+    """The flag behind a flattened fingerprint field of ``command``'s jobs (``method.steps`` → ``--recon-steps``).
+
+    Args:
+        key: the field, flattened (``model_files.model.safetensors``).
+        command: ``run``, ``retrain`` or ``shrink``: its section of the map (``COMMAND_FLAGS``).
+
+    Returns:
+        The flag (with what it names, as ``--model (its file model.safetensors)``), else ``key``.
+    """
+    flags = COMMAND_FLAGS[command]
     parts = key.split(".")
     for end in range(len(parts), 0, -1):
-        flag = FINGERPRINT_FLAGS.get(".".join(parts[:end]))
+        flag = flags.get(".".join(parts[:end]))
         if flag is not None:
-            return flag.format(rest=".".join(parts[end:]))  # e.g. the file behind model_files.<name>
+            return flag.format(rest=".".join(parts[end:]))
     return key
 
 

@@ -2,8 +2,8 @@
 
 It stores what determines the result (the *fingerprint*), which blocks are finished (file name and
 sha256 of each block's tensors) and where the activation checkpoint stands. A resumed run compares
-fingerprints (:meth:`Manifest.check_same_job`, with :mod:`reconstruct.state.job_diff`), re-checks the finished
-block files (:func:`verify_block_files`) and continues at :meth:`Manifest.first_unfinished_block`.
+fingerprints (:meth:`Manifest.check_same_job`: the job folder's check, naming flags), re-checks the
+finished block files (:func:`verify_block_files`) and continues at :meth:`Manifest.first_unfinished_block`.
 The file is rewritten atomically after every change, so a crash leaves the previous version.
 """
 
@@ -19,11 +19,12 @@ from pathlib import Path, PurePosixPath
 
 from reconstruct.atomic import atomic_write_json, sha256_file
 from reconstruct.faults import crash_point
-from reconstruct.state.fingerprint import file_stat
 from reconstruct.modelio.folder_layout import MANIFEST_NAME
+from reconstruct.state.fingerprint import file_stat
 from reconstruct.state.job_diff import (  # noqa: F401  (re-exported: the manifest is where callers look)
-    WORLD_SIZE_KEY, check_same_world_size, diff_fingerprints, flag_of_field, to_jsonable,
+    WORLD_SIZE_KEY, diff_fingerprints, flag_of_field, to_jsonable,
 )
+from reconstruct.state.job_folder import RUN_JOB, JobFolder
 
 logger = logging.getLogger(__name__)
 
@@ -244,19 +245,17 @@ class Manifest:
                 return record.index
         return self.n_blocks
 
+    def added_biases(self) -> set[str]:
+        """The linears (block-relative names) a repair of some block gave a new bias."""
+        return {name for record in self.blocks for name in record.stats.get("added_biases", [])}
+
     def check_same_job(self, fingerprint: dict[str, object], out_dir: Path) -> None:
-        """Refuse to resume a different job in the same folder.
+        """Refuse to resume a different job in the same folder (``JobFolder.check_same_job``).
 
         Raises:
-            ValueError: one line listing every changed field and the two ways out.
+            ValueError: one line listing every changed flag and the ways out.
         """
-        check_same_world_size(self.fingerprint, fingerprint, out_dir)
-        changes = diff_fingerprints(self.fingerprint, fingerprint, label=flag_of_field)
-        if changes:
-            raise ValueError(
-                f"--out {out_dir} holds a different job ({'; '.join(changes)}); rerun with the "
-                f"original arguments to resume, choose another --out, or pass --force to start over"
-            )
+        JobFolder(out_dir, RUN_JOB).check_same_job(self.fingerprint, fingerprint)
 
 
 # ---------------------------------------------------------------------- file checks
