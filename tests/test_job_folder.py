@@ -5,12 +5,14 @@ one record layout per kind (compatible with folders written before), one index b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from reconstruct.atomic import TEMP_SUFFIX, save_safetensors_atomic
-from reconstruct.modelio.folder_layout import LOCK_NAME, STATE_DIR
+from reconstruct.modelio.folder_layout import INDEX_NAME, LOCK_NAME, STATE_DIR
+from reconstruct.modelio.output import ModelFolderWriter, config_with_bias_flags, index_from_headers
 from reconstruct.state.fingerprint import hash_text_source, text_source_identity
 from reconstruct.state.job_diff import flag_of_field
 from reconstruct.state.job_folder import RETRAIN_JOB, RUN_JOB, SHRINK_JOB, JobFolder, JobRecord
@@ -134,3 +136,39 @@ def test_recorded_files_are_checked_by_their_digest(tmp_path):
     assert not folder.intact({"a.safetensors": "0" * 64})
     assert not folder.intact({"gone.safetensors": digest})
     assert not folder.file_intact("a.safetensors", None)
+
+
+# --------------------------------------------------------------------------- the model-folder writer
+def _source(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "attention_bias": False}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "reconstruct.json").write_text("{}")  # an earlier job's report: never carried over
+    return folder
+
+
+def test_the_index_comes_from_the_headers_and_is_written_last(tmp_path, monkeypatch):
+    source, out = _source(tmp_path / "source"), tmp_path / "out"
+    out.mkdir()
+    writer = ModelFolderWriter(out, n_blocks=2)
+    for index in range(2):
+        writer.write_block(index, {f"model.layers.{index}.w": torch.zeros(3, 4)})
+    writer.write_rest({"model.embed.weight": torch.zeros(5, 4, dtype=torch.float16)})
+    assert index_from_headers(out, writer.shard_files) == (
+        {"model.layers.0.w": "model-00001-of-00003.safetensors", "model.layers.1.w": "model-00002-of-00003.safetensors",
+         "model.embed.weight": "model-00003-of-00003.safetensors"}, 2 * 48 + 40)
+
+    import reconstruct.modelio.output as output
+
+    seen_at_index: list[set[str]] = []
+    real = output.write_index
+    monkeypatch.setattr(output, "write_index", lambda *args: (seen_at_index.append({p.name for p in out.iterdir()}),
+                                                              real(*args)))
+    config = config_with_bias_flags(source, {"attention_bias": ("self_attn.q_proj",)}, {"self_attn.q_proj"})
+    written = writer.finish(source, config, {"shrink.json": {"kept": 1}})
+    assert written == ["config.json", "shrink.json", INDEX_NAME]
+    assert {"config.json", "tokenizer.json", "shrink.json"} <= seen_at_index[0] and INDEX_NAME not in seen_at_index[0]
+    assert json.loads((out / "config.json").read_text())["attention_bias"] is True
+    assert not (out / "reconstruct.json").exists()
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert index["metadata"]["total_size"] == 2 * 48 + 40 and list(index["weight_map"]) == sorted(index["weight_map"])

@@ -34,7 +34,6 @@ from reconstruct.state.fingerprint import HashCache, file_stat, fingerprint_mode
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.state.lock import JobLock
 from reconstruct.state.sampling_checkpoint import load_sampling, partial_path, save_sampling
-from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.state.manifest import WORLD_SIZE_KEY, Manifest, verify_block_files, verify_stream_checkpoint
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.state.out_folder import check_out_dir
@@ -418,28 +417,6 @@ class JobState:
         self.manifest.save(self.out)
 
     # --------------------------------------------------------------- output
-    def block_weight_map(self) -> dict[str, str]:
-        """Tensor name → shard file for every written block (read from the shard headers)."""
-        weight_map = {}
-        for record in self.manifest.blocks:
-            for name in read_safetensors_header(self.out / record.file):
-                weight_map[name] = record.file
-        return weight_map
-
-    def block_bytes(self) -> int:
-        """Total tensor bytes of the written blocks."""
-        total = 0
-        for record in self.manifest.blocks:
-            for entry in read_safetensors_header(self.out / record.file).values():
-                start, end = entry["data_offsets"]
-                total += end - start
-        return total
-
-    def bias_flags_to_enable(self, layout) -> dict[str, bool]:
-        """Config flags to switch on because reconstruction gave these linears a bias."""
-        added = {name for record in self.manifest.blocks for name in record.stats.get("added_biases", [])}
-        return {flag: True for flag, names in layout.bias_flags.items() if added & set(names)}
-
     def final_report(self, peak_rss_mb: float, peak_gpu_mb: float | None) -> dict:
         """The content of ``reconstruct.json``."""
         blocks = [record.stats for record in self.manifest.blocks]

@@ -17,7 +17,7 @@ import torch
 from calib.activations import ActivationStream
 from calib.capture import BlockArguments
 from reconstruct.parallel import distributed
-from reconstruct.atomic import atomic_write_json, save_safetensors_atomic
+from reconstruct.atomic import atomic_write_json
 from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
 from reconstruct.config import JobConfig
 from reconstruct.evaluation.parity import check_streamed_forward
@@ -31,7 +31,7 @@ from reconstruct.loop.pipeline import BlockPipeline
 from reconstruct.faults import crash_point
 from reconstruct.methods import SampleSplit, split_samples
 from reconstruct.methods.train import log_training_budget
-from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, copy_side_files, shard_name, write_config, write_index
+from reconstruct.modelio.output import REPORT_NAME, ModelFolderWriter, config_with_bias_flags
 from reconstruct.planner import MemoryBudget, check_memory_plan, log_plan
 from reconstruct.progress import progress_bar
 from reconstruct.jobs.finish import finish_report, refresh_finished_report
@@ -108,15 +108,14 @@ def retrain_pending(job: JobConfig) -> bool:
 
 def reassemble_output(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     """``assemble_output`` for a folder whose blocks changed (the retraining stage swapped them in)."""
-    return assemble_output(job, loaded, state, loaded.layout.n_blocks + 1)
+    return assemble_output(job, loaded, state)
 
 
 def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     layout = loaded.layout
-    n_shards = layout.n_blocks + 1
     if state.manifest.first_unfinished_block() == layout.n_blocks:  # killed while finishing
         logger.info("all %d blocks are done; writing the rest of the output", layout.n_blocks)
-        return assemble_output(job, loaded, state, n_shards)
+        return assemble_output(job, loaded, state)
     tokens = state.calibration_tokens(loaded)  # (n, T), the same on every rank
     n_calib = tokens.shape[0]
     if job.recon_val_data is not None:  # the validation text's windows: rows n .. n + m - 1 of the streams
@@ -162,7 +161,7 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
             final_wait = writer.close(failed)
     if final_wait:
         logger.info("waited %.1fs for the last block's writes", final_wait)
-    return assemble_output(job, loaded, state, n_shards, final_write_wait=final_wait)
+    return assemble_output(job, loaded, state, final_write_wait=final_wait)
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,6 @@ def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: Acti
     this block's shard, checkpoint and manifest are written while the next one computes.
     """
     job, loaded, layout = step.job, step.loaded, step.loaded.layout
-    n_shards = layout.n_blocks + 1
     read, read_wait = step.reads.take(index)
     step.reads.prefetch(index + 1)
     started = time.perf_counter()
@@ -202,15 +200,14 @@ def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: Acti
     streams = step.state.stream_snapshot(index, sparse, dense, private=job.overlap and not tier_on_disk)
     stats = {**asdict(block_report), "overlap": job.overlap, "read_seconds": read.read_seconds,
              "read_wait_seconds": read_wait, "compute_seconds": time.perf_counter() - started - waited}
-    name = shard_name(index, n_shards)
+    folder = ModelFolderWriter(job.out, layout.n_blocks)
 
     def write() -> None:  # in the writer's thread when the overlap is on
         crash_point(f"writer:{index}")
         write_started = time.perf_counter()
-        digest = (save_safetensors_atomic(job.out / name, tensors, {"format": "pt"})
-                  if distributed.is_main() else "")  # rank 0 alone writes
+        digest = folder.write_block(index, tensors) if distributed.is_main() else ""  # rank 0 alone writes
         stats["write_seconds"] = time.perf_counter() - write_started
-        step.state.block_done(index, name, digest, stats, streams)
+        step.state.block_done(index, folder.block_file(index), digest, stats, streams)
 
     # A disk-tier stream is a memory map: its checkpoint is written before the next block changes it.
     step.writer.submit(BlockWrite(index, write, stats), sync=streams is not None and tier_on_disk)
@@ -285,30 +282,25 @@ def capture_kwargs_and_inputs(loaded: LoadedModel, tokens: torch.Tensor, micro_b
     return loaded.capture_block_inputs(tokens, micro_batch, sparse.write)
 
 
-def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, n_shards: int,
-                    final_write_wait: float = 0.0) -> dict:
-    """Write the tensors outside the blocks, config, tokenizer, index and report; mark the job finished.
+def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, final_write_wait: float = 0.0) -> dict:
+    """Write the tensors outside the blocks, side files, config, index and report; mark the job finished.
 
+    The model folder is completed by ``modelio.output.ModelFolderWriter`` (index last), as every command's is.
     Rank 0's work alone in a distributed run; the other ranks return ``{"rank", "size"}``.
     ``final_write_wait``: seconds the loop waited for the last block's writes after its compute.
     """
     if not distributed.is_main():
         return asdict(distributed.world())
     out = job.out
-    rest_name = shard_name(n_shards - 1, n_shards)
-    rest = loaded.read_outside_block_tensors()
-    save_safetensors_atomic(out / rest_name, rest, {"format": "pt"})
-    weight_map = dict(state.block_weight_map())
-    weight_map.update({name: rest_name for name in rest})
-    total_bytes = state.block_bytes() + sum(t.numel() * t.element_size() for t in rest.values())
-    copy_side_files(loaded.folder, out)
-    write_config(loaded.folder, out, state.bias_flags_to_enable(loaded.layout))
-    write_index(out, weight_map, total_bytes)
+    folder = ModelFolderWriter(out, loaded.layout.n_blocks)
+    folder.write_rest(loaded.read_outside_block_tensors())
+    config = config_with_bias_flags(loaded.folder, loaded.layout.bias_flags, state.manifest.added_biases())
+    written = folder.finish(loaded.folder, config)
     report = state.final_report(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(loaded.device))
     report["io"] = io_totals(report["blocks"], final_write_wait)  # compute vs read and write waits (loop.overlap)
     report["world_size"] = distributed.world().size  # processes that shared the calibration samples
     report["framing"] = {"calib_bos": job.calib.bos, **loaded.framing(job.calib.bos).record()}  # how windows started
     report = finish_report(job, report)  # --eval, then report.md / report.png
     atomic_write_json(out / REPORT_NAME, report)
-    state.finish([rest_name, INDEX_NAME, "config.json", REPORT_NAME])
+    state.finish([folder.rest_file, *written, REPORT_NAME])
     return report

@@ -3,7 +3,7 @@
 Each block is loaded, its trainables attached and merged, checked against the input checkpoint (every
 weight that is exactly zero there is exactly zero in the tensor written), and written atomically as its
 own shard; then the tensors outside the blocks (unchanged), side files, config and, last, the index
-that makes the folder loadable (``modelio.output``, as ``run`` writes it).
+that makes the folder loadable: ``modelio.output.ModelFolderWriter``, the writer of every command.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from reconstruct.modelio.block_io import (
     module_tensors_for_output,
     release_module_weights,
 )
-from reconstruct.modelio.safetensors_header import read_safetensors_header
-from reconstruct.modelio.output import copy_side_files, shard_name, write_config, write_index
+from reconstruct.modelio.output import ModelFolderWriter, config_with_bias_flags
 from reconstruct.retrain.session import BlockLoader
 from reconstruct.retrain.trainables import block_linears
-from reconstruct.atomic import save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +62,6 @@ def write_block(loader: BlockLoader, index: int, out: Path, *, merge: bool, trai
         allow_dense_merge: lora: accept refilled zeros (the zero check is skipped).
     """
     loaded = loader.loaded
-    n_shards = loaded.layout.n_blocks + 1
     prefix = loaded.layout.block_prefix(index)
     block, stored, handle = loader.load(index)
     added: set[str] = set()
@@ -82,7 +79,7 @@ def write_block(loader: BlockLoader, index: int, out: Path, *, merge: bool, trai
         release_module_weights(block)
     if not (merge and trained and handle.method == "lora"):
         check_zeros_kept(tensors, loader, index)
-    save_safetensors_atomic(out / shard_name(index, n_shards), tensors, {"format": "pt"})
+    ModelFolderWriter(out, loaded.layout.n_blocks).write_block(index, tensors)
     release_free_heap()
     return added
 
@@ -90,19 +87,6 @@ def write_block(loader: BlockLoader, index: int, out: Path, *, merge: bool, trai
 def write_rest(loader: BlockLoader, out: Path, added_biases: set[str]) -> None:
     """Tensors outside the blocks (unchanged), side files, config (bias flags) and, last, the index."""
     loaded = loader.loaded
-    n_shards = loaded.layout.n_blocks + 1
-    rest_name = shard_name(n_shards - 1, n_shards)
-    rest = loaded.read_outside_block_tensors()
-    save_safetensors_atomic(out / rest_name, rest, {"format": "pt"})
-    weight_map = {name: rest_name for name in rest}
-    total_bytes = sum(t.numel() * t.element_size() for t in rest.values())
-    for index in range(loaded.layout.n_blocks):
-        name = shard_name(index, n_shards)
-        for key, entry in read_safetensors_header(out / name).items():
-            weight_map[key] = name
-            total_bytes += entry["data_offsets"][1] - entry["data_offsets"][0]
-    flags = {flag: True for flag, names in loaded.layout.bias_flags.items() if added_biases & set(names)}
-    copy_side_files(loaded.folder, out)
-    write_config(loaded.folder, out, flags)
-    write_index(out, weight_map, total_bytes)
-
+    writer = ModelFolderWriter(out, loaded.layout.n_blocks)
+    writer.write_rest(loaded.read_outside_block_tensors())
+    writer.finish(loaded.folder, config_with_bias_flags(loaded.folder, loaded.layout.bias_flags, added_biases))
