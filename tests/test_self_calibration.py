@@ -85,7 +85,7 @@ def test_self_calibrated_job_completes(self_calibrated):
 # --------------------------------------------------------------------------- Ctrl-C keeps what was sampled
 def interrupt_after(checkpoints: int, monkeypatch):
     """Make the sampling checkpoint raise KeyboardInterrupt after it saved ``checkpoints`` times."""
-    from reconstruct.jobs import job_state
+    from reconstruct.jobs import calibration_tokens as job_state
 
     real, saved = job_state.save_sampling, []
 
@@ -128,7 +128,7 @@ def test_interrupted_self_calibration_continues_where_it_stopped(tiny_model_dir,
         resumed_at.append(resume.tokens_done() if resume is not None else 0)
         return real_generate(*a, resume=resume, **k)
 
-    monkeypatch.setattr("reconstruct.jobs.job_state.generate_self_calibration", spy)
+    monkeypatch.setattr("reconstruct.jobs.calibration_tokens.generate_self_calibration", spy)
     rerun = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert rerun.exit_code == 0, rerun.output
     assert resumed_at == [18]

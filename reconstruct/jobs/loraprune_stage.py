@@ -56,6 +56,7 @@ from reconstruct.retrain.trainables import ModelTrainables
 from reconstruct.atomic import save_safetensors_atomic, sha256_file
 from reconstruct.faults import crash_point
 from reconstruct.state.importance_store import DiskImportanceStore
+from reconstruct.jobs.calibration_tokens import calibration_tokens
 from reconstruct.jobs.job_state import JobState
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def run_stage(job: JobConfig, loaded: LoadedModel, state: JobState, pipeline: Bl
     """
     if state.manifest.loraprune is not None:
         return
-    tokens = state.calibration_tokens(loaded)  # (n, T): every rank's windows; the trainer splits them
+    tokens = calibration_tokens(state, loaded)  # (n, T): every rank's windows; the trainer splits them
     spec = stage_spec(job)
     layouts = block_layouts(loaded, pipeline, sparse)
     folder = state.state_dir / STAGE_DIR

@@ -18,17 +18,11 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-import transformers
-
-import reconstruct
-from calib.text_sources import SELF
 from reconstruct.config import EvalSpec
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.evaluation.parity import check_streamed_forward
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import REPORT_NAME, STATE_DIR
-from reconstruct.state.out_folder import is_own_leftover
 from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
@@ -36,18 +30,16 @@ from reconstruct.retrain.engine import Checkpointing, RetrainResult, retrain_mod
 from reconstruct.retrain.memory import choose_stream
 from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
-from reconstruct.runtime import dtype_name, peak_gpu_mb, peak_rss_mb
-from reconstruct.atomic import atomic_write_json, remove_stale_temp_files
-from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
-from reconstruct.state.job_diff import diff_fingerprints
-from reconstruct.state.lock import JobLock
+from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
+from reconstruct.atomic import atomic_write_json
+from reconstruct.state.fingerprint import HashCache, text_source_identity
+from reconstruct.state.job_folder import RETRAIN_JOB, JobFolder, setup_fingerprint
 from reconstruct.modelio.facts import check_calib_seq_len
-from reconstruct.modelio.folder_layout import HASH_CACHE_NAME as HASHES_NAME, RETRAIN_MANIFEST_NAME as MANIFEST_NAME
+from reconstruct.modelio.folder_layout import RETRAIN_MANIFEST_NAME as MANIFEST_NAME  # noqa: F401  (callers import it here)
 from reconstruct.reporting.retrain_report import write_retrain_report
 from reconstruct.evaluation.perplexity import perplexity
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -95,57 +87,16 @@ def check_looks_pruned(job: RetrainJob, loaded: LoadedModel) -> float:
     return zeros / max(1, total)
 
 
-def check_out(out: Path) -> None:
-    """Refuse an ``--out`` that holds something other than a retraining job (nothing there is changed)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    if not out.is_dir() or (out / STATE_DIR / MANIFEST_NAME).is_file():
-        return
-    if any(not is_own_leftover(path.name) for path in out.iterdir()):
-        raise ValueError(f"--out {out} is not empty and holds no retraining job; choose an empty or new folder "
-                         "(nothing there was changed)")
-
-
 # --------------------------------------------------------------------------- identity
-def data_identity(source: str) -> dict:
-    """What names the training text: a file by name and content hash, else the dataset name or ``self``."""
-    path = Path(source).expanduser()
-    if source != SELF and path.is_file():
-        return {"file": path.name, "sha256": hash_text_source(path)}
-    return {"name": source}
-
-
 def retrain_fingerprint(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, hashes: HashCache) -> dict:
     """Everything that decides the output bytes; a resume refuses a job whose fingerprint differs."""
     return {
-        "model_files": fingerprint_model_files(loaded.folder, hashes),
-        "data": data_identity(job.data),
+        # model files, dtype, device type, versions, and the processes (recorded for one process too)
+        **setup_fingerprint(loaded, hashes, one_process_recorded=True),
+        "data": text_source_identity(job.data),
         "retrain": job.spec.fingerprint(),
         "bos_id": bos_id,
-        "dtype": dtype_name(loaded.dtype),
-        "device_type": loaded.device.type,
-        "world_size": distributed.world().size,
-        "versions": {"reconstruct": reconstruct.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
     }
-
-
-def flag_of(key: str) -> str:
-    """The flag behind a fingerprint field (``retrain.lr`` → ``--lr``)."""
-    head, _, rest = key.partition(".")
-    if head == "retrain":
-        return {"val_fraction": "--val", "micro_batch": "--batch-size", "batch": "--samples-per-step",
-                "n_windows": "--n-samples"}.get(rest, "--" + rest.replace("_", "-"))
-    return {"model_files": "--model", "data": "--data", "bos_id": "--calib-bos", "dtype": "--dtype",
-            "device_type": "--device", "world_size": "--nproc", "versions": "the installed versions"}.get(head, key)
-
-
-def check_same_job(manifest: dict, fingerprint: dict, out: Path) -> None:
-    """Refuse to continue a different job in ``out``, naming the flags that differ."""
-    differences = diff_fingerprints(manifest["fingerprint"], fingerprint, label=flag_of)
-    if differences:
-        raise ValueError(f"--out {out} holds a different retraining job ({'; '.join(differences)}); "
-                         "use another --out or the same flags")
 
 
 # --------------------------------------------------------------------------- the job
@@ -165,7 +116,7 @@ def run_retrain(job: RetrainJob) -> dict:
         check_calib_seq_len(job.spec.seq_len, loaded.config)
         check_batch_split(job.spec.batch, "--samples-per-step")
         if distributed.is_main():
-            check_out(Path(job.out))
+            JobFolder(job.out, RETRAIN_JOB).refuse_foreign()
         stream = choose_stream(job.spec, loaded)
         check_fits(job.spec, loaded, stream)
         if stream and job.check_stream:  # the resident path is the model's own forward already
@@ -195,7 +146,7 @@ def run_retrain(job: RetrainJob) -> dict:
 
         write_retrain_report(out, report)
         atomic_write_json(out / REPORT_NAME, report)
-        atomic_write_json(state_dir / MANIFEST_NAME, {"fingerprint": fingerprint, "finished": True})
+        opened["record"].finish()
         (state_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
         return report
 
@@ -213,41 +164,31 @@ def check_batch_split(batch: int, flag: str) -> None:
 
 
 def _open_out(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, stack: ExitStack) -> dict:
-    """Rank 0: lock ``--out`` (held until ``stack`` closes), check or start its manifest.
+    """Rank 0: lock ``--out`` (held until ``stack`` closes), check or start its record.
 
     Returns:
-        ``{"fingerprint": ..., "finished": None}``, or with ``finished`` the report of a finished job.
+        ``{"fingerprint", "record", "finished": None}``, or with ``finished`` the report of a finished job.
     """
-    out = Path(job.out)
-    state_dir = out / STATE_DIR
-    stack.enter_context(JobLock(out))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (out, state_dir):  # temp files of writes a kill interrupted
-        remove_stale_temp_files(folder)
-    hashes = HashCache(state_dir / HASHES_NAME)
+    folder = JobFolder(Path(job.out), RETRAIN_JOB)
+    stack.enter_context(folder.locked())
+    folder.state_dir.mkdir(parents=True, exist_ok=True)
+    hashes = folder.hash_cache()
     fingerprint = retrain_fingerprint(job, loaded, bos_id, hashes)
     hashes.save()
-    manifest_path = state_dir / MANIFEST_NAME
-    manifest = _read_manifest(manifest_path)
-    if manifest is not None:
-        check_same_job(manifest, fingerprint, out)
-        if manifest.get("finished") and (out / REPORT_NAME).is_file():
-            logger.info("%s already holds this finished retraining job; nothing to do", out)
-            return {"fingerprint": fingerprint,
-                    "finished": {**json.loads((out / REPORT_NAME).read_text()), "already_finished": True}}
-    else:
-        atomic_write_json(manifest_path, {"fingerprint": fingerprint, "finished": False})
-    return {"fingerprint": fingerprint, "finished": None}
-
-
-def _read_manifest(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
+        record = folder.read_record()
     except ValueError:
-        logger.warning("%s is damaged; starting the retraining over", path)
-        return None
+        logger.warning("%s is damaged; starting the retraining over", folder.record_path)
+        record = None
+    if record is None:
+        return {"fingerprint": fingerprint, "record": folder.new_record(fingerprint), "finished": None}
+    folder.check_same_job(record.fingerprint, fingerprint)
+    report = folder.out / REPORT_NAME
+    if record.finished and report.is_file():
+        logger.info("%s already holds this finished retraining job; nothing to do", folder.out)
+        return {"fingerprint": fingerprint, "record": record,
+                "finished": {**json.loads(report.read_text()), "already_finished": True}}
+    return {"fingerprint": fingerprint, "record": record, "finished": None}
 
 
 def build_report(job: RetrainJob, fingerprint: dict, result: RetrainResult, sparsity: float,

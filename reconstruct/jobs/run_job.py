@@ -21,6 +21,7 @@ from reconstruct.atomic import atomic_write_json
 from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
 from reconstruct.config import JobConfig
 from reconstruct.evaluation.parity import check_streamed_forward
+from reconstruct.jobs.calibration_tokens import calibration_tokens, validation_tokens
 from reconstruct.jobs.job_state import JobState
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.loop.allocation import compute_allocation
@@ -116,10 +117,10 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
     if state.manifest.first_unfinished_block() == layout.n_blocks:  # killed while finishing
         logger.info("all %d blocks are done; writing the rest of the output", layout.n_blocks)
         return assemble_output(job, loaded, state)
-    tokens = state.calibration_tokens(loaded)  # (n, T), the same on every rank
+    tokens = calibration_tokens(state, loaded)  # (n, T), the same on every rank
     n_calib = tokens.shape[0]
     if job.recon_val_data is not None:  # the validation text's windows: rows n .. n + m - 1 of the streams
-        tokens = torch.cat([tokens, state.validation_tokens(loaded)])  # (n + m, T)
+        tokens = torch.cat([tokens, validation_tokens(state, loaded)])  # (n + m, T)
     shard = distributed.split_samples(tokens.shape[0])  # this rank's contiguous rows (all, in one process)
     tokens = tokens[shard.start : shard.stop]  # (n_rank, T)
     n_samples, seq_len = tokens.shape

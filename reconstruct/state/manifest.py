@@ -22,7 +22,7 @@ from reconstruct.faults import crash_point
 from reconstruct.modelio.folder_layout import MANIFEST_NAME
 from reconstruct.state.fingerprint import file_stat
 from reconstruct.state.job_diff import (  # noqa: F401  (re-exported: the manifest is where callers look)
-    WORLD_SIZE_KEY, diff_fingerprints, flag_of_field, to_jsonable,
+    diff_fingerprints, flag_of_field, to_jsonable,
 )
 from reconstruct.state.job_folder import RUN_JOB, JobFolder
 

@@ -2,16 +2,15 @@
 
 A path under a file (``notes.txt/out``) or on a read-only disk is bad input: one line naming the
 flag, the path and what is wrong, instead of an OS error after the model has been loaded.
-Nothing is created here: a refused job leaves no folder behind.
+Nothing is created here: a refused job leaves no folder behind. (An ``--out`` that holds something other
+than the job is refused by the job folder, ``job_folder.JobFolder.refuse_foreign``, once the command knows
+which kind of job it is.)
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from reconstruct.atomic import TEMP_SUFFIX
-from reconstruct.modelio.folder_layout import LOCK_NAME, MANIFEST_NAME, STATE_DIR
 
 
 def check_out_folder(out: Path, flag: str = "--out") -> None:
@@ -48,20 +47,3 @@ def is_read_only(folder: Path) -> bool:
     except OSError:  # pragma: no cover - statvfs is missing only on exotic file systems
         pass
     return not os.access(folder, os.W_OK | os.X_OK)
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse an ``--out`` that exists and holds something other than a reconstruct job."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    foreign = [path for path in out.iterdir() if not is_own_leftover(path.name)] if out.is_dir() else []
-    if foreign and not (out / MANIFEST_NAME).is_file():
-        raise ValueError(
-            f"--out {out} is not empty and holds no reconstruct job; choose an empty or new folder "
-            "(nothing there was changed)"
-        )
-
-
-def is_own_leftover(name: str) -> bool:
-    """Files a killed run may leave before its first manifest: lock, state folder, temp files."""
-    return name == LOCK_NAME or name.startswith(LOCK_NAME + ".") or name == STATE_DIR or name.endswith(TEMP_SUFFIX)
