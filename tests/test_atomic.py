@@ -255,7 +255,7 @@ def test_side_files_of_an_earlier_job_are_not_carried_over(tmp_path):
     from reconstruct.modelio.output import copy_side_files
     from reconstruct.reporting.loraprune_report import FIGURE_NAME as LORAPRUNE_FIGURE
     from reconstruct.reporting.report import FIGURE_NAME
-    from reconstruct.shrink.writer import SUMMARY_NAME
+    from reconstruct.modelio.folder_layout import SHRINK_SUMMARY_NAME as SUMMARY_NAME
     from reconstruct.state.manifest import MANIFEST_NAME
 
     source, out = tmp_path / "pruned", tmp_path / "out"

@@ -6,8 +6,15 @@ package deletes them: smaller dense matrices and a ``config.json`` whose sizes m
 
 Modules, one job each: ``roles`` (which linears hold heads and channels: ``pruners.structured``'s
 discovery), ``removed`` (which groups each block removed, and whether a config can express the
-rest), ``families`` (the per-``model_type`` config keys), ``slicing`` (the tensor surgery), ``writer``
-(the atomic, resumable output folder). Memory: one block's tensors at a time.
+rest), ``families`` (the per-``model_type`` config keys), ``slicing`` (the tensor surgery). Memory: one
+block's tensors at a time.
+
+The output folder is written atomically and resumably, as every command's: the model by
+``modelio.output.ModelFolderWriter`` (one shard per block, the rest, ``config.json`` with the kept sizes,
+tokenizer and generation files, ``shrink.json``, the index last), the job by ``state.job_folder``
+(lock, the refusal of an ``--out`` holding anything else, ``.shrink-state.json``: the source's identity,
+the plan and the sha256 of each finished file). A rerun after a kill re-verifies the finished shards and
+writes only what is missing; a rerun after the end does nothing.
 """
 
 from __future__ import annotations
@@ -17,17 +24,17 @@ import logging
 import math
 from pathlib import Path
 
-from reconstruct.state.lock import JobLock
-from reconstruct.modelio.loaded import load_model
+from reconstruct.atomic import sha256_file
+from reconstruct.modelio.folder_layout import CONFIG_NAME, INDEX_NAME, SHRINK_SUMMARY_NAME as SUMMARY_NAME
+from reconstruct.modelio.loaded import LoadedModel, load_model
+from reconstruct.modelio.output import WEIGHT_SUFFIXES, ModelFolderWriter
 from reconstruct.modelio.safetensors_header import read_safetensors_header
 from reconstruct.shrink.families import check_shrinkable, shrunk_config
 from reconstruct.shrink.removed import ShrinkPlan, find_removed
 from reconstruct.shrink.roles import BlockRoles, find_roles
 from reconstruct.shrink.slicing import shrink_block_tensors
-from reconstruct.shrink.writer import (
-    STATE_NAME, SUMMARY_NAME, ShrinkState, clean_leftovers, copy_side_files, finish_folder, shard_name,
-    source_identity, write_shard, write_small_file,
-)
+from reconstruct.state.fingerprint import fingerprint_model_files
+from reconstruct.state.job_folder import SHRINK_JOB, JobFolder, JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +55,20 @@ def count_parameters(folder: Path) -> int:
                for shape, _ in shard_entries(path).values())
 
 
-def _check_paths(source: Path, out: Path) -> None:
+def source_identity(folder: Path) -> dict[str, str]:
+    """The source's weights, config and index by whole-file sha256 (``state.fingerprint``); reports left out."""
+    files = fingerprint_model_files(folder)
+    return {name: ident for name, ident in files.items()
+            if name.endswith(WEIGHT_SUFFIXES) or name in (CONFIG_NAME, INDEX_NAME)}
+
+
+def _check_paths(source: Path, folder: JobFolder) -> None:
     """Refuse a missing source, ``--out`` equal to it, or an ``--out`` holding something else."""
-    if not source.is_dir() or not (source / "config.json").is_file():
+    if not source.is_dir() or not (source / CONFIG_NAME).is_file():
         raise ValueError(f"shrink: {source} is not a model folder (no config.json)")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    if out.resolve() == source.resolve():
-        raise ValueError(f"--out {out} is the folder being shrunk; give another folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / STATE_NAME).is_file():
-        ShrinkState.open(out, {}, {})  # raises the "holds no shrunk model" refusal
+    if folder.out.resolve() == source.resolve():
+        raise ValueError(f"--out {folder.out} is the folder being shrunk; give another folder")
+    folder.refuse_foreign()
 
 
 def shrink_folder(source: Path, out: Path) -> dict:
@@ -77,60 +88,71 @@ def shrink_folder(source: Path, out: Path) -> dict:
             a family or grouped-query layout its config cannot express, an ``--out`` in use).
     """
     source, out = Path(source).expanduser(), Path(out).expanduser()
-    _check_paths(source, out)
+    folder = JobFolder(out, SHRINK_JOB)
+    _check_paths(source, folder)
     loaded = load_model(str(source), "cpu", "float32")
     roles = find_roles(loaded)
     plan = find_removed(loaded, roles)
-    config = shrunk_config(json.loads((source / "config.json").read_text()), plan.sizes)
-    with JobLock(out):
-        clean_leftovers(out)
-        state = ShrinkState.open(out, source_identity(source), plan.to_dict())
-        if state.finished:
+    config = shrunk_config(json.loads((source / CONFIG_NAME).read_text()), plan.sizes)
+    with folder.locked():
+        record = _open_record(folder, {"source": source_identity(source), "plan": plan.to_dict()})
+        if record.finished and folder.intact(record.files):
             logger.info("%s already holds this shrunk model; nothing to do", out)
             return json.loads((out / SUMMARY_NAME).read_text())
-        weight_map = _write_shards(state, loaded, roles, plan)
-        copy_side_files(source, out)
-        write_small_file(state, "config.json", config)
-        summary = _summary(source, plan, weight_map, out)
-        write_small_file(state, SUMMARY_NAME, summary)
-        finish_folder(state, {name: file for name, (file, _) in weight_map.items()},
-                      sum(size for _, size in weight_map.values()))
+        writer = ModelFolderWriter(out, loaded.layout.n_blocks)
+        _write_shards(folder, record, writer, loaded, roles, plan)
+        summary = _summary(source, plan, writer)
+        for name in writer.finish(source, config, {SUMMARY_NAME: summary}):  # the index last
+            record.record_file(name, sha256_file(out / name))
+        record.finish()
     logger.info("wrote %s: %s parameters (was %s)", out, f"{summary['parameters']['after']:,}",
                 f"{summary['parameters']['before']:,}")
     return summary
 
 
-def _write_shards(state: ShrinkState, loaded, roles: BlockRoles, plan: ShrinkPlan) -> dict[str, tuple[str, int]]:
-    """One shard per shrunk block, then the tensors outside the blocks; tensor -> (file, bytes)."""
+def _open_record(folder: JobFolder, fingerprint: dict) -> JobRecord:
+    """The record of this shrink in ``--out``, or a new one; refuses the shrink of another folder or plan."""
+    record = folder.read_record()
+    if record is not None:
+        folder.check_same_job(record.fingerprint, fingerprint)
+        return record
+    folder.refuse_foreign()  # again, under the lock
+    return folder.new_record(fingerprint)
+
+
+def _write_shards(folder: JobFolder, record: JobRecord, writer: ModelFolderWriter, loaded: LoadedModel,
+                  roles: BlockRoles, plan: ShrinkPlan) -> None:
+    """One shard per shrunk block, then the tensors outside the blocks; each unless an earlier run finished it."""
     layout = loaded.layout
-    n_shards = layout.n_blocks + 1
     model_keys = list(loaded.model.state_dict())
+
+    def write(name: str, write_shard) -> None:
+        if folder.file_intact(name, record.files.get(name)):
+            logger.info("%s: already written", name)
+            return
+        record.record_file(name, write_shard())
+        loaded.reader.close()
+
     for index in range(layout.n_blocks):
         prefix = layout.block_prefix(index)
 
-        def block_tensors(prefix=prefix, index=index):
+        def block_shard(prefix=prefix, index=index) -> str:
             stored = {key: loaded.reader.read(loaded.key_map[key]) for key in model_keys
                       if key.startswith(prefix) and key in loaded.key_map}
-            return shrink_block_tensors(stored, prefix, roles, plan.removed[index])
+            return writer.write_block(index, shrink_block_tensors(stored, prefix, roles, plan.removed[index]))
 
-        write_shard(state, shard_name(index, n_shards), block_tensors)
-        loaded.reader.close()
-    write_shard(state, shard_name(n_shards - 1, n_shards), loaded.read_outside_block_tensors)
-    loaded.reader.close()
-    weight_map: dict[str, tuple[str, int]] = {}
-    for index in range(n_shards):
-        name = shard_name(index, n_shards)
-        weight_map.update({key: (name, size) for key, (_, size) in shard_entries(state.out / name).items()})
-    return weight_map
+        write(writer.block_file(index), block_shard)
+    write(writer.rest_file, lambda: writer.write_rest(loaded.read_outside_block_tensors()))
 
 
-def _summary(source: Path, plan: ShrinkPlan, weight_map: dict[str, tuple[str, int]], out: Path) -> dict:
+def _summary(source: Path, plan: ShrinkPlan, writer: ModelFolderWriter) -> dict:
     """``shrink.json``: the plan, and the parameters and weight-file bytes of the source and the shrunk folder."""
-    files = sorted({file for file, _ in weight_map.values()})
+    weight_map, _ = writer.weight_map()
+    files = sorted(set(weight_map.values()))
     return {
         "source": str(source),
         **plan.to_dict(),
-        "parameters": {"before": count_parameters(source), "after": count_parameters(out)},
+        "parameters": {"before": count_parameters(source), "after": count_parameters(writer.out)},
         "file_bytes": {"before": sum(path.stat().st_size for path in source.glob("*.safetensors")),
-                       "after": sum((out / file).stat().st_size for file in files)},
+                       "after": sum((writer.out / file).stat().st_size for file in files)},
     }
