@@ -101,6 +101,14 @@ def pytest_collection_modifyitems(config, items):
                                  not getattr(item.module, "SCHEDULE_EARLY", False)))  # stable: module order kept
 
 
+def pytest_sessionfinish(session):
+    """Stop the fork servers of ``forked_cli`` (and wait for them) when the session, or an xdist worker, ends."""
+    import sys
+
+    if "forked_cli" in sys.modules:
+        sys.modules["forked_cli"].close_servers()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(arch)`` → folder of a saved tiny model (built once per session)."""
