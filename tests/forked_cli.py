@@ -67,6 +67,8 @@ class _Server:
                 self._reply(60)
                 raise subprocess.TimeoutExpired(command, timeout, out.read_text(errors="replace"),
                                                 err.read_text(errors="replace"))
+            global forked_cpu_seconds
+            forked_cpu_seconds += finished["cpu_seconds"]
             return finished["returncode"], out.read_text(errors="replace"), err.read_text(errors="replace")
 
     def close(self) -> None:
@@ -80,6 +82,7 @@ class _Server:
 
 
 _servers: dict[tuple, _Server] = {}
+forked_cpu_seconds = 0.0  # CPU time of every forked run so far (a server's own counts only once it exits)
 
 
 @atexit.register

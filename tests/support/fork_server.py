@@ -8,7 +8,8 @@ its standard streams at the two files, takes the request's environment, working 
 arguments, and runs ``reconstruct`` as ``python -m`` runs it (``runpy._run_module_as_main``) at the
 top level of this script, so it exits as an interpreter does: exit code, SIGKILL, atexit handlers,
 non-daemon threads joined. The server answers ``{"pid": ...}`` at the fork and
-``{"returncode": ...}`` (negative: killed by that signal, as ``subprocess`` reports it) at the end.
+``{"returncode": ..., "cpu_seconds": ...}`` at the end (negative: killed by that signal, as
+``subprocess`` reports it; the child's user + system CPU time).
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def serve() -> None:
             _become(request, devnull)
             return
         os.write(replies, (json.dumps({"pid": pid}) + "\n").encode())
-        _, status = os.waitpid(pid, 0)
-        os.write(replies, (json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+        _, status, usage = os.wait4(pid, 0)
+        os.write(replies, (json.dumps({"returncode": os.waitstatus_to_exitcode(status),
+                                       "cpu_seconds": usage.ru_utime + usage.ru_stime}) + "\n").encode())
     os._exit(0)
 
 
