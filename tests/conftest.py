@@ -101,6 +101,14 @@ def pytest_collection_modifyitems(config, items):
                                  not getattr(item.module, "SCHEDULE_EARLY", False)))  # stable: module order kept
 
 
+def pytest_sessionfinish(session):
+    """Stop the fork servers of ``forked_cli`` (and wait for them) when the session, or an xdist worker, ends."""
+    import sys
+
+    if "forked_cli" in sys.modules:
+        sys.modules["forked_cli"].close_servers()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(arch)`` → folder of a saved tiny model (built once per session)."""
@@ -112,6 +120,43 @@ def tiny_model_dir(tmp_path_factory):
         return cache[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lm_eval_task_index():
+    """lm-eval's index of its bundled tasks, built once per test process.
+
+    Every ``TaskManager()`` (one per zero-shot evaluation) scans the ~15,000 YAML files lm-eval ships:
+    about 7 s of CPU. They do not change during a session, so the scan of lm-eval's own folder runs once;
+    each manager gets its own dict of copied entries (lm-eval adds names to that dict and deep-copies an
+    entry's config before using it). Any other folder (a user's ``include_path``) is scanned every time.
+    Modules that evaluate tasks in this process use it: ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    import copy
+
+    try:
+        import lm_eval.tasks
+        from lm_eval.tasks import _index
+    except ImportError:  # the modules that need lm-eval skip themselves
+        yield
+        return
+    bundled = Path(lm_eval.tasks.__file__).resolve().parent
+    real = _index.TaskIndex.build
+    cache: dict[tuple, dict] = {}
+
+    def build(paths, *, resolve_includes=True):
+        paths = [Path(path) for path in paths]
+        if any(path.resolve() != bundled for path in paths):
+            return real(paths, resolve_includes=resolve_includes)
+        key = (len(paths), resolve_includes)
+        if key not in cache:
+            cache[key] = real(paths, resolve_includes=resolve_includes)
+        return {name: copy.copy(entry) for name, entry in cache[key].items()}
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(_index.TaskIndex, "build", staticmethod(build))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

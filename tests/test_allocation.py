@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, save_tiny_model
+from forked_cli import run_reconstruct
 from pruners.allocation import check_explicit_sparsities, outlier_ratio, owl_sparsities, weighted_mean
 from reconstruct.faults import CRASH_ENV
 from reconstruct.state.manifest import Manifest
@@ -76,14 +76,14 @@ def test_explicit_sparsities_are_checked(values, words):
 
 
 # --------------------------------------------------------------------------- jobs through the command line
-def run_cli(*args: str, crash: str | None = None) -> subprocess.CompletedProcess:
-    """``python -m reconstruct ARGS`` in a subprocess (one thread; ``crash`` sets the crash point)."""
+def run_cli(*args: str, crash: str | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``python -m reconstruct ARGS`` in a process of its own (one thread; ``crash`` sets the crash point;
+    ``forked_cli``: forked from a pre-imported server, or a new interpreter with ``fresh``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
     env.pop(CRASH_ENV, None)
     if crash is not None:
         env[CRASH_ENV] = crash
-    return subprocess.run([sys.executable, "-m", "reconstruct", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    return run_reconstruct(list(args), env=env, cwd=REPO, timeout=RUN_TIMEOUT_S, fresh=fresh)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -195,7 +195,7 @@ def test_changed_allocation_is_refused_on_resume_naming_the_flag(model, small_ca
 def test_resume_after_the_pre_pass_is_byte_identical_and_does_not_repeat_it(outlier_model, small_calib_file, tmp_path):
     flags = ("--sparsity", "0.7", "--method", "bias-ln", "--recon-steps", "4", "--allocation", "owl")
     reference = tmp_path / "reference"
-    ok(run_cli(*job_args(outlier_model, small_calib_file, reference, *flags)))
+    ok(run_cli(*job_args(outlier_model, small_calib_file, reference, *flags), fresh=True))  # the other side is forked
     out = tmp_path / "out"
     crashed = run_cli(*job_args(outlier_model, small_calib_file, out, *flags), crash="allocation")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]

@@ -48,6 +48,7 @@ def _stop_at_open(opened: dict, key: str):
 
 
 @pytest.mark.parametrize(("device", "expected"), [("cpu", torch.float32), ("cuda", torch.bfloat16)])
+@pytest.mark.usefixtures("lm_eval_task_index")  # conftest: lm-eval's task scan once per process
 def test_run_and_eval_pick_the_same_dtype_for_auto(bf16_model, small_calib_file, monkeypatch, device, expected):
     named = torch.device(device)
     for module in (loaded_module, perplexity_module, tasks_module, runtime):

@@ -21,6 +21,7 @@ from test_report import EVAL_FLAGS, quick_run_args, table_rows
 pytest.importorskip("lm_eval")
 from reconstruct.evaluation.tasks import TaskEvalSpec  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("lm_eval_task_index")  # conftest: lm-eval's task scan once per process
 TASK_DATA = Path(__file__).parent / "data" / "lm_eval"
 TASK_FLAGS = ["--eval-tasks", "tiny_mc", "--task-data", str(TASK_DATA)]
 

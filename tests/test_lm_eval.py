@@ -31,6 +31,7 @@ from reconstruct.evaluation.lm_eval_model import ReconstructLM  # noqa: E402
 from reconstruct.evaluation.streaming import InMemoryLM, StreamedLM  # noqa: E402
 from reconstruct.evaluation.tasks import evaluate_tasks, metric_table, run_lm_eval  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("lm_eval_task_index")  # conftest: lm-eval's task scan once per process
 TASK_DATA = Path(__file__).parent / "data" / "lm_eval"
 CPU = torch.device("cpu")
 U32 = torch.finfo(torch.float32).eps / 2

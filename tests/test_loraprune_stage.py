@@ -114,7 +114,7 @@ def cli_job(tiny_model_dir, small_calib_file) -> Job:
 @pytest.fixture(scope="module")
 def reference(cli_job, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
-    ok(cli_job.run(out, **FLAGS))
+    ok(cli_job.run(out, fresh=True, **FLAGS))  # the other side of each comparison is forked (forked_cli)
     return out
 
 
@@ -143,7 +143,7 @@ def test_a_killed_heads_stage_resumes_its_group_averages(cli_job, tmp_path):
     """Heads keep their moving averages in host memory: they come back from the controller's checkpoint file."""
     flags = {**FLAGS, "pattern": "heads", "sparsity": "0.5"}
     reference = tmp_path / "reference"
-    ok(cli_job.run(reference, **flags))
+    ok(cli_job.run(reference, fresh=True, **flags))
     out = tmp_path / "out"
     crashed(cli_job.run(out, crash="retrain-step:4", **flags))
     resumed = ok(cli_job.run(out, **flags))

@@ -27,6 +27,7 @@ from reconstruct.evaluation.streaming import InMemoryLM  # noqa: E402
 from reconstruct.evaluation.task_data import task_specs  # noqa: E402
 from reconstruct.evaluation.tasks import load_tasks, evaluate_tasks, run_lm_eval  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("lm_eval_task_index")  # conftest: lm-eval's task scan once per process
 PIQA = TEST_DATA / "piqa"
 PIQA_ITEMS = len((PIQA / "valid-labels.lst").read_text().split())
 CPU = torch.device("cpu")

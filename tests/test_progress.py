@@ -58,6 +58,7 @@ def test_streamed_eval_shows_a_block_bar(tiny_model_dir, small_calib_file, monke
     assert "eval blocks" in result.stderr
 
 
+@pytest.mark.usefixtures("lm_eval_task_index")  # conftest: lm-eval's task scan once per process
 def test_zero_shot_shows_a_bar(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

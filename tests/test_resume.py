@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from forked_cli import run_reconstruct
 from reconstruct.faults import CRASH_ENV
 from reconstruct.state.lock import LOCK_NAME
 from reconstruct.state.manifest import DONE, MANIFEST_NAME, Manifest, verify_block_files
@@ -81,16 +82,17 @@ class Job:
             args += [f"--{name.replace('_', '-')}", value]
         return args + list(extra)
 
-    def run(self, out: Path, *extra: str, crash: str | None = None, **flags: str) -> subprocess.CompletedProcess:
-        """Run the job in a subprocess; ``crash`` sets RECONSTRUCT_CRASH_AT."""
+    def run(self, out: Path, *extra: str, crash: str | None = None, fresh: bool = False,
+            **flags: str) -> subprocess.CompletedProcess:
+        """Run the job in a process of its own (``forked_cli``); ``crash`` sets RECONSTRUCT_CRASH_AT,
+        ``fresh`` starts a new interpreter instead of forking a pre-imported one."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
         if not self.figures:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WITHOUT_MATPLOTLIB), env.get("PYTHONPATH")]))
         env.pop(CRASH_ENV, None)
         if crash is not None:
             env[CRASH_ENV] = crash
-        command = [sys.executable, "-m", "reconstruct", *self.args(out, *extra, **flags)]
-        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        return run_reconstruct(self.args(out, *extra, **flags), env=env, cwd=REPO, timeout=RUN_TIMEOUT_S, fresh=fresh)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -204,9 +206,10 @@ def job(tiny_model_dir, calib_file, tmp_path_factory) -> Job:
 
 @pytest.fixture(scope="module")
 def reference(job, tmp_path_factory) -> Path:
-    """Output folder of one uninterrupted run of the job."""
+    """Output folder of one uninterrupted run of the job, in a fresh interpreter (``forked_cli``: the
+    runs compared with it are forked, so each comparison spans two interpreters)."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    result = ok(job.run(out))
+    result = ok(job.run(out, fresh=True))
     assert computed_blocks(result) == list(range(job.n_blocks))
     return out
 
@@ -331,7 +334,7 @@ def test_changed_job_is_refused_and_force_starts_over(job, reference, tmp_path):
 
     forced = ok(job.run(out, "--force", seed=1, recon_steps=3))
     assert computed_blocks(forced) == list(range(job.n_blocks))
-    fresh = ok(job.run(tmp_path / "fresh", seed=1, recon_steps=3))
+    fresh = ok(job.run(tmp_path / "fresh", seed=1, recon_steps=3, fresh=True))
     assert computed_blocks(fresh) == list(range(job.n_blocks))
     assert_same_output(out, tmp_path / "fresh")
     assert (out / job.shard(0)).read_bytes() != (reference / job.shard(0)).read_bytes()
@@ -543,9 +546,9 @@ GUARD_FLAGS = {"lr": "50", "recon_steps": "8", "recon_eval_every": "4"}  # a div
 
 @pytest.fixture(scope="module")
 def guard_reference(job, tmp_path_factory) -> Path:
-    """Output folder of one uninterrupted run whose guard undoes repairs."""
+    """Output folder of one uninterrupted run whose guard undoes repairs (a fresh interpreter, as ``reference``)."""
     reference = tmp_path_factory.mktemp("guard-reference") / "out"
-    ok(job.run(reference, **GUARD_FLAGS))
+    ok(job.run(reference, fresh=True, **GUARD_FLAGS))
     return reference
 
 

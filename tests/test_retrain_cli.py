@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from typer.testing import CliRunner
 
 import cli
 from conftest import REPO
+from forked_cli import run_reconstruct
 from reconstruct.modelio.output import INDEX_NAME, REPORT_NAME, STATE_DIR
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
 from reconstruct.jobs.retrain_job import MANIFEST_NAME
@@ -83,14 +83,16 @@ def test_empty_or_too_short_data_is_refused(pruned_llama, tmp_path, text):
 
 
 # --------------------------------------------------------------------------- resume
-def run_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra: str) -> subprocess.CompletedProcess:
+def run_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra: str,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """``reconstruct retrain`` in a process of its own (``forked_cli``; ``fresh``: a new interpreter)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
     env.pop(CRASH_ENV, None)
     if crash is not None:
         env[CRASH_ENV] = crash
-    command = [sys.executable, "-m", "reconstruct", "retrain", "--model", str(model), "--data", str(data),
-               "--out", str(out), "--checkpoint-every", "1", "--stream", "always", *FLAGS, *extra]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    args = ["retrain", "--model", str(model), "--data", str(data), "--out", str(out), "--checkpoint-every", "1",
+            "--stream", "always", *FLAGS, *extra]
+    return run_reconstruct(args, env=env, cwd=REPO, timeout=240, fresh=fresh)
 
 
 def model_files(out: Path) -> dict[str, bytes]:
@@ -107,10 +109,18 @@ def comparable_report(out: Path) -> dict:
     return report
 
 
+@pytest.fixture(scope="module")
+def retrain_reference(pruned_llama, small_calib_file, tmp_path_factory) -> Path:
+    """One uninterrupted ``retrain`` (a fresh interpreter: the runs compared with it are forked)."""
+    reference = tmp_path_factory.mktemp("retrain-reference") / "out"
+    result = run_cli(reference, pruned_llama, small_calib_file, fresh=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return reference
+
+
 @pytest.mark.parametrize("crash", ["retrain-step:3", "write:model-00002-of-00004.safetensors"])
-def test_killed_and_rerun_gives_the_same_bytes(pruned_llama, small_calib_file, tmp_path, crash):
-    reference, out = tmp_path / "reference", tmp_path / "out"
-    assert run_cli(reference, pruned_llama, small_calib_file).returncode == 0
+def test_killed_and_rerun_gives_the_same_bytes(pruned_llama, small_calib_file, retrain_reference, tmp_path, crash):
+    reference, out = retrain_reference, tmp_path / "out"
     killed = run_cli(out, pruned_llama, small_calib_file, crash)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / REPORT_NAME).exists()
@@ -138,14 +148,14 @@ RUN_FLAGS = ["--device", "cpu", "--n-samples", "8", "--seq-len", "16", "--pruner
              "--retrain-batch", "4", "--retrain-lr", "1e-2", "--retrain-val", "0.25", "--micro-batch", "2"]
 
 
-def run_job_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra: str):
+def run_job_cli(out: Path, model: Path, data: Path, crash: str | None = None, *extra: str, fresh: bool = False):
+    """``reconstruct run`` in a process of its own (``forked_cli``; ``fresh``: a new interpreter)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
     env.pop(CRASH_ENV, None)
     if crash is not None:
         env[CRASH_ENV] = crash
-    command = [sys.executable, "-m", "reconstruct", "run", "--model", str(model), "--calib", str(data),
-               "--out", str(out), *RUN_FLAGS, *extra]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    args = ["run", "--model", str(model), "--calib", str(data), "--out", str(out), *RUN_FLAGS, *extra]
+    return run_reconstruct(args, env=env, cwd=REPO, timeout=240, fresh=fresh)
 
 
 def comparable_run_report(out: Path) -> dict:
@@ -163,7 +173,7 @@ def comparable_run_report(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def run_reference(tiny_model_dir, small_calib_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run-reference") / "out"
-    result = run_job_cli(out, tiny_model_dir("llama"), small_calib_file)
+    result = run_job_cli(out, tiny_model_dir("llama"), small_calib_file, fresh=True)  # compared with forked runs
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

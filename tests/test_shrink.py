@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import REPO, save_tiny_model
+from forked_cli import run_reconstruct
 from tolerances import gamma
 
 runner = CliRunner()
@@ -235,8 +234,8 @@ def test_a_killed_shrink_resumes_to_the_same_bytes(shrunk_job, tmp_path):
     out = shrunk_job(SHRINK_CASES[0])
     env = {**os.environ, "RECONSTRUCT_CRASH_AT": "write:model-00002-of-00004.safetensors", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
-    killed = subprocess.run([sys.executable, "-m", "reconstruct", "shrink", str(out), "--out", str(tmp_path / "small")],
-                            env=env, cwd=REPO, capture_output=True, text=True)
+    killed = run_reconstruct(["shrink", str(out), "--out", str(tmp_path / "small")], env=env, cwd=REPO,
+                             timeout=240)  # a process of its own (forked_cli)
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "small" / "model.safetensors.index.json").exists()  # not loadable half-written
     result = run_cli("shrink", str(out), "--out", str(tmp_path / "small"))

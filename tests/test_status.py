@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from forked_cli import run_reconstruct
 from reconstruct.faults import CRASH_ENV
 from reconstruct.reporting.status import describe_job, format_duration
 from reconstruct.state.lock import LOCK_NAME
@@ -36,12 +37,12 @@ FINGERPRINT = {  # the parts of a job fingerprint that status shows
 
 
 def run_cli(*args: str, crash: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m reconstruct ARGS`` in a process of its own (``forked_cli``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     env.pop(CRASH_ENV, None)
     if crash:
         env[CRASH_ENV] = crash
-    return subprocess.run([sys.executable, "-m", "reconstruct", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return run_reconstruct(list(args), env=env, cwd=REPO, timeout=240)
 
 
 def status(folder: Path):
