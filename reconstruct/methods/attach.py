@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from pruners.layers import weight_as_out_in
 from pruners.lowrank import LowRankLinear, layer_seed, swap_module
+from pruners.lowrank_function import Workspace
 from reconstruct.methods.bias_norm import MasterParam, bias_masters, norm_masters
 from reconstruct.methods.merge import (
     MergeReport,
@@ -118,6 +119,7 @@ class MethodHandle:
         self._open = False
 
     def _unwrap(self, name: str, wrapper: LowRankLinear) -> None:
+        wrapper.forget_weight()  # the cached effective weight goes with the wrapper
         parent_name, _, attr = name.rpartition(".")
         setattr(self.block.get_submodule(parent_name), attr, wrapper.base)
 
@@ -137,6 +139,7 @@ def attach_method(
     bias_linears: set[str],
     dtype_for_params: torch.dtype = torch.float32,
     seed: int = 0,
+    workspace: Workspace | None = None,
 ) -> MethodHandle:
     """Make a pruned block trainable under one reconstruction method.
 
@@ -152,6 +155,8 @@ def attach_method(
         dtype_for_params: dtype of everything trained (adapters, masters): float32.
         seed: seed for the adapter init (combined with each layer's name). Pass the job's per-block
             seed; the same seed gives the same init on any device.
+        workspace: the adapters' scratch tensors (``pruners.lowrank_function.Workspace``), shared with
+            other blocks' adapters that never run at the same time; default: one for this block.
 
     Returns:
         The MethodHandle: ``trainable_parameters()``, ``merge()``, ``discard()``, ``added_biases``.
@@ -181,6 +186,7 @@ def attach_method(
     wrappers: dict[str, LowRankLinear] = {}
     masters: dict[str, MasterParam] = {}
     if method in LOW_RANK_METHODS:
+        workspace = workspace if workspace is not None else Workspace()
         for name, linear in linears.items():
             wrapper = LowRankLinear(
                 linear,
@@ -190,6 +196,7 @@ def attach_method(
                 alpha=alpha,
                 seed=layer_seed(seed, name),
                 param_dtype=dtype_for_params,
+                workspace=workspace,
             )
             swap_module(block, name, linear, wrapper)
             wrappers[name] = wrapper

@@ -8,9 +8,11 @@ Parameters in place of the new ones. The pruning mask of every linear is its zer
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from pruners.layers import weight_as_out_in
+from pruners.lowrank_function import Workspace
 from reconstruct.methods.attach import MethodHandle, attach_method
 from reconstruct.modelio.architecture import BlockLayout
 from reconstruct.retrain.spec import RetrainSpec
@@ -55,6 +57,7 @@ class ModelTrainables:
         self.layout = layout
         self.by_block: dict[int, list[nn.Parameter]] = {}  # block index → its trainables, attach order
         self.added_biases: dict[int, set[str]] = {}  # block index → linears that got a new bias
+        self.workspace = Workspace()  # the adapters' scratch, shared by every block (they run one at a time)
 
     def attach(self, index: int, block: nn.Module) -> MethodHandle:
         """Attach the method to loaded block ``index`` with its resident trainables; returns the handle."""
@@ -64,6 +67,7 @@ class ModelTrainables:
         handle = attach_method(
             self.spec.method, block, linears, zero_pattern_masks(linears), rank=self.spec.rank,
             alpha=self.spec.alpha, bias_linears=bias_linears, seed=block_seed(self.spec.seed, index),
+            workspace=self.workspace,
         )
         if index in self.by_block:
             _adopt(handle, self.by_block[index])
@@ -85,11 +89,12 @@ class ModelTrainables:
         return {f"{index}.{position}": param.detach().to("cpu", copy=True)
                 for index, params in self.by_block.items() for position, param in enumerate(params)}
 
+    @torch.no_grad()
     def load_state(self, state: dict[str, Tensor]) -> None:
-        """Overwrite the trainables in place with a ``state()`` copy."""
+        """Overwrite the trainables in place with a ``state()`` copy (a new version of each: adapters rebuild their weight)."""
         for index, params in self.by_block.items():
             for position, param in enumerate(params):
-                param.data.copy_(state[f"{index}.{position}"])
+                param.copy_(state[f"{index}.{position}"])
 
 
 def estimate_trainable_count(spec: RetrainSpec, layout: BlockLayout, blocks: nn.ModuleList) -> int:
