@@ -31,7 +31,7 @@ from torch import Tensor
 
 
 class Workspace:
-    """Scratch tensors reused from call to call, one per (shape, dtype, device); share one among many adapters.
+    """Scratch tensors reused from call to call, one per (role, shape, dtype, device); share one among many adapters.
 
     A scratch tensor is only used inside one call (the merge, one backward), so adapters that never run
     at the same time can share it: the wrappers of a block, or of every block of a retraining.
@@ -40,9 +40,9 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous tensor of that shape, dtype and device (its values are whatever was there)."""
-        key = (tuple(shape), dtype, torch.device(device))
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous tensor of that shape, dtype and device for ``role`` (its values are whatever was there)."""
+        key = (role, tuple(shape), dtype, torch.device(device))
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
@@ -53,11 +53,20 @@ class Workspace:
         self._buffers.clear()
 
 
-def _mm(a: Tensor, b: Tensor, workspace: Workspace | None) -> Tensor:
-    """``a @ b`` (2-D), written into the workspace's scratch tensor when one is given."""
-    if workspace is None:
-        return a.mm(b)
-    return torch.mm(a, b, out=workspace.take((a.shape[0], b.shape[1]), torch.result_type(a, b), a.device))
+def _mm(a: Tensor, b: Tensor, workspace: Workspace, role: str) -> Tensor:
+    """``a @ b`` (2-D), written into the workspace's scratch tensor for ``role``."""
+    return torch.mm(a, b, out=workspace.take(role, (a.shape[0], b.shape[1]), torch.result_type(a, b), a.device))
+
+
+def _mask_as(module, like: Tensor) -> Tensor:
+    """The keep mask as 0/1 in ``like``'s dtype, in scratch: the values ``like * keep_mask`` converts it to.
+
+    Read through its bytes (``uint8``): torch converts bool to float one element at a time, 20 times
+    slower than from ``uint8`` on a CPU here, and the product with the bool mask would make that copy
+    in a new weight-sized tensor at every call.
+    """
+    mask = module.keep_mask
+    return module.workspace.take("mask", tuple(mask.shape), like.dtype, like.device).copy_(mask.view(torch.uint8))
 
 
 def _column_major(t: Tensor) -> bool:
@@ -74,7 +83,7 @@ def effective_weight_of(module, out: Tensor | None = None) -> Tensor:
     must be a tensor this function returned for the same module: its strides are those of ``W + delta``).
     """
     weight = module.base_weight()  # (out, in)
-    product = _mm(module.lora_B, module.lora_A, module.workspace)  # (out, in)
+    product = _mm(module.lora_B, module.lora_A, module.workspace, "product")  # (out, in)
     if product.dtype != torch.float32:
         product = product.float()
     if module.kind == "scalelora":
@@ -82,7 +91,7 @@ def effective_weight_of(module, out: Tensor | None = None) -> Tensor:
     else:
         product.mul_(module.scaling)
         if module.kind == "masklora":
-            product.mul_(module.keep_mask)
+            product.mul_(_mask_as(module, product))
     if weight.dtype != product.dtype:
         product = product.to(weight.dtype)
     return torch.add(weight, product) if out is None else torch.add(weight, product, out=out)
@@ -108,9 +117,9 @@ def adapter_gradients(module, grad_output: Tensor, x: Tensor, weight: Tensor) ->
     grad = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
     if _column_major(weight.t()):  # autograd's mm backward of x @ weight.T for the second operand
-        grad_weight = _mm(grad.t(), rows, module.workspace)  # (out, in)
+        grad_weight = _mm(grad.t(), rows, module.workspace, "grad")  # (out, in)
     else:
-        grad_weight = _mm(rows.t(), grad, module.workspace).t()
+        grad_weight = _mm(rows.t(), grad, module.workspace, "grad").t()
     a, b = module.lora_A, module.lora_B
     if grad_weight.dtype != torch.float32:  # the cast of delta to the weight's dtype, unwound
         grad_weight = grad_weight.float()
@@ -118,7 +127,7 @@ def adapter_gradients(module, grad_output: Tensor, x: Tensor, weight: Tensor) ->
         grad_weight.mul_(module.base_weight().float())
     else:
         if module.kind == "masklora":
-            grad_weight.mul_(module.keep_mask)
+            grad_weight.mul_(_mask_as(module, grad_weight))
         grad_weight.mul_(module.scaling)
     if a.dtype != torch.float32:  # the .float() of B @ A, unwound
         grad_weight = grad_weight.to(a.dtype)

@@ -135,5 +135,7 @@ def test_workspace_is_shared_and_reused() -> None:
                 for layer, keep in layers]
     for wrapper in wrappers:
         wrapper(torch.randn(3, 16, requires_grad=True)).sum().backward()
-    scratch = workspace.take((24, 16), torch.float32, torch.device("cpu"))
-    assert len(workspace._buffers) == 1 and workspace.take((24, 16), torch.float32, torch.device("cpu")) is scratch
+    roles = {key[0] for key in workspace._buffers}
+    assert roles == {"product", "mask", "grad"} and len(workspace._buffers) == 3  # one of each for both adapters
+    scratch = workspace.take("grad", (24, 16), torch.float32, torch.device("cpu"))
+    assert workspace.take("grad", (24, 16), torch.float32, torch.device("cpu")) is scratch
