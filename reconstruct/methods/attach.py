@@ -128,6 +128,27 @@ class MethodHandle:
             raise RuntimeError(f"the {self.method} method was already merged or discarded for this block")
 
 
+def check_keep_masks(linears: dict[str, nn.Module], keep_masks: dict[str, Tensor], *, zeros: bool = True) -> None:
+    """Every linear has a keep mask of its (out, in) shape and, with ``zeros``, every pruned weight is 0.
+
+    Raises:
+        ValueError: naming the first layer that fails.
+    """
+    for name, linear in linears.items():
+        if name not in keep_masks:
+            raise ValueError(f"no keep mask for layer {name!r}")
+        weight = weight_as_out_in(linear)
+        if tuple(keep_masks[name].shape) != tuple(weight.shape):
+            raise ValueError(
+                f"keep mask of {name!r} has shape {tuple(keep_masks[name].shape)}, "
+                f"the (out, in) weight has {tuple(weight.shape)}"
+            )
+        if zeros:
+            _, nonzero = count_pruned_nonzero(linear, keep_masks[name])
+            if nonzero:
+                raise ValueError(f"{name!r}: {nonzero} weight(s) outside the keep mask are non-zero; prune first")
+
+
 def attach_method(
     method: str,
     block: nn.Module,
@@ -140,6 +161,7 @@ def attach_method(
     dtype_for_params: torch.dtype = torch.float32,
     seed: int = 0,
     workspace: Workspace | None = None,
+    zero_pattern_masks: bool = False,
 ) -> MethodHandle:
     """Make a pruned block trainable under one reconstruction method.
 
@@ -157,6 +179,8 @@ def attach_method(
             seed; the same seed gives the same init on any device.
         workspace: the adapters' scratch tensors (``pruners.lowrank_function.Workspace``), shared with
             other blocks' adapters that never run at the same time; default: one for this block.
+        zero_pattern_masks: the keep masks are ``weight != 0`` (model-level retraining builds them so at
+            every load): the check that every pruned weight is zero holds by construction and is skipped.
 
     Returns:
         The MethodHandle: ``trainable_parameters()``, ``merge()``, ``discard()``, ``added_biases``.
@@ -170,18 +194,7 @@ def attach_method(
     unknown = set(bias_linears) - set(linears)
     if unknown:
         raise ValueError(f"bias_linears names layers that are not among the block's linears: {sorted(unknown)}")
-    for name, linear in linears.items():
-        if name not in keep_masks:
-            raise ValueError(f"no keep mask for layer {name!r}")
-        weight = weight_as_out_in(linear)
-        if tuple(keep_masks[name].shape) != tuple(weight.shape):
-            raise ValueError(
-                f"keep mask of {name!r} has shape {tuple(keep_masks[name].shape)}, "
-                f"the (out, in) weight has {tuple(weight.shape)}"
-            )
-        _, nonzero = count_pruned_nonzero(linear, keep_masks[name])
-        if nonzero:
-            raise ValueError(f"{name!r}: {nonzero} weight(s) outside the keep mask are non-zero; prune first")
+    check_keep_masks(linears, keep_masks, zeros=not zero_pattern_masks)
 
     wrappers: dict[str, LowRankLinear] = {}
     masters: dict[str, MasterParam] = {}

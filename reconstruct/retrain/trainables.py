@@ -67,7 +67,7 @@ class ModelTrainables:
         handle = attach_method(
             self.spec.method, block, linears, zero_pattern_masks(linears), rank=self.spec.rank,
             alpha=self.spec.alpha, bias_linears=bias_linears, seed=block_seed(self.spec.seed, index),
-            workspace=self.workspace,
+            workspace=self.workspace, zero_pattern_masks=True,
         )
         if index in self.by_block:
             _adopt(handle, self.by_block[index])
