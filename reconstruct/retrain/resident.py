@@ -29,7 +29,8 @@ class ResidentModel:
         self.loaded = loader.loaded
         self.micro_batch = micro_batch
         self.outside = self.loaded.load_outside_blocks() + [load_head(self.loaded)]
-        self.handles = [loader.load(index)[2] for index in range(self.loaded.layout.n_blocks)]
+        n_blocks = self.loaded.layout.n_blocks
+        self.handles = [loader.load(index, index + 1 if index + 1 < n_blocks else None)[2] for index in range(n_blocks)]
 
     def close(self) -> None:
         """Drop the trainables' wrappers and release every weight."""
