@@ -79,6 +79,8 @@ class LowRankLinear(nn.Module):
             may change while training, and the forward is ``keep_mask ⊙ (W + s B A)`` in float32.
         workspace: scratch tensors to share with other adapters that never run at the same time (the
             wrappers of a block, of a model); default: the adapter's own.
+        factors: ``(A, B)`` Parameters to use as they are instead of initialising new ones (a caller that
+            keeps them between loads of the layer: model-level retraining).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class LowRankLinear(nn.Module):
         param_dtype: torch.dtype = torch.float32,
         provisional: bool = False,
         workspace: Workspace | None = None,
+        factors: tuple[nn.Parameter, nn.Parameter] | None = None,
     ) -> None:
         super().__init__()
         self.workspace = workspace if workspace is not None else Workspace()
@@ -107,12 +110,17 @@ class LowRankLinear(nn.Module):
         self.provisional = provisional
         mask = keep_mask.to(device=device, dtype=torch.bool)
         self.register_buffer("keep_mask", mask.clone() if provisional else mask, persistent=False)
-        if kind == "scalelora":  # PERP: B A = all ones at the start, no alpha scaling
-            self.scaling = 1.0
+        self.scaling = 1.0 if kind == "scalelora" else alpha / rank  # PERP's scalelora: no alpha scaling
+        if factors is not None:
+            if tuple(factors[0].shape) != (rank, in_features) or tuple(factors[1].shape) != (out_features, rank):
+                raise ValueError(f"factors of shapes {tuple(factors[0].shape)}, {tuple(factors[1].shape)} do not fit a "
+                                 f"rank-{rank} adapter of a ({out_features}, {in_features}) weight")
+            self.lora_A, self.lora_B = factors
+            return
+        if kind == "scalelora":  # PERP: B A = all ones at the start
             a = torch.full((rank, in_features), 1.0 / math.sqrt(rank))
             b = torch.full((out_features, rank), 1.0 / math.sqrt(rank))
         else:  # peft LoRA init: the adapter starts at zero
-            self.scaling = alpha / rank
             a = init_lora_a(rank, in_features, seed)
             b = torch.zeros(out_features, rank)
         self.lora_A = nn.Parameter(a.to(device=device, dtype=param_dtype))  # (r, in)
@@ -145,8 +153,8 @@ class LowRankLinear(nn.Module):
         return self._weight_cache.pending_graphs
 
     def forget_weight(self) -> None:
-        """Drop the cached effective weight (after a change it cannot see; also frees its memory)."""
-        self._weight_cache.clear()
+        """Drop the cached effective weight (after a change it cannot see), giving it to the workspace's spares."""
+        self._weight_cache.clear(self.workspace)
 
     def _exact_function_applies(self, x: Tensor) -> bool:
         """Whether ``AdaptedLinear`` computes this call: frozen weight and bias, x of 2 or more dims, no inference mode."""

@@ -39,6 +39,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
+        self._spares: dict[tuple, list[Tensor]] = {}  # effective weights given back, by (shape, strides, dtype, device)
 
     def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A contiguous tensor of that shape, dtype and device for ``role`` (its values are whatever was there)."""
@@ -48,9 +49,28 @@ class Workspace:
             buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return buffer
 
+    def give_back(self, tensor: Tensor) -> None:
+        """Keep a tensor no one uses any more (an adapter's effective weight) for :meth:`spare`."""
+        self._spares.setdefault(_layout_key(tensor), []).append(tensor)
+
+    def spare(self, like: Tensor) -> Tensor | None:
+        """A tensor given back with ``like``'s shape, strides, dtype and device, or None.
+
+        A streamed retraining loads a block's adapters anew at every load: their effective weights come
+        from here instead of fresh memory (on a host where each large allocation is its own mapping, a
+        fresh one costs a page fault per 4 KiB, more than the arithmetic that fills it).
+        """
+        spares = self._spares.get(_layout_key(like))
+        return spares.pop() if spares else None
+
     def clear(self) -> None:
-        """Drop every scratch tensor."""
+        """Drop every scratch and spare tensor."""
         self._buffers.clear()
+        self._spares.clear()
+
+
+def _layout_key(tensor: Tensor) -> tuple:
+    return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
 
 
 def _mm(a: Tensor, b: Tensor, workspace: Workspace, role: str) -> Tensor:
@@ -143,13 +163,16 @@ class AdaptedLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, lora_a: Tensor, lora_b: Tensor, module) -> Tensor:
         weight = module.current_weight()
         ctx.module = module
-        ctx.save_for_backward(x, lora_a, lora_b, weight)  # versions checked: a changed tensor raises
+        # versions checked: a tensor changed before the backward raises, as under autograd, including
+        # what the backward reads besides (masklora: the mask; scalelora: the base weight)
+        ctx.save_for_backward(x, lora_a, lora_b, weight, module.keep_mask if module.kind == "masklora" else None,
+                              module.base.weight if module.kind == "scalelora" else None)
         module.pending_graphs.add(ctx)
         return F.linear(x, weight, module.base.bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        x, _, _, weight = ctx.saved_tensors
+        x, _, _, weight, _, _ = ctx.saved_tensors
         module = ctx.module
         module.pending_graphs.discard(ctx)  # the weight may be rewritten in place from now on
         grad_x = linear_input_gradient(grad_output, x, weight) if ctx.needs_input_grad[0] else None
@@ -168,12 +191,19 @@ class WeightCache:
         self.pending_graphs: weakref.WeakSet = weakref.WeakSet()  # forwards whose backward has not run
 
     def get(self, module, key: tuple) -> Tensor:
-        """The cached weight if ``key`` matches, else rebuilt (in place when no pending graph holds it)."""
+        """The cached weight if ``key`` matches, else rebuilt in place when no pending graph holds it
+        (the first time: into a spare of the workspace, if it has one)."""
         if self.weight is None or self.key != key:
-            reuse = self.weight if self.weight is not None and not self.pending_graphs else None
+            if self.weight is None:
+                reuse = module.workspace.spare(module.base_weight())
+            else:
+                reuse = self.weight if not self.pending_graphs else None
             self.weight = effective_weight_of(module, reuse)
             self.key = key
         return self.weight
 
-    def clear(self) -> None:
+    def clear(self, workspace: Workspace | None = None) -> None:
+        """Forget the weight; give it to ``workspace``'s spares when no pending graph holds it."""
+        if self.weight is not None and workspace is not None and not self.pending_graphs:
+            workspace.give_back(self.weight)
         self.weight, self.key = None, None

@@ -162,6 +162,7 @@ def attach_method(
     seed: int = 0,
     workspace: Workspace | None = None,
     zero_pattern_masks: bool = False,
+    factors: dict[str, tuple[nn.Parameter, nn.Parameter]] | None = None,
 ) -> MethodHandle:
     """Make a pruned block trainable under one reconstruction method.
 
@@ -181,6 +182,8 @@ def attach_method(
             other blocks' adapters that never run at the same time; default: one for this block.
         zero_pattern_masks: the keep masks are ``weight != 0`` (model-level retraining builds them so at
             every load): the check that every pruned weight is zero holds by construction and is skipped.
+        factors: linear → its adapter's ``(A, B)`` from an earlier attach, used as they are (low-rank
+            methods; model-level retraining keeps them between loads of a block).
 
     Returns:
         The MethodHandle: ``trainable_parameters()``, ``merge()``, ``discard()``, ``added_biases``.
@@ -210,6 +213,7 @@ def attach_method(
                 seed=layer_seed(seed, name),
                 param_dtype=dtype_for_params,
                 workspace=workspace,
+                factors=None if factors is None else factors[name],
             )
             swap_module(block, name, linear, wrapper)
             wrappers[name] = wrapper

@@ -36,6 +36,7 @@ class ResidentModel:
         """Drop the trainables' wrappers and release every weight."""
         for handle in self.handles:
             handle.discard()
+        self.loader.trainables.workspace.clear()  # the adapters' scratch and their effective weights
         for module in [*self.loaded.blocks, *self.outside]:
             release_module_weights(module)
 

@@ -64,6 +64,7 @@ class StreamedModel:
         """Release the modules outside the blocks; remove the disk-tier stream files."""
         for module in self.outside:
             release_module_weights(module)
+        self.loader.trainables.workspace.clear()  # the adapters' scratch and spare effective weights
         for path in self.files:
             path.unlink(missing_ok=True)
         self.files.clear()

@@ -139,3 +139,28 @@ def test_workspace_is_shared_and_reused() -> None:
     assert roles == {"product", "mask", "grad"} and len(workspace._buffers) == 3  # one of each for both adapters
     scratch = workspace.take("grad", (24, 16), torch.float32, torch.device("cpu"))
     assert workspace.take("grad", (24, 16), torch.float32, torch.device("cpu")) is scratch
+
+
+def test_an_adapter_loaded_again_takes_the_effective_weight_given_back() -> None:
+    workspace = Workspace()
+    layer, keep = pruned_layer("linear", torch.float32, False)
+    first = LowRankLinear(layer, keep, kind="masklora", rank=4, alpha=8.0, seed=0, workspace=workspace)
+    given = first.current_weight()
+    first.forget_weight()  # the block is released: its adapters' weights go to the workspace
+    again = LowRankLinear(layer, keep, kind="masklora", rank=4, alpha=8.0, seed=0, workspace=workspace,
+                          factors=(first.lora_A, first.lora_B))  # the next load, the same parameters
+    with torch.no_grad():
+        again.lora_B.fill_(0.25)
+    assert again.current_weight() is given  # no new weight-sized memory
+    assert torch.equal(again.current_weight(), again.effective_weight().detach())  # no arithmetic: the same formula
+    assert workspace.spare(given) is None  # taken
+
+
+def test_a_weight_held_by_a_pending_graph_is_not_given_back() -> None:
+    workspace = Workspace()
+    layer, keep = pruned_layer("linear", torch.float32, False)
+    wrapper = LowRankLinear(layer, keep, kind="masklora", rank=4, alpha=8.0, seed=0, workspace=workspace)
+    pending = wrapper(torch.randn(3, 16))
+    wrapper.forget_weight()
+    assert workspace.spare(weight_as_out_in(layer)) is None  # the graph still needs it
+    pending.sum().backward()
