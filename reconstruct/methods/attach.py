@@ -7,6 +7,8 @@ everything back so the block has its original module types, parameter names and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -128,8 +130,8 @@ class MethodHandle:
             raise RuntimeError(f"the {self.method} method was already merged or discarded for this block")
 
 
-def check_keep_masks(linears: dict[str, nn.Module], keep_masks: dict[str, Tensor], *, zeros: bool = True) -> None:
-    """Every linear has a keep mask of its (out, in) shape and, with ``zeros``, every pruned weight is 0.
+def check_keep_masks(linears: dict[str, nn.Module], keep_masks: Mapping[str, Tensor], *, contents: bool = True) -> None:
+    """Every linear has a keep mask; with ``contents``, of its (out, in) shape, and every pruned weight is 0.
 
     Raises:
         ValueError: naming the first layer that fails.
@@ -137,23 +139,24 @@ def check_keep_masks(linears: dict[str, nn.Module], keep_masks: dict[str, Tensor
     for name, linear in linears.items():
         if name not in keep_masks:
             raise ValueError(f"no keep mask for layer {name!r}")
+        if not contents:
+            continue
         weight = weight_as_out_in(linear)
         if tuple(keep_masks[name].shape) != tuple(weight.shape):
             raise ValueError(
                 f"keep mask of {name!r} has shape {tuple(keep_masks[name].shape)}, "
                 f"the (out, in) weight has {tuple(weight.shape)}"
             )
-        if zeros:
-            _, nonzero = count_pruned_nonzero(linear, keep_masks[name])
-            if nonzero:
-                raise ValueError(f"{name!r}: {nonzero} weight(s) outside the keep mask are non-zero; prune first")
+        _, nonzero = count_pruned_nonzero(linear, keep_masks[name])
+        if nonzero:
+            raise ValueError(f"{name!r}: {nonzero} weight(s) outside the keep mask are non-zero; prune first")
 
 
 def attach_method(
     method: str,
     block: nn.Module,
     linears: dict[str, nn.Module],
-    keep_masks: dict[str, Tensor],
+    keep_masks: Mapping[str, Tensor],
     *,
     rank: int,
     alpha: float,
@@ -181,7 +184,8 @@ def attach_method(
         workspace: the adapters' scratch tensors (``pruners.lowrank_function.Workspace``), shared with
             other blocks' adapters that never run at the same time; default: one for this block.
         zero_pattern_masks: the keep masks are ``weight != 0`` (model-level retraining builds them so at
-            every load): the check that every pruned weight is zero holds by construction and is skipped.
+            every load): their shape and zeros hold by construction and are not checked, so a mapping
+            that computes each mask when it is first read computes only those the method uses.
         factors: linear → its adapter's ``(A, B)`` from an earlier attach, used as they are (low-rank
             methods; model-level retraining keeps them between loads of a block).
 
@@ -197,7 +201,7 @@ def attach_method(
     unknown = set(bias_linears) - set(linears)
     if unknown:
         raise ValueError(f"bias_linears names layers that are not among the block's linears: {sorted(unknown)}")
-    check_keep_masks(linears, keep_masks, zeros=not zero_pattern_masks)
+    check_keep_masks(linears, keep_masks, contents=not zero_pattern_masks)
 
     wrappers: dict[str, LowRankLinear] = {}
     masters: dict[str, MasterParam] = {}
