@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from reconstruct.modelio.block_reads import BlockReads
 from reconstruct.modelio.loaded import load_model
 from reconstruct.modelio.source import resolve_model
 from reconstruct.retrain.engine import Trainer, open_model
@@ -70,7 +71,8 @@ class Ours:
                                 seq_len=args.seq_len, rank=args.rank, alpha=2.0 * args.rank, lr=LR, warmup=0.0,
                                 stream="always" if stream else "never")
         self.trainables = ModelTrainables(self.spec, self.loaded.layout)
-        self.loader = BlockLoader(self.loaded, self.trainables, NoHooks())
+        self.reads = BlockReads(self.loaded, background=True)  # as retrain_model: each block read ahead
+        self.loader = BlockLoader(self.loaded, self.trainables, NoHooks(), reads=self.reads)
         scratch.mkdir(parents=True, exist_ok=True)
         self.model = open_model(self.loader, self.spec, stream, scratch)
         self.trainer = Trainer(self.model, self.trainables, self.spec, NoHooks())
@@ -83,6 +85,7 @@ class Ours:
 
     def close(self) -> None:
         self.model.close()
+        self.reads.close()
 
 
 def _transformers_model(folder: Path, dtype: str, device: str):

@@ -24,6 +24,9 @@ from reconstruct.retrain.hooks import NoHooks, RetrainHooks
 from reconstruct.retrain.trainables import ModelTrainables
 
 
+FREE_HEAP_SLACK = 64 << 20  # free heap bytes left between block sessions (the next block reuses them)
+
+
 @dataclass
 class BlockLoader:
     """Loads blocks of ``loaded`` with ``trainables`` attached, calling ``hooks.block_loaded``."""
@@ -75,6 +78,6 @@ class BlockLoader:
         finally:
             handle.discard()
             release_module_weights(block)
-            release_free_heap()  # free heap pages of this block's session must not stay resident
+            release_free_heap(FREE_HEAP_SLACK)  # free heap pages of block sessions must not pile up in RSS
             if then == index:
                 self.read_ahead(then)
