@@ -29,6 +29,13 @@ module lives in ``pruners/`` so that both the pruner and ``reconstruct.methods``
 
 ``nn.Linear`` stores its weight as (out, in); ``transformers.pytorch_utils.Conv1D`` as (in, out) and
 computes ``x @ W + b``. The wrapper works on the (out, in) view in both cases; keep masks are (out, in).
+
+The forward of a non-provisional adapter runs through ``pruners.lowrank_function.AdaptedLinear``: the
+same arithmetic as ``F.linear(x, effective_weight(), bias)`` under autograd, bit for bit, with the
+effective weight built once per version of the parameters and the backward's weight-sized work in
+reused scratch. Change A, B, the weight or the mask through torch ops (``copy_``, an optimizer step:
+they bump the tensor's version); a write through ``.data`` is invisible to it (call
+``forget_weight()`` after one).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pruners.layers import is_conv1d, weight_as_out_in
+from pruners.lowrank_function import AdaptedLinear, WeightCache, Workspace
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -69,6 +77,10 @@ class LowRankLinear(nn.Module):
         param_dtype: dtype of A and B (float32 whatever the block's dtype).
         provisional: LoRAPrune's scoring adapter (kind "lora"): ``keep_mask`` is a copy the caller
             may change while training, and the forward is ``keep_mask ⊙ (W + s B A)`` in float32.
+        workspace: scratch tensors to share with other adapters that never run at the same time (the
+            wrappers of a block, of a model); default: the adapter's own.
+        factors: ``(A, B)`` Parameters to use as they are instead of initialising new ones (a caller that
+            keeps them between loads of the layer: model-level retraining).
     """
 
     def __init__(
@@ -82,8 +94,12 @@ class LowRankLinear(nn.Module):
         seed: int,
         param_dtype: torch.dtype = torch.float32,
         provisional: bool = False,
+        workspace: Workspace | None = None,
+        factors: tuple[nn.Parameter, nn.Parameter] | None = None,
     ) -> None:
         super().__init__()
+        self.workspace = workspace if workspace is not None else Workspace()
+        self._weight_cache = WeightCache()
         if kind not in ("masklora", "scalelora", "lora"):
             raise ValueError(f"unknown low-rank adapter kind {kind!r}")
         self.base = base
@@ -94,12 +110,17 @@ class LowRankLinear(nn.Module):
         self.provisional = provisional
         mask = keep_mask.to(device=device, dtype=torch.bool)
         self.register_buffer("keep_mask", mask.clone() if provisional else mask, persistent=False)
-        if kind == "scalelora":  # PERP: B A = all ones at the start, no alpha scaling
-            self.scaling = 1.0
+        self.scaling = 1.0 if kind == "scalelora" else alpha / rank  # PERP's scalelora: no alpha scaling
+        if factors is not None:
+            if tuple(factors[0].shape) != (rank, in_features) or tuple(factors[1].shape) != (out_features, rank):
+                raise ValueError(f"factors of shapes {tuple(factors[0].shape)}, {tuple(factors[1].shape)} do not fit a "
+                                 f"rank-{rank} adapter of a ({out_features}, {in_features}) weight")
+            self.lora_A, self.lora_B = factors
+            return
+        if kind == "scalelora":  # PERP: B A = all ones at the start
             a = torch.full((rank, in_features), 1.0 / math.sqrt(rank))
             b = torch.full((out_features, rank), 1.0 / math.sqrt(rank))
         else:  # peft LoRA init: the adapter starts at zero
-            self.scaling = alpha / rank
             a = init_lora_a(rank, in_features, seed)
             b = torch.zeros(out_features, rank)
         self.lora_A = nn.Parameter(a.to(device=device, dtype=param_dtype))  # (r, in)
@@ -115,6 +136,31 @@ class LowRankLinear(nn.Module):
     def bias(self) -> Tensor | None:
         """The base layer's bias, or None."""
         return self.base.bias
+
+    def base_weight(self) -> Tensor:
+        """The base layer's weight as (out, in) (a transposed view for ``Conv1D``)."""
+        return weight_as_out_in(self.base)
+
+    def current_weight(self) -> Tensor:
+        """``effective_weight()``'s value, no graph, computed once per version of A, B, the weight and the mask."""
+        key = tuple((id(t), t._version, t.data_ptr())
+                    for t in (self.lora_A, self.lora_B, self.base.weight, self.keep_mask))
+        return self._weight_cache.get(self, key)
+
+    @property
+    def pending_graphs(self):
+        """The forwards whose backward has not run yet (they hold the current weight)."""
+        return self._weight_cache.pending_graphs
+
+    def forget_weight(self) -> None:
+        """Drop the cached effective weight (after a change it cannot see), giving it to the workspace's spares."""
+        self._weight_cache.clear(self.workspace)
+
+    def _exact_function_applies(self, x: Tensor) -> bool:
+        """Whether ``AdaptedLinear`` computes this call: frozen weight and bias, x of 2 or more dims, no inference mode."""
+        bias = self.base.bias
+        return (not self.base.weight.requires_grad and (bias is None or not bias.requires_grad) and x.dim() >= 2
+                and not torch.is_inference_mode_enabled())
 
     def delta(self) -> Tensor:
         """The adapter's change of the (out, in) weight, float32."""
@@ -140,6 +186,8 @@ class LowRankLinear(nn.Module):
         if self.provisional:  # LoRAPrune: a provisionally pruned weight goes with its adapter update
             weight = self.adapted_weight() * self.keep_mask  # (out, in) float32
             return F.linear(x, weight.to(x.dtype), self.base.bias)
+        if self._exact_function_applies(x):
+            return AdaptedLinear.apply(x, self.lora_A, self.lora_B, self)
         return F.linear(x, self.effective_weight(), self.base.bias)
 
     @torch.no_grad()

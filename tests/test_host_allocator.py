@@ -47,3 +47,25 @@ def test_every_command_unpools_before_it_runs(monkeypatch, tmp_path):
                                           "--out", str(tmp_path / "out")])
     assert result.exit_code == 2  # refused (no such model) after the threshold was set
     assert events == ["unpool"]
+
+
+class FakeMallinfo2:
+    """glibc's ``mallinfo2`` reporting ``free`` bytes in the heaps (ordinary bins; none in fast bins)."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.restype = None
+
+    def __call__(self):
+        return self.restype(fordblks=self.free, fsmblks=0)
+
+
+def test_release_with_slack_trims_only_past_it(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(host_allocator, "_glibc", lambda: libc)
+    libc.mallinfo2 = FakeMallinfo2(free=10 << 20)
+    host_allocator.release_free_heap(slack=64 << 20)
+    assert libc.calls == []  # 10 MiB free: the next block reuses it
+    libc.mallinfo2.free = 100 << 20
+    host_allocator.release_free_heap(slack=64 << 20)
+    assert libc.calls == [("malloc_trim", 0)]

@@ -3,11 +3,11 @@
 Two helpers of the block loop (``reconstruct.jobs.run_job``), each with a serial twin that runs the
 same work in the calling thread (``--no-overlap``: the old order, for comparison and debugging):
 
-- :class:`BlockReads` reads block i+1's tensors from the shards (``modelio.block_io.read_module_tensors``,
-  copied out of the memory map, into pinned memory on a GPU) in one worker thread while block i
-  computes. safetensors reads and tensor copies release the GIL, so the read runs beside the compute.
-  The worker has its own ``CheckpointReader`` and closes it after every block, so the mapped pages
-  of earlier blocks do not stay resident.
+- :class:`BlockReads` (``modelio/block_reads.py``, shared with model-level retraining) reads block
+  i+1's tensors from the shards (copied out of the memory map, into pinned memory on a GPU) in one
+  worker thread while block i computes. safetensors reads and tensor copies release the GIL, so the
+  read runs beside the compute. The worker has its own ``CheckpointReader`` and closes it after every
+  block, so the mapped pages of earlier blocks do not stay resident.
 - :class:`BlockWriter` writes block i's shard (fsync, digest), the activation checkpoint when one is
   due, and the manifest after them, in one worker thread, in block order, while block i+1 computes.
   Every manifest save of the loop happens in that thread, so the durability rule is unchanged: a
@@ -29,85 +29,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
-from reconstruct.modelio.block_io import read_module_tensors
-from reconstruct.modelio.checkpoint import CheckpointReader
-from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.modelio.block_reads import BlockReads, ReadBlock  # noqa: F401  (the loop's reads; they live below)
 
 logger = logging.getLogger(__name__)
 
 TIMING_KEYS = ("compute_seconds", "read_wait_seconds", "write_wait_seconds")  # per block, in the manifest stats
 IO_KEYS = ("read_seconds", "write_seconds", "checkpoint_seconds")  # how long the IO itself took, per block
-
-
-@dataclass
-class ReadBlock:
-    """One block's tensors as read from the checkpoint (CPU, stored dtypes)."""
-
-    index: int
-    tensors: dict[str, torch.Tensor]  # local name → tensor (private copies, not views of a shard's map)
-    read_seconds: float  # how long the read took, wherever it ran
-
-
-class BlockReads:
-    """Hands the loop each block's tensors; with ``background``, reads the next one ahead.
-
-    Args:
-        loaded: the model being streamed.
-        background: read in a worker thread (one block ahead); else read when asked, in the
-            caller's thread, through ``loaded.reader``, closed after every block (the serial order).
-    """
-
-    def __init__(self, loaded: LoadedModel, background: bool) -> None:
-        self.loaded = loaded
-        self.background = background
-        self.pin = background and loaded.device.type == "cuda"
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="block-read") if background else None
-        self._reader = CheckpointReader(loaded.folder) if background else None
-        self._pending: dict[int, Future] = {}
-
-    def _read(self, index: int, reader: CheckpointReader) -> ReadBlock:
-        started = time.perf_counter()
-        loaded = self.loaded
-        # Private copies in both orders: the pages are read here, so the read is timed where it happens
-        # (a view of the memory map would be read by page faults later, inside the compute), and the
-        # shards can be unmapped at once. Installing an owned tensor moves it without a second copy.
-        tensors = read_module_tensors(loaded.blocks[index], loaded.layout.block_prefix(index), reader,
-                                      loaded.key_map, own=True, pin=self.pin)
-        reader.close()  # unmap the shards: mapped pages of earlier blocks must not stay resident
-        return ReadBlock(index, tensors, time.perf_counter() - started)
-
-    def prefetch(self, index: int) -> None:
-        """Start reading block ``index`` in the background (no-op when serial or out of range)."""
-        if self._pool is None or index >= self.loaded.layout.n_blocks or index in self._pending:
-            return
-        self._pending[index] = self._pool.submit(self._read, index, self._reader)
-
-    def take(self, index: int) -> tuple[ReadBlock, float]:
-        """Block ``index``'s tensors and the seconds the caller waited for them."""
-        started = time.perf_counter()
-        if self._pool is None:
-            block = self._read(index, self.loaded.reader)
-        else:
-            self.prefetch(index)
-            block = self._pending.pop(index).result()
-        return block, time.perf_counter() - started
-
-    def close(self) -> None:
-        """Stop the worker (a read in progress finishes; one not started is dropped) and unmap the shards."""
-        if self._pool is not None:
-            for future in self._pending.values():
-                future.cancel()
-            self._pool.shutdown(wait=True)
-            self._pending.clear()
-            self._reader.close()
-
-    def __enter__(self) -> BlockReads:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass

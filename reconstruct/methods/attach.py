@@ -7,11 +7,14 @@ everything back so the block has its original module types, parameter names and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from pruners.layers import weight_as_out_in
 from pruners.lowrank import LowRankLinear, layer_seed, swap_module
+from pruners.lowrank_function import Workspace
 from reconstruct.methods.bias_norm import MasterParam, bias_masters, norm_masters
 from reconstruct.methods.merge import (
     MergeReport,
@@ -118,6 +121,7 @@ class MethodHandle:
         self._open = False
 
     def _unwrap(self, name: str, wrapper: LowRankLinear) -> None:
+        wrapper.forget_weight()  # the cached effective weight goes with the wrapper
         parent_name, _, attr = name.rpartition(".")
         setattr(self.block.get_submodule(parent_name), attr, wrapper.base)
 
@@ -126,17 +130,42 @@ class MethodHandle:
             raise RuntimeError(f"the {self.method} method was already merged or discarded for this block")
 
 
+def check_keep_masks(linears: dict[str, nn.Module], keep_masks: Mapping[str, Tensor], *, contents: bool = True) -> None:
+    """Every linear has a keep mask; with ``contents``, of its (out, in) shape, and every pruned weight is 0.
+
+    Raises:
+        ValueError: naming the first layer that fails.
+    """
+    for name, linear in linears.items():
+        if name not in keep_masks:
+            raise ValueError(f"no keep mask for layer {name!r}")
+        if not contents:
+            continue
+        weight = weight_as_out_in(linear)
+        if tuple(keep_masks[name].shape) != tuple(weight.shape):
+            raise ValueError(
+                f"keep mask of {name!r} has shape {tuple(keep_masks[name].shape)}, "
+                f"the (out, in) weight has {tuple(weight.shape)}"
+            )
+        _, nonzero = count_pruned_nonzero(linear, keep_masks[name])
+        if nonzero:
+            raise ValueError(f"{name!r}: {nonzero} weight(s) outside the keep mask are non-zero; prune first")
+
+
 def attach_method(
     method: str,
     block: nn.Module,
     linears: dict[str, nn.Module],
-    keep_masks: dict[str, Tensor],
+    keep_masks: Mapping[str, Tensor],
     *,
     rank: int,
     alpha: float,
     bias_linears: set[str],
     dtype_for_params: torch.dtype = torch.float32,
     seed: int = 0,
+    workspace: Workspace | None = None,
+    zero_pattern_masks: bool = False,
+    factors: dict[str, tuple[nn.Parameter, nn.Parameter]] | None = None,
 ) -> MethodHandle:
     """Make a pruned block trainable under one reconstruction method.
 
@@ -152,6 +181,13 @@ def attach_method(
         dtype_for_params: dtype of everything trained (adapters, masters): float32.
         seed: seed for the adapter init (combined with each layer's name). Pass the job's per-block
             seed; the same seed gives the same init on any device.
+        workspace: the adapters' scratch tensors (``pruners.lowrank_function.Workspace``), shared with
+            other blocks' adapters that never run at the same time; default: one for this block.
+        zero_pattern_masks: the keep masks are ``weight != 0`` (model-level retraining builds them so at
+            every load): their shape and zeros hold by construction and are not checked, so a mapping
+            that computes each mask when it is first read computes only those the method uses.
+        factors: linear → its adapter's ``(A, B)`` from an earlier attach, used as they are (low-rank
+            methods; model-level retraining keeps them between loads of a block).
 
     Returns:
         The MethodHandle: ``trainable_parameters()``, ``merge()``, ``discard()``, ``added_biases``.
@@ -165,22 +201,12 @@ def attach_method(
     unknown = set(bias_linears) - set(linears)
     if unknown:
         raise ValueError(f"bias_linears names layers that are not among the block's linears: {sorted(unknown)}")
-    for name, linear in linears.items():
-        if name not in keep_masks:
-            raise ValueError(f"no keep mask for layer {name!r}")
-        weight = weight_as_out_in(linear)
-        if tuple(keep_masks[name].shape) != tuple(weight.shape):
-            raise ValueError(
-                f"keep mask of {name!r} has shape {tuple(keep_masks[name].shape)}, "
-                f"the (out, in) weight has {tuple(weight.shape)}"
-            )
-        _, nonzero = count_pruned_nonzero(linear, keep_masks[name])
-        if nonzero:
-            raise ValueError(f"{name!r}: {nonzero} weight(s) outside the keep mask are non-zero; prune first")
+    check_keep_masks(linears, keep_masks, contents=not zero_pattern_masks)
 
     wrappers: dict[str, LowRankLinear] = {}
     masters: dict[str, MasterParam] = {}
     if method in LOW_RANK_METHODS:
+        workspace = workspace if workspace is not None else Workspace()
         for name, linear in linears.items():
             wrapper = LowRankLinear(
                 linear,
@@ -190,6 +216,8 @@ def attach_method(
                 alpha=alpha,
                 seed=layer_seed(seed, name),
                 param_dtype=dtype_for_params,
+                workspace=workspace,
+                factors=None if factors is None else factors[name],
             )
             swap_module(block, name, linear, wrapper)
             wrappers[name] = wrapper

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from pruners import get_pruner
 from calib.hooks import feeding_statistics, group_by_shared_input
+from pruners.lowrank_function import Workspace
 from reconstruct.methods.adapters import LowRankLinear
 from reconstruct.methods.bias_norm import bias_masters, norm_masters
 from reconstruct.methods.spec import LOW_RANK_METHODS
@@ -142,9 +143,11 @@ def _attach_on_meta(block, linears, recon, layout):
     wrappers, masters = [], {}
     swapped = []
     if recon.method in LOW_RANK_METHODS:
+        workspace = Workspace()  # one per block, as attach_method shares it
         for name, linear in linears.items():
             keep = torch.empty(in_out(linear), dtype=torch.bool, device="meta")  # (out, in)
-            wrapper = LowRankLinear(linear, keep, kind=recon.method, rank=recon.rank, alpha=recon.alpha, seed=0)
+            wrapper = LowRankLinear(linear, keep, kind=recon.method, rank=recon.rank, alpha=recon.alpha, seed=0,
+                                    workspace=workspace)
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name)
             setattr(parent, attr, wrapper)
@@ -160,6 +163,7 @@ def _attach_on_meta(block, linears, recon, layout):
 
     def undo():
         for parent, attr, linear in swapped:
+            getattr(parent, attr).forget_weight()
             setattr(parent, attr, linear)
         for master in masters.values():
             master.restore(None)

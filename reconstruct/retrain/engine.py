@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from calib.framing import SequenceFraming
+from reconstruct.modelio.block_reads import BlockReads
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.modelio.output import STATE_DIR
 from reconstruct.parallel import distributed
@@ -225,33 +226,44 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     if distributed.is_main():  # the other ranks never write --out
         out.mkdir(parents=True, exist_ok=True)
     trainables = ModelTrainables(spec, loaded.layout)
-    loader = BlockLoader(loaded, trainables, hooks)
     result = RetrainResult(streamed=stream)
     saved = distributed.from_main(lambda: load_checkpoint(checkpointing.path)) if checkpointing is not None else None
-    training_started = time.perf_counter()
+    with BlockReads(loaded, background=True) as reads:  # each block read while the one before it computes
+        loader = BlockLoader(loaded, trainables, hooks, reads=reads)
+        best_state = _train_session(loader, spec, stream, tokens, out, result, checkpointing, saved)
+        result.trainable_params = trainables.numel()
+        result.trainable_share = result.trainable_params / max(1, block_parameter_count(loaded))
+        if best_state is not None:
+            trainables.load_state(best_state)
+            result.kept = result.best_step > 0
+            if not result.kept:
+                logger.warning("retraining did not lower the held-out loss (%.4f untrained); the blocks are written "
+                               "unchanged", result.val_before)
+        if distributed.is_main():
+            added = write_model(loader, out, merge=merge, trained=result.kept, allow_dense_merge=spec.allow_dense_merge)
+            result.added_biases = {str(index): sorted(names) for index, names in added.items() if names}
+    logger.info("retrain: peak RSS %.0f MiB%s", peak_rss_mb(),
+                "" if peak_gpu_mb(loaded.device) is None else f", peak GPU {peak_gpu_mb(loaded.device):.0f} MiB")
+    return result
+
+
+def _train_session(loader: BlockLoader, spec: RetrainSpec, stream: bool, tokens: torch.Tensor, out: Path,
+                   result: RetrainResult, checkpointing: Checkpointing | None, saved: dict | None) -> dict | None:
+    """Open the model on its path, train it (``train``), close it; returns the best trainables' state.
+
+    Sets ``result.read_share``: the share of the session's time spent waiting for block weights.
+    """
+    started = time.perf_counter()
     with ExitStack() as stack:
         scratch = out / STATE_DIR if distributed.is_main() else Path(stack.enter_context(distributed.scratch_dir()))
         model = open_model(loader, spec, stream, scratch)
         try:
-            best_state = train(Trainer(model, trainables, spec, hooks), tokens, spec, result,
+            best_state = train(Trainer(model, loader.trainables, spec, loader.hooks), tokens, spec, result,
                                checkpointing=checkpointing, saved=saved)
         finally:
             model.close()
-    result.trainable_params = trainables.numel()
-    result.trainable_share = result.trainable_params / max(1, block_parameter_count(loaded))
-    result.read_share = min(1.0, loader.read_seconds / max(time.perf_counter() - training_started, 1e-9))
-    if best_state is not None:
-        trainables.load_state(best_state)
-        result.kept = result.best_step > 0
-        if not result.kept:
-            logger.warning("retraining did not lower the held-out loss (%.4f untrained); the blocks are written "
-                           "unchanged", result.val_before)
-    if distributed.is_main():
-        added = write_model(loader, out, merge=merge, trained=result.kept, allow_dense_merge=spec.allow_dense_merge)
-        result.added_biases = {str(index): sorted(names) for index, names in added.items() if names}
-    logger.info("retrain: peak RSS %.0f MiB%s", peak_rss_mb(),
-                "" if peak_gpu_mb(loaded.device) is None else f", peak GPU {peak_gpu_mb(loaded.device):.0f} MiB")
-    return result
+    result.read_share = min(1.0, loader.read_seconds / max(time.perf_counter() - started, 1e-9))
+    return best_state
 
 
 def write_model(loader: BlockLoader, out: Path, *, merge: bool, trained: bool,

@@ -4,12 +4,15 @@ An estimate from the checkpoint's headers and the config (nothing is loaded), in
 ``reconstruct.planner``: items in bytes on the compute device, the refusal naming the flag to change.
 
 - resident: every weight, the trainables with gradient and two AdamW moments (float32, 16 bytes each),
-  one micro-batch's activations of every block (autograd keeps them) and its float32 logits;
+  one micro-batch's activations of every block (autograd keeps them) and its float32 logits; with a
+  low-rank method, every linear's effective weight ``W + delta`` (kept from one step to the next);
 - streamed: the largest block and the modules outside the blocks, the same trainable state, one
   micro-batch's activations of one block, the logits, and the block-boundary hidden states of the
   step's windows (n_blocks + 2 streams of (batch, T, H): inputs, last output, gradient), which live in
   the device tier only when they fit (else host memory or disk, as the calibration streams, and they
-  are not counted here). On the CPU the rest is host memory; boundary states on disk are not counted.
+  are not counted here); a low-rank method's effective weights of one block; on the CPU, the next
+  block read ahead (on a GPU it waits in pinned host memory). On the CPU the rest is host memory;
+  boundary states on disk are not counted.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from reconstruct.evaluation.streaming import available_bytes, model_bytes, shoul
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.planner.budget import human
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
+from reconstruct.methods.spec import LOW_RANK_METHODS
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.retrain.trainables import estimate_trainable_count
 
@@ -69,6 +73,13 @@ def boundary_tier(spec: RetrainSpec, loaded: LoadedModel) -> str:
     return choose_stream_tier("auto", loaded.device.type, streams_fit_free_memory(stream_bytes, loaded.device))
 
 
+def linear_bytes(loaded: LoadedModel) -> int:
+    """Bytes of one block's prunable linear weights in the compute dtype (from the skeleton's shapes)."""
+    block = loaded.blocks[0]
+    itemsize = torch.finfo(loaded.dtype).bits // 8
+    return sum(block.get_submodule(name).weight.numel() for name in loaded.layout.linear_names) * itemsize
+
+
 def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainMemory:
     """The device bytes of retraining ``loaded`` under ``spec`` on one path."""
     config, itemsize = loaded.config, torch.finfo(loaded.dtype).bits // 8
@@ -81,14 +92,21 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
     logits = 3 * micro_tokens * int(config.vocab_size) * 4  # float32 logits, their softmax and gradient
     items = {"trainables + gradients + AdamW moments (float32)": 16 * estimate_trainable_count(spec, loaded.layout,
                                                                                                loaded.blocks)}
+    low_rank = spec.method in LOW_RANK_METHODS
     if streamed:
         items["one block + embeddings, final norm, head"] = block + (weights - n_blocks * block)
+        if loaded.device.type == "cpu":
+            items["the next block, read ahead"] = block
+        if low_rank:
+            items["one block's effective weights (W + delta)"] = linear_bytes(loaded)
         items["one block's activations (autograd)"] = block_activations
         tier = boundary_tier(spec, loaded)  # counted where they live: the device tier, or host memory on the CPU
         if tier == "device" or (tier == "cpu" and loaded.device.type != "cuda"):  # else host memory / disk
             items["block-boundary hidden states of a step"] = (n_blocks + 2) * spec.batch * spec.seq_len * hidden * itemsize
     else:
         items["all weights"] = weights
+        if low_rank:
+            items["effective weights of every linear (W + delta)"] = n_blocks * linear_bytes(loaded)
         items["activations of every block (autograd)"] = n_blocks * block_activations
     items["logits of a micro-batch"] = logits
     return RetrainMemory(streamed, items, available_bytes(loaded.device))

@@ -63,7 +63,7 @@ def write_block(loader: BlockLoader, index: int, out: Path, *, merge: bool, trai
     """
     loaded = loader.loaded
     prefix = loaded.layout.block_prefix(index)
-    block, stored, handle = loader.load(index)
+    block, stored, handle = loader.load(index, index + 1 if index + 1 < loaded.layout.n_blocks else None)
     added: set[str] = set()
     try:
         if merge and trained:

@@ -29,12 +29,14 @@ class ResidentModel:
         self.loaded = loader.loaded
         self.micro_batch = micro_batch
         self.outside = self.loaded.load_outside_blocks() + [load_head(self.loaded)]
-        self.handles = [loader.load(index)[2] for index in range(self.loaded.layout.n_blocks)]
+        n_blocks = self.loaded.layout.n_blocks
+        self.handles = [loader.load(index, index + 1 if index + 1 < n_blocks else None)[2] for index in range(n_blocks)]
 
     def close(self) -> None:
         """Drop the trainables' wrappers and release every weight."""
         for handle in self.handles:
             handle.discard()
+        self.loader.trainables.workspace.clear()  # the adapters' scratch and their effective weights
         for module in [*self.loaded.blocks, *self.outside]:
             release_module_weights(module)
 

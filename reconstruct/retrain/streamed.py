@@ -7,7 +7,9 @@ replaying the last hidden state (``evaluation.streaming``), with autograd, gives
 ``d loss / d last hidden``. Backward: blocks in reverse; each is loaded, its forward recomputed with
 autograd from its stored input per micro-batch, and backpropagated with the incoming gradient; the
 gradient of its input goes to the block below, and its input is released (while block ``k`` is
-loaded in the backward, only the inputs of blocks ``0 .. k`` are held). One step reads every block twice.
+loaded in the backward, only the inputs of blocks ``0 .. k`` are held). One step reads every block twice;
+with the loader's background reads each read happens while the block before it computes (the backward's
+first, the last block again, while the head runs).
 
 Frozen: the embeddings, the final norm and the LM head (loaded once, kept for the session), and every
 block weight; only the trainables get gradients.
@@ -62,6 +64,7 @@ class StreamedModel:
         """Release the modules outside the blocks; remove the disk-tier stream files."""
         for module in self.outside:
             release_module_weights(module)
+        self.loader.trainables.workspace.clear()  # the adapters' scratch and spare effective weights
         for path in self.files:
             path.unlink(missing_ok=True)
         self.files.clear()
@@ -95,10 +98,13 @@ class StreamedModel:
         streams = [self._stream("boundary-0", tokens)]
         self._capture(tokens, streams[0])
         spare: ActivationStream | None = None
-        for index in range(self.loaded.layout.n_blocks):
+        n_blocks = self.loaded.layout.n_blocks
+        for index in range(n_blocks):
             source = streams[-1]
             target = self._stream(f"boundary-{index + 1}", tokens) if keep_all or spare is None else spare
-            with self.loader.session(index) as block:
+            # next: the following block; after the last, the backward's first (that block again) or none
+            then = index + 1 if index + 1 < n_blocks else (index if keep_all else None)
+            with self.loader.session(index, then) as block:
                 for rows in micro_batches(tokens.shape[0], self.micro_batch):
                     target.write(rows, self._block_forward(block, index, source.read(rows)))
             if keep_all:
@@ -129,8 +135,9 @@ class StreamedModel:
     # ------------------------------------------------------------------ API
     def materialise_trainables(self) -> None:
         """Load every block once so its trainables exist (before restoring a checkpoint into them)."""
-        for index in range(self.loaded.layout.n_blocks):
-            with self.loader.session(index):
+        n_blocks = self.loaded.layout.n_blocks
+        for index in range(n_blocks):
+            with self.loader.session(index, index + 1 if index + 1 < n_blocks else None):
                 pass
 
     def loss(self, tokens: torch.Tensor) -> float:
@@ -152,7 +159,8 @@ class StreamedModel:
         loss_sum = self._head(tokens, streams.pop(), grads, total_tokens)  # the last output serves the head alone
         for index in reversed(range(self.loaded.layout.n_blocks)):
             inputs = streams.pop()  # block ``index``'s input, needed by no block below: released after its backward
-            with self.loader.session(index) as block:
+            # next: the block below; after block 0, block 0 again (the next step's or evaluation's forward)
+            with self.loader.session(index, index - 1 if index > 0 else 0) as block:
                 for rows in micro_batches(tokens.shape[0], self.micro_batch):
                     hidden = inputs.read(rows).requires_grad_(index > 0)  # (b, T, H)
                     with torch.enable_grad():
