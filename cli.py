@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from reconstruct.host_allocator import unpool_large_allocations
 from pruners.pattern import SparsityPattern
 from reconstruct import __version__
-from reconstruct.config import AllocationSpec, CalibSpec, EvalSpec, JobConfig, PruneSpec, ValidationData, resolve_method
+from reconstruct.config import AllocationSpec, CalibSpec, EvalSpec, JobConfig, PruneSpec, ValidationData
 from reconstruct.evaluation.perplexity import perplexity
 from reconstruct.evaluation.tasks import TaskEvalSpec, evaluate_tasks, parse_task_names
 from reconstruct.flag_aliases import rewrite_deprecated
@@ -29,6 +29,7 @@ from reconstruct.jobs.run_job import run_job
 from reconstruct.jobs.sweep import SweepSpec, checked_spec, run_sweep
 from reconstruct.jobs.validation import check_validation_data
 from reconstruct.methods import ReconSpec
+from reconstruct.methods.spec import resolve_method
 from reconstruct.modelio.loaded import load_model
 from reconstruct.modelio.safetensors_header import DamagedFileError
 from reconstruct.parallel import distributed

@@ -20,7 +20,7 @@ PROJECT_TOPS = ("reconstruct", "pruners", "calib", "cli")
 # (reconstruct.loop) or a top-level module of reconstruct (reconstruct.runtime).
 LAYERS = (
     ("pruners", "calib", "reconstruct"),  # mask makers, calibration data; reconstruct/__init__: the version
-    ("reconstruct.runtime", "reconstruct.faults"),  # devices and dtypes; crash points for the resume tests
+    ("reconstruct.runtime", "reconstruct.faults", "reconstruct.flags"),  # devices, dtypes; crash points; flag fields
     ("reconstruct.atomic",),  # atomic file writes
     ("reconstruct.parallel",),  # torchrun ranks
     ("reconstruct.progress", "reconstruct.host_allocator"),

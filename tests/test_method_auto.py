@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reconstruct.config import resolve_method
+from reconstruct.methods.spec import resolve_method
 
 
 def test_auto_picks_masklora_whatever_the_pattern():
