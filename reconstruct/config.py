@@ -197,7 +197,9 @@ class PruneSpec:
     sequential: bool = flag(False, "--sequential", "Prune sub-layer groups in order (q/k/v, o, up/gate, down), "
                             "re-collecting statistics between them.")
     blocksize: int = 128  # SparseGPT column block
-    percdamp: float = 0.01  # SparseGPT damping, fraction of the mean Hessian diagonal
+    # SparseGPT damping, fraction of the mean Hessian diagonal
+    percdamp: float = flag(0.01, "--percdamp", "--pruner sparsegpt: damping added to the Hessian's diagonal, as a "
+                           "fraction of its mean (raise it when a layer's Hessian is not positive definite); > 0.")
     # prune -> reconstruct cycles per block to reach the pattern (pruners.schedule)
     cycles: int = flag(1, "--cycles", "Reach the pattern in this many prune -> reconstruct cycles per block "
                        "(statistics re-collected each cycle; earlier zeros stay zero).", min=1)
@@ -217,6 +219,10 @@ class PruneSpec:
         "loop repairs).", choices=LORAPRUNE_OBJECTIVES)
     heads_per_kv_group: bool = False  # --pattern heads with GQA: as many query heads from every kv group (--shrink)
     allocation: AllocationSpec = field(default_factory=AllocationSpec)  # per-block sparsities (uniform, OWL, file)
+
+    def __post_init__(self) -> None:
+        if not self.percdamp > 0:
+            raise FlagError(PruneSpec, "percdamp", f"must be > 0; got {self.percdamp}")
 
     @property
     def model_level_loraprune(self) -> bool:
