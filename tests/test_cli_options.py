@@ -46,3 +46,10 @@ def test_the_relaunch_command_line_builds_the_same_job(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert seen == [build_job(params)]
     assert seen[0].out == Path(tmp_path / "o") and seen[0].recon.method == "scalelora"
+
+
+def test_a_flag_declared_on_a_spec_field_reaches_the_job_and_the_sweep_cells():
+    params = parse_args("run", ["--pruner", "sparsegpt", "--percdamp", "0.05", "--out", "o"])
+    assert build_job(params).prune.percdamp == 0.05
+    args = relaunch_command(params)
+    assert args[args.index("--percdamp") + 1] == "0.05"
