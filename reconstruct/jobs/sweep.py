@@ -28,8 +28,8 @@ from pathlib import Path
 from pruners.pattern import N_OF_M, UNSTRUCTURED, SparsityPattern
 from pruners.registry import PRUNER_NAMES
 from reconstruct.atomic import atomic_write_json
-from reconstruct.config import EvalSpec
-from reconstruct.flags import REQUIRED, flag
+from reconstruct.config import BOS, DEVICE, DTYPE, MODEL, EvalSpec, JobConfig
+from reconstruct.flags import REQUIRED, flag, flag_name
 from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
 from reconstruct.modelio.facts import check_calib_seq_len, check_model_files, model_config, resolve_eval_seq_len
 from reconstruct.modelio.output import REPORT_NAME
@@ -40,7 +40,8 @@ from reconstruct.state.manifest import Manifest
 logger = logging.getLogger(__name__)
 
 CELLS_NAME = "sweep-cells.json"  # cell → the command line it was run with
-DENSE_FLAGS = ("--model", "--device", "--dtype", "--batch-size", "--calib-bos")  # run flags eval shares
+# run flags eval shares (eval's --batch-size is its own flag, of the same name)
+DENSE_FLAGS = (MODEL.name, DEVICE.name, DTYPE.name, flag_name(JobConfig, "micro_batch"), BOS.name)
 
 
 @dataclass(frozen=True)
