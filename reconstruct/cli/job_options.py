@@ -3,7 +3,7 @@
 Every option here comes from a spec field (``reconstruct.flags``), grouped as ``--help`` lists them;
 ``plan`` takes all but :data:`OUTPUT`, ``sweep`` all but :data:`SHAPE`, :data:`OUTPUT` and
 :data:`STAGE` (its own grid replaces the shape). :func:`build_job` turns the parsed values into a
-``JobConfig``, spec by spec, in the order the specs check themselves.
+``JobConfig``, spec by spec in a fixed order (of several bad flags, the first refused is the one printed).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ RECON = (*spec_options(ReconSpec, exclude=("method",)), *spec_options(Validation
          *spec_options(JobConfig, "track_error"))
 CALIB = spec_options(CalibSpec)
 PRUNE = (*spec_options(PruneSpec, exclude=("pruner",)), *spec_options(AllocationSpec))  # how the pattern is reached
-OUTPUT_NAMES = ("model", "out", "force", "shrink", "track_error", "retrain", "retrain_data")  # JobConfig's, elsewhere
-MACHINE = (*spec_options(JobConfig, exclude=OUTPUT_NAMES), *spec_options(MemoryBudget))  # where and how it runs
+TAKEN = ("model", "out", "force", "shrink", "track_error", "retrain", "retrain_data")  # JobConfig's, in other groups
+MACHINE = (*spec_options(JobConfig, exclude=TAKEN), *spec_options(MemoryBudget))  # where and how the job runs
 EVALUATION = (*spec_options(EvalSpec), *spec_options(TaskEvalSpec, exclude=("limit",)))  # --limit: EvalSpec's
 OUTPUT = (*spec_options(JobConfig, "out", "force"), *EVALUATION, *spec_options(JobConfig, "shrink"))
 STAGE = (*spec_options(JobConfig, "retrain", "retrain_data"), *stage_options(RetrainSpec))  # run --retrain-*
