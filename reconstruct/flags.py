@@ -70,6 +70,15 @@ def flag_name(spec, field: str) -> str:
     return flag_of(spec, field).name
 
 
+def flag_names(spec, prefix: str = "") -> dict[str, str]:
+    """``{prefix + field: flag name}`` for every flagged field of ``spec``: labels for a fingerprint's fields.
+
+    A resume refusal names the flag behind a differing fingerprint field (``method.lr`` → ``--lr``):
+    ``flag_names(ReconSpec, "method.")`` gives those labels from the spec itself.
+    """
+    return {prefix + item.name: found.name for item, found in spec_flags(spec)}
+
+
 def field_default(item: dataclasses.Field):
     """A field's default (its factory's value), or :data:`REQUIRED`."""
     if item.default is not MISSING:

@@ -20,8 +20,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from reconstruct.flags import REQUIRED, Flag, field_default, spec_flags
-
-STAGE_PREFIX = "--retrain-"  # run's retraining stage: RetrainSpec's --lr is --retrain-lr there
+from reconstruct.retrain.spec import STAGE_PREFIX
 
 
 @dataclass(frozen=True)

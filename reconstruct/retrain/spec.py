@@ -13,6 +13,7 @@ from reconstruct.flags import FlagError, flag
 from reconstruct.methods.spec import ALLOW_DENSE_MERGE, ALPHA, DENSE_MERGE_PROBLEM, RANK
 
 RETRAIN_METHODS = ("bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
+STAGE_PREFIX = "--retrain-"  # run's retraining stage names a `stage` field's flag so: --lr is --retrain-lr there
 STREAM_MODES = ("auto", "always", "never")  # --stream: decide from memory, always stream, keep resident
 
 
