@@ -1,6 +1,6 @@
 """The command line: ``reconstruct run | retrain | plan | eval | sweep | inspect | status | shrink``.
 
-Each module registers its commands on the one app (``app.py``); importing this package registers
+Each module registers its commands on the one app (``main.py``); importing this package registers
 them all. Options come from the specs' flags (``reconstruct.flags``, ``options.py``): the command line
 parses, builds the specs, maps user errors to one line and exit code 2 (``errors.py``), and holds no
 other logic.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typer.main import get_command
 
 from reconstruct.cli import evaluate, folders, plan, retrain, run, sweep  # noqa: F401 (each registers its commands)
-from reconstruct.cli.app import app
+from reconstruct.cli.main import app
 
 ORDER = ("run", "plan", "eval", "status", "sweep", "shrink", "inspect", "retrain")  # as --help lists them
 app.registered_commands.sort(key=lambda info: ORDER.index(info.name))

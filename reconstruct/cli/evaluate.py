@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from reconstruct.cli.app import app, setup_logging
+from reconstruct.cli.main import app, setup_logging
 from reconstruct.cli.errors import guarded
 from reconstruct.cli.options import VERBOSE, command, own_option, spec_options, values
 from reconstruct.config import CalibSpec, EvalSpec, JobConfig

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from reconstruct.cli.app import app, setup_logging
+from reconstruct.cli.main import app, setup_logging
 from reconstruct.cli.errors import guarded
 from reconstruct.cli.options import VERBOSE, annotated
 from reconstruct.cli.run import echo_shrunk

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from reconstruct.cli.app import app, setup_logging
+from reconstruct.cli.main import app, setup_logging
 from reconstruct.cli.errors import EXIT_PLAN_DOES_NOT_FIT, guarded
 from reconstruct.cli.job_options import PLAN, build_job, memory_budget
 from reconstruct.cli.options import command, own_option

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from reconstruct.cli.app import app, setup_logging
+from reconstruct.cli.main import app, setup_logging
 from reconstruct.cli.errors import EXIT_INTERRUPTED, guarded
 from reconstruct.cli.job_options import EVALUATION
 from reconstruct.cli.options import NPROC, PROCESS, command, command_line, spec_options, values

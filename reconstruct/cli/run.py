@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from reconstruct.cli.app import app, setup_logging
+from reconstruct.cli.main import app, setup_logging
 from reconstruct.cli.errors import guarded, stop_interrupted
 from reconstruct.cli.job_options import RUN, build_job, default_out, memory_budget, relaunch_command
 from reconstruct.cli.options import command

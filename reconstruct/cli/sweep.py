@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from pruners.pattern import SparsityPattern
-from reconstruct.cli.app import app, setup_logging
+from reconstruct.cli.main import app, setup_logging
 from reconstruct.cli.errors import guarded
 from reconstruct.cli.job_options import CALIB, EVALUATION, MACHINE, MODEL, PRUNE, RECON, SCOPE, SWEEP_SHARED, pick
 from reconstruct.cli.options import PROCESS, command, command_line, spec_options, values

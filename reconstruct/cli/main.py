@@ -1,4 +1,7 @@
-"""The typer app every command registers on, its one-line usage errors, ``--version`` and logging."""
+"""The typer app every command registers on, its one-line usage errors, ``--version`` and logging.
+
+(Not ``app.py``: the package exports ``app``, the object, which would hide a module of that name.)
+"""
 
 from __future__ import annotations
 
