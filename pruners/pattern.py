@@ -9,7 +9,7 @@ fraction of heads or channels removed per block, not of each linear's weights.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 UNSTRUCTURED = "unstructured"
 N_OF_M = "nm"
@@ -18,6 +18,17 @@ CHANNELS = "channels"
 STRUCTURED = (HEADS, CHANNELS)
 MASK_SCOPES = ("row", "layer")
 PATTERN_CHOICES = "'unstructured', N:M such as 2:4, 'heads' or 'channels'"
+
+# The flags that set a pattern (``parse``), declared beside the fields as reconstruct.flags reads them
+# (plain metadata: pruners/ imports nothing from reconstruct/).
+PATTERN_FLAG = {"name": "--pattern", "help": (
+    "'unstructured', N:M (N kept of every M along the input, e.g. 2:4), 'heads' (whole attention heads) or "
+    "'channels' (MLP intermediate channels); heads/channels: --sparsity is the fraction of them removed per block, "
+    "rounded to whole heads (0.2222 of 9 = 2).")}
+SPARSITY_FLAG = {"name": "--sparsity", "unset": True, "help": (
+    "Fraction of weights removed, in [0, 1) (heads/channels: of heads/channels removed per block); implied by N:M.")}
+SCOPE_FLAG = {"name": "--mask-scope", "choices": MASK_SCOPES, "help": (
+    "Unstructured: equal sparsity per output row or per layer.")}
 
 
 @dataclass(frozen=True)
@@ -28,11 +39,14 @@ class SparsityPattern:
     consecutive weights along the input dimension (2:4 keeps 2 of 4, i.e. 50% sparsity).
     """
 
-    kind: str = UNSTRUCTURED  # "unstructured", "nm", "heads" or "channels"
-    sparsity: float = 0.5  # fraction of weights set to zero (structured: of heads / channels removed)
+    # "unstructured", "nm", "heads" or "channels" (--pattern also takes N:M itself)
+    kind: str = field(default=UNSTRUCTURED, metadata={"flag": PATTERN_FLAG})
+    # fraction of weights set to zero (structured: of heads / channels removed)
+    sparsity: float = field(default=0.5, metadata={"flag": SPARSITY_FLAG})
     n: int | None = None  # kept weights per group (N:M only)
     m: int | None = None  # group size along the input dimension (N:M only)
-    scope: str = "row"  # unstructured only: equal sparsity per output row, or per whole layer
+    # unstructured only: equal sparsity per output row, or per whole layer
+    scope: str = field(default="row", metadata={"flag": SCOPE_FLAG})
 
     @property
     def structured(self) -> bool:
@@ -64,9 +78,9 @@ class SparsityPattern:
         if sparsity is not None and not (0.0 <= sparsity < 1.0):
             raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
         if pattern == UNSTRUCTURED:
-            return cls(kind=UNSTRUCTURED, sparsity=0.5 if sparsity is None else float(sparsity), scope=scope)
+            return cls(kind=UNSTRUCTURED, sparsity=cls.sparsity if sparsity is None else float(sparsity), scope=scope)
         if pattern in STRUCTURED:
-            return cls(kind=pattern, sparsity=0.5 if sparsity is None else float(sparsity), scope="row")
+            return cls(kind=pattern, sparsity=cls.sparsity if sparsity is None else float(sparsity), scope="row")
         match = re.fullmatch(r"(\d+):(\d+)", pattern.strip())
         if not match:
             raise ValueError(f"--pattern must be {PATTERN_CHOICES}, got {pattern!r}")

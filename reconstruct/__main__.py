@@ -1,5 +1,5 @@
 """``python -m reconstruct ...`` (used by torchrun) runs the command line."""
 
-from cli import app
+from reconstruct.cli import app
 
 app()

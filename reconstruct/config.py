@@ -1,4 +1,8 @@
-"""The job's settings as frozen dataclasses, built once by the CLI."""
+"""The job's settings as frozen dataclasses, built once by the CLI.
+
+Each field a flag sets declares that flag (name, help, choices) beside its default
+(``reconstruct.flags``); the command line derives its options from them.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,39 @@ from pathlib import Path
 
 from pruners.allocation import OWL_LAMBDA, OWL_M, check_explicit_sparsities
 from pruners.pattern import SparsityPattern
+from pruners.registry import PRUNER_NAMES
+from pruners.schedule import SCHEDULES
+from calib.activations import TIERS
 from calib.framing import BOS_MODES
 from calib.text_sources import HUB_DATASETS
+from reconstruct.flags import REQUIRED, Flag, FlagError, flag
+from reconstruct.runtime import COMPUTE_DTYPES
 
+DEFAULT_MODEL = "smollm2-135m"  # --model when not given: the built-in SmolLM2-135M-Instruct
 
-AUTO_METHOD = "masklora"  # what --method auto runs, at every sparsity and pattern
-
+# Flags that several specs share (run and retrain take the same --model, --device, ...).
+MODEL = Flag("--model", "Local HF folder, .gguf file, hub id or alias (opt-30b, smollm2-135m).",
+             cli_default=DEFAULT_MODEL)
+DEVICE = Flag("--device", "auto, cpu, cuda or cuda:N.")
+DTYPE = Flag("--dtype", "Compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.",
+             choices=("auto", *COMPUTE_DTYPES))
+BOS = Flag("--calib-bos", "How token windows start (calibration, self sampling, perplexity windows, task contexts): "
+           "auto = with the BOS exactly when the tokenizer adds one (as the model reads its inputs), always = with "
+           "the tokenizer's BOS token, never = text only (the old behaviour).", choices=BOS_MODES)
+CHECK_STREAM = Flag("--check-stream", "Before block 1, run the streamed forward and the model's own forward on two "
+                    "short random windows and stop if they differ (one more read of every block); --no-check-stream "
+                    "skips it for a family you know streams exactly.")
+LIMIT = Flag("--limit", "Score only the first N perplexity windows, and the first N items of each task.", min=1,
+             show_default="all")
 
 CHECKPOINT_AUTO = "auto"  # --checkpoint-every auto: the job picks the blocks between checkpoints
 
 
 def parse_checkpoint_every(value: str | int) -> str | int:
     """``"auto"`` or a block count >= 1, from the ``--checkpoint-every`` text; ValueError otherwise."""
+    problem = f"must be 'auto' or a whole number of blocks >= 1, got {value!r}"
     if isinstance(value, bool):
-        raise ValueError(f"--checkpoint-every must be 'auto' or a whole number of blocks >= 1, got {value!r}")
+        raise FlagError(JobConfig, "checkpoint_every", problem)
     text = str(value).strip().lower()
     if text == CHECKPOINT_AUTO:
         return CHECKPOINT_AUTO
@@ -31,45 +54,27 @@ def parse_checkpoint_every(value: str | int) -> str | int:
     except ValueError:
         blocks = 0
     if blocks < 1 or str(blocks) != text:
-        raise ValueError(f"--checkpoint-every must be 'auto' or a whole number of blocks >= 1, got {value!r}")
+        raise FlagError(JobConfig, "checkpoint_every", problem)
     return blocks
-
-
-def resolve_method(method: str) -> str:
-    """The reconstruction method a job runs: ``--method`` itself, or what ``auto`` means.
-
-    ``auto`` was bias-ln below 60% sparsity (it trains 0.18% of SmolLM2's block parameters, MaskLoRA
-    4.6%) until issue 20 measured what bias-ln does to text unlike the calibration: after Wanda 50%
-    on SmolLM2 it lowered WikiText-2 perplexity (54.1 → 46.5–47.3) and raised perplexity on PIQA's
-    goal-and-solution text above the unrepaired model's (76.9 → 78.8–81.1), with or without the
-    guard; MaskLoRA lowered both (42.0, 70.9–71.4), and beat bias-ln at every sparsity and pattern
-    measured (docs/benchmarks.md). So ``auto`` is MaskLoRA everywhere.
-
-    Args:
-        method: the ``--method`` value (``auto`` or a method name).
-
-    Returns:
-        ``method`` unless it is ``auto``: then :data:`AUTO_METHOD`.
-    """
-    if method != "auto":
-        return method
-    return AUTO_METHOD
 
 
 @dataclass(frozen=True)
 class CalibSpec:
     """Where calibration samples come from and how many."""
 
-    source: str = "self"  # "self", a dataset name (wikitext2, c4, ptb) or a local .txt/.jsonl file
-    n_samples: int = 128  # calibration sequences
-    seq_len: int = 2048  # tokens per sequence
-    seed: int = 0  # seeds window sampling, self-generation and reconstruction batches
-    bos: str = "auto"  # how windows start: auto (a BOS when the tokenizer adds one), always, never
+    # "self", a dataset name (wikitext2, c4, ptb) or a local .txt/.jsonl file
+    source: str = flag("self", "--calib", "Calibration text: 'self' (sampled from the model, no data needed), "
+                       "wikitext2, c4, ptb, or a .txt/.jsonl file.")
+    n_samples: int = flag(128, "--n-samples", "Calibration sequences.", min=1)
+    seq_len: int = flag(2048, "--seq-len", "Tokens per calibration sequence.", min=2)
+    # seeds window sampling, self-generation and reconstruction batches
+    seed: int = flag(0, "--seed", "Seed for calibration sampling and reconstruction.")
+    bos: str = BOS.field("auto")  # how windows start: auto (a BOS when the tokenizer adds one), always, never
 
     def __post_init__(self) -> None:
 
         if self.bos not in BOS_MODES:
-            raise ValueError(f"--calib-bos must be one of {', '.join(BOS_MODES)}; got {self.bos!r}")
+            raise FlagError(CalibSpec, "bos", f"must be one of {', '.join(BOS_MODES)}; got {self.bos!r}")
 
 
 VALIDATION_SEED_OFFSET = 1_000_003  # --recon-val-data windows are drawn with --seed + this (not the calibration's)
@@ -84,12 +89,21 @@ class ValidationData:
     they never train and never feed the pruner's statistics.
     """
 
-    source: str  # any --calib source: "self", a dataset name or a local .txt/.jsonl file
-    n_samples: int  # windows drawn (--recon-val-samples; cli.py's default: max(1, --n-samples // 8))
+    # any --calib source: "self", a dataset name or a local .txt/.jsonl file
+    source: str = flag(REQUIRED, "--recon-val-data", "Validate each repair on windows of this text instead of "
+                       "held-out calibration samples (any --calib source; self = sampled from the dense model); every "
+                       "calibration sample then trains.", unset=True, show_default="none: --recon-val's share")
+    n_samples: int = flag(REQUIRED, "--recon-val-samples", "--recon-val-data: windows drawn (of --seq-len tokens).",
+                          min=1, unset=True, show_default="max(1, n_samples // 8)")  # see default_samples
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
-            raise ValueError(f"--recon-val-samples must be >= 1; got {self.n_samples}")
+            raise FlagError(ValidationData, "n_samples", f"must be >= 1; got {self.n_samples}")
+
+    @staticmethod
+    def default_samples(calib_samples: int) -> int:
+        """The windows drawn when ``--recon-val-samples`` is not given: an eighth of the calibration's."""
+        return max(1, calib_samples // 8)
 
     def seed(self, calib_seed: int) -> int:
         """The seed of the windows' offsets (or of ``self`` sampling): never the calibration windows' own."""
@@ -103,18 +117,26 @@ ALLOCATIONS = ("uniform", "owl")  # --allocation: besides these, a .json file of
 class AllocationSpec:
     """How the target sparsity is spread over the blocks (``--allocation``, ``--owl-m``, ``--owl-lambda``)."""
 
-    kind: str = "uniform"  # "uniform", "owl" (pre-pass over the dense model) or "file" (explicit sparsities)
-    owl_m: float = OWL_M  # OWL: a Wanda score is an outlier above M x its block's mean score
-    owl_lambda: float = OWL_LAMBDA  # OWL: largest deviation of a block's sparsity from the target
+    # "uniform", "owl" (pre-pass over the dense model) or "file" (explicit sparsities; the flag names the file)
+    kind: str = flag("uniform", "--allocation", "Sparsity per block: uniform (every block at --sparsity), owl (blocks "
+                     "with more activation outliers pruned less, mean weighted by size = --sparsity; one more pass over "
+                     "the dense model first), or FILE.json (a list of one sparsity per block, each in [0, 1)). "
+                     "Unstructured patterns only.")
+    # OWL: a Wanda score is an outlier above M x its block's mean score
+    owl_m: float = flag(OWL_M, "--owl-m", "--allocation owl: a Wanda score is an outlier above M x its block's mean "
+                        "score.")
+    # OWL: largest deviation of a block's sparsity from the target
+    owl_lambda: float = flag(OWL_LAMBDA, "--owl-lambda", "--allocation owl: largest deviation of a block's sparsity "
+                             "from --sparsity, in [0, 1).")
     file: str | None = None  # "file": the JSON file's name, for messages
     sparsities: tuple[float, ...] | None = None  # "file": one sparsity per block, as read
     sha256: str | None = None  # "file": the file's content hash (the job fingerprint holds it)
 
     def __post_init__(self) -> None:
         if self.owl_m <= 0:
-            raise ValueError(f"--owl-m must be > 0, got {self.owl_m}")
+            raise FlagError(AllocationSpec, "owl_m", f"must be > 0, got {self.owl_m}")
         if not 0.0 <= self.owl_lambda < 1.0:
-            raise ValueError(f"--owl-lambda must be in [0, 1), got {self.owl_lambda}")
+            raise FlagError(AllocationSpec, "owl_lambda", f"must be in [0, 1), got {self.owl_lambda}")
 
     @property
     def uniform(self) -> bool:
@@ -135,19 +157,19 @@ class AllocationSpec:
             return cls(kind=value, owl_m=owl_m, owl_lambda=owl_lambda)
         path = Path(value).expanduser()
         if path.suffix != ".json":
-            raise ValueError(f"--allocation must be {', '.join(ALLOCATIONS)} or a .json file of per-block "
-                             f"sparsities, got {value!r}")
+            raise FlagError(cls, "kind", f"must be {', '.join(ALLOCATIONS)} or a .json file of per-block "
+                                         f"sparsities, got {value!r}")
         try:
             raw = path.read_bytes()
             data = json.loads(raw)
         except OSError as exc:
-            raise ValueError(f"--allocation {value}: cannot read it ({exc.strerror})") from exc
+            raise FlagError(cls, "kind", f"{value}: cannot read it ({exc.strerror})") from exc
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--allocation {value}: not valid JSON ({str(exc).splitlines()[0]})") from exc
+            raise FlagError(cls, "kind", f"{value}: not valid JSON ({str(exc).splitlines()[0]})") from exc
         if isinstance(data, dict):
             data = data.get("sparsities")
         if not isinstance(data, list) or not data:
-            raise ValueError(f"--allocation {value}: expected a JSON list of per-block sparsities in [0, 1)")
+            raise FlagError(cls, "kind", f"{value}: expected a JSON list of per-block sparsities in [0, 1)")
         values = check_explicit_sparsities(data, len(data), path.name)  # each in [0, 1); the count: later
         return cls(kind="file", owl_m=owl_m, owl_lambda=owl_lambda, file=path.name, sparsities=tuple(values),
                    sha256=hashlib.sha256(raw).hexdigest())
@@ -168,19 +190,39 @@ LORAPRUNE_OBJECTIVES = ("block", "model")  # --loraprune-objective
 class PruneSpec:
     """Which pruner, which pattern, and its options."""
 
-    pruner: str = "wanda"  # magnitude, wanda, sparsegpt, loraprune
+    pruner: str = flag("wanda", "--pruner", "How weights are scored.", choices=PRUNER_NAMES)
+    # --pattern, --sparsity, --mask-scope: the pattern's own fields declare them (SparsityPattern.parse)
     pattern: SparsityPattern = field(default_factory=SparsityPattern)  # also heads / channels (structured)
-    sequential: bool = False  # prune sub-layer groups one after another (q/k/v, o, up/gate, down)
+    # prune sub-layer groups one after another (q/k/v, o, up/gate, down)
+    sequential: bool = flag(False, "--sequential", "Prune sub-layer groups in order (q/k/v, o, up/gate, down), "
+                            "re-collecting statistics between them.")
     blocksize: int = 128  # SparseGPT column block
-    percdamp: float = 0.01  # SparseGPT damping, fraction of the mean Hessian diagonal
-    cycles: int = 1  # prune -> reconstruct cycles per block to reach the pattern (pruners.schedule)
-    cycle_schedule: str = "cubic"  # how the sparsity grows over the cycles: cubic or linear
-    loraprune_steps: int = 20  # LoRAPrune: LoRA warm-up steps per block (and per cycle)
-    loraprune_rank: int = 8  # LoRAPrune: warm-up adapter rank (alpha = 2 * rank)
-    loraprune_lr: float = 2e-2  # LoRAPrune: warm-up AdamW learning rate
-    loraprune_objective: str = "block"  # LoRAPrune: "block" (per-block warm-up) or "model" (whole model, LM loss)
+    # SparseGPT damping, fraction of the mean Hessian diagonal
+    percdamp: float = flag(0.01, "--percdamp", "--pruner sparsegpt: damping added to the Hessian's diagonal, as a "
+                           "fraction of its mean (raise it when a layer's Hessian is not positive definite); > 0.")
+    # prune -> reconstruct cycles per block to reach the pattern (pruners.schedule)
+    cycles: int = flag(1, "--cycles", "Reach the pattern in this many prune -> reconstruct cycles per block "
+                       "(statistics re-collected each cycle; earlier zeros stay zero).", min=1)
+    cycle_schedule: str = flag("cubic", "--cycle-schedule", "How the sparsity grows over --cycles: cubic (LoRAPrune's, "
+                               "front-loaded) or linear.", choices=SCHEDULES)
+    loraprune_steps: int = flag(20, "--loraprune-steps", "--pruner loraprune: LoRA warm-up steps per block (per "
+                                "cycle) that accumulate the importance.", min=1)
+    loraprune_rank: int = flag(8, "--loraprune-rank", "--pruner loraprune: rank of the warm-up adapters (alpha = 2 x "
+                               "rank).", min=1)
+    loraprune_lr: float = flag(2e-2, "--loraprune-lr", "--pruner loraprune: AdamW learning rate of the warm-up.",
+                               min=0.0)
+    # "block" (per-block warm-up) or "model" (whole model, LM loss)
+    loraprune_objective: str = flag(
+        "block", "--loraprune-objective", "--pruner loraprune: block (a LoRA warm-up per block on its reconstruction "
+        "error) or model (LoRAPrune as its authors run it: LoRA on every block trained on the causal-LM loss over the "
+        "calibration text for --loraprune-steps steps, pruning on the authors' cubic schedule; then the per-block "
+        "loop repairs).", choices=LORAPRUNE_OBJECTIVES)
     heads_per_kv_group: bool = False  # --pattern heads with GQA: as many query heads from every kv group (--shrink)
     allocation: AllocationSpec = field(default_factory=AllocationSpec)  # per-block sparsities (uniform, OWL, file)
+
+    def __post_init__(self) -> None:
+        if not self.percdamp > 0:
+            raise FlagError(PruneSpec, "percdamp", f"must be > 0; got {self.percdamp}")
 
     @property
     def model_level_loraprune(self) -> bool:
@@ -192,9 +234,14 @@ class PruneSpec:
 class EvalSpec:
     """Perplexity evaluation of the finished output (``run --eval``)."""
 
-    data: str  # a local .txt/.jsonl test text or a dataset name (wikitext2, c4, ptb)
-    seq_len: int | None = None  # tokens per window (None: min(2048, the model's context), resolved on load)
-    max_windows: int | None = None  # evaluate only the first windows (None: all)
+    # a local .txt/.jsonl test text or a dataset name (wikitext2, c4, ptb)
+    data: str = flag(REQUIRED, "--eval", "At the end, perplexity of the output on this test text (.txt/.jsonl file or "
+                     "wikitext2, c4, ptb); recorded in reconstruct.json and report.md.", unset=True,
+                     show_default="no evaluation")
+    # tokens per window (None: min(2048, the model's context), resolved on load)
+    seq_len: int | None = flag(None, "--max-length", "Tokens per perplexity window (windows do not overlap).", min=2,
+                               show_default="the smaller of 2048 and the model's context length")
+    max_windows: int | None = LIMIT.field(None)  # evaluate only the first windows (None: all)
 
     def __post_init__(self) -> None:
         # Checked when the job is built, not hours later when the evaluation starts.
@@ -202,40 +249,65 @@ class EvalSpec:
         path = Path(self.data).expanduser()
         if path.suffix in (".txt", ".jsonl") or path.exists():
             if not path.is_file():
-                raise ValueError(f"--eval {self.data}: no such file")
+                raise FlagError(EvalSpec, "data", f"{self.data}: no such file")
         elif self.data not in HUB_DATASETS:
-            raise ValueError(
-                f"--eval {self.data!r} is not a file or a known dataset ({', '.join(HUB_DATASETS)})"
-            )
+            raise FlagError(EvalSpec, "data", f"{self.data!r} is not a file or a known dataset "
+                                              f"({', '.join(HUB_DATASETS)})")
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"--max-length must be >= 2; got {self.seq_len}")
+            raise FlagError(EvalSpec, "seq_len", f"must be >= 2; got {self.seq_len}")
         if self.max_windows is not None and self.max_windows < 1:
-            raise ValueError(f"--limit must be >= 1; got {self.max_windows}")
+            raise FlagError(EvalSpec, "max_windows", f"must be >= 1; got {self.max_windows}")
 
 
 @dataclass(frozen=True)
 class JobConfig:
     """Everything ``reconstruct run`` needs."""
 
-    model: str  # folder, .gguf, hub id or alias
-    out: Path  # output folder (also holds the resume state)
+    model: str = MODEL.field()  # folder, .gguf, hub id or alias
+    # output folder (also holds the resume state); the command line derives one from the settings
+    out: Path = flag(REQUIRED, "--out", "Output folder; also holds the resume state.", unset=True,
+                     show_default="MODEL-PRUNER-SHAPE in the current folder")
     prune: PruneSpec = field(default_factory=PruneSpec)
     calib: CalibSpec = field(default_factory=CalibSpec)
     recon: object | None = None  # reconstruct.methods.ReconSpec; None = no reconstruction
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    dtype: str = "auto"  # auto, float32, bfloat16, float16
-    micro_batch: int = 8  # samples per block forward
-    offload: str = "auto"  # activation cache tier: auto, device, cpu, disk
-    checkpoint_every: str | int = "auto"  # stream checkpoints: "auto" (bounded cost) or every k blocks
-    overlap: bool = True  # block reads/writes in the background (loop.overlap); not in the fingerprint: same bytes
-    check_stream: bool = True  # compare the streamed forward with the model's own before block 1 (evaluation.parity)
-    track_error: bool = False  # --method none: keep the dense stream anyway, to report each block's error
-    force: bool = False  # start over even if --out holds another job
+    device: str = DEVICE.field("auto")  # auto, cpu, cuda, cuda:1, ...
+    dtype: str = DTYPE.field("auto")  # auto, float32, bfloat16, float16
+    # samples per block forward
+    micro_batch: int = flag(8, "--batch-size", "Samples per forward pass (calibration, statistics, reconstruction, "
+                            "--eval; memory grows with it).", min=1)
+    # activation cache tier: auto, device, cpu, disk
+    offload: str = flag("auto", "--offload", "Where the activation cache lives.", choices=("auto", *TIERS))
+    # stream checkpoints: "auto" (bounded cost) or every k blocks
+    checkpoint_every: str | int = flag(
+        CHECKPOINT_AUTO, "--checkpoint-every", "When to checkpoint (what a resume restarts from): the activation "
+        "streams every k blocks, and the training stages (--retrain-steps, --loraprune-objective model) every k "
+        "optimizer steps; or auto = as often as costs at most about 10% of the time (after every block or step while "
+        "that is cheap).")
+    # block reads/writes in the background (loop.overlap); not in the fingerprint: same bytes
+    overlap: bool = flag(True, "--overlap", "Read the next block and write the last one (shard, stream checkpoint, "
+                         "manifest) in the background while a block computes; --no-overlap runs them one after "
+                         "another (same output bytes).")
+    check_stream: bool = CHECK_STREAM.field(True)  # compare the streamed forward with the model's own before block 1
+    # --method none: keep the dense stream anyway, to report each block's error
+    track_error: bool = flag(False, "--track-error", "--method none: also run the dense model alongside, to report "
+                             "each block's output error (one more block forward per block; reconstruction always "
+                             "does).")
+    force: bool = flag(False, "--force", "Start over even if --out holds a different or unfinished job.")
     evaluation: EvalSpec | None = None  # evaluate the output at the end; not part of the job's identity
     task_evaluation: object | None = None  # evaluation.tasks.TaskEvalSpec: --eval-tasks at the end; not in the identity either
-    shrink: bool = False  # at the end, delete the removed heads/channels into OUT/shrunk (reconstruct.shrink)
-    retrain: object | None = None  # reconstruct.retrain.RetrainSpec: model-level retraining after the loop; None = none
-    retrain_data: str | None = None  # its training text (None: the --calib source)
+    # at the end, delete the removed heads/channels into OUT/shrunk (reconstruct.shrink)
+    shrink: bool = flag(False, "--shrink", "--pattern heads/channels: at the end, also write OUT/shrunk, the smaller "
+                        "model with the removed heads/channels deleted (stock transformers loads it); heads with "
+                        "grouped-query attention are then removed equally from every key/value group.",
+                        negatable=False, show_default="off")
+    # reconstruct.retrain.RetrainSpec: model-level retraining after the loop; None = none (--retrain-steps 0)
+    retrain: object | None = flag(None, "--retrain-steps", "After the layer-wise loop, retrain the whole model end to "
+                                  "end for this many AdamW steps (PERP's global step; 0 = no retraining). The "
+                                  "--retrain-* flags set it; rank, alpha, seed, --batch-size are shared.", min=0,
+                                  cli_type=int, cli_default=0)
+    # its training text (None: the --calib source)
+    retrain_data: str | None = flag(None, "--retrain-data", "--retrain-steps: training text (any --calib source).",
+                                    show_default="the --calib source")
     recon_val_data: ValidationData | None = None  # --recon-val-data: the guard's own text (None: held-out share)
 
     def __post_init__(self) -> None:

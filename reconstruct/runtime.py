@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}  # float64: exact comparisons in tests and research, never a default
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what --dtype offers besides auto (not float64)
 
 
 def resolve_device(name: str) -> torch.device:

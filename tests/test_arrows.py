@@ -20,7 +20,7 @@ PROJECT_TOPS = ("reconstruct", "pruners", "calib", "cli")
 # (reconstruct.loop) or a top-level module of reconstruct (reconstruct.runtime).
 LAYERS = (
     ("pruners", "calib", "reconstruct"),  # mask makers, calibration data; reconstruct/__init__: the version
-    ("reconstruct.runtime", "reconstruct.faults"),  # devices and dtypes; crash points for the resume tests
+    ("reconstruct.runtime", "reconstruct.faults", "reconstruct.flags"),  # devices, dtypes; crash points; flag fields
     ("reconstruct.atomic",),  # atomic file writes
     ("reconstruct.parallel",),  # torchrun ranks
     ("reconstruct.progress", "reconstruct.host_allocator"),
@@ -32,8 +32,8 @@ LAYERS = (
     ("reconstruct.loop", "reconstruct.retrain", "reconstruct.shrink"),  # the block loop, retraining, shrinking
     ("reconstruct.reporting",),  # reports and status, rendered from what jobs recorded
     ("reconstruct.jobs",),  # the job drivers
-    ("reconstruct.flag_aliases",),  # the command line: old flag names
-    ("cli",),  # the command line
+    ("reconstruct.cli",),  # the command line: options derived from the specs' flags, one module per command
+    ("cli",),  # the entry point the design card names (cli:app)
     ("reconstruct.__main__",),  # python -m reconstruct
 )
 RANK = {part: rank for rank, layer in enumerate(LAYERS) for part in layer}

@@ -12,10 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
-import cli
 from cli import app
+from reconstruct.cli.errors import guarded
 from reconstruct.modelio.safetensors_header import DamagedFileError, check_safetensors_file
 from reconstruct.state import out_folder
 
@@ -109,8 +110,8 @@ def test_read_only_error_at_write_time_does_not_advise_freeing_space(capsys):
     def write():
         raise OSError(errno.EROFS, "Read-only file system", "/some/out/shard.safetensors")
 
-    with pytest.raises(cli.typer.Exit) as stopped:
-        cli._guarded(write)
+    with pytest.raises(typer.Exit) as stopped:
+        guarded(write)
     assert stopped.value.exit_code == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("error: Read-only file system: /some/out/shard.safetensors") and "free space" not in line

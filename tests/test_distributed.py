@@ -350,13 +350,11 @@ def test_helpers_are_no_ops_in_one_process():
 
 
 def test_command_line_for_torchrun_drops_nproc_and_keeps_changed_flags():
-    import cli
+    from reconstruct.cli import parse_args
+    from reconstruct.cli.job_options import relaunch_command
 
-    options = cli.RunOptions(
-        shape=cli.ShapeOptions(pruner=cli.PrunerName.sparsegpt), recon=cli.ReconOptions(lr=0.001),
-        prune=cli.PruneOptions(sequential=True), output=cli.OutputOptions(out=Path("o"), eval_data="t.txt"),
-        process=cli.ProcessOptions(nproc=4, verbose=True),
-    )
-    assert options.command_line() == [
+    params = parse_args("run", ["--pruner", "sparsegpt", "--lr", "0.001", "--sequential", "--out", "o", "--eval", "t.txt",
+                                "--nproc", "4", "--verbose"])
+    assert relaunch_command(params) == [
         "run", "--pruner", "sparsegpt", "--lr", "0.001", "--sequential", "--out", "o", "--eval", "t.txt", "--verbose",
     ]

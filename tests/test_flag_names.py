@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from reconstruct import __version__
-from reconstruct.flag_aliases import DEPRECATED_FLAGS, rewrite_deprecated
+from reconstruct.cli.aliases import DEPRECATED_FLAGS, rewrite_deprecated
 
 runner = CliRunner()
 JOB_COMMANDS = ("run", "plan", "sweep", "retrain", "eval")
@@ -74,7 +74,7 @@ def test_an_old_name_reaches_the_command_as_the_new_one(monkeypatch):
         seen.update(seq_len=seq_len, max_windows=max_windows)
         return {"perplexity": 1.0}
 
-    monkeypatch.setattr("cli.perplexity", fake_perplexity)
+    monkeypatch.setattr("reconstruct.cli.evaluate.perplexity", fake_perplexity)
     result = runner.invoke(app, ["eval", "--data", "x.txt", "--seq-len", "64", "--max-windows", "3"])
     assert result.exit_code == 0, result.output
     assert seen == {"seq_len": 64, "max_windows": 3}

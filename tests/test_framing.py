@@ -249,11 +249,12 @@ def test_calib_bos_always_without_a_bos_token_exits_2(plain_model, small_calib_f
 
 
 def test_sweep_and_plan_pass_calib_bos_on():
-    import inspect
+    from reconstruct.cli import parse_args
+    from reconstruct.cli.job_options import PLAN, SWEEP_SHARED, build_job
+    from reconstruct.cli.options import command_line
+    from reconstruct.cli.sweep import SWEEP
 
-    from cli import BosMode, CalibOptions, RunOptions, build_job, plan, sweep
-
-    assert {"calib_bos"} <= set(inspect.signature(sweep).parameters) & set(inspect.signature(plan).parameters)
-    options = RunOptions(calib=CalibOptions(calib_bos=BosMode.never))
-    assert options.shared_flags() == ["--calib-bos", "never"]  # every sweep cell's `run` gets it
-    assert build_job(options).calib.bos == "never"
+    assert "--calib-bos" in {option.flag.name for option in SWEEP} & {option.flag.name for option in PLAN}
+    params = parse_args("sweep", ["--eval", "t.txt", "--out", "o", "--calib-bos", "never"])
+    assert command_line(SWEEP_SHARED, params) == ["--calib-bos", "never"]  # every sweep cell's `run` gets it
+    assert build_job(parse_args("plan", ["--calib-bos", "never"])).calib.bos == "never"

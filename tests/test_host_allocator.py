@@ -42,7 +42,7 @@ def test_without_glibc_both_are_no_ops(monkeypatch):
 def test_every_command_unpools_before_it_runs(monkeypatch, tmp_path):
     """Building the skeleton allocates every parameter on the host first: the threshold must already be set."""
     events: list[str] = []
-    monkeypatch.setattr(cli, "unpool_large_allocations", lambda: events.append("unpool"))
+    monkeypatch.setattr("reconstruct.cli.main.unpool_large_allocations", lambda: events.append("unpool"))
     result = CliRunner().invoke(cli.app, ["retrain", "--model", str(tmp_path / "missing"), "--data", "self",
                                           "--out", str(tmp_path / "out")])
     assert result.exit_code == 2  # refused (no such model) after the threshold was set

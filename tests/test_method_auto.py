@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reconstruct.config import resolve_method
+from reconstruct.methods.spec import resolve_method
 
 
 def test_auto_picks_masklora_whatever_the_pattern():
@@ -15,9 +15,15 @@ def test_a_named_method_is_kept_at_any_sparsity():
 
 
 def test_build_job_uses_the_config_policy():
-    from pathlib import Path
+    from reconstruct.cli import parse_args
+    from reconstruct.cli.job_options import build_job
 
-    from cli import OutputOptions, RunOptions, ShapeOptions, build_job
-
-    job = build_job(RunOptions(shape=ShapeOptions(sparsity=0.7), output=OutputOptions(out=Path("o"))))
+    job = build_job(parse_args("run", ["--sparsity", "0.7", "--out", "o"]))
     assert job.recon.method == "masklora"
+
+
+def test_the_spec_default_is_what_the_command_lines_default_runs():
+    from reconstruct.flags import flag_of
+    from reconstruct.methods.spec import ReconSpec
+
+    assert ReconSpec().method == resolve_method(flag_of(ReconSpec, "method").cli_default) == "masklora"

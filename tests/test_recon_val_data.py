@@ -17,6 +17,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli
+from reconstruct.cli import parse_args
+from reconstruct.cli.job_options import SWEEP_SHARED, build_job, relaunch_command
+from reconstruct.cli.options import command_line
 from test_distributed import _run  # run_job, interrupted at a crash point; returns the block it started from
 from conftest import WIKITEXT_TEST, make_job, write_text_head
 from reconstruct.config import ValidationData
@@ -182,15 +185,13 @@ def test_the_plan_counts_the_validation_rows(tiny_model_dir, small_calib_file, v
 
 # --------------------------------------------------------------------------- the command line
 def test_the_flags_build_the_job(tiny_model_dir, val_text, tmp_path):
-    options = cli.RunOptions(
-        recon=cli.ReconOptions(recon_val_data=str(val_text)), calib=cli.CalibOptions(n_samples=20),
-        output=cli.OutputOptions(out=tmp_path / "o"), machine=cli.MachineOptions(model=str(tiny_model_dir("llama"))),
-    )
-    job = cli.build_job(options)
+    common = ["--n-samples", "20", "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir("llama"))]
+    params = parse_args("run", ["--recon-val-data", str(val_text), *common])
+    job = build_job(params)
     assert job.recon_val_data == ValidationData(str(val_text), 2)  # max(1, 20 // 8)
     assert job.recon.val_fraction == 0.0  # every calibration sample trains
-    assert cli.build_job(replace(options, recon=cli.ReconOptions())).recon_val_data is None
-    assert "--recon-val-data" in options.command_line() and "--recon-val-data" in options.shared_flags()
+    assert build_job(parse_args("run", common)).recon_val_data is None
+    assert "--recon-val-data" in relaunch_command(params) and "--recon-val-data" in command_line(SWEEP_SHARED, params)
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -99,14 +99,12 @@ def test_a_batch_smaller_than_the_processes_is_refused_naming_the_flag(monkeypat
 
 
 def test_the_relaunched_command_line_parses_to_the_same_options_without_nproc():
-    from typer.main import get_command
+    from reconstruct.cli import parse_args
+    from reconstruct.cli.retrain import relaunch_command
 
-    import cli
-
-    command = get_command(cli.app).commands["retrain"]
     given = ["--data", "text.txt", "--out", "o", "--lr", "0.1", "--allow-dense", "--method", "masklora", "-v",
              "--nproc", "2"]
-    context = command.make_context("retrain", list(given))  # click consumes the list it parses
-    flags = cli.command_flags(context, skip=("nproc",))
-    assert "--nproc" not in flags
-    assert command.make_context("retrain", list(flags)).params == {**context.params, "nproc": 1}
+    params = parse_args("retrain", given)
+    command, *flags = relaunch_command(params)
+    assert command == "retrain" and "--nproc" not in flags
+    assert parse_args("retrain", flags) == {**params, "nproc": 1}

@@ -102,8 +102,8 @@ def test_rerun_does_no_work(swept, monkeypatch):
 
     monkeypatch.setattr(sweep_module, "run_cell", no_work)
     monkeypatch.setattr(sweep_module, "run_dense", no_work)
-    monkeypatch.setattr("cli.run_job", no_work)
-    monkeypatch.setattr("cli.perplexity", no_work)
+    monkeypatch.setattr("reconstruct.cli.run.run_job", no_work)
+    monkeypatch.setattr("reconstruct.cli.evaluate.perplexity", no_work)
     monkeypatch.setattr("reconstruct.jobs.finish.perplexity", no_work)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calib.framing import resolve_framing
+from reconstruct.config import LIMIT
+from reconstruct.flags import REQUIRED, FlagError, flag, flag_name
 from reconstruct.evaluation.task_data import task_specs
 from reconstruct.evaluation.streaming import open_lm
 from reconstruct.modelio.source import resolve_model
@@ -50,20 +52,29 @@ def parse_task_names(text: str | None) -> list[str]:
 class TaskEvalSpec:
     """Zero-shot tasks on a finished output (``run --eval-tasks``, ``retrain --eval-tasks``)."""
 
-    tasks: tuple[str, ...]  # lm-eval task, group or tag names (or custom tasks in task_data)
-    task_data: str | None = None  # --task-data: local data, DIR/<task>/
-    limit: int | None = None  # --limit: only the first items of each task (None: all)
+    # lm-eval task, group or tag names (or custom tasks in task_data); the flag: comma-separated
+    tasks: tuple[str, ...] = flag(
+        REQUIRED, "--eval-tasks", "At the end, these lm-evaluation-harness tasks on the output (comma-separated, e.g. "
+        "piqa,arc_easy; log-likelihood tasks only; needs the eval extra: pip install -e \".[eval]\"); recorded in "
+        "reconstruct.json and report.md.", cli_type=str, unset=True, show_default="no tasks")
+    # local data, DIR/<task>/
+    task_data: str | None = flag(
+        None, "--task-data", "Local task data for offline use: DIR/<task>/ holds a task's files "
+        "(train/validation/test .jsonl in the task's dataset schema; PIQA's valid.jsonl + valid-labels.lst) or a "
+        "custom lm-eval task YAML.", cli_type=Path, show_default="none: lm-eval's data from the hub")
+    limit: int | None = LIMIT.field(None)  # only the first items of each task (None: all); also --eval's windows
     batch_size: int = TASK_BATCH  # sequences per forward
 
     def __post_init__(self) -> None:
         # Checked when the job is built, not hours later when the evaluation starts.
+        tasks = flag_name(TaskEvalSpec, "tasks")
         if not self.tasks:
-            raise ValueError("--eval-tasks is empty; name at least one task, e.g. --eval-tasks piqa")
-        require_lm_eval("--eval-tasks")
+            raise FlagError(TaskEvalSpec, "tasks", f"is empty; name at least one task, e.g. {tasks} piqa")
+        require_lm_eval(tasks)
         if self.task_data is not None and not Path(self.task_data).expanduser().is_dir():
-            raise ValueError(f"--task-data {self.task_data}: no such folder")
+            raise FlagError(TaskEvalSpec, "task_data", f"{self.task_data}: no such folder")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be at least 1; got {self.limit}")
+            raise FlagError(TaskEvalSpec, "limit", f"must be at least 1; got {self.limit}")
 
     @classmethod
     def from_flags(cls, tasks: str | None, task_data: Path | str | None, limit: int | None,
@@ -74,7 +85,7 @@ class TaskEvalSpec:
         """
         if tasks is None:
             if task_data is not None:
-                raise ValueError("--task-data only applies with --eval-tasks")
+                raise FlagError(cls, "task_data", f"only applies with {flag_name(cls, 'tasks')}")
             return None
         return cls(tuple(parse_task_names(tasks)), None if task_data is None else str(task_data), limit,
                    batch_size or TASK_BATCH)

@@ -18,7 +18,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from reconstruct.config import EvalSpec
+from reconstruct.config import BOS, CHECK_STREAM, DEVICE, DTYPE, MODEL, EvalSpec
+from reconstruct.flags import REQUIRED, flag
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.evaluation.parity import check_streamed_forward
 from reconstruct.modelio.loaded import LoadedModel, load_model
@@ -44,19 +45,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RetrainJob:
-    """Everything ``reconstruct retrain`` needs; ``cli.py`` builds it once."""
+    """Everything ``reconstruct retrain`` needs; the command line builds it once (flags: ``reconstruct.flags``)."""
 
-    model: str  # the pruned model: folder, .gguf, alias or hub id
-    data: str  # training text: any --calib source (a .txt/.jsonl file, a dataset name, self)
-    out: Path  # output folder (also holds the resume state)
+    model: str = MODEL.field()  # the pruned model: folder, .gguf, alias or hub id
+    # training text: any --calib source (a .txt/.jsonl file, a dataset name, self)
+    data: str = flag(REQUIRED, "--data", "Training text: a .txt/.jsonl file, wikitext2, c4, ptb, or 'self' (sampled "
+                     "from the model).")
+    out: Path = flag(REQUIRED, "--out", "Output folder; also holds the resume state.")  # also holds the resume state
     spec: RetrainSpec = RetrainSpec()
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto, float32, bfloat16, float16
-    bos: str = "auto"  # --calib-bos: how windows start
-    allow_dense: bool = False  # accept a model whose block linears hold no zero
-    checkpoint_every: str = "auto"  # steps between training checkpoints, or auto (bounded cost)
+    device: str = DEVICE.field("auto")  # auto, cpu, cuda, cuda:N
+    dtype: str = DTYPE.field("auto")  # auto, float32, bfloat16, float16
+    bos: str = BOS.field("auto")  # --calib-bos: how windows start
+    # accept a model whose block linears hold no zero
+    allow_dense: bool = flag(False, "--allow-dense", "Retrain a --model whose block linears hold no zero (nothing "
+                             "looks pruned).")
+    # steps between training checkpoints, or auto (bounded cost)
+    checkpoint_every: str = flag("auto", "--checkpoint-every", "Steps between training checkpoints (what a resume "
+                                 "restarts from), or auto = every step while that costs at most 10% of a step's "
+                                 "weight reads.")
     evaluation: EvalSpec | None = None  # perplexity before and after; not part of the job's identity
-    check_stream: bool = True  # streamed path: compare it with the model's own forward first (evaluation.parity)
+    check_stream: bool = CHECK_STREAM.field(True)  # streamed path: compare it with the model's own forward first
     task_evaluation: object | None = None  # evaluation.tasks.TaskEvalSpec: --eval-tasks before and after; not in the identity
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from pruners.pattern import N_OF_M, UNSTRUCTURED, SparsityPattern
 from pruners.registry import PRUNER_NAMES
 from reconstruct.atomic import atomic_write_json
-from reconstruct.config import EvalSpec
+from reconstruct.config import BOS, DEVICE, DTYPE, MODEL, EvalSpec, JobConfig
+from reconstruct.flags import REQUIRED, flag, flag_name
 from reconstruct.methods.spec import DENSE_MERGE_MESSAGE, METHOD_NAMES
 from reconstruct.modelio.facts import check_calib_seq_len, check_model_files, model_config, resolve_eval_seq_len
 from reconstruct.modelio.output import REPORT_NAME
@@ -39,7 +40,8 @@ from reconstruct.state.manifest import Manifest
 logger = logging.getLogger(__name__)
 
 CELLS_NAME = "sweep-cells.json"  # cell → the command line it was run with
-DENSE_FLAGS = ("--model", "--device", "--dtype", "--batch-size", "--calib-bos")  # run flags eval shares
+# run flags eval shares (eval's --batch-size is its own flag, of the same name)
+DENSE_FLAGS = (MODEL.name, DEVICE.name, DTYPE.name, flag_name(JobConfig, "micro_batch"), BOS.name)
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,23 @@ class Cell:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """The grid and what every cell shares."""
+    """The grid and what every cell shares (the grid's flags: comma-separated lists)."""
 
-    out: Path  # the sweep folder; cell jobs go to out/<cell>
-    pruners: tuple[str, ...]
-    patterns: tuple[str, ...]  # "unstructured" and/or N:M
-    sparsities: tuple[float, ...]  # used by the unstructured pattern; N:M implies its own
-    methods: tuple[str, ...]
-    evaluation: EvalSpec
+    # the sweep folder; cell jobs go to out/<cell>
+    out: Path = flag(REQUIRED, "--out", "Sweep folder: cells go to OUT/<cell>, results to OUT/sweep.{md,csv,png}.")
+    pruners: tuple[str, ...] = flag(REQUIRED, "--pruner", f"Pruners, comma-separated: {', '.join(PRUNER_NAMES)}.",
+                                    cli_type=str, cli_default="wanda")
+    # "unstructured" and/or N:M
+    patterns: tuple[str, ...] = flag(REQUIRED, "--pattern", "Patterns, comma-separated: unstructured and/or N:M such "
+                                     "as 2:4 (N:M implies its sparsity).", cli_type=str, cli_default="unstructured")
+    # used by the unstructured pattern; N:M implies its own
+    sparsities: tuple[float, ...] = flag(REQUIRED, "--sparsity", "Sparsities for the unstructured pattern, "
+                                         "comma-separated, e.g. 0.5,0.6,0.7.", cli_type=str, cli_default="0.5")
+    methods: tuple[str, ...] = flag(REQUIRED, "--method", "Reconstruction methods, comma-separated, e.g. "
+                                    "none,bias-ln,masklora.", cli_type=str, cli_default="none,bias-ln,masklora")
+    # its data: the flag; the window length and count: EvalSpec's own flags
+    evaluation: EvalSpec = flag(REQUIRED, "--eval", "Perplexity test text for every cell (.txt/.jsonl file or "
+                                "wikitext2, c4, ptb).", cli_type=str)
     run_flags: tuple[str, ...] = field(default_factory=tuple)  # shared `reconstruct run` flags (model, calibration, device, ...)
     task_evaluation: object | None = None  # evaluation.tasks.TaskEvalSpec: --eval-tasks in every cell, a column per task
 

@@ -29,9 +29,7 @@ from torch import nn
 
 from calib.activations import ActivationStream
 from reconstruct.methods.bias_norm import find_norms
-
-GRANULARITIES = ("block", "sublayer", "linear")
-TARGETS = ("dense", "local")
+from reconstruct.methods.spec import GRANULARITIES, TARGETS
 ATTENTION_MARKERS = ("attn", "attention")
 
 

@@ -25,72 +25,123 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from reconstruct.flags import Flag, FlagError, flag
 from reconstruct.methods.loss import LOSSES
 
 METHOD_NAMES = ("none", "bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
 LOW_RANK_METHODS = ("masklora", "scalelora", "lora")
 SPARSITY_PRESERVING = ("none", "bias", "ln", "bias-ln", "masklora", "scalelora")
+GRANULARITIES = ("block", "sublayer", "linear")  # what a reconstruction unit is (loop.objective)
+TARGETS = ("dense", "local")  # which stream feeds the dense target (loop.objective)
 
-DENSE_MERGE_MESSAGE = (
-    "--method lora densifies the pruned weights when merged; pass --allow-dense-merge to accept that"
-)
+AUTO_METHOD = "masklora"  # what --method auto runs, at every sparsity and pattern; ReconSpec's default
+
+# Flags that model-level retraining (RetrainSpec) shares.
+RANK = Flag("--rank", "LoRA rank (masklora, scalelora, lora).", min=1)
+ALPHA = Flag("--alpha", "LoRA alpha; the update is scaled by alpha/rank.", min=0.0)
+ALLOW_DENSE_MERGE = Flag("--allow-dense-merge", "--method lora only: accept that merging refills pruned weights.")
+
+DENSE_MERGE_PROBLEM = f"lora densifies the pruned weights when merged; pass {ALLOW_DENSE_MERGE.name} to accept that"
+DENSE_MERGE_MESSAGE = f"--method {DENSE_MERGE_PROBLEM}"  # what --method lora alone is told
+
+
+def resolve_method(method: str) -> str:
+    """The reconstruction method a job runs: ``--method`` itself, or what ``auto`` means.
+
+    ``auto`` was bias-ln below 60% sparsity (it trains 0.18% of SmolLM2's block parameters, MaskLoRA
+    4.6%) until issue 20 measured what bias-ln does to text unlike the calibration: after Wanda 50%
+    on SmolLM2 it lowered WikiText-2 perplexity (54.1 → 46.5–47.3) and raised perplexity on PIQA's
+    goal-and-solution text above the unrepaired model's (76.9 → 78.8–81.1), with or without the
+    guard; MaskLoRA lowered both (42.0, 70.9–71.4), and beat bias-ln at every sparsity and pattern
+    measured (docs/benchmarks.md). So ``auto`` is MaskLoRA everywhere.
+
+    Args:
+        method: the ``--method`` value (``auto`` or a method name).
+
+    Returns:
+        ``method`` unless it is ``auto``: then :data:`AUTO_METHOD`.
+    """
+    if method != "auto":
+        return method
+    return AUTO_METHOD
 
 
 @dataclass(frozen=True)
 class ReconSpec:
-    """How one block is reconstructed. Every field has a default; ``cli.py`` builds it once."""
+    """How one block is reconstructed. Every field has a default; the command line builds it once.
 
-    method: str = "bias-ln"  # one of METHOD_NAMES: what is trained (see reconstruct.methods)
-    steps: int = 64  # optimizer steps per block; 0 = no training (merge only)
-    lr: float = 5e-3  # AdamW peak learning rate, decayed linearly to 0 over `steps`
-    rank: int = 16  # rank r of the (Mask|Scale)LoRA adapters (PERP)
-    alpha: float = 32.0  # lora/masklora scale B A by alpha / rank (PERP: 32); scalelora ignores it
-    batch_size: int = 2  # calibration samples per optimizer step (clamped to n_samples)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay (PERP: 0)
+    ``unset`` flags: the command line passes them only when given (``--recon-steps`` and
+    ``--recon-epochs`` exclude each other).
+    """
+
+    # one of METHOD_NAMES: what is trained (see reconstruct.methods); the command line's auto is AUTO_METHOD
+    method: str = flag(AUTO_METHOD, "--method", f"Reconstruction: auto = {AUTO_METHOD} (bias-ln, cheaper, made text "
+                       "unlike the calibration worse: docs/benchmarks.md).", choices=("auto", *METHOD_NAMES),
+                       cli_default="auto")
+    # optimizer steps per block; 0 = no training (merge only)
+    steps: int = flag(64, "--recon-steps", "Optimizer steps per block.", min=0, unset=True)
+    # AdamW peak learning rate, decayed linearly to 0 over `steps`
+    lr: float = flag(5e-3, "--lr", "AdamW peak learning rate (linear decay to 0).", min=0.0, unset=True)
+    rank: int = RANK.field(16)  # rank r of the (Mask|Scale)LoRA adapters (PERP)
+    alpha: float = ALPHA.field(32.0)  # lora/masklora scale B A by alpha / rank (PERP: 32); scalelora ignores it
+    # calibration samples per optimizer step (clamped to n_samples)
+    batch_size: int = flag(2, "--recon-samples-per-step", "Reconstruction: calibration samples per optimizer step "
+                           "(their forwards go --batch-size at a time).", min=1, unset=True)
+    # AdamW decoupled weight decay (PERP: 0)
+    weight_decay: float = flag(0.0, "--weight-decay", "AdamW weight decay.", min=0.0, unset=True)
     micro_batch: int = 1  # samples per forward/backward slice; gradients accumulate to batch_size
-    allow_dense_merge: bool = False  # lora only: accept that merging fills the pruned positions
-    granularity: str = "block"  # what is matched: "block", "sublayer" (attention, MLP) or "linear"
-    target: str = "dense"  # "dense": block_dense(x_dense) (PERP); "local": block_dense(x_sparse)
-    loss: str = "token-relative"  # what training minimises and the guard judges: reconstruct.methods.loss
-    epochs: float | None = None  # budget in passes over the training samples; overrides `steps` when set
-    val_fraction: float = 0.125  # share of calibration samples held out for validation; 0 = none
-    eval_every: int = 8  # optimizer steps between validation evaluations (guard on)
-    patience: int = 3  # evaluations without improvement before training stops (guard on)
-    guard: bool = True  # keep the best evaluation's parameters; undo a repair not better on validation
+    allow_dense_merge: bool = ALLOW_DENSE_MERGE.field(False)  # lora only: accept that merging fills the pruned positions
+    # what is matched: "block", "sublayer" (attention, MLP) or "linear"
+    granularity: str = flag("block", "--granularity", "What reconstruction matches: the whole block, each sublayer "
+                            "(attention and MLP separately) or each linear.", choices=GRANULARITIES)
+    # "dense": block_dense(x_dense) (PERP); "local": block_dense(x_sparse)
+    target: str = flag("dense", "--target", "Reconstruction target: dense = dense block on the dense stream (PERP), "
+                       "local = dense block on the pruned stream.", choices=TARGETS)
+    # what training minimises and the guard judges: reconstruct.methods.loss
+    loss: str = flag("token-relative", "--recon-loss", "What reconstruction minimises and the guard judges: mse over "
+                     "every element (PERP), or token-relative = each token's squared error over its target's squared "
+                     "norm, so a few massive-activation tokens do not outweigh the rest.", choices=LOSSES)
+    # budget in passes over the training samples; overrides `steps` when set
+    epochs: float | None = flag(None, "--recon-epochs", "Budget in passes over the training samples instead of "
+                                "--recon-steps: steps = ceil(E x training samples / --recon-samples-per-step).",
+                                show_default="off")
+    # share of calibration samples held out for validation; 0 = none
+    val_fraction: float = flag(0.125, "--recon-val", "Share of the calibration samples held out to validate each "
+                               "repair, in [0, 1) (at least one sample; 0 = none, every sample trains).")
+    # optimizer steps between validation evaluations (guard on)
+    eval_every: int = flag(8, "--recon-eval-every", "Guard: validation error measured every this many steps.", min=1)
+    # evaluations without improvement before training stops (guard on)
+    patience: int = flag(3, "--recon-patience", "Guard: stop after this many evaluations without improvement.", min=1)
+    # keep the best evaluation's parameters; undo a repair not better on validation
+    guard: bool = flag(True, "--recon-guard", "Keep the best validation step's parameters and undo a repair that is "
+                       "not better on the held-out samples than the pruned block (--no-recon-guard: train all steps, "
+                       "keep every repair; the error is still measured).")
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise ValueError(f"--method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}")
-        if self.method == "lora" and not self.allow_dense_merge:
-            raise ValueError(DENSE_MERGE_MESSAGE)
-        if self.steps < 0:
-            raise ValueError(f"reconstruction steps must be >= 0; got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"reconstruction learning rate must be > 0; got {self.lr}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1; got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0; got {self.alpha}")
-        if self.batch_size < 1:
-            raise ValueError(f"reconstruction batch size must be >= 1; got {self.batch_size}")
+        checks = (
+            (self.method in METHOD_NAMES, "method", f"must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}"),
+            (self.method != "lora" or self.allow_dense_merge, "method", DENSE_MERGE_PROBLEM),
+            (self.steps >= 0, "steps", f"must be >= 0; got {self.steps}"),
+            (self.lr > 0, "lr", f"must be > 0; got {self.lr}"),
+            (self.rank >= 1, "rank", f"must be >= 1; got {self.rank}"),
+            (self.alpha > 0, "alpha", f"must be > 0; got {self.alpha}"),
+            (self.batch_size >= 1, "batch_size", f"must be >= 1; got {self.batch_size}"),
+            (self.weight_decay >= 0, "weight_decay", f"must be >= 0; got {self.weight_decay}"),
+            (self.granularity in GRANULARITIES, "granularity",
+             f"must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}"),
+            (self.target in TARGETS, "target", f"must be one of {', '.join(TARGETS)}; got {self.target!r}"),
+            (self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}; got {self.loss!r}"),
+            (self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0), "epochs",
+             f"must be > 0; got {self.epochs}"),
+            (0 <= self.val_fraction < 1, "val_fraction", f"must be a fraction in [0, 1); got {self.val_fraction}"),
+            (self.eval_every >= 1, "eval_every", f"must be >= 1; got {self.eval_every}"),
+            (self.patience >= 1, "patience", f"must be >= 1; got {self.patience}"),
+        )
+        for ok, field, problem in checks:
+            if not ok:
+                raise FlagError(ReconSpec, field, problem)
         if self.micro_batch < 1:
             raise ValueError(f"reconstruction micro-batch must be >= 1; got {self.micro_batch}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight decay must be >= 0; got {self.weight_decay}")
-        if self.granularity not in ("block", "sublayer", "linear"):
-            raise ValueError(f"--granularity must be one of block, sublayer, linear; got {self.granularity!r}")
-        if self.target not in ("dense", "local"):
-            raise ValueError(f"--target must be one of dense, local; got {self.target!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"--recon-loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"--recon-epochs must be > 0; got {self.epochs}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--recon-val must be a fraction in [0, 1); got {self.val_fraction}")
-        if self.eval_every < 1:
-            raise ValueError(f"--recon-eval-every must be >= 1; got {self.eval_every}")
-        if self.patience < 1:
-            raise ValueError(f"--recon-patience must be >= 1; got {self.patience}")
 
     def steps_for(self, n_train: int) -> int:
         """Optimizer steps for ``n_train`` training samples: ``steps``, or ``ceil(epochs * n_train / batch)``.

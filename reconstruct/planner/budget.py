@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from reconstruct.flags import flag, flag_name
+
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -36,5 +38,15 @@ def human(n_bytes: float) -> str:
 class MemoryBudget:
     """What the job may use; None = measure this machine (free GPU memory, available host memory)."""
 
-    device_bytes: int | None = None  # --gpu-memory
-    host_bytes: int | None = None  # --host-memory
+    # the flags give sizes as text: from_flags
+    device_bytes: int | None = flag(None, "--gpu-memory", "GPU memory the job may use, e.g. 24GiB or 80GB.",
+                                    cli_type=str, show_default="the GPU's free memory")
+    host_bytes: int | None = flag(None, "--host-memory", "Host memory the job may use, e.g. 64GiB.", cli_type=str,
+                                  show_default="available memory")
+
+    @classmethod
+    def from_flags(cls, device_bytes: str | None = None, host_bytes: str | None = None) -> MemoryBudget:
+        """The budget of ``--gpu-memory`` / ``--host-memory`` sizes as given (None: measure this machine)."""
+        sizes = {name: None if text is None else parse_bytes(text, flag_name(cls, name))
+                 for name, text in (("device_bytes", device_bytes), ("host_bytes", host_bytes))}
+        return cls(**sizes)

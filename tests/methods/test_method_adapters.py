@@ -180,7 +180,7 @@ def test_find_norms_is_generic() -> None:
 
 def test_spec_defaults_and_validation() -> None:
     spec = ReconSpec()
-    assert spec.method == "bias-ln" and spec.lr == 5e-3 and spec.rank == 16 and spec.alpha == 32.0
+    assert spec.method == "masklora" and spec.lr == 5e-3 and spec.rank == 16 and spec.alpha == 32.0
     assert spec.steps > 0 and spec.batch_size >= spec.micro_batch >= 1 and spec.weight_decay == 0.0
     assert METHOD_NAMES == ("none", "bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
     with pytest.raises(ValueError, match="--method must be one of"):

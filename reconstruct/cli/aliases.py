@@ -1,8 +1,9 @@
 """Old flag names that still work: hidden from ``--help``, rewritten to the new name with a notice.
 
-One idea has one name in every command (``tests/test_cli_options.py`` compares the ``--help`` of
+One idea has one name in every command (``tests/test_flag_names.py`` compares the ``--help`` of
 ``run``, ``plan``, ``sweep``, ``retrain`` and ``eval``). The names used before stay accepted so
-scripts keep running; each use prints one line saying which name replaces it.
+scripts keep running; each use prints one line saying which name replaces it. The new names are the
+specs' own (``reconstruct.flags``); this table is the command line's history, so it lives here.
 """
 
 from __future__ import annotations
