@@ -237,9 +237,9 @@ def dense_command(spec: SweepSpec) -> list[str]:
     if evaluation.max_windows is not None:
         args += ["--limit", str(evaluation.max_windows)]
     flags = list(spec.run_flags)
-    for index, flag in enumerate(flags[:-1]):
-        if flag in DENSE_FLAGS:
-            args += [flag, flags[index + 1]]
+    for index, name in enumerate(flags[:-1]):
+        if name in DENSE_FLAGS:
+            args += [name, flags[index + 1]]
     return args
 
 
