@@ -6,9 +6,10 @@ fork server (``tests/support/fork_server.py``): a process that imported all that
 environment and working directory, and forks a child per run. The child is a separate process with
 its own pid, streams, environment and arguments, so what the tests check of a subprocess still holds:
 a crash point SIGKILLs it (exit -9), it takes and leaves the lock as its own pid, its stderr is
-captured. It is not a fresh interpreter in two ways: modules are imported before its environment is
+captured. It is not a fresh interpreter in three ways: modules are imported before its environment is
 set (so a server serves one environment, less ``RUNTIME_ENV``, the variables the tool reads while it
-runs), and every child shares the server's string-hash seed. The tests that compare the bytes of
+runs), the objects those imports made are frozen out of the garbage collector (``gc.freeze``: walking
+them would copy the inherited heap page by page), and every child shares the server's string-hash seed. The tests that compare the bytes of
 two runs therefore keep one side a fresh ``subprocess`` (``fresh=True``), so an output that depended
 on hash order or on unseeded randomness would still differ.
 
