@@ -43,7 +43,7 @@ from reconstruct.methods import (
 )
 from reconstruct.methods.bias_norm import BIAS_METHODS, add_zero_biases
 from reconstruct.methods.snapshot import BlockSnapshot
-from reconstruct.methods.train import local_rows
+from reconstruct.methods.samples import local_rows
 from reconstruct.loop.objective import UnitObjective, build_units, discover_units
 from calib.hooks import feeding_statistics, group_by_shared_input, recording_linear_inputs
 
