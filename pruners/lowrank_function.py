@@ -12,8 +12,9 @@ in the same order, so its output and its gradients are autograd's bit for bit
 - builds the effective weight once per version of (A, B, the weight, the mask) and reuses it across
   micro-batches and evaluation forwards, rewritten in place at the next version when no graph still
   holds the old one (a graph not yet backpropagated keeps its own copy);
-- writes ``B A`` and the weight's gradient into scratch tensors of a :class:`Workspace` (one per block,
-  or one for a whole retraining), so a step allocates no weight-sized tensor but the effective weight;
+- writes ``B A`` and the weight's gradient into the scratch tensor of a :class:`Workspace` (one per
+  block, or one for a whole retraining: the size of the largest linear), so a step allocates no
+  weight-sized tensor but the effective weight;
 - applies the mask and the scale to the weight's gradient in place.
 
 The masked low-rank update cannot be factored through the activations (``(M ⊙ B A) x`` is not
@@ -23,6 +24,7 @@ and three passes over the weight, against the three weight-sized products of eve
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -31,7 +33,7 @@ from torch import Tensor
 
 
 class Workspace:
-    """Scratch tensors reused from call to call, one per (role, shape, dtype, device); share one among many adapters.
+    """A scratch tensor reused from call to call (one per dtype and device); share one among many adapters.
 
     A scratch tensor is only used inside one call (the merge, one backward), so adapters that never run
     at the same time can share it: the wrappers of a block, or of every block of a retraining.
@@ -41,13 +43,18 @@ class Workspace:
         self._buffers: dict[tuple, Tensor] = {}
         self._spares: dict[tuple, list[Tensor]] = {}  # effective weights given back, by (shape, strides, dtype, device)
 
-    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous tensor of that shape, dtype and device for ``role`` (its values are whatever was there)."""
-        key = (role, tuple(shape), dtype, torch.device(device))
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous tensor of that shape, dtype and device (its values are whatever was there).
+
+        One buffer per dtype and device, as large as the largest shape asked for: every call returns a
+        view of it, so the caller must be done with the last one (the merge and each backward are).
+        """
+        key = (dtype, torch.device(device))
+        numel = math.prod(shape)
         buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-        return buffer
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
     def give_back(self, tensor: Tensor) -> None:
         """Keep a tensor no one uses any more (an adapter's effective weight) for :meth:`spare`."""
@@ -73,20 +80,18 @@ def _layout_key(tensor: Tensor) -> tuple:
     return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
 
 
-def _mm(a: Tensor, b: Tensor, workspace: Workspace, role: str) -> Tensor:
-    """``a @ b`` (2-D), written into the workspace's scratch tensor for ``role``."""
-    return torch.mm(a, b, out=workspace.take(role, (a.shape[0], b.shape[1]), torch.result_type(a, b), a.device))
+def _mm(a: Tensor, b: Tensor, workspace: Workspace) -> Tensor:
+    """``a @ b`` (2-D), written into the workspace's scratch tensor."""
+    return torch.mm(a, b, out=workspace.take((a.shape[0], b.shape[1]), torch.result_type(a, b), a.device))
 
 
-def _mask_as(module, like: Tensor) -> Tensor:
-    """The keep mask as 0/1 in ``like``'s dtype, in scratch: the values ``like * keep_mask`` converts it to.
+def _mask_bytes(module) -> Tensor:
+    """The keep mask read as ``uint8`` 0/1: ``x.mul_(it)`` has the values of ``x * keep_mask``.
 
-    Read through its bytes (``uint8``): torch converts bool to float one element at a time, 20 times
-    slower than from ``uint8`` on a CPU here, and the product with the bool mask would make that copy
-    in a new weight-sized tensor at every call.
+    Torch converts a bool operand one element at a time (into a new weight-sized tensor, for an
+    in-place product), 10-20 times slower than a ``uint8`` one, which it converts as it goes.
     """
-    mask = module.keep_mask
-    return module.workspace.take("mask", tuple(mask.shape), like.dtype, like.device).copy_(mask.view(torch.uint8))
+    return module.keep_mask.view(torch.uint8)
 
 
 def _column_major(t: Tensor) -> bool:
@@ -103,7 +108,7 @@ def effective_weight_of(module, out: Tensor | None = None) -> Tensor:
     must be a tensor this function returned for the same module: its strides are those of ``W + delta``).
     """
     weight = module.base_weight()  # (out, in)
-    product = _mm(module.lora_B, module.lora_A, module.workspace, "product")  # (out, in)
+    product = _mm(module.lora_B, module.lora_A, module.workspace)  # (out, in)
     if product.dtype != torch.float32:
         product = product.float()
     if module.kind == "scalelora":
@@ -111,7 +116,7 @@ def effective_weight_of(module, out: Tensor | None = None) -> Tensor:
     else:
         product.mul_(module.scaling)
         if module.kind == "masklora":
-            product.mul_(_mask_as(module, product))
+            product.mul_(_mask_bytes(module))
     if weight.dtype != product.dtype:
         product = product.to(weight.dtype)
     return torch.add(weight, product) if out is None else torch.add(weight, product, out=out)
@@ -137,9 +142,9 @@ def adapter_gradients(module, grad_output: Tensor, x: Tensor, weight: Tensor) ->
     grad = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
     if _column_major(weight.t()):  # autograd's mm backward of x @ weight.T for the second operand
-        grad_weight = _mm(grad.t(), rows, module.workspace, "grad")  # (out, in)
+        grad_weight = _mm(grad.t(), rows, module.workspace)  # (out, in)
     else:
-        grad_weight = _mm(rows.t(), grad, module.workspace, "grad").t()
+        grad_weight = _mm(rows.t(), grad, module.workspace).t()
     a, b = module.lora_A, module.lora_B
     if grad_weight.dtype != torch.float32:  # the cast of delta to the weight's dtype, unwound
         grad_weight = grad_weight.float()
@@ -147,7 +152,7 @@ def adapter_gradients(module, grad_output: Tensor, x: Tensor, weight: Tensor) ->
         grad_weight.mul_(module.base_weight().float())
     else:
         if module.kind == "masklora":
-            grad_weight.mul_(_mask_as(module, grad_weight))
+            grad_weight.mul_(_mask_bytes(module))
         grad_weight.mul_(module.scaling)
     if a.dtype != torch.float32:  # the .float() of B @ A, unwound
         grad_weight = grad_weight.to(a.dtype)

@@ -17,7 +17,7 @@ from reconstruct.parallel import distributed
 from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec, split_samples
 from reconstruct.methods.snapshot import BlockSnapshot
-from reconstruct.methods.train import MANY_EPOCHS, SampleSplit, local_rows, log_training_budget
+from reconstruct.methods.samples import MANY_EPOCHS, SampleSplit, local_rows, log_training_budget
 
 DIVERGING_LR = 50.0  # AdamW moves every trained bias / norm weight by ~50 per step: the block error explodes
 

@@ -25,7 +25,7 @@ from conftest import WIKITEXT_TEST, make_job, write_text_head
 from reconstruct.config import ValidationData
 from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec
-from reconstruct.methods.train import SampleSplit
+from reconstruct.methods.samples import SampleSplit
 from reconstruct.parallel import distributed
 from reconstruct.reporting.status import describe_job
 

@@ -34,7 +34,7 @@ from reconstruct.loop.streams import run_stream
 from reconstruct.methods import SampleSplit, attach_method, evaluate_error, evaluate_mse, train_reconstruction
 from reconstruct.methods.bias_norm import BIAS_METHODS, add_zero_biases
 from reconstruct.methods.snapshot import BlockSnapshot
-from reconstruct.methods.train import local_rows
+from reconstruct.methods.samples import local_rows
 from reconstruct.modelio.architecture import BlockLayout, weight_as_out_in
 from reconstruct.modelio.block_io import keep_nonzero_when_stored, stored_sparsity
 from reconstruct.parallel import distributed

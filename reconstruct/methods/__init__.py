@@ -17,9 +17,9 @@ from reconstruct.methods.attach import MethodHandle, attach_method
 from reconstruct.methods.loss import LOSSES
 from reconstruct.methods.merge import MergeReport
 from reconstruct.methods.spec import METHOD_NAMES, ReconSpec
-from reconstruct.methods.train import (
-    ReconResult, SampleSplit, block_trainer, evaluate_error, evaluate_mse, split_samples, sum_of_squares, train_reconstruction,
-)
+from reconstruct.methods.evaluate import evaluate_error, evaluate_mse, sum_of_squares
+from reconstruct.methods.samples import SampleSplit, split_samples
+from reconstruct.methods.train import ReconResult, block_trainer, train_reconstruction
 
 __all__ = [
     "LOSSES",

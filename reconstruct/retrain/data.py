@@ -9,7 +9,7 @@ import torch
 from calib.framing import SequenceFraming
 from calib.self_generated import generate_self_calibration
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
-from reconstruct.methods.train import SampleSplit, split_samples
+from reconstruct.methods.samples import SampleSplit, split_samples
 from reconstruct.modelio.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pruners.layers import weight_as_out_in
 from reconstruct.methods.adapters import LowRankLinear, init_lora_a
 from reconstruct.methods.attach import layer_seed
 from reconstruct.methods.bias_norm import MasterParam, find_norms
-from reconstruct.methods.train import _SampleOrder
+from reconstruct.methods.samples import SampleOrder
 
 
 from method_cases import Stream, one_thread  # noqa: F401  (one_thread: autouse fixture)
@@ -301,9 +301,9 @@ def test_evaluate_mse_is_the_plain_mean() -> None:
 
 
 def test_sample_order_is_seeded_and_covers_every_sample_each_epoch() -> None:
-    order = _SampleOrder(10, seed=5)
+    order = SampleOrder(10, seed=5)
     batches = [order.take(4) for _ in range(5)]  # 20 draws = two epochs
-    again = _SampleOrder(10, seed=5)
+    again = SampleOrder(10, seed=5)
     assert all(torch.equal(b, again.take(4)) for b in batches)
     drawn = torch.cat(batches)
     assert len(set(drawn[:8].tolist())) == 8  # batches inside one epoch never repeat a sample

@@ -332,7 +332,7 @@ def test_bfloat16_block_trains_float32_parameters_and_stays_sparse(method: str) 
 ])
 def test_local_micro_batches_hold_only_this_rank_s_samples(batch, rank_bounds, want):
     from reconstruct.parallel.distributed import Shard
-    from reconstruct.methods.train import local_micro_batches
+    from reconstruct.methods.samples import local_micro_batches
 
     shard = Shard(*rank_bounds, 8, ((0, 4), (4, 8)))
     got = local_micro_batches(torch.tensor(batch), shard, micro_batch=2)
