@@ -152,6 +152,17 @@ def check_keep_masks(linears: dict[str, nn.Module], keep_masks: Mapping[str, Ten
             raise ValueError(f"{name!r}: {nonzero} weight(s) outside the keep mask are non-zero; prune first")
 
 
+def _check_arguments(method: str, linears: dict[str, nn.Module], keep_masks: Mapping[str, Tensor],
+                     bias_linears: set[str], zero_pattern_masks: bool) -> None:
+    """``attach_method``'s refusals: an unknown method, unknown bias linears, keep masks that do not fit."""
+    if method not in METHOD_NAMES:
+        raise ValueError(f"--method must be one of {', '.join(METHOD_NAMES)}; got {method!r}")
+    unknown = set(bias_linears) - set(linears)
+    if unknown:
+        raise ValueError(f"bias_linears names layers that are not among the block's linears: {sorted(unknown)}")
+    check_keep_masks(linears, keep_masks, contents=not zero_pattern_masks)
+
+
 def attach_method(
     method: str,
     block: nn.Module,
@@ -196,31 +207,17 @@ def attach_method(
         ValueError: unknown method, a keep mask missing or of the wrong shape, a pruned weight that is
             not zero, or a name in bias_linears that is not in linears.
     """
-    if method not in METHOD_NAMES:
-        raise ValueError(f"--method must be one of {', '.join(METHOD_NAMES)}; got {method!r}")
-    unknown = set(bias_linears) - set(linears)
-    if unknown:
-        raise ValueError(f"bias_linears names layers that are not among the block's linears: {sorted(unknown)}")
-    check_keep_masks(linears, keep_masks, contents=not zero_pattern_masks)
-
+    _check_arguments(method, linears, keep_masks, bias_linears, zero_pattern_masks)
     wrappers: dict[str, LowRankLinear] = {}
     masters: dict[str, MasterParam] = {}
     if method in LOW_RANK_METHODS:
         workspace = workspace if workspace is not None else Workspace()
         for name, linear in linears.items():
-            wrapper = LowRankLinear(
-                linear,
-                keep_masks[name],
-                kind=method,
-                rank=rank,
-                alpha=alpha,
-                seed=layer_seed(seed, name),
-                param_dtype=dtype_for_params,
-                workspace=workspace,
-                factors=None if factors is None else factors[name],
+            wrappers[name] = LowRankLinear(
+                linear, keep_masks[name], kind=method, rank=rank, alpha=alpha, seed=layer_seed(seed, name),
+                param_dtype=dtype_for_params, workspace=workspace, factors=None if factors is None else factors[name],
             )
-            swap_module(block, name, linear, wrapper)
-            wrappers[name] = wrapper
+            swap_module(block, name, linear, wrappers[name])
     if method in ("bias", "bias-ln"):
         masters.update(bias_masters(linears, set(bias_linears), dtype_for_params))
     if method in ("ln", "bias-ln"):
