@@ -26,10 +26,10 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from calib.framing import SequenceFraming, resolve_framing  # noqa: E402
-from reconstruct.evaluation import streaming  # noqa: E402
 from reconstruct.evaluation.lm_eval_model import ReconstructLM  # noqa: E402
 from reconstruct.evaluation.streaming import InMemoryLM, StreamedLM  # noqa: E402
 from reconstruct.evaluation.tasks import evaluate_tasks, metric_table, run_lm_eval  # noqa: E402
+from reconstruct.modelio import loaded as loaded_module  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("lm_eval_task_index")  # conftest: lm-eval's task scan once per process
 TASK_DATA = Path(__file__).parent / "data" / "lm_eval"
@@ -65,16 +65,16 @@ def model_lm(folder: Path, lm, batch_size: int = 2, **kwargs) -> ReconstructLM:
 
 
 def count_block_reads(monkeypatch, prefix_of_block) -> dict[str, int]:
-    """Count ``load_module_weights`` calls on the streamed model's blocks, by block prefix."""
+    """Count block loads of the streamed model (``LoadedModel.visiting_block``), by block prefix."""
     reads: dict[str, int] = {}
-    real = streaming.load_module_weights
+    real = loaded_module.load_module_weights
 
     def counting(module, prefix, *args, **kwargs):
         if prefix_of_block(prefix):
             reads[prefix] = reads.get(prefix, 0) + 1
         return real(module, prefix, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, "load_module_weights", counting)
+    monkeypatch.setattr(loaded_module, "load_module_weights", counting)
     return reads
 
 
