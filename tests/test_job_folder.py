@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from reconstruct.atomic import TEMP_SUFFIX, save_safetensors_atomic
+from reconstruct.flags import flag_names, flag_of
+from reconstruct.jobs.retrain_job import RETRAIN_FINGERPRINT_FLAGS
+from reconstruct.jobs.run_fingerprint import RUN_FINGERPRINT_FLAGS
+from reconstruct.methods.spec import ReconSpec
 from reconstruct.modelio.folder_layout import INDEX_NAME, LOCK_NAME, STATE_DIR
 from reconstruct.modelio.output import ModelFolderWriter, config_with_bias_flags, index_from_headers
+from reconstruct.retrain.spec import RetrainSpec
+from reconstruct.shrink import SHRINK_FINGERPRINT_FLAGS
 from reconstruct.state.fingerprint import hash_text_source, text_source_identity
 from reconstruct.state.job_diff import flag_of_field
 from reconstruct.state.job_folder import RETRAIN_JOB, RUN_JOB, SHRINK_JOB, JobFolder, JobRecord
@@ -61,29 +67,30 @@ def test_each_command_names_its_own_flags(tmp_path):
     on_disk = {"retrain": {"lr": 0.01, "val_fraction": 0.125}, "model_files": {"model.safetensors": "a"}}
     now = {"retrain": {"lr": 0.02, "val_fraction": 0.25}, "model_files": {"model.safetensors": "b"}}
     with pytest.raises(ValueError) as retrain:
-        JobFolder(tmp_path, RETRAIN_JOB).check_same_job(on_disk, now)
+        JobFolder(tmp_path, RETRAIN_JOB).check_same_job(on_disk, now, RETRAIN_FINGERPRINT_FLAGS)
     assert str(retrain.value) == (
         f"--out {tmp_path} holds a different retraining job (--model (its file model.safetensors): a (on disk) vs b "
         "(now); --lr: 0.01 (on disk) vs 0.02 (now); --val: 0.125 (on disk) vs 0.25 (now)); use another --out or the "
         "same flags")
     with pytest.raises(ValueError, match=r"holds a different job \(.*--retrain-lr: 0.01 .*--retrain-val: 0.125 .*--force"):
-        JobFolder(tmp_path, RUN_JOB).check_same_job(on_disk, now)  # run --retrain-steps: the stage's own flags
+        JobFolder(tmp_path, RUN_JOB).check_same_job(on_disk, now, RUN_FINGERPRINT_FLAGS)  # run --retrain-steps: the stage's own flags
     with pytest.raises(ValueError, match=r"holds the shrink of another model or plan \(the heads and channels removed"):
-        JobFolder(tmp_path, SHRINK_JOB).check_same_job({"plan": {"removed": [1]}}, {"plan": {"removed": [2]}})
+        JobFolder(tmp_path, SHRINK_JOB).check_same_job({"plan": {"removed": [1]}}, {"plan": {"removed": [2]}},
+                                                 SHRINK_FINGERPRINT_FLAGS)
 
 
 @pytest.mark.parametrize("kind,way_out", [(RUN_JOB, "pass --force to start over"), (RETRAIN_JOB, "use another --out")])
 def test_another_process_count_is_refused_alike_and_absent_means_one(tmp_path, kind, way_out):
     folder = JobFolder(tmp_path, kind)
-    folder.check_same_job({"seed": 0}, {"seed": 0, "world_size": 1})  # a count of 1 recorded or not: the same
+    folder.check_same_job({"seed": 0}, {"seed": 0, "world_size": 1}, {})  # a count of 1 recorded or not: the same
     with pytest.raises(ValueError, match=rf"^--nproc: .* started with 1 process\(es\) and this run has 2; resume with "
                                          rf"--nproc 1 .*, or {way_out}$"):
-        folder.check_same_job({"seed": 0, "world_size": 1}, {"seed": 0, "world_size": 2})
+        folder.check_same_job({"seed": 0, "world_size": 1}, {"seed": 0, "world_size": 2}, {})
 
 
 def test_run_names_the_retraining_stage_by_its_own_flags():
     """The stage's settings are ``--retrain-*`` in ``run``; rank, alpha, seed, batch size are the run's own."""
-    assert {field: flag_of_field(f"retrain.{field}") for field in
+    assert {field: flag_of_field(f"retrain.{field}", RUN_FINGERPRINT_FLAGS) for field in
             ("method", "steps", "batch", "seq_len", "lr", "n_windows", "val_fraction", "rank", "alpha", "seed",
              "micro_batch", "allow_dense_merge", "data", "data.sha256")} == {
         "method": "--retrain-method", "steps": "--retrain-steps", "batch": "--retrain-samples-per-step",
@@ -91,9 +98,23 @@ def test_run_names_the_retraining_stage_by_its_own_flags():
         "val_fraction": "--retrain-val", "rank": "--rank", "alpha": "--alpha", "seed": "--seed",
         "micro_batch": "--batch-size", "allow_dense_merge": "--allow-dense-merge", "data": "--retrain-data",
         "data.sha256": "--retrain-data (the file's contents)"}
-    assert flag_of_field("retrain.batch", "retrain") == "--samples-per-step"
-    assert flag_of_field("data.sha256", "retrain") == "--data (the file's contents)"
-    assert flag_of_field("bos_id", "retrain") == flag_of_field("calibration.bos_id") == "--calib-bos"
+    assert flag_of_field("retrain.warmup", RUN_FINGERPRINT_FLAGS) == "reconstruct retrain's --warmup (its default)"
+    assert flag_of_field("retrain.batch", RETRAIN_FINGERPRINT_FLAGS) == "--samples-per-step"
+    assert flag_of_field("data.sha256", RETRAIN_FINGERPRINT_FLAGS) == "--data (the file's contents)"
+    assert flag_of_field("bos_id", RETRAIN_FINGERPRINT_FLAGS) == "--calib-bos"
+    assert flag_of_field("calibration.bos_id", RUN_FINGERPRINT_FLAGS) == "--calib-bos"
+
+
+def test_every_fingerprint_field_of_a_spec_is_named_by_the_spec_s_flag():
+    """The labels are read from the specs: every flagged field of ReconSpec and RetrainSpec has its flag's label."""
+    for field, flag in flag_names(ReconSpec).items():
+        assert flag_of_field(f"method.{field}", RUN_FINGERPRINT_FLAGS) == flag
+    for field, flag in flag_names(RetrainSpec).items():
+        assert flag_of_field(f"retrain.{field}", RETRAIN_FINGERPRINT_FLAGS) == flag
+        stage = flag_of(RetrainSpec, field).stage
+        assert flag_of_field(f"retrain.{field}", RUN_FINGERPRINT_FLAGS).startswith("--retrain-") == bool(stage) or \
+            field == "steps"
+    assert flag_of_field("sparsegpt.percdamp", RUN_FINGERPRINT_FLAGS) == "--percdamp"
 
 
 def test_one_text_source_identity(tmp_path):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from reconstruct.atomic import save_safetensors_atomic, sha256_file
+from reconstruct.jobs.run_fingerprint import RUN_FINGERPRINT_FLAGS
 from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, hash_text_source
+from reconstruct.state.job_diff import flag_of_field
 from reconstruct.state.manifest import (
     DONE,
     MANIFEST_NAME,
@@ -165,9 +167,9 @@ def test_diff_fingerprints_added_removed_and_types():
 
 def test_check_same_job(tmp_path):
     manifest = Manifest.new(_fingerprint(), 1)
-    manifest.check_same_job(_fingerprint(), tmp_path)
+    manifest.check_same_job(_fingerprint(), tmp_path, RUN_FINGERPRINT_FLAGS)
     with pytest.raises(ValueError, match=r"sparsity: 0.5 \(on disk\) vs 0.6 \(now\).*--force"):
-        manifest.check_same_job(_fingerprint(sparsity=0.6), tmp_path)
+        manifest.check_same_job(_fingerprint(sparsity=0.6), tmp_path, RUN_FINGERPRINT_FLAGS)
 
 
 @pytest.mark.parametrize(("before", "now"), [(1, 2), (2, 1), (2, 4)])
@@ -176,10 +178,10 @@ def test_resume_with_another_process_count_is_refused_naming_nproc(tmp_path, bef
         return _fingerprint(**({"world_size": processes} if processes > 1 else {}))
 
     manifest = Manifest.new(made_by(before), 1)
-    manifest.check_same_job(made_by(before), tmp_path)
+    manifest.check_same_job(made_by(before), tmp_path, RUN_FINGERPRINT_FLAGS)
     with pytest.raises(ValueError, match=rf"^--nproc: .* started with {before} process\(es\) and this run has {now};"
                                          rf" resume with --nproc {before}"):
-        manifest.check_same_job(made_by(now), tmp_path)
+        manifest.check_same_job(made_by(now), tmp_path, RUN_FINGERPRINT_FLAGS)
 
 
 # ---------------------------------------------------------------------- block files
@@ -309,17 +311,15 @@ def test_hash_text_source(tmp_path):
 
 def test_refusal_names_flags_not_fingerprint_fields(tmp_path):
     """The issue's example: method and sparsity changed → ``--method``, ``--sparsity``; N:M parts once as ``--pattern``."""
-    from reconstruct.state.manifest import flag_of_field
-
     old = {"method": {"method": "bias-ln", "steps": 64}, "pattern": {"kind": "unstructured", "sparsity": 0.5,
                                                                       "n": None, "m": None}}
     new = {"method": {"method": "masklora", "steps": 64}, "pattern": {"kind": "nm", "sparsity": 0.5, "n": 2, "m": 4}}
-    assert diff_fingerprints(old, new, label=flag_of_field) == [
+    assert diff_fingerprints(old, new, label=lambda key: flag_of_field(key, RUN_FINGERPRINT_FLAGS)) == [
         "--method: bias-ln (on disk) vs masklora (now)",
         "--pattern: unstructured (on disk) vs nm (now)",
     ]
     with pytest.raises(ValueError, match="--method: bias-ln") as refused:
-        Manifest.new(old, n_blocks=2).check_same_job(new, tmp_path)
+        Manifest.new(old, n_blocks=2).check_same_job(new, tmp_path, RUN_FINGERPRINT_FLAGS)
     assert "method.method" not in str(refused.value)
 
 

@@ -13,6 +13,7 @@ from conftest import make_job
 from reconstruct.jobs.run_job import run_job
 from reconstruct.methods import ReconSpec, SampleSplit, evaluate_error, evaluate_mse, train_reconstruction
 from reconstruct.methods.loss import error_terms
+from reconstruct.jobs.run_fingerprint import RUN_FINGERPRINT_FLAGS
 from reconstruct.state.job_diff import flag_of_field
 
 
@@ -127,7 +128,7 @@ def test_a_job_with_the_token_relative_loss_runs_and_a_resume_would_name_the_fla
     assert all(block["val_before"] is not None and block["recon_kept"] is not None for block in report["blocks"])
     fingerprint = json.loads((out / "reconstruct-manifest.json").read_text())["fingerprint"]
     assert fingerprint["method"]["loss"] == "token-relative"
-    assert flag_of_field("method.loss") == "--recon-loss"  # a resume with another loss is refused naming it
+    assert flag_of_field("method.loss", RUN_FINGERPRINT_FLAGS) == "--recon-loss"  # a resume with another loss is refused naming it
     assert "Train: the reconstruction loss (each token's squared error over its target's" in (out / "report.md").read_text()
 
 

@@ -20,7 +20,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from reconstruct.flags import REQUIRED, Flag, field_default, spec_flags
-from reconstruct.retrain.spec import STAGE_PREFIX
+from reconstruct.retrain.spec import stage_flag_name
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def stage_options(spec) -> tuple[Option, ...]:
     for item, flag in spec_flags(spec):
         if not flag.stage:
             continue
-        renamed = dataclasses.replace(flag, name=STAGE_PREFIX + flag.name[2:], stage=False)
+        renamed = dataclasses.replace(flag, name=stage_flag_name(flag.name), stage=False)
         if isinstance(flag.stage, str):
             renamed = dataclasses.replace(renamed, unset=True, show_default=flag.stage)
         options.append(_from_field(spec, item, renamed, hints[item.name]))

@@ -12,6 +12,7 @@ from reconstruct.config import EvalSpec
 from reconstruct.evaluation.tasks import TaskEvalSpec
 from reconstruct.jobs.retrain_job import RetrainJob, run_retrain
 from reconstruct.parallel import distributed
+from reconstruct.parallel.launch import relaunch
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.state.out_folder import check_out_folder
 
@@ -58,7 +59,7 @@ def retrain(params: dict) -> None:
         check_out_folder(out)
         job = retrain_job(params)
         if params["nproc"] > 1 and not distributed.launched():  # under torchrun already: torchrun decides
-            raise typer.Exit(distributed.relaunch(params["nproc"], relaunch_command(params)))
+            raise typer.Exit(relaunch(params["nproc"], relaunch_command(params)))
         try:
             report = run_retrain(job)
         except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from reconstruct.cli.job_options import RUN, build_job, default_out, memory_budg
 from reconstruct.cli.options import command
 from reconstruct.jobs.run_job import run_job
 from reconstruct.parallel import distributed
+from reconstruct.parallel.launch import relaunch
 from reconstruct.shrink import SHRUNK_DIR, shrink_folder
 from reconstruct.state.out_folder import check_out_folder
 
@@ -26,7 +27,7 @@ def run(params: dict) -> None:
         job = build_job(params)
         check_out_folder(job.out)
         if params["nproc"] > 1 and not distributed.launched():  # under torchrun already: torchrun decides
-            raise typer.Exit(distributed.relaunch(params["nproc"], relaunch_command(params)))
+            raise typer.Exit(relaunch(params["nproc"], relaunch_command(params)))
         try:
             report = run_job(job, memory_budget(params))
         except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from calib.activations import ActivationStream
 from reconstruct.atomic import atomic_write_json, save_safetensors_atomic, sha256_file
 from reconstruct.config import JobConfig
 from reconstruct.jobs.activation_streams import named_streams, restore_streams, stream_tier
-from reconstruct.jobs.run_fingerprint import job_fingerprint
+from reconstruct.jobs.run_fingerprint import RUN_FINGERPRINT_FLAGS, job_fingerprint
 from reconstruct.modelio.folder_layout import REPORT_NAME, STATE_DIR
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
@@ -121,7 +121,7 @@ class JobState:
             manifest = Manifest.new(fingerprint, n_blocks)
             manifest.save(job.out)
             return manifest
-        folder.check_same_job(manifest.fingerprint, fingerprint)
+        folder.check_same_job(manifest.fingerprint, fingerprint, RUN_FINGERPRINT_FLAGS)
         if verify_block_files(manifest, job.out):
             manifest.finished = False
         if manifest.finished and not folder.intact(manifest.outputs):

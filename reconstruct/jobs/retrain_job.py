@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from reconstruct.config import BOS, CHECK_STREAM, DEVICE, DTYPE, MODEL, EvalSpec
-from reconstruct.flags import REQUIRED, flag
+from reconstruct.flags import REQUIRED, flag, flag_name, flag_names
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.evaluation.parity import check_streamed_forward
 from reconstruct.modelio.loaded import LoadedModel, load_model
@@ -34,6 +34,7 @@ from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.atomic import atomic_write_json
 from reconstruct.state.fingerprint import HashCache, text_source_identity
+from reconstruct.state.job_diff import FILE_CONTENTS as CONTENTS, SETUP_FLAGS
 from reconstruct.state.job_folder import RETRAIN_JOB, JobFolder, setup_fingerprint
 from reconstruct.modelio.facts import check_calib_seq_len
 from reconstruct.modelio.folder_layout import RETRAIN_MANIFEST_NAME as MANIFEST_NAME  # noqa: F401  (callers import it here)
@@ -105,6 +106,13 @@ def retrain_fingerprint(job: RetrainJob, loaded: LoadedModel, bos_id: int | None
         "retrain": job.spec.fingerprint(),
         "bos_id": bos_id,
     }
+
+
+# Labels of the fingerprint's fields for a resume's refusal (``JobFolder.check_same_job``), from the specs' flags.
+RETRAIN_FINGERPRINT_FLAGS: dict[str, str] = {
+    **SETUP_FLAGS, "data": flag_name(RetrainJob, "data"), "data.sha256": flag_name(RetrainJob, "data") + CONTENTS,
+    "bos_id": BOS.name, **flag_names(RetrainSpec, "retrain."),
+}
 
 
 # --------------------------------------------------------------------------- the job
@@ -190,7 +198,7 @@ def _open_out(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, stack: E
         record = None
     if record is None:
         return {"fingerprint": fingerprint, "record": folder.new_record(fingerprint), "finished": None}
-    folder.check_same_job(record.fingerprint, fingerprint)
+    folder.check_same_job(record.fingerprint, fingerprint, RETRAIN_FINGERPRINT_FLAGS)
     report = folder.out / REPORT_NAME
     if record.finished and report.is_file():
         logger.info("%s already holds this finished retraining job; nothing to do", folder.out)

@@ -1,17 +1,25 @@
 """The identity of a ``run`` job: everything that decides its output bytes.
 
 A resume compares it with the one in the manifest and refuses a job whose fingerprint differs, naming
-the flags (``state.job_folder.JobFolder.check_same_job``). Keys that only some jobs carry appear only
-then, so the fingerprints of jobs made before a flag existed stay as they were.
+the flags (``state.job_folder.JobFolder.check_same_job``) by ``RUN_FINGERPRINT_FLAGS``, read from the specs
+that own the flags: each section is labelled by the spec its values come from (``method.*`` by
+``ReconSpec``, ``retrain.*`` by ``RetrainSpec``), so a flag renamed or added in its spec is named rightly
+in a refusal with no second edit. Keys that only some jobs carry appear only then, so the fingerprints
+of jobs made before a flag existed stay as they were.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from reconstruct.config import JobConfig
+from pruners.pattern import SparsityPattern
+from reconstruct.config import BOS, MODEL, AllocationSpec, CalibSpec, JobConfig, PruneSpec, ValidationData
+from reconstruct.flags import flag_name, flag_names, spec_flags
+from reconstruct.methods.spec import ReconSpec
 from reconstruct.modelio.loaded import LoadedModel
+from reconstruct.retrain.spec import RUN_SHARED_FIELDS, RetrainSpec, stage_flag_name
 from reconstruct.state.fingerprint import HashCache, text_source_identity
+from reconstruct.state.job_diff import FILE_CONTENTS as CONTENTS, SETUP_FLAGS
 from reconstruct.state.job_folder import setup_fingerprint
 
 
@@ -58,3 +66,56 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
 def retrain_identity(job: JobConfig) -> dict:
     """The fingerprint of ``run``'s retraining stage: its settings and its training text."""
     return {**job.retrain.fingerprint(), "data": text_source_identity(job.retrain_data or job.calib.source)}
+
+
+# --------------------------------------------------------------------------- labels
+def _retrain_flags_of_run() -> dict[str, str]:
+    """``run``'s labels of the retraining stage's settings (``retrain.lr`` → ``--retrain-lr``).
+
+    A field marked ``stage`` is ``--retrain-<flag>``; the step count is ``--retrain-steps``; the fields
+    ``RUN_SHARED_FIELDS`` are set by ``run``'s flags of the same name (rank, alpha, seed, --batch-size);
+    the others keep ``reconstruct retrain``'s defaults, named by that command's flag.
+    """
+    def label(name: str, flag) -> str:
+        if flag.stage:
+            return stage_flag_name(flag.name)
+        return flag.name if name in RUN_SHARED_FIELDS else f"reconstruct retrain's {flag.name} (its default)"
+
+    flags = {f"retrain.{item.name}": label(item.name, flag) for item, flag in spec_flags(RetrainSpec)}
+    flags["retrain.steps"] = flag_name(JobConfig, "retrain")
+    return flags
+
+
+def _run_flags() -> dict[str, str]:
+    """The labels of ``reconstruct run``'s fingerprint (``job_fingerprint``)."""
+    loraprune = {f"loraprune.{name.removeprefix('loraprune_')}": flag
+                 for name, flag in flag_names(PruneSpec).items() if name.startswith("loraprune_")}
+    pattern = flag_name(SparsityPattern, "kind")
+    calib_flag = flag_name(CalibSpec, "source")
+    validation_flag = flag_name(ValidationData, "source")
+    retrain_data = flag_name(JobConfig, "retrain_data")
+    return {
+        **SETUP_FLAGS,
+        "model_type": MODEL.name,
+        **{name: flag_name(PruneSpec, name) for name in ("pruner", "sequential")},
+        **flag_names(SparsityPattern, "pattern."), "pattern.n": pattern, "pattern.m": pattern,
+        "sparsegpt.percdamp": flag_name(PruneSpec, "percdamp"),
+        **loraprune,
+        "cycles": flag_name(PruneSpec, "cycles"), "cycles.cycles": flag_name(PruneSpec, "cycles"),
+        "cycles.schedule": flag_name(PruneSpec, "cycle_schedule"),
+        "allocation": flag_name(AllocationSpec, "kind"), **flag_names(AllocationSpec, "allocation."),
+        "allocation.sha256": flag_name(AllocationSpec, "kind") + CONTENTS,
+        "method": flag_name(ReconSpec, "method"), **flag_names(ReconSpec, "method."),
+        "method.micro_batch": flag_name(JobConfig, "micro_batch"),  # ReconSpec's is the job's --batch-size
+        **flag_names(CalibSpec, "calibration."), "calibration.source.sha256": calib_flag + CONTENTS,
+        "calibration.bos_id": BOS.name, "seed": flag_name(CalibSpec, "seed"),
+        "validation": validation_flag, **flag_names(ValidationData, "validation."),
+        "validation.source.sha256": validation_flag + CONTENTS,
+        **{name: flag_name(JobConfig, name) for name in ("micro_batch", "track_error")},
+        "heads_per_kv_group": flag_name(JobConfig, "shrink"),  # --shrink's head selection
+        "retrain": flag_name(JobConfig, "retrain"), **_retrain_flags_of_run(),
+        "retrain.data": retrain_data, "retrain.data.sha256": retrain_data + CONTENTS,
+    }
+
+
+RUN_FINGERPRINT_FLAGS: dict[str, str] = _run_flags()

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from reconstruct.parallel.launch import relaunch  # noqa: F401  (the command line calls distributed.relaunch)
 from reconstruct.runtime import resolve_device
 
 logger = logging.getLogger(__name__)

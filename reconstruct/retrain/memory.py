@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from reconstruct.config import JobConfig
 from reconstruct.evaluation.streaming import available_bytes, model_bytes, should_stream
+from reconstruct.flags import flag_name
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.planner.budget import human
 from reconstruct.planner.tier import choose_stream_tier, streams_fit_free_memory
 from reconstruct.methods.spec import LOW_RANK_METHODS
-from reconstruct.retrain.spec import RetrainSpec
+from reconstruct.retrain.spec import RetrainSpec, stage_flag_name
 from reconstruct.retrain.trainables import estimate_trainable_count
 
 logger = logging.getLogger(__name__)
@@ -112,8 +114,12 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
     return RetrainMemory(streamed, items, available_bytes(loaded.device))
 
 
-RETRAIN_FLAGS = ("--batch-size", "--samples-per-step", "--seq-len")  # what shrinks a step: reconstruct retrain's flags
-RUN_FLAGS = ("--batch-size", "--retrain-samples-per-step", "--retrain-seq-len")  # ... and run --retrain-steps's
+# What shrinks a step, named by reconstruct retrain's flags, and by run --retrain-steps's (the micro-batch is
+# run's own --batch-size there; the others the stage's --retrain-* flags).
+STEP_SIZE_FIELDS = ("micro_batch", "batch", "seq_len")
+RETRAIN_FLAGS = tuple(flag_name(RetrainSpec, field) for field in STEP_SIZE_FIELDS)
+RUN_FLAGS = (flag_name(JobConfig, "micro_batch"),
+             *(stage_flag_name(flag_name(RetrainSpec, field)) for field in STEP_SIZE_FIELDS[1:]))
 
 
 def check_fits(spec: RetrainSpec, loaded: LoadedModel, streamed: bool,

@@ -16,6 +16,16 @@ RETRAIN_METHODS = ("bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
 STAGE_PREFIX = "--retrain-"  # run's retraining stage names a `stage` field's flag so: --lr is --retrain-lr there
 STREAM_MODES = ("auto", "always", "never")  # --stream: decide from memory, always stream, keep resident
 
+# RetrainSpec fields that run's retraining stage takes from run's own flags of the same name (rank, alpha,
+# seed, --batch-size, --allow-dense-merge: reconstruct.cli.job_options.retrain_stage); the stage's other
+# unmarked fields keep their defaults there.
+RUN_SHARED_FIELDS = ("micro_batch", "rank", "alpha", "seed", "allow_dense_merge")
+
+
+def stage_flag_name(name: str) -> str:
+    """The flag of ``run``'s retraining stage for ``reconstruct retrain``'s ``name`` (``--lr`` → ``--retrain-lr``)."""
+    return STAGE_PREFIX + name.removeprefix("--")
+
 
 @dataclass(frozen=True)
 class RetrainSpec:

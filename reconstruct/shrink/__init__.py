@@ -110,11 +110,18 @@ def shrink_folder(source: Path, out: Path) -> dict:
     return summary
 
 
+# Labels of the fingerprint's fields for a resume's refusal: the folder shrunk and what it removes (no flag sets either).
+SHRINK_FINGERPRINT_FLAGS: dict[str, str] = {
+    "source": "the model folder (its file {rest})",
+    "plan": "the heads and channels removed",
+}
+
+
 def _open_record(folder: JobFolder, fingerprint: dict) -> JobRecord:
     """The record of this shrink in ``--out``, or a new one; refuses the shrink of another folder or plan."""
     record = folder.read_record()
     if record is not None:
-        folder.check_same_job(record.fingerprint, fingerprint)
+        folder.check_same_job(record.fingerprint, fingerprint, SHRINK_FINGERPRINT_FLAGS)
         return record
     folder.refuse_foreign()  # again, under the lock
     return folder.new_record(fingerprint)

@@ -2,8 +2,8 @@
 
 A resume compares the fingerprint stored in the job's record with the one of the job asked for now
 (``reconstruct.state.job_folder.JobFolder.check_same_job``, for ``run``, ``retrain`` and ``shrink``);
-this module flattens both, lists the fields that differ and names each by its flag through the one
-map of fields to flags, ``FINGERPRINT_FLAGS`` (``method.steps`` → ``--recon-steps``).
+this module flattens both, lists the fields that differ and names each by its flag through the job's
+map of fields to flags (``method.steps`` → ``--recon-steps``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import dataclasses
 import enum
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+
+from reconstruct.config import DEVICE, DTYPE, MODEL
 
 _ABSENT = "<absent>"
 WORLD_SIZE_KEY = "world_size"  # fingerprint key: processes of a distributed job (absent: one)
@@ -69,121 +72,33 @@ def check_same_world_size(old: dict, new: dict, out_dir: Path, start_over: str =
         )
 
 
-# The one map from fingerprint fields to the flags a user changes, a section per kind of job. A field
+# Fingerprint fields are labelled by the flags a user changes: each job's fingerprint module holds its map
+# (``jobs.run_fingerprint.RUN_FINGERPRINT_FLAGS``, read from the specs that own the flags). A field
 # (flattened: ``method.steps``) takes the entry of its longest listed prefix; ``{rest}`` is the rest of the
 # field (the file behind ``model_files.<name>``); fields no flag sets keep their own name.
 
+FILE_CONTENTS = " (the file's contents)"  # a file source's sha256 is labelled by its flag and this
+
 # Every job's setup (``reconstruct.state.job_folder.setup_fingerprint``), named alike by every command.
 SETUP_FLAGS: dict[str, str] = {
-    "model_files": "--model (its file {rest})",
-    "dtype": "--dtype",
-    "device_type": "--device",
+    "model_files": MODEL.name + " (its file {rest})",
+    "dtype": DTYPE.name,
+    "device_type": DEVICE.name,
     WORLD_SIZE_KEY: "--nproc",
     "versions": "the installed {rest}",
 }
 
-# The retraining settings (``RetrainSpec.fingerprint()``) by the flags of ``reconstruct retrain``.
-RETRAIN_SPEC_FLAGS: dict[str, str] = {
-    "method": "--method",
-    "steps": "--steps",
-    "batch": "--samples-per-step",
-    "micro_batch": "--batch-size",
-    "seq_len": "--seq-len",
-    "lr": "--lr",
-    "warmup": "--warmup",
-    "weight_decay": "--weight-decay",
-    "rank": "--rank",
-    "alpha": "--alpha",
-    "seed": "--seed",
-    "n_windows": "--n-samples",
-    "val_fraction": "--val",
-    "eval_every": "--eval-every",
-    "allow_dense_merge": "--allow-dense-merge",
-}
-# ``run --retrain-steps``: these are ``--retrain-<flag>``; rank, alpha, seed, --batch-size and
-# --allow-dense-merge are the run's own flags; the others keep their defaults (named by ``retrain``).
-RUN_STAGE_FLAGS = ("method", "steps", "batch", "seq_len", "lr", "n_windows", "val_fraction")
-RUN_SHARED_FLAGS = ("rank", "alpha", "seed", "micro_batch", "allow_dense_merge")
 
-# reconstruct run (``reconstruct.jobs.run_fingerprint.job_fingerprint``)
-FINGERPRINT_FLAGS: dict[str, str] = {
-    **SETUP_FLAGS,
-    "model_type": "--model",
-    "pruner": "--pruner",
-    "pattern.kind": "--pattern",
-    "pattern.n": "--pattern",
-    "pattern.m": "--pattern",
-    "pattern.sparsity": "--sparsity",
-    "pattern.scope": "--mask-scope",
-    "sequential": "--sequential",
-    "loraprune.steps": "--loraprune-steps",
-    "loraprune.rank": "--loraprune-rank",
-    "loraprune.lr": "--loraprune-lr",
-    "loraprune.objective": "--loraprune-objective",
-    "cycles.cycles": "--cycles",
-    "cycles.schedule": "--cycle-schedule",
-    "cycles": "--cycles",
-    "method": "--method",
-    "method.method": "--method",
-    "method.steps": "--recon-steps",
-    "method.lr": "--lr",
-    "method.rank": "--rank",
-    "method.alpha": "--alpha",
-    "method.batch_size": "--recon-samples-per-step",
-    "method.weight_decay": "--weight-decay",
-    "method.allow_dense_merge": "--allow-dense-merge",
-    "method.granularity": "--granularity",
-    "method.target": "--target",
-    "method.loss": "--recon-loss",
-    "calibration.source": "--calib",
-    "calibration.source.sha256": "--calib (the file's contents)",
-    "calibration.n_samples": "--n-samples",
-    "validation": "--recon-val-data",
-    "validation.source.sha256": "--recon-val-data (the file's contents)",
-    "validation.n_samples": "--recon-val-samples",
-    "calibration.seq_len": "--seq-len",
-    "seed": "--seed",
-    "retrain": "--retrain-steps",
-    **{f"retrain.{field}": "--retrain-" + RETRAIN_SPEC_FLAGS[field].removeprefix("--") for field in RUN_STAGE_FLAGS},
-    **{f"retrain.{field}": RETRAIN_SPEC_FLAGS[field] for field in RUN_SHARED_FLAGS},
-    "retrain.data": "--retrain-data",
-    "retrain.data.sha256": "--retrain-data (the file's contents)",
-    "micro_batch": "--batch-size",
-    "track_error": "--track-error",
-    "calibration.bos_id": "--calib-bos",
-    "allocation": "--allocation",
-    "allocation.kind": "--allocation",
-    "allocation.sha256": "--allocation (the file's contents)",
-    "allocation.owl_m": "--owl-m",
-    "allocation.owl_lambda": "--owl-lambda",
-}
-# reconstruct retrain (``reconstruct.jobs.retrain_job.retrain_fingerprint``)
-RETRAIN_FINGERPRINT_FLAGS: dict[str, str] = {
-    **SETUP_FLAGS,
-    "data": "--data",
-    "data.sha256": "--data (the file's contents)",
-    "bos_id": "--calib-bos",
-    **{f"retrain.{field}": flag for field, flag in RETRAIN_SPEC_FLAGS.items()},
-}
-# reconstruct shrink (``reconstruct.shrink``: the folder shrunk and what it removes; no flag sets either)
-SHRINK_FINGERPRINT_FLAGS: dict[str, str] = {
-    "source": "the model folder (its file {rest})",
-    "plan": "the heads and channels removed",
-}
-COMMAND_FLAGS = {"run": FINGERPRINT_FLAGS, "retrain": RETRAIN_FINGERPRINT_FLAGS, "shrink": SHRINK_FINGERPRINT_FLAGS}
-
-
-def flag_of_field(key: str, command: str = "run") -> str:
-    """The flag behind a flattened fingerprint field of ``command``'s jobs (``method.steps`` → ``--recon-steps``).
+def flag_of_field(key: str, flags: Mapping[str, str]) -> str:
+    """The flag behind a flattened fingerprint field (``method.steps`` → ``--recon-steps``).
 
     Args:
         key: the field, flattened (``model_files.model.safetensors``).
-        command: ``run``, ``retrain`` or ``shrink``: its section of the map (``COMMAND_FLAGS``).
+        flags: the job's labels (``jobs.run_fingerprint.RUN_FINGERPRINT_FLAGS``, ...).
 
     Returns:
         The flag (with what it names, as ``--model (its file model.safetensors)``), else ``key``.
     """
-    flags = COMMAND_FLAGS[command]
     parts = key.split(".")
     for end in range(len(parts), 0, -1):
         flag = flags.get(".".join(parts[:end]))

@@ -19,6 +19,7 @@ keeps its richer record, the manifest (``manifest.Manifest``), in a folder opene
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,6 @@ from reconstruct.state.lock import JobLock
 class FolderKind:
     """What one kind of job keeps in its folder and how its refusals read."""
 
-    command: str  # its section of job_diff.FINGERPRINT_FLAGS: run, retrain, shrink
     record: str  # the record that marks a folder as this kind's job, relative to the folder
     noun: str  # "--out ... holds no <noun>"
     different: str  # "--out ... holds <different> (the changes)"
@@ -54,16 +54,16 @@ class FolderKind:
 
 
 RUN_JOB = FolderKind(
-    "run", MANIFEST_NAME, "reconstruct job", "a different job",
+    MANIFEST_NAME, "reconstruct job", "a different job",
     "rerun with the original arguments to resume, choose another --out, or pass --force to start over",
     "pass --force to start over",
 )
 RETRAIN_JOB = FolderKind(
-    "retrain", f"{STATE_DIR}/{RETRAIN_MANIFEST_NAME}", "retraining job", "a different retraining job",
+    f"{STATE_DIR}/{RETRAIN_MANIFEST_NAME}", "retraining job", "a different retraining job",
     "use another --out or the same flags", "use another --out",
 )
 SHRINK_JOB = FolderKind(
-    "shrink", SHRINK_STATE_NAME, "shrunk model", "the shrink of another model or plan",
+    SHRINK_STATE_NAME, "shrunk model", "the shrink of another model or plan",
     "choose another --out or delete it (nothing there was changed)", "choose another --out",
     flat_record=True, keeps_files=True,
 )
@@ -198,8 +198,14 @@ class JobFolder:
         """The model files' whole-file digests remembered in the state folder (``fingerprint.HashCache``)."""
         return HashCache(self.state_dir / HASH_CACHE_NAME)
 
-    def check_same_job(self, recorded: dict, fingerprint: dict) -> None:
+    def check_same_job(self, recorded: dict, fingerprint: dict, flags: Mapping[str, str]) -> None:
         """Refuse to continue a different job in this folder, naming the flags that differ.
+
+        Args:
+            recorded: the fingerprint in the folder's record.
+            fingerprint: the job's asked for now.
+            flags: labels of the fingerprint's fields (``job_diff.flag_of_field``): the job's own map,
+                as ``jobs.run_fingerprint.RUN_FINGERPRINT_FLAGS``.
 
         Raises:
             ValueError: another process count (``--nproc``, an absent count is 1), else one line
@@ -207,7 +213,7 @@ class JobFolder:
         """
         check_same_world_size(recorded, fingerprint, self.out, self.kind.start_over)
         recorded, fingerprint = ({k: v for k, v in f.items() if k != WORLD_SIZE_KEY} for f in (recorded, fingerprint))
-        changes = diff_fingerprints(recorded, fingerprint, label=lambda key: flag_of_field(key, self.kind.command))
+        changes = diff_fingerprints(recorded, fingerprint, label=lambda key: flag_of_field(key, flags))
         if changes:
             raise ValueError(f"--out {self.out} holds {self.kind.different} ({'; '.join(changes)}); "
                              f"{self.kind.way_out}")

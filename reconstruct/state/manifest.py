@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,7 +23,7 @@ from reconstruct.faults import crash_point
 from reconstruct.modelio.folder_layout import MANIFEST_NAME
 from reconstruct.state.fingerprint import file_stat
 from reconstruct.state.job_diff import (  # noqa: F401  (re-exported: the manifest is where callers look)
-    diff_fingerprints, flag_of_field, to_jsonable,
+    diff_fingerprints, to_jsonable,
 )
 from reconstruct.state.job_folder import RUN_JOB, JobFolder
 
@@ -249,13 +250,13 @@ class Manifest:
         """The linears (block-relative names) a repair of some block gave a new bias."""
         return {name for record in self.blocks for name in record.stats.get("added_biases", [])}
 
-    def check_same_job(self, fingerprint: dict[str, object], out_dir: Path) -> None:
-        """Refuse to resume a different job in the same folder (``JobFolder.check_same_job``).
+    def check_same_job(self, fingerprint: dict[str, object], out_dir: Path, flags: Mapping[str, str]) -> None:
+        """Refuse to resume a different job in the same folder (``JobFolder.check_same_job``, naming by ``flags``).
 
         Raises:
             ValueError: one line listing every changed flag and the ways out.
         """
-        JobFolder(out_dir, RUN_JOB).check_same_job(self.fingerprint, fingerprint)
+        JobFolder(out_dir, RUN_JOB).check_same_job(self.fingerprint, fingerprint, flags)
 
 
 # ---------------------------------------------------------------------- file checks
