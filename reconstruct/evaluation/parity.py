@@ -141,6 +141,7 @@ class _Lockstep:
             if not self.inside_streamed:
                 load_module_weights(block, loaded.layout.block_prefix(index), loaded.reader, loaded.key_map,
                                     loaded.device, loaded.dtype)
+                loaded.reader.close()  # unmap the shards: pages of earlier blocks must not stay resident
         return hook
 
     def _comparer(self, index: int):
