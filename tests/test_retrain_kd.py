@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import BLOCK_LISTS
 from reconstruct.evaluation.streaming import StreamedLM
@@ -215,6 +215,23 @@ def test_retrain_kd_without_a_teacher_is_one_line_and_exit_2(pruned_llama, small
     line = one_error_line(invoke("--model", str(pruned_llama), "--data", str(small_calib_file), "--out", str(out),
                                  *FLAGS, "--loss", "kd", "--teacher", str(pruned_llama), "--kd-top-k", "513"))
     assert "--kd-top-k 513 exceeds" in line
+    assert not out.exists()
+
+
+
+def test_a_teacher_with_another_block_count_is_refused(pruned_llama, small_calib_file, tmp_path):
+    teacher = tmp_path / "two-blocks"
+    shutil.copytree(pruned_llama, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (teacher / "config.json").write_text(json.dumps(config))
+    tensors = load_file(teacher / "model.safetensors")
+    save_file({key: value for key, value in tensors.items() if ".layers.2." not in key}, teacher / "model.safetensors",
+              metadata={"format": "pt"})
+    out = tmp_path / "out"
+    line = one_error_line(invoke("--model", str(pruned_llama), "--data", str(small_calib_file), "--out", str(out),
+                                 *FLAGS, "--loss", "kd", "--teacher", str(teacher)))
+    assert "--teacher" in line and "block count is 2" in line
     assert not out.exists()
 
 

@@ -149,20 +149,20 @@ def run_retrain(job: RetrainJob) -> dict:
     unpool_large_allocations()  # before the skeleton is built (host_allocator)
     job = distributed.join(job)  # under torchrun: one rank of a data-parallel job (docs/distributed.md)
 
-    def prepare() -> LoadedModel:  # rank 0 first: it may convert a GGUF into the cache the others then read
+    def prepare() -> tuple[LoadedModel, LoadedModel | None]:  # rank 0 first: it may convert a GGUF the others read
         loaded = load_model(job.model, job.device, job.dtype)
         check_calib_seq_len(job.spec.seq_len, loaded.config)
         check_batch_split(job.spec.batch, "--samples-per-step")
+        teacher = open_teacher(job, loaded)
         if distributed.is_main():
             JobFolder(job.out, RETRAIN_JOB).refuse_foreign()
         stream = choose_stream(job.spec, loaded)
         check_fits(job.spec, loaded, stream)
         if stream and job.check_stream:  # the resident path is the model's own forward already
             check_streamed_forward(loaded, job.spec.seq_len)
-        return loaded
+        return loaded, teacher
 
-    loaded = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
-    teacher = distributed.agree(lambda: open_teacher(job, loaded))
+    loaded, teacher = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     sparsity = distributed.from_main(lambda: check_looks_pruned(job, loaded))
     framing = loaded.framing(job.bos)
     tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, n_windows=job.spec.n_windows,
