@@ -11,6 +11,12 @@ Usage::
 
     python bench/retrain_memory.py                                 # depths 2 16, masklora, 2 steps
     python bench/retrain_memory.py --depths 2 16 --hidden 256 --intermediate 512 --heads 4   # a quick check
+    python bench/retrain_memory.py --loss kd                       # distillation: the teacher's streamed
+                                                                   # forward and the KL in the head
+
+With ``--loss kd`` (or ``lm+kd``) each model is its own teacher (``--teacher`` = ``--model``: the
+synthetic models are dense, and the memory of a teacher forward does not depend on its weights'
+values); the teacher's top-k forward streams one block at a time like the training.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory as base  # noqa: E402  (bench/memory.py: the synthetic models and the measurement)
+from reconstruct.retrain.spec import LOSSES  # noqa: E402
 
 
 def retrain_command(model: Path, out: Path, args) -> list[str]:
@@ -32,6 +39,7 @@ def retrain_command(model: Path, out: Path, args) -> list[str]:
         "--out", str(out), "--method", args.method, "--steps", str(args.steps), "--batch", str(args.batch),
         "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--n-windows", str(args.batch),
         "--val", "0", "--stream", "always", "--allow-dense", "--device", args.device, "--dtype", base.SHAPE.dtype,
+        *(["--loss", args.loss, "--teacher", str(model), "--kd-top-k", str(args.kd_top_k)] if args.loss != "lm" else []),
     ]
 
 
@@ -52,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--intermediate", type=int, default=base.Shape.intermediate, help="MLP width")
     parser.add_argument("--heads", type=int, default=base.Shape.heads, help="attention heads")
     parser.add_argument("--dtype", default=base.Shape.dtype, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--loss", default="lm", choices=list(LOSSES), help="retraining loss (kd: self-distillation)")
+    parser.add_argument("--kd-top-k", type=int, default=64, help="teacher probabilities kept per token (--loss kd)")
     args = parser.parse_args(argv)
     base.SHAPE = base.Shape(args.hidden, args.intermediate, args.heads, args.dtype)
     if not args.calib.is_file():
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = work / f"out-{depth}"
             shutil.rmtree(out, ignore_errors=True)
             log = work / f"retrain-{depth}.log"
-            row = {"depth": depth, "method": args.method, **base.measure(retrain_command(model, out, args), log)}
+            row = {"depth": depth, "method": args.method, "loss": args.loss, **base.measure(retrain_command(model, out, args), log)}
             if row["rc"] != 0:
                 row["log_tail"] = log.read_text(errors="replace")[-2000:]
             else:

@@ -112,9 +112,19 @@ class StreamedLM:
     streamed = True
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype):
-        self.loaded: LoadedModel = load_model(str(folder), str(device), dtype_name(dtype))
-        self.device = self.loaded.device
-        self.config = self.loaded.config
+        self._use(load_model(str(folder), str(device), dtype_name(dtype)))
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> "StreamedLM":
+        """A ``StreamedLM`` over a model already opened with ``load_model`` (its skeleton on ``meta``)."""
+        lm = cls.__new__(cls)
+        lm._use(loaded)
+        return lm
+
+    def _use(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.device = loaded.device
+        self.config = loaded.config
 
     @torch.no_grad()
     def logits(self, token_sets: list[torch.Tensor], micro_batch: int, desc: str = "eval") -> LogitsBatches:

@@ -3,7 +3,9 @@
 Everything a user can get wrong is checked before anything is written: the method and its settings
 (``RetrainSpec``), ``--seq-len`` against the model's context, a ``--model`` whose block linears hold no
 zero (nothing looks pruned: ``--allow-dense``), ``--data`` empty or shorter than one window, an
-``--out`` that holds something else. Then, under the job lock, the job's fingerprint is compared with
+``--out`` that holds something else, a distillation loss without ``--teacher`` (or a teacher with
+another vocabulary or block count). With distillation the teacher's top-k of every window is computed
+once (a streamed forward, ``retrain.teacher``) and kept in ``--out/.reconstruct/`` for a resume. Then, under the job lock, the job's fingerprint is compared with
 the one in ``--out/.reconstruct/retrain-manifest.json`` (a different job is refused, naming the flags
 that differ), training continues from the last checkpoint, and the folder is written; the manifest is
 marked finished last.
@@ -33,7 +35,9 @@ from reconstruct.retrain.memory import check_fits
 from reconstruct.retrain.spec import RetrainSpec
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
 from reconstruct.atomic import atomic_write_json
-from reconstruct.state.fingerprint import HashCache, text_source_identity
+from reconstruct.state.fingerprint import HashCache, fingerprint_model_files, text_source_identity
+from reconstruct.retrain.distill import TeacherTopK
+from reconstruct.retrain.teacher import TEACHER_NAME, check_teacher, teacher_top_k
 from reconstruct.state.job_diff import FILE_CONTENTS as CONTENTS, SETUP_FLAGS
 from reconstruct.state.job_folder import RETRAIN_JOB, JobFolder, setup_fingerprint
 from reconstruct.modelio.facts import check_calib_seq_len
@@ -53,6 +57,9 @@ class RetrainJob:
     data: str = flag(REQUIRED, "--data", "Training text: a .txt/.jsonl file, wikitext2, c4, ptb, or 'self' (sampled "
                      "from the model).")
     out: Path = flag(REQUIRED, "--out", "Output folder; also holds the resume state.")  # also holds the resume state
+    # --loss kd / lm+kd: the dense model distilled from (same tokenizer and block count as --model)
+    teacher: str | None = flag(None, "--teacher", "--loss kd / lm+kd: the dense model to distil from (folder, .gguf, "
+                               "alias or hub id; the same tokenizer and block count as --model).")
     spec: RetrainSpec = RetrainSpec()
     device: str = DEVICE.field("auto")  # auto, cpu, cuda, cuda:N
     dtype: str = DTYPE.field("auto")  # auto, float32, bfloat16, float16
@@ -67,6 +74,14 @@ class RetrainJob:
     evaluation: EvalSpec | None = None  # perplexity before and after; not part of the job's identity
     check_stream: bool = CHECK_STREAM.field(True)  # streamed path: compare it with the model's own forward first
     task_evaluation: object | None = None  # evaluation.tasks.TaskEvalSpec: --eval-tasks before and after; not in the identity
+
+    def __post_init__(self) -> None:
+        loss = flag_name(RetrainSpec, "loss")
+        if self.spec.distils and not self.teacher:
+            raise ValueError(f"{loss} {self.spec.loss} needs --teacher MODEL: the dense model to distil from "
+                             "(the one --model was pruned from)")
+        if self.teacher and not self.spec.distils:
+            raise ValueError(f"--teacher is used only by {loss} kd or lm+kd; drop it or give {loss} kd")
 
 
 # --------------------------------------------------------------------------- checks
@@ -97,14 +112,20 @@ def check_looks_pruned(job: RetrainJob, loaded: LoadedModel) -> float:
 
 
 # --------------------------------------------------------------------------- identity
-def retrain_fingerprint(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, hashes: HashCache) -> dict:
-    """Everything that decides the output bytes; a resume refuses a job whose fingerprint differs."""
+def retrain_fingerprint(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, hashes: HashCache,
+                        teacher: LoadedModel | None = None) -> dict:
+    """Everything that decides the output bytes; a resume refuses a job whose fingerprint differs.
+
+    ``teacher`` (distillation only): its files join the fingerprint as ``teacher``, so an ``lm`` job's
+    fingerprint keeps the keys it always had.
+    """
     return {
         # model files, dtype, device type, versions, and the processes (recorded for one process too)
         **setup_fingerprint(loaded, hashes, one_process_recorded=True),
         "data": text_source_identity(job.data),
         "retrain": job.spec.fingerprint(),
         "bos_id": bos_id,
+        **({"teacher": fingerprint_model_files(teacher.folder, hashes)} if teacher is not None else {}),
     }
 
 
@@ -112,6 +133,7 @@ def retrain_fingerprint(job: RetrainJob, loaded: LoadedModel, bos_id: int | None
 RETRAIN_FINGERPRINT_FLAGS: dict[str, str] = {
     **SETUP_FLAGS, "data": flag_name(RetrainJob, "data"), "data.sha256": flag_name(RetrainJob, "data") + CONTENTS,
     "bos_id": BOS.name, **flag_names(RetrainSpec, "retrain."),
+    "teacher": flag_name(RetrainJob, "teacher") + " (its file {rest})",
 }
 
 
@@ -127,19 +149,20 @@ def run_retrain(job: RetrainJob) -> dict:
     unpool_large_allocations()  # before the skeleton is built (host_allocator)
     job = distributed.join(job)  # under torchrun: one rank of a data-parallel job (docs/distributed.md)
 
-    def prepare() -> LoadedModel:  # rank 0 first: it may convert a GGUF into the cache the others then read
+    def prepare() -> tuple[LoadedModel, LoadedModel | None]:  # rank 0 first: it may convert a GGUF the others read
         loaded = load_model(job.model, job.device, job.dtype)
         check_calib_seq_len(job.spec.seq_len, loaded.config)
         check_batch_split(job.spec.batch, "--samples-per-step")
+        teacher = open_teacher(job, loaded)
         if distributed.is_main():
             JobFolder(job.out, RETRAIN_JOB).refuse_foreign()
         stream = choose_stream(job.spec, loaded)
         check_fits(job.spec, loaded, stream)
         if stream and job.check_stream:  # the resident path is the model's own forward already
             check_streamed_forward(loaded, job.spec.seq_len)
-        return loaded
+        return loaded, teacher
 
-    loaded = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
+    loaded, teacher = distributed.agree(prepare, main_first=True)  # one rank refusing stops all
     sparsity = distributed.from_main(lambda: check_looks_pruned(job, loaded))
     framing = loaded.framing(job.bos)
     tokens = distributed.from_main(lambda: retrain_windows(loaded, job.data, n_windows=job.spec.n_windows,
@@ -148,13 +171,14 @@ def run_retrain(job: RetrainJob) -> dict:
     out = Path(job.out)
     state_dir = out / STATE_DIR
     with ExitStack() as stack:
-        opened = distributed.from_main(lambda: _open_out(job, loaded, framing.bos_id, stack))
+        opened = distributed.from_main(lambda: _open_out(job, loaded, framing.bos_id, stack, teacher))
         if opened["finished"] is not None:
             return opened["finished"] if distributed.is_main() else {"rank": distributed.world().rank}
         fingerprint = opened["fingerprint"]
         every = auto_or_every(job.checkpoint_every, job.spec, loaded)
+        top_k = distributed.from_main(lambda: teacher_rows(job, teacher, tokens, state_dir))
         result = retrain_model(loaded, job.spec, job.data, out, framing=framing, tokens=tokens,
-                               checkpointing=Checkpointing(state_dir / CHECKPOINT_NAME, every))
+                               checkpointing=Checkpointing(state_dir / CHECKPOINT_NAME, every), teacher=top_k)
         if not distributed.is_main():
             return {"rank": distributed.world().rank}
         report = build_report(job, fingerprint, result, sparsity, loaded)
@@ -164,7 +188,24 @@ def run_retrain(job: RetrainJob) -> dict:
         atomic_write_json(out / REPORT_NAME, report)
         opened["record"].finish()
         (state_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        (state_dir / TEACHER_NAME).unlink(missing_ok=True)
         return report
+
+
+def open_teacher(job: RetrainJob, student: LoadedModel) -> LoadedModel | None:
+    """The ``--teacher`` model (skeleton on ``meta``), checked against the student; None without distillation."""
+    if not job.spec.distils:
+        return None
+    teacher = load_model(job.teacher, job.device, job.dtype)
+    check_teacher(student, teacher, job.teacher, job.spec)
+    return teacher
+
+
+def teacher_rows(job: RetrainJob, teacher: LoadedModel | None, tokens, state_dir: Path) -> TeacherTopK | None:
+    """Rank 0: the teacher's top-k of every window, kept in ``state_dir`` for a resume (None without distillation)."""
+    if teacher is None:
+        return None
+    return teacher_top_k(teacher, tokens, job.spec, state_dir / TEACHER_NAME)
 
 
 def check_batch_split(batch: int, flag: str) -> None:
@@ -179,7 +220,8 @@ def check_batch_split(batch: int, flag: str) -> None:
                          f"batch; give {flag} at least {size} or start fewer processes")
 
 
-def _open_out(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, stack: ExitStack) -> dict:
+def _open_out(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, stack: ExitStack,
+              teacher: LoadedModel | None = None) -> dict:
     """Rank 0: lock ``--out`` (held until ``stack`` closes), check or start its record.
 
     Returns:
@@ -189,7 +231,7 @@ def _open_out(job: RetrainJob, loaded: LoadedModel, bos_id: int | None, stack: E
     stack.enter_context(folder.locked())
     folder.state_dir.mkdir(parents=True, exist_ok=True)
     hashes = folder.hash_cache()
-    fingerprint = retrain_fingerprint(job, loaded, bos_id, hashes)
+    fingerprint = retrain_fingerprint(job, loaded, bos_id, hashes, teacher)
     hashes.save()
     try:
         record = folder.read_record()
@@ -211,7 +253,8 @@ def build_report(job: RetrainJob, fingerprint: dict, result: RetrainResult, spar
                  loaded: LoadedModel) -> dict:
     """The content of ``reconstruct.json``: the job, the training, memory and, with ``--eval`` / ``--eval-tasks``, quality."""
     report = {
-        "job": {"model": job.model, "data": job.data, **asdict(job.spec), "fingerprint": fingerprint},
+        "job": {"model": job.model, "data": job.data, **({"teacher": job.teacher} if job.teacher else {}),
+                **asdict(job.spec), "fingerprint": fingerprint},
         "input_block_sparsity": sparsity,
         "retrain": asdict(result),
         "peak_rss_mb": peak_rss_mb(),

@@ -12,6 +12,10 @@ trains on that folder, and writes the merged model into a staging folder, ``--ou
 3. the rest of the folder (index, config, report) is written again as ``assemble_output`` does, and
    the stage is marked finished.
 
+With ``--retrain-loss kd`` / ``lm+kd`` the teacher is the run's own ``--model`` (the dense input): its
+top-k of every window is computed once by a streamed forward and kept in ``--out/.reconstruct/``
+until the merged blocks are staged, so a resume reuses it.
+
 A kill at any point and the same command give the same bytes.
 """
 
@@ -31,6 +35,7 @@ from reconstruct.reporting.report import write_run_report
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME, auto_or_every
 from reconstruct.retrain.data import retrain_windows
 from reconstruct.retrain.engine import Checkpointing, retrain_model
+from reconstruct.retrain.teacher import TEACHER_NAME, teacher_top_k
 from reconstruct.atomic import atomic_write_json, sha256_file
 from reconstruct.faults import crash_point
 from reconstruct.state.manifest import Manifest
@@ -93,8 +98,13 @@ def _train_and_stage(job, dense: LoadedModel, stage: dict) -> dict:
     tokens = distributed.from_main(lambda: retrain_windows(text_model, data, n_windows=spec.n_windows,
                                                            seq_len=spec.seq_len, seed=spec.seed, framing=framing))
     every = auto_or_every(job.checkpoint_every, spec, layerwise_model)  # k steps here, k blocks in the loop
+    teacher = None
+    if spec.distils:  # the teacher is the run's dense --model, opened afresh (the loop's skeleton stays as it is)
+        dense_model = distributed.agree(lambda: load_model(job.model, job.device, job.dtype))
+        teacher = distributed.from_main(lambda: teacher_top_k(dense_model, tokens, spec,
+                                                              out / STATE_DIR / TEACHER_NAME))
     result = retrain_model(layerwise_model, spec, data, staging, framing=framing, tokens=tokens,
-                           checkpointing=Checkpointing(out / STATE_DIR / CHECKPOINT_NAME, every))
+                           checkpointing=Checkpointing(out / STATE_DIR / CHECKPOINT_NAME, every), teacher=teacher)
     if not distributed.is_main():
         return stage
     n_shards = layerwise_model.layout.n_blocks + 1
@@ -104,6 +114,7 @@ def _train_and_stage(job, dense: LoadedModel, stage: dict) -> dict:
     stage = {**stage, "result": asdict(result), "staged": {"shards": shards, "added_biases": added}}
     atomic_write_json(record_path(out), stage)
     (out / STATE_DIR / CHECKPOINT_NAME).unlink(missing_ok=True)
+    (out / STATE_DIR / TEACHER_NAME).unlink(missing_ok=True)
     crash_point("retrain-staged")
     return stage
 

@@ -40,6 +40,7 @@ from reconstruct.retrain.memory import choose_stream
 from reconstruct.jobs.retrain_job import check_batch_split
 from reconstruct.retrain.memory import RUN_FLAGS as RUN_RETRAIN_FLAGS, check_fits as check_retrain_memory
 from reconstruct.jobs.retrain_stage import run_retrain_stage
+from reconstruct.retrain.teacher import check_top_k
 from reconstruct.state.retrain_stage_record import read_stage
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
@@ -70,6 +71,7 @@ def run_job(job: JobConfig, budget: MemoryBudget | None = None) -> dict:
         if job.retrain is not None:  # the retraining stage at the end: refused now rather than after the loop
             check_retrain_memory(job.retrain, loaded, choose_stream(job.retrain, loaded), RUN_RETRAIN_FLAGS)
             check_batch_split(job.retrain.batch, "--retrain-samples-per-step")
+            check_top_k(job.retrain, loaded, "--retrain-kd-top-k")  # the teacher is --model itself
         return loaded, check_memory_plan(resolved, loaded, budget, on_plan=plans.append)
 
     plans: list = []  # the plan, logged once the job state accepted the job

@@ -26,6 +26,7 @@ HASH_CACHE_NAME = "file-hashes.json"  # model files' whole-file sha256 by stat (
 RETRAIN_MANIFEST_NAME = "retrain-manifest.json"
 RETRAIN_CHECKPOINT_NAME = "retrain-checkpoint.safetensors"
 RETRAIN_STAGE_NAME = "retrain-stage.json"
+RETRAIN_TEACHER_NAME = "retrain-teacher-top-k.safetensors"  # distillation: the dense teacher's top-k per token
 RETRAIN_STAGING_DIR = "retrained"  # the merged model of `run --retrain-steps` before the swap
 
 # What a reconstruct job writes about itself (run, retrain, shrink): never carried from an input folder

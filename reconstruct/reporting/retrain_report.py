@@ -36,12 +36,24 @@ def retrain_lines(retrain: dict, job: dict) -> list[str]:
         f"{retrain['seconds_per_step']:.2f} s per step, {retrain['read_share']:.0%} of it reading weights, "
         f"{retrain['tokens_per_second']:.0f} tokens/s",
         "- training loss per step: " + ", ".join(f"{loss:.4f}" for loss in retrain["loss_curve"]),
+        *distillation_lines(retrain.get("distillation")),
     ]
     if retrain["val_before"] is not None:
         verdict = (f"kept the trainables of step {retrain['best_step']}" if retrain["kept"]
                    else "not better than the untrained model: the input was written unchanged")
         lines.append(f"- held-out loss: {retrain['val_before']:.4f} untrained → {retrain['val_best']:.4f} best ({verdict})")
     return lines
+
+
+def distillation_lines(distillation: dict | None) -> list[str]:
+    """The loss line of a distilled retraining (none for ``lm``): settings and the top-k's truncation error."""
+    if not distillation:
+        return []
+    outside = distillation["mass_outside_top_k"]
+    return [f"- loss: {distillation['loss']} (KL from the dense teacher's top-{distillation['top_k']} next-token "
+            f"probabilities at temperature {distillation['temperature']:g}, scaled by T²); teacher mass outside the "
+            f"top-{distillation['top_k']}: mean {outside['mean']:.2%}, max {outside['max']:.2%} per token "
+            "(the truncation error)"]
 
 
 def render_retrain_markdown(report: dict, figure_drawn: bool) -> str:
@@ -82,8 +94,10 @@ def run_retrain_section(report: dict) -> list[str]:
     if not retrain or not settings:
         return []
     before = report.get("evaluation_before_retrain")
+    distilled = retrain.get("distillation")
+    loss = f"`--retrain-loss {distilled['loss']}`" if distilled else "the causal-LM loss"
     lines = ["## Model-level retraining", "",
-             "After the layer-wise loop, every block's parameters were trained at once on the causal-LM loss "
+             f"After the layer-wise loop, every block's parameters were trained at once on {loss} "
              "(`--retrain-*`); the numbers in Totals describe the final model; its loss curve is the bottom "
              "panel of report.png.", "", *retrain_lines(retrain, settings)]
     if before:

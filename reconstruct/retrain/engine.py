@@ -5,7 +5,8 @@
 Every ``eval_every`` steps (and after the last) the held-out windows are scored; the trainables of the
 best evaluation are kept. If no evaluation beats the untrained model on them, the blocks are written
 exactly as loaded, and the report says so (issue 20's rule). Without held-out windows (``val_fraction``
-0 or one window) the last step's trainables are merged.
+0 or one window) the last step's trainables are merged. Training and validation use one loss
+(``RetrainSpec.loss``; with distillation, the teacher's top-k rows of the windows scored).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from reconstruct.progress import progress_bar
 from reconstruct.retrain.data import held_out_split, retrain_windows, step_rows
+from reconstruct.retrain.distill import TeacherTopK
 from reconstruct.retrain.hooks import NoHooks, RetrainHooks
-from reconstruct.retrain.loss import scored_tokens
+from reconstruct.retrain.loss import Objective, scored_tokens
 from reconstruct.retrain.memory import boundary_tier, choose_stream
 from reconstruct.retrain.output import write_block, write_rest
 from reconstruct.retrain.resident import ResidentModel
@@ -62,13 +64,16 @@ class RetrainResult:
     read_share: float = 0.0  # share of the training time spent reading block weights
     tokens_per_second: float = 0.0  # scored training tokens per second
     added_biases: dict[str, list[str]] = field(default_factory=dict)  # block index → linears given a new bias
+    # kd / lm+kd: {"loss", "temperature", "top_k", "mass_outside_top_k": {"mean", "max"}}; None for lm
+    distillation: dict | None = None
 
 
 def open_model(loader: BlockLoader, spec: RetrainSpec, stream: bool, scratch: Path):
     """A ``StreamedModel`` (boundary states in the tier ``boundary_tier`` picks) or a ``ResidentModel``."""
+    objective = Objective.of(spec)
     if not stream:
-        return ResidentModel(loader, spec.micro_batch)
-    return StreamedModel(loader, spec.micro_batch, boundary_tier(spec, loader.loaded), scratch)
+        return ResidentModel(loader, spec.micro_batch, objective)
+    return StreamedModel(loader, spec.micro_batch, boundary_tier(spec, loader.loaded), scratch, objective)
 
 
 def block_parameter_count(loaded: LoadedModel) -> int:
@@ -103,9 +108,12 @@ class Trainer:
         """The optimizer, created now (the trainables must exist) so a checkpoint's state can go into it."""
         return self._optimizer()
 
-    def step(self, step: int, tokens: torch.Tensor, total_tokens: int) -> float:
-        """One optimizer step (0-based ``step``) on this process's (n, T) windows; returns the mean loss."""
-        loss_sum = self.model.loss_and_gradients(tokens, total_tokens)
+    def step(self, step: int, tokens: torch.Tensor, total_tokens: int, teacher: TeacherTopK | None = None) -> float:
+        """One optimizer step (0-based ``step``) on this process's (n, T) windows; returns the mean loss.
+
+        ``teacher``: the top-k rows of ``tokens`` (distillation).
+        """
+        loss_sum = self.model.loss_and_gradients(tokens, total_tokens, teacher)
         optimizer = self._optimizer()
         params = self.trainables.parameters()
         if MAX_GRAD_NORM:
@@ -139,7 +147,8 @@ def _resume(trainer: Trainer, saved: dict, result: RetrainResult) -> tuple[int, 
 
 
 def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: RetrainResult, *,
-          checkpointing: Checkpointing | None = None, saved: dict | None = None) -> dict | None:
+          checkpointing: Checkpointing | None = None, saved: dict | None = None,
+          teacher: TeacherTopK | None = None) -> dict | None:
     """The training loop; fills ``result``'s curves; returns the best trainables' state (None: keep the last).
 
     Args:
@@ -149,15 +158,17 @@ def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: Ret
         result: filled in place.
         checkpointing: save the training state as it says (None: never).
         saved: a checkpoint to continue from (``checkpoint.load_checkpoint``).
+        teacher: the teacher's top-k of every window (row i: window i), for a distillation loss.
     """
     split = held_out_split(tokens.shape[0], spec.val_fraction, spec.seed)
     val_tokens = tokens[split.val]  # (n_val, T)
+    val_teacher = None if teacher is None else teacher.rows(split.val)
     validating = val_tokens.shape[0] > 0
     start, best_state = 0, None
     if saved is not None:
         start, best_state = _resume(trainer, saved, result)
     elif validating:
-        result.val_before = result.val_best = trainer.model.loss(val_tokens)
+        result.val_before = result.val_best = trainer.model.loss(val_tokens, val_teacher)
         result.val_curve.append((0, result.val_before))
         result.best_step = 0
         best_state = trainer.trainables.state()
@@ -168,15 +179,16 @@ def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: Ret
             rows = step_rows(split.train, spec.batch, step, spec.seed)  # (batch,) global rows
             shard = distributed.split_samples(rows.numel())
             batch = tokens[rows[shard.start : shard.stop]]  # (b_rank, T)
+            batch_teacher = None if teacher is None else teacher.rows(rows[shard.start : shard.stop])
             total = scored_tokens(tokens[rows])
-            result.loss_curve.append(trainer.step(step, batch, total))
+            result.loss_curve.append(trainer.step(step, batch, total, batch_teacher))
             train_tokens += total
             result.steps = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}",
                             tok_s=f"{train_tokens / (time.perf_counter() - started):.0f}")
             if validating and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps):
-                val = trainer.model.loss(val_tokens)
+                val = trainer.model.loss(val_tokens, val_teacher)
                 result.val_curve.append((step + 1, val))
                 logger.info("retrain step %d: train loss %.4f, held-out loss %.4f", step + 1, result.loss_curve[-1], val)
                 if val < result.val_best:
@@ -197,8 +209,8 @@ def train(trainer: Trainer, tokens: torch.Tensor, spec: RetrainSpec, result: Ret
 def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, *,
                   hooks: RetrainHooks | None = None, merge: bool = True, framing: SequenceFraming | None = None,
                   stream: bool | None = None, tokens: torch.Tensor | None = None,
-                  checkpointing: Checkpointing | None = None) -> RetrainResult:
-    """Retrain every block's trainables on the causal-LM loss over ``data`` and write the model to ``out``.
+                  checkpointing: Checkpointing | None = None, teacher: TeacherTopK | None = None) -> RetrainResult:
+    """Retrain every block's trainables on ``spec.loss`` over ``data`` and write the model to ``out``.
 
     Args:
         loaded: the pruned model (``load_model``); its zero pattern is the pruning mask.
@@ -212,12 +224,16 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
         stream: force streaming (True) or the resident path (False); None: ``spec.stream`` decides.
         tokens: (n, T) windows to use instead of drawing them from ``data`` (tests, callers with data).
         checkpointing: save the training state every few steps and continue from a saved one.
+        teacher: the dense teacher's top-k of every window of ``tokens`` (``teacher.teacher_top_k``);
+            needed, with ``tokens``, when ``spec.loss`` distils.
 
     Returns:
         The ``RetrainResult``; ``out`` holds a Hugging Face folder.
     """
     hooks = hooks or NoHooks()
     stream = choose_stream(spec, loaded) if stream is None else stream
+    if spec.distils and (teacher is None or tokens is None):
+        raise ValueError(f"--loss {spec.loss} needs the teacher's top-k of the windows (and the windows)")
     if tokens is None:
         framing = framing or loaded.framing("auto")
         tokens = distributed.from_main(lambda: retrain_windows(loaded, data, n_windows=spec.n_windows,
@@ -226,11 +242,11 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     if distributed.is_main():  # the other ranks never write --out
         out.mkdir(parents=True, exist_ok=True)
     trainables = ModelTrainables(spec, loaded.layout)
-    result = RetrainResult(streamed=stream)
+    result = RetrainResult(streamed=stream, distillation=distillation_record(spec, teacher))
     saved = distributed.from_main(lambda: load_checkpoint(checkpointing.path)) if checkpointing is not None else None
     with BlockReads(loaded, background=True) as reads:  # each block read while the one before it computes
         loader = BlockLoader(loaded, trainables, hooks, reads=reads)
-        best_state = _train_session(loader, spec, stream, tokens, out, result, checkpointing, saved)
+        best_state = _train_session(loader, spec, stream, tokens, out, result, checkpointing, saved, teacher)
         result.trainable_params = trainables.numel()
         result.trainable_share = result.trainable_params / max(1, block_parameter_count(loaded))
         if best_state is not None:
@@ -247,8 +263,17 @@ def retrain_model(loaded: LoadedModel, spec: RetrainSpec, data: str, out: Path, 
     return result
 
 
+def distillation_record(spec: RetrainSpec, teacher: TeacherTopK | None) -> dict | None:
+    """The ``distillation`` entry of the report: settings and the truncation error (None for ``lm``)."""
+    if not spec.distils:
+        return None
+    return {"loss": spec.loss, "temperature": spec.kd_temperature, "top_k": spec.kd_top_k,
+            "mass_outside_top_k": teacher.truncation_error()}
+
+
 def _train_session(loader: BlockLoader, spec: RetrainSpec, stream: bool, tokens: torch.Tensor, out: Path,
-                   result: RetrainResult, checkpointing: Checkpointing | None, saved: dict | None) -> dict | None:
+                   result: RetrainResult, checkpointing: Checkpointing | None, saved: dict | None,
+                   teacher: TeacherTopK | None) -> dict | None:
     """Open the model on its path, train it (``train``), close it; returns the best trainables' state.
 
     Sets ``result.read_share``: the share of the session's time spent waiting for block weights.
@@ -259,7 +284,7 @@ def _train_session(loader: BlockLoader, spec: RetrainSpec, stream: bool, tokens:
         model = open_model(loader, spec, stream, scratch)
         try:
             best_state = train(Trainer(model, loader.trainables, spec, loader.hooks), tokens, spec, result,
-                               checkpointing=checkpointing, saved=saved)
+                               checkpointing=checkpointing, saved=saved, teacher=teacher)
         finally:
             model.close()
     result.read_share = min(1.0, loader.read_seconds / max(time.perf_counter() - started, 1e-9))

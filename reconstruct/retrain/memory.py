@@ -111,6 +111,8 @@ def estimate(spec: RetrainSpec, loaded: LoadedModel, streamed: bool) -> RetrainM
             items["effective weights of every linear (W + delta)"] = n_blocks * linear_bytes(loaded)
         items["activations of every block (autograd)"] = n_blocks * block_activations
     items["logits of a micro-batch"] = logits
+    if spec.distils:  # the KL's float32 log-softmax at T and its gradient; the teacher's top-k stay in host memory
+        items["distillation: the student's log-probabilities at T"] = 2 * micro_tokens * int(config.vocab_size) * 4
     return RetrainMemory(streamed, items, available_bytes(loaded.device))
 
 

@@ -15,6 +15,8 @@ from reconstruct.methods.spec import ALLOW_DENSE_MERGE, ALPHA, DENSE_MERGE_PROBL
 RETRAIN_METHODS = ("bias", "ln", "bias-ln", "masklora", "scalelora", "lora")
 STAGE_PREFIX = "--retrain-"  # run's retraining stage names a `stage` field's flag so: --lr is --retrain-lr there
 STREAM_MODES = ("auto", "always", "never")  # --stream: decide from memory, always stream, keep resident
+LOSSES = ("lm", "kd", "lm+kd")  # --loss: causal LM, distillation from the dense teacher, the sum of the two means
+DISTILLATION_FIELDS = ("kd_temperature", "kd_top_k")  # in the fingerprint only when the loss distils
 
 # RetrainSpec fields that run's retraining stage takes from run's own flags of the same name (rank, alpha,
 # seed, --batch-size, --allow-dense-merge: reconstruct.cli.job_options.retrain_stage); the stage's other
@@ -71,6 +73,17 @@ class RetrainSpec:
     stream: str = flag("auto", "--stream", "Stream one block at a time (forward and backward): always, never, or auto "
                        "= when the weights do not fit the device.", choices=STREAM_MODES)
 
+    # lm: next-token cross-entropy; kd: KL(teacher || student) on the teacher's top-k; lm+kd: their per-token sum
+    loss: str = flag("lm", "--loss", "Training (and held-out) loss: lm = next-token cross-entropy; kd = KL(teacher "
+                     "|| student) on the dense teacher's top-k next-token probabilities; lm+kd = the sum of the two "
+                     "per-token means.", choices=LOSSES, stage=True)
+    # softmax temperature of both distributions in the KL (the KL is scaled by T^2, as Hinton et al.)
+    kd_temperature: float = flag(1.0, "--kd-temperature", "Distillation temperature T: teacher and student softmax at "
+                                 "T, the KL scaled by T^2.", min=0.0, stage=True)
+    # teacher probabilities kept per token (the rest of its mass is dropped from the KL and reported)
+    kd_top_k: int = flag(64, "--kd-top-k", "Teacher next-token probabilities kept per token (the mass outside them "
+                         "is reported as the truncation error).", min=1, stage=True)
+
     def __post_init__(self) -> None:
         checks = (
             (self.method in RETRAIN_METHODS, "method",
@@ -89,13 +102,28 @@ class RetrainSpec:
             (0 <= self.val_fraction < 1, "val_fraction", f"must be a fraction in [0, 1); got {self.val_fraction}"),
             (self.eval_every >= 1, "eval_every", f"must be >= 1; got {self.eval_every}"),
             (self.stream in STREAM_MODES, "stream", f"must be one of {', '.join(STREAM_MODES)}; got {self.stream!r}"),
+            (self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}; got {self.loss!r}"),
+            (self.kd_temperature > 0, "kd_temperature", f"must be > 0; got {self.kd_temperature}"),
+            (self.kd_top_k >= 1, "kd_top_k", f"must be >= 1; got {self.kd_top_k}"),
         )
         for ok, field, problem in checks:
             if not ok:
                 raise FlagError(RetrainSpec, field, problem)
 
+    @property
+    def distils(self) -> bool:
+        """Whether the loss has a distillation term (``kd`` or ``lm+kd``): a teacher is needed."""
+        return self.loss != "lm"
+
     def fingerprint(self) -> dict:
-        """The fields that decide the result (everything but how memory is used)."""
+        """The fields that decide the result (everything but how memory is used).
+
+        The loss and its distillation settings appear only when the loss distils, so the fingerprints
+        of ``lm`` jobs (every job made before ``--loss`` existed) stay as they were.
+        """
         fields = dict(self.__dict__)
         fields.pop("stream")
+        if not self.distils:
+            for name in ("loss", *DISTILLATION_FIELDS):
+                fields.pop(name)
         return fields

@@ -28,7 +28,8 @@ from calib.capture import BlockArguments, capture_block_inputs
 from reconstruct.evaluation.streaming import load_head, replaying_blocks
 from reconstruct.modelio.block_io import release_module_weights
 from reconstruct.parallel import distributed
-from reconstruct.retrain.loss import scored_tokens, token_loss_sum
+from reconstruct.retrain.distill import TeacherTopK
+from reconstruct.retrain.loss import Objective, scored_tokens
 from reconstruct.retrain.session import BlockLoader
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,15 @@ class StreamedModel:
         micro_batch: windows per block forward.
         tier: where boundary hidden states live: "device", "cpu" or "disk".
         scratch: folder for disk-tier stream files.
+        objective: the per-token loss, computed in the head per micro-batch (default: the causal-LM loss).
     """
 
-    def __init__(self, loader: BlockLoader, micro_batch: int, tier: str, scratch: Path) -> None:
+    def __init__(self, loader: BlockLoader, micro_batch: int, tier: str, scratch: Path,
+                 objective: Objective = Objective()) -> None:
         self.loader = loader
         self.loaded = loader.loaded
         self.micro_batch = micro_batch
+        self.objective = objective
         self.tier = tier
         self.scratch = scratch
         self.outside = self.loaded.load_outside_blocks() + [load_head(self.loaded)]
@@ -114,8 +118,11 @@ class StreamedModel:
         return streams
 
     def _head(self, tokens: torch.Tensor, last: ActivationStream, grads: ActivationStream | None,
-              total_tokens: int) -> float:
-        """Summed token loss over ``tokens``; with ``grads``, d(mean loss)/d(last hidden) into it."""
+              total_tokens: int, teacher: TeacherTopK | None) -> float:
+        """Summed token loss over ``tokens``; with ``grads``, d(mean loss)/d(last hidden) into it.
+
+        ``teacher``: the top-k rows of ``tokens``; each micro-batch's loss takes its own rows only.
+        """
         model, device = self.loaded.model, self.loaded.device
         replay: dict[str, torch.Tensor] = {}
         loss_sum = 0.0
@@ -125,7 +132,7 @@ class StreamedModel:
                 replay["hidden"] = hidden
                 batch = tokens[rows].to(device)  # (b, T)
                 logits = model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits
-                loss = token_loss_sum(logits, batch)
+                loss = self.objective.loss_sum(logits, batch, teacher and teacher.rows(rows))
                 if grads is not None:
                     (loss / total_tokens).backward()
                     grads.write(rows, hidden.grad)
@@ -140,23 +147,25 @@ class StreamedModel:
             with self.loader.session(index, index + 1 if index + 1 < n_blocks else None):
                 pass
 
-    def loss(self, tokens: torch.Tensor) -> float:
-        """Mean token loss over the (n, T) windows, no gradients (validation)."""
+    def loss(self, tokens: torch.Tensor, teacher: TeacherTopK | None = None) -> float:
+        """Mean token loss over the (n, T) windows, no gradients (validation); ``teacher``: their top-k rows."""
         last = self._forward(tokens, keep_all=False)[-1]
         with torch.no_grad():
-            return self._head(tokens, last, None, scored_tokens(tokens)) / scored_tokens(tokens)
+            return self._head(tokens, last, None, scored_tokens(tokens), teacher) / scored_tokens(tokens)
 
-    def loss_and_gradients(self, tokens: torch.Tensor, total_tokens: int | None = None) -> float:
+    def loss_and_gradients(self, tokens: torch.Tensor, total_tokens: int | None = None,
+                           teacher: TeacherTopK | None = None) -> float:
         """Accumulate d(loss)/d(trainables) of this step into their ``.grad``; returns the summed token loss.
 
         Args:
             tokens: (n, T) this process's windows of the step.
             total_tokens: scored tokens of the whole step (all ranks); default: those of ``tokens``.
+            teacher: the teacher's top-k rows of ``tokens`` (a distillation loss needs them).
         """
         total_tokens = total_tokens or scored_tokens(tokens)
         streams = self._forward(tokens, keep_all=True)  # [input of block 0, ..., input of block n-1, last output]
         grads = self._stream("grad", tokens)
-        loss_sum = self._head(tokens, streams.pop(), grads, total_tokens)  # the last output serves the head alone
+        loss_sum = self._head(tokens, streams.pop(), grads, total_tokens, teacher)  # the last output: the head alone
         for index in reversed(range(self.loaded.layout.n_blocks)):
             inputs = streams.pop()  # block ``index``'s input, needed by no block below: released after its backward
             # next: the block below; after block 0, block 0 again (the next step's or evaluation's forward)
