@@ -65,6 +65,8 @@ class ExpertList(nn.ModuleList):
         """
         n_experts = len(self)
         final = torch.zeros_like(hidden_states)  # (t, H)
+        if hidden_states.is_meta:
+            return self._even_routing(hidden_states, top_k_weights, final)
         with torch.no_grad():
             expert_mask = nn.functional.one_hot(top_k_index, num_classes=n_experts + 1)  # (t, k, E+1)
             expert_mask = expert_mask.permute(2, 1, 0)  # (E+1, k, t)
@@ -76,6 +78,18 @@ class ExpertList(nn.ModuleList):
             top_k_pos, token_index = torch.where(expert_mask[index])  # (n,), (n,)
             routed = self[index](hidden_states[token_index])  # (n, H)
             routed = routed * top_k_weights[token_index, top_k_pos, None]  # (n, H)
+            final.index_add_(0, token_index, routed.to(final.dtype))
+        return final
+
+    def _even_routing(self, hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
+                      final: torch.Tensor) -> torch.Tensor:
+        """On ``meta`` (the memory planner's trace), where routing is unknowable: each expert takes an even
+        share, ceil(t k / E), of the t k routed tokens: the expected load, the sizes the trace measures."""
+        n_tokens, top_k = top_k_weights.shape
+        share = min(n_tokens, -(-n_tokens * top_k // len(self)))
+        token_index = torch.arange(share, device=hidden_states.device)  # (n,)
+        for expert in self:
+            routed = expert(hidden_states[token_index]) * top_k_weights[token_index, 0, None]  # (n, H)
             final.index_add_(0, token_index, routed.to(final.dtype))
         return final
 
