@@ -5,7 +5,8 @@ transformers 5 converts some checkpoints while loading (and back while saving): 
 ones (per-expert ``mlp.experts.0.gate_proj.weight`` ... stacked into ``mlp.experts.gate_up_proj``).
 The lazy block reader follows the renamings, so a key is found under the name the module has; a
 tensor conversion it cannot follow one tensor at a time is refused up front, naming the conversion,
-instead of blaming the checkpoint for missing keys.
+instead of blaming the checkpoint for missing keys. Stacked experts that ``modelio.experts`` unstacked are
+not converted: the skeleton has one linear per stored tensor.
 """
 
 from __future__ import annotations
