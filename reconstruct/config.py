@@ -217,6 +217,10 @@ class PruneSpec:
         "error) or model (LoRAPrune as its authors run it: LoRA on every block trained on the causal-LM loss over the "
         "calibration text for --loraprune-steps steps, pruning on the authors' cubic schedule; then the per-block "
         "loop repairs).", choices=LORAPRUNE_OBJECTIVES)
+    # mixture of experts: an expert that saw fewer calibration tokens is pruned by magnitude (modelio.experts)
+    min_expert_tokens: int = flag(32, "--min-expert-tokens", "Mixture-of-experts models: an expert whose linears "
+                                  "received fewer calibration tokens than this from the router is pruned by weight "
+                                  "magnitude instead of --pruner's statistics (counted in the report).", min=0)
     heads_per_kv_group: bool = False  # --pattern heads with GQA: as many query heads from every kv group (--shrink)
     allocation: AllocationSpec = field(default_factory=AllocationSpec)  # per-block sparsities (uniform, OWL, file)
 

@@ -23,9 +23,11 @@ from transformers import (  # noqa: E402
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3MoeConfig,
 )
 
 torch.set_num_threads(1)  # also when torch was imported first (OMP_NUM_THREADS set elsewhere)
@@ -58,7 +60,18 @@ TINY_CONFIGS = {
         hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256,
     ),
+    # mixture of experts, experts stacked in 3-D parameters (4 experts, 2 per token), stored per expert
+    "mixtral": lambda: MixtralConfig(
+        hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+    ),
 }
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
 CORE_ARCHITECTURES = ("llama", "opt", "gpt2")
 
 

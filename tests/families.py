@@ -77,20 +77,19 @@ FAMILIES = {
                                **SPECIAL_IDS),
     "smollm3": lambda: SmolLM3Config(**COMMON, no_rope_layer_interval=2),
     "cohere2": lambda: Cohere2Config(**COMMON, sliding_window=WINDOW, layer_types=[SLIDING, SLIDING, SLIDING, FULL]),
-    # Mixture of experts: experts stacked in 3-D parameters, stored per expert in the checkpoint.
+    # Mixture of experts: experts stacked in 3-D parameters, stored per expert in the checkpoint (Mixtral under
+    # its own names, w1/w3/w2, and another module name, block_sparse_moe).
     "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                         moe_intermediate_size=32),
 }
 
-# Families the engine refuses up front, and a phrase of the one line that says why.
-REFUSED = {
-    "mixtral": "stacked mixture-of-experts weights",
-    "qwen3_moe": "stacked mixture-of-experts weights",
-}
+# Families the engine refuses up front, and a phrase of the one line that says why (none today: stacked
+# experts are unstacked into one linear per expert, reconstruct.modelio.experts).
+REFUSED: dict[str, str] = {}
 STREAMED = tuple(name for name in FAMILIES if name not in REFUSED)
-# Families whose MLP channels `--shrink` refuses (fused gate/up or a width key it does not know).
-SHRINK_REFUSED = ("phi3", "gpt_neox", "falcon", "gptj")
+# Families whose MLP channels `--shrink` refuses (fused gate/up, a width key it does not know, experts).
+SHRINK_REFUSED = ("phi3", "gpt_neox", "falcon", "gptj", "mixtral", "qwen3_moe")
 
 
 def save_family_model(family: str, folder: Path, tokenizer, seed: int = 0) -> Path:

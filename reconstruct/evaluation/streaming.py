@@ -28,6 +28,7 @@ from calib.activations import ActivationStream
 from calib.capture import BlockArguments
 from reconstruct.modelio.block_io import load_module_weights, release_module_weights
 from reconstruct.modelio.checkpoint import CheckpointReader
+from reconstruct.modelio.experts import is_stacked_experts
 from reconstruct.modelio.safetensors_header import header_numel, read_safetensors_header
 from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.progress import progress_bar
@@ -83,7 +84,12 @@ def open_lm(folder: Path, device: torch.device, dtype: torch.dtype, stream: bool
 
 # --------------------------------------------------------------------------- in memory
 class InMemoryLM:
-    """The whole model on ``device``, loaded with ``from_pretrained``."""
+    """The whole model on ``device``, loaded with ``from_pretrained``.
+
+    Stacked mixture-of-experts modules run transformers' eager experts forward (the form the engine
+    computes, ``modelio.experts``; the default ``grouped_mm`` rounds otherwise and has no float64 kernel
+    on the CPU).
+    """
 
     streamed = False
 
@@ -92,6 +98,8 @@ class InMemoryLM:
 
         self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        if any(is_stacked_experts(module) for module in self.model.modules()):
+            self.model.set_experts_implementation("eager")
         self.config = self.model.config
 
     @torch.no_grad()

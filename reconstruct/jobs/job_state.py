@@ -250,6 +250,7 @@ class JobState:
             "host_memory_total_mb": psutil.virtual_memory().total / 2**20,
             **({"allocation": self.manifest.allocation} if self.manifest.allocation is not None else {}),
             **({"loraprune": self.manifest.loraprune} if self.manifest.loraprune is not None else {}),
+            **({"experts": experts_summary(blocks)} if any(block.get("experts") for block in blocks) else {}),
         }
 
     def finish(self, output_files: list[str]) -> None:
@@ -263,3 +264,12 @@ class JobState:
             (self.out / checkpoint["file"]).unlink(missing_ok=True)
         for name in ("sparse", "dense"):
             self.stream_path(name).unlink(missing_ok=True)
+
+
+def experts_summary(blocks: list[dict]) -> dict:
+    """Over every block of a mixture-of-experts model: experts, and those pruned by magnitude for want of tokens."""
+    records = [block["experts"] for block in blocks if block.get("experts")]
+    few = sum(len(record["few_tokens"]) for record in records)
+    return {"experts": sum(record["experts"] for record in records), "min_tokens": records[0]["min_tokens"],
+            "few_tokens": few, "fallback": "magnitude"}
+

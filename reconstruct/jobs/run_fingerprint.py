@@ -16,6 +16,7 @@ from pruners.pattern import SparsityPattern
 from reconstruct.config import BOS, MODEL, AllocationSpec, CalibSpec, JobConfig, PruneSpec, ValidationData
 from reconstruct.flags import flag_name, flag_names, spec_flags
 from reconstruct.methods.spec import ReconSpec
+from reconstruct.modelio.experts import expert_linear_names
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.retrain.spec import RUN_SHARED_FIELDS, RetrainSpec, stage_flag_name
 from reconstruct.state.fingerprint import HashCache, text_source_identity
@@ -50,6 +51,8 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
            if prune.pruner == "loraprune" else {}),
         **({"cycles": {"cycles": prune.cycles, "schedule": prune.cycle_schedule}} if prune.cycles != 1 else {}),
         **({"heads_per_kv_group": True} if prune.heads_per_kv_group else {}),  # --shrink's head selection
+        # mixture-of-experts models only: the fingerprints of models without experts stay as they were
+        **({"min_expert_tokens": prune.min_expert_tokens} if expert_linear_names(loaded.blocks[0]) else {}),
         **({"allocation": prune.allocation.fingerprint()} if not prune.allocation.uniform else {}),  # per-block sparsity
         "method": asdict(job.recon) if job.recon is not None else None,
         "calibration": calibration,
@@ -101,6 +104,7 @@ def _run_flags() -> dict[str, str]:
         **flag_names(SparsityPattern, "pattern."), "pattern.n": pattern, "pattern.m": pattern,
         "sparsegpt.percdamp": flag_name(PruneSpec, "percdamp"),
         **loraprune,
+        "min_expert_tokens": flag_name(PruneSpec, "min_expert_tokens"),
         "cycles": flag_name(PruneSpec, "cycles"), "cycles.cycles": flag_name(PruneSpec, "cycles"),
         "cycles.schedule": flag_name(PruneSpec, "cycle_schedule"),
         "allocation": flag_name(AllocationSpec, "kind"), **flag_names(AllocationSpec, "allocation."),

@@ -232,6 +232,9 @@ def describe_block_sparsity(report, structure=None) -> str:
     """
     zero = sum(report.sparsity.values()) / max(len(report.sparsity), 1)
     text = f"linear weights zero {zero:.1%}"
+    if report.experts.get("few_tokens"):
+        text += (f"; {len(report.experts['few_tokens'])} of {report.experts['experts']} experts had fewer than "
+                 f"{report.experts['min_tokens']} calibration tokens (pruned by magnitude)")
     for kind, attribute in (("heads", "num_heads"), ("channels", "channels")):
         total = getattr(structure, attribute, None)
         if kind in report.removed and isinstance(total, int) and total > 0:

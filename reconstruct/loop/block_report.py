@@ -27,6 +27,9 @@ class BlockReport:
     recon_kept: bool | None = None  # guard: a repair is in the written block (None: no guard)
     recon_stopped_at: int | None = None  # guard: step whose parameters were kept, last cycle (0: none)
     target_sparsity: float | None = None  # the block's target (--allocation: its own; else --sparsity)
+    # mixture of experts only: {"experts": E, "min_tokens": T, "few_tokens": {expert: tokens}} for the experts
+    # that saw fewer than T calibration tokens (pruned by magnitude); empty for a block without experts
+    experts: dict = field(default_factory=dict)
 
 
 def describe_structure(structure) -> str:

@@ -149,7 +149,10 @@ class BlockPipeline(PruningSteps):
         """Sub-layer groups to prune in order (one group with every linear unless --sequential)."""
         if not self.job.prune.sequential:
             return [list(ctx.linears)]
-        return self.call_order(ctx)
+        order = self.call_order(ctx)
+        seen = {name for group in order for name in group}
+        missing = [name for name in ctx.linears if name not in seen]  # experts the order's one sample did not reach
+        return order + [missing] if missing else order
 
     def process(self, index: int, block: nn.Module, sparse: ActivationStream,
                 dense: ActivationStream | None, stored_dtypes: dict[str, torch.dtype] | None = None) -> BlockReport:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from calib.hooks import feeding_statistics
+from pruners import get_pruner
 from pruners.base import BlockTraining, GivenScores
 from pruners.masks import select_keep_mask
 from pruners.schedule import scaled_pattern, schedule_fraction
@@ -31,6 +32,7 @@ from reconstruct.loop.context import BlockContext
 from reconstruct.loop.streams import run_stream
 from reconstruct.methods import block_trainer
 from reconstruct.modelio.architecture import weight_as_out_in
+from reconstruct.modelio.experts import expert_linear_names
 from reconstruct.parallel import distributed
 
 logger = logging.getLogger(__name__)
@@ -58,12 +60,35 @@ class PruningSteps:
         if pattern.structured:
             self._prune_structured(ctx, pattern)
             return
+        experts = expert_linear_names(ctx.block)
         for group in self.groups(ctx):
             stats = self._pruner_inputs(ctx, {name: ctx.linears[name] for name in group})
             for name in group:
-                ctx.keep_masks[name] = prune_layer(ctx.linears[name], self.pruner, stats.get(name), pattern,
+                pruner, layer_stats = self._layer_pruner(ctx, name, stats.get(name), name in experts)
+                ctx.keep_masks[name] = prune_layer(ctx.linears[name], pruner, layer_stats, pattern,
                                                    ctx.keep_masks.get(name))
             del stats
+
+    def _layer_pruner(self, ctx: BlockContext, name: str, stats, is_expert: bool):
+        """``(pruner, statistics)`` for linear ``name``: the job's, or magnitude for a starved expert.
+
+        An expert's linears see only the tokens the router sends it; one that saw fewer than
+        ``--min-expert-tokens`` calibration tokens (none, possibly) has no statistics worth the name, so
+        it is pruned by weight magnitude, and the block's report counts it (``BlockReport.experts``).
+        """
+        if not is_expert:
+            return self.pruner, stats
+        minimum = self.job.prune.min_expert_tokens
+        expert = name.rsplit(".", 1)[0]
+        record = ctx.report.experts
+        if not record:
+            record.update(experts=len({other.rsplit(".", 1)[0] for other in expert_linear_names(ctx.block)}),
+                          min_tokens=minimum, few_tokens={})
+        tokens = getattr(stats, "n_tokens", None)  # hook statistics (summed over ranks); None: no statistics
+        if tokens is None or int(tokens) >= minimum:
+            return self.pruner, stats
+        record["few_tokens"][expert] = int(tokens)
+        return get_pruner("magnitude"), None
 
     def find_structure(self, ctx: BlockContext, pattern) -> HeadGroups | ChannelGroups:
         """The heads or channels a structured ``pattern`` prunes (found once, on the first block pruned)."""

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from pruners.layers import weight_as_out_in  # noqa: F401  (re-exported: the engine imports it from here)
+from reconstruct.modelio.experts import unstack_experts
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """Instantiate the model with parameters on the ``meta`` device (no memory) and real buffers.
 
     Buffers stay real because non-persistent ones (rotary ``inv_freq``) are computed at init and
-    are not in the checkpoint.
+    are not in the checkpoint. Stacked mixture-of-experts parameters become one ``nn.Linear`` per
+    expert and projection, named as the checkpoint names them (``modelio.experts``).
     """
     from accelerate import init_empty_weights
 
@@ -82,6 +84,7 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
         raise ValueError(
             f"model type {config.model_type!r} has no causal-LM class in transformers: {str(error).splitlines()[0]}"
         ) from None
+    unstack_experts(model)
     model.eval()
     return model
 
@@ -127,8 +130,9 @@ def refuse_unsupported_blocks(blocks: nn.ModuleList) -> None:
     """Refuse blocks the engine would stream or prune wrongly, naming what is unsupported.
 
     * Weights stored as 3-D (or higher) parameters outside any ``nn.Linear`` (stacked
-      mixture-of-experts projections, ``experts.gate_up_proj`` of shape (experts, 2I, H)): the
-      pruners and adapters work on 2-D linear weights, so the experts would stay dense.
+      mixture-of-experts projections that ``modelio.experts`` cannot unstack, having no per-expert
+      checkpoint names for them): the pruners and adapters work on 2-D linear weights, so the
+      experts would stay dense.
     * Blocks that differ in their parameters (names or shapes): one layout serves every block.
     """
     first = blocks[0]

@@ -5,7 +5,8 @@ transformers 5 converts some checkpoints while loading (and back while saving): 
 ones (per-expert ``mlp.experts.0.gate_proj.weight`` ... stacked into ``mlp.experts.gate_up_proj``).
 The lazy block reader follows the renamings, so a key is found under the name the module has; a
 tensor conversion it cannot follow one tensor at a time is refused up front, naming the conversion,
-instead of blaming the checkpoint for missing keys.
+instead of blaming the checkpoint for missing keys. Stacked experts that ``modelio.experts`` unstacked are
+not converted: the skeleton has one linear per stored tensor.
 """
 
 from __future__ import annotations
@@ -60,13 +61,19 @@ def renamed_keys(checkpoint_keys: list[str], conversions: Conversions) -> dict[s
 
 
 def refuse_tensor_conversions(checkpoint_keys: list[str], conversions: Conversions, model_type: str,
-                              model: str) -> None:
+                              model: str, model_keys: list[str]) -> None:
     """Refuse a checkpoint whose tensors transformers builds from several stored ones.
+
+    Only conversions into tensors the skeleton still has count: stacked experts that
+    ``modelio.experts`` unstacked read their per-expert tensors one to one.
 
     Raises:
         ValueError: naming the conversion (stored patterns → module tensor).
     """
     for sources, targets in conversions.tensor_conversions:
+        built = [_pattern(target) for target in targets]
+        if not any(p.search(key) for p in built for key in model_keys):
+            continue
         patterns = [_pattern(source) for source in sources]
         hit = next((key for key in checkpoint_keys if any(p.search(key) for p in patterns)), None)
         if hit is None:

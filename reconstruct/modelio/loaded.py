@@ -146,7 +146,7 @@ def load_model(model: str, device_name: str, dtype_name: str) -> LoadedModel:
     layout = discover_layout(skeleton, config)
     reader = CheckpointReader(folder)
     conversions = model_conversions(skeleton)
-    refuse_tensor_conversions(reader.keys(), conversions, config.model_type, model)
+    refuse_tensor_conversions(reader.keys(), conversions, config.model_type, model, list(skeleton.state_dict()))
     key_map = match_checkpoint_keys(list(skeleton.state_dict()), reader.keys(), skeleton.base_model_prefix,
                                     renamed_keys(reader.keys(), conversions))
     missing = [k for k in skeleton.state_dict() if k.startswith(layout.blocks_path + ".") and k not in key_map]

@@ -211,7 +211,14 @@ def _totals_section(report: dict, rows: list[dict]) -> list[str]:
         f"| perplexity | {_perplexity_cell(report.get('evaluation'))} |",
         *task_rows(report.get("task_evaluation")),
         *([f"| blocks kept their repair | {kept} (the others were undone: no better on {checked_on}) |"] if kept else []),
+        *([experts_row(report["experts"])] if report.get("experts") else []),
     ]
+
+
+def experts_row(experts: dict) -> str:
+    """The totals' row of a mixture-of-experts model: the experts that were pruned by magnitude for want of tokens."""
+    return (f"| experts with few calibration tokens | {experts['few_tokens']} of {experts['experts']} experts had "
+            f"fewer than {experts['min_tokens']} calibration tokens (pruned by {experts['fallback']}) |")
 
 
 def _blocks_section(report: dict, rows: list[dict]) -> list[str]:
