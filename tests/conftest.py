@@ -102,6 +102,50 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# --------------------------------------------------------------------------- figures
+# Drawing report.png (matplotlib: importing, laying out, encoding the PNG) costs a tiny job about as much
+# as its block loop, and hundreds of tests run whole jobs. Jobs run in the test processes therefore draw
+# no figures, exactly as without the optional ``plot`` extra (the report says how to get them), except
+# in the tests that check figures: a test marked ``figures``, or a module that sets ``DRAWS_FIGURES = True``
+# (its module-scoped jobs included). Jobs in subprocesses draw as a user's do.
+_FIGURES = {"on": False}
+_MATPLOTLIB_USERS = ("reconstruct.reporting.plots", "reconstruct.reporting.loraprune_report",
+                     "reconstruct.reporting.retrain_report")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _figures_off_unless_tested():
+    import importlib
+
+    from reconstruct.reporting import plots
+
+    real = plots.load_matplotlib
+
+    def load_when_on():
+        return real() if _FIGURES["on"] else None
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _MATPLOTLIB_USERS:
+            patch.setattr(importlib.import_module(name), "load_matplotlib", load_when_on)
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures_for_the_module(request, _figures_off_unless_tested):
+    before = _FIGURES["on"]
+    _FIGURES["on"] = before or bool(getattr(request.module, "DRAWS_FIGURES", False))
+    yield
+    _FIGURES["on"] = before
+
+
+@pytest.fixture(autouse=True)
+def _figures_for_the_test(request, _figures_for_the_module):
+    before = _FIGURES["on"]
+    _FIGURES["on"] = before or request.node.get_closest_marker("figures") is not None
+    yield
+    _FIGURES["on"] = before
+
+
 def pytest_collection_modifyitems(config, items):
     """Order for parallel workers: the longest work starts first.
 

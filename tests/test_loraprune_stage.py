@@ -43,6 +43,7 @@ def block_weights(out, index: int) -> dict[str, torch.Tensor]:
             if key.startswith(prefix) and key.endswith("_proj.weight")}
 
 
+@pytest.mark.figures  # loraprune.png
 @pytest.mark.parametrize(("pattern", "sparsity"), [("unstructured", 0.5), ("2:4", None), ("heads", 0.5),
                                                    ("channels", 0.25)])
 def test_the_written_blocks_are_exactly_the_stage_masks_at_the_target(tiny_model_dir, small_calib_file, tmp_path,

@@ -32,6 +32,9 @@ def quick_run_args(model, calib, out) -> list[str]:
             "--no-recon-guard"]  # 3 steps barely move the held-out error: the guard could undo a block (tests/test_recon_guard.py)
 
 
+DRAWS_FIGURES = True  # conftest: this module's jobs draw report.png (its figure tests check it)
+
+
 @pytest.fixture(scope="module")
 def evaluated_run(tiny_model_dir, small_calib_file, tmp_path_factory):
     """``(out, reconstruct.json, cli output)`` of a job run with ``--eval``."""

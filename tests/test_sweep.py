@@ -25,6 +25,7 @@ from reconstruct.reporting.plots import matplotlib_available
 from reconstruct.jobs.sweep import Cell, SweepSpec, build_cells, cell_command, is_done, run_cell
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DRAWS_FIGURES = True  # conftest: sweep.png is drawn in this process and checked
 
 
 def sweep_args(model, calib, out) -> list[str]:
