@@ -211,7 +211,19 @@ def _totals_section(report: dict, rows: list[dict]) -> list[str]:
         f"| perplexity | {_perplexity_cell(report.get('evaluation'))} |",
         *task_rows(report.get("task_evaluation")),
         *([f"| blocks kept their repair | {kept} (the others were undone: no better on {checked_on}) |"] if kept else []),
+        *model_check_rows(report.get("model_check")),
     ]
+
+
+def model_check_rows(check: dict | None) -> list[str]:
+    """``report.md``'s Totals row of ``--model-check``: the decision, both losses, the judge text."""
+    if not check:
+        return []
+    verdict = ("kept (the repaired model's loss is no worse)" if check["decision"] == "kept"
+               else "reverted: the unrepaired weights were written back (the repaired model's loss is worse)")
+    return [f"| model-level check | repairs {verdict}; next-token loss repaired {check['repaired_loss']:.4f}, "
+            f"without the repairs {check['unrepaired_loss']:.4f}, on {check['text']} "
+            f"({check['windows']} windows × {check['seq_len']} tokens) |"]
 
 
 def _blocks_section(report: dict, rows: list[dict]) -> list[str]:
