@@ -173,3 +173,18 @@ def test_a_revert_interrupted_is_finished_on_resume(tiny_model_dir, tmp_path, mo
         name = shard_name(index, N_BLOCKS + 1)
         assert (job.out / name).read_bytes() == (reference.out / name).read_bytes(), name
     assert run_job(job)["already_finished"]  # the manifest records the reverted shards
+
+
+def test_a_damaged_block_of_a_reverted_job_is_computed_and_reverted_again(tiny_model_dir, tmp_path, hurting_repair):
+    reference = check_job(tiny_model_dir, tmp_path / "reference")
+    assert run_job(reference)["model_check"]["decision"] == "reverted"
+    job = replace(reference, out=tmp_path / "out")
+    run_job(job)
+    damaged = job.out / shard_name(1, N_BLOCKS + 1)
+    data = bytearray(damaged.read_bytes())
+    data[-64] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert run_job(job)["model_check"]["decision"] == "reverted"
+    for index in range(N_BLOCKS + 1):
+        name = shard_name(index, N_BLOCKS + 1)
+        assert (job.out / name).read_bytes() == (reference.out / name).read_bytes(), name

@@ -35,7 +35,7 @@ from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.modelio.output import ModelFolderWriter
 from reconstruct.state.manifest import Manifest
 from reconstruct.state.model_check_record import (complete_pending_revert, load_unrepaired, read_record,
-                                                  remove_check_files, staging_dir, write_record)
+                                                  remove_check_files, staging_dir, unrepaired_path, write_record)
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,14 @@ def run_model_check(loaded: LoadedModel, state: JobState) -> dict | None:
         record = _judge(loaded, state)
         write_record(out, record)
         crash_point("model-check-decided")
+    redone = [index for index in range(loaded.layout.n_blocks) if unrepaired_path(out, index).is_file()]
+    if record["decision"] == REVERTED and record.get("swapped") and redone:
+        # blocks computed again after the revert (a damaged shard of the finished job): revert them alike
+        record = {key: value for key, value in record.items() if key not in ("staged", "swapped")}
+        record = {**record, "staged": _stage_revert(state, redone)}
+        write_record(out, record)
     if record["decision"] == REVERTED and "staged" not in record:
-        record = {**record, "staged": _stage_revert(state, loaded.layout.n_blocks)}
+        record = {**record, "staged": _stage_revert(state, range(loaded.layout.n_blocks))}
         write_record(out, record)
         crash_point("model-check-staged")
     if complete_pending_revert(out):
@@ -93,10 +99,10 @@ def _judge(loaded: LoadedModel, state: JobState) -> dict:
         "text": describe_text(job.model_check_text), "windows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
         "repaired_loss": repaired, "unrepaired_loss": unrepaired,
         "repaired_perplexity": _perplexity(repaired), "unrepaired_perplexity": _perplexity(unrepaired),
-        "decision": decision, "seconds": time.perf_counter() - started,
-    }
-    logger.info("model-level check on %s: loss repaired %.4f, without the repairs %.4f: repairs %s",
-                record["text"], repaired, unrepaired, decision)
+        "decision": decision,
+    }  # no time in it: a resumed job's report equals an uninterrupted one's
+    logger.info("model-level check on %s: loss repaired %.4f, without the repairs %.4f: repairs %s (%.1fs)",
+                record["text"], repaired, unrepaired, decision, time.perf_counter() - started)
     return record
 
 
@@ -106,14 +112,15 @@ def _perplexity(loss: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _stage_revert(state: JobState, n_blocks: int) -> dict[str, str]:
-    """Write each changed block's shard with its unrepaired tensors into the staging folder; shard → sha256."""
+def _stage_revert(state: JobState, blocks) -> dict[str, str]:
+    """Write each of ``blocks``' shards that its repair changed, with its unrepaired tensors, into the
+    staging folder; shard → sha256."""
     out = state.out
     staging = staging_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
-    writer = ModelFolderWriter(staging, n_blocks)
+    writer = ModelFolderWriter(staging, state.manifest.n_blocks)
     staged: dict[str, str] = {}
-    for index in range(n_blocks):
+    for index in blocks:
         before = load_unrepaired(out, index)
         if not before:
             continue
