@@ -17,7 +17,8 @@ from pruners.registry import PRUNER_NAMES
 from pruners.schedule import SCHEDULES
 from calib.activations import TIERS
 from calib.framing import BOS_MODES
-from calib.text_sources import HUB_DATASETS
+from calib.stdlib_code import STDLIB_CODE
+from calib.text_sources import HUB_DATASETS, SELF
 from reconstruct.flags import REQUIRED, Flag, FlagError, flag
 from reconstruct.runtime import COMPUTE_DTYPES
 
@@ -78,6 +79,9 @@ class CalibSpec:
 
 
 VALIDATION_SEED_OFFSET = 1_000_003  # --recon-val-data windows are drawn with --seed + this (not the calibration's)
+MODEL_CHECK_SEED_OFFSET = 2_000_003  # --model-check windows: --seed + this
+MODEL_CHECK_AUTO = "auto"  # --model-check's default: self for a text --calib, python-stdlib for --calib self
+MODEL_CHECK_OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -313,9 +317,32 @@ class JobConfig:
     retrain_data: str | None = flag(None, "--retrain-data", "--retrain-steps: training text (any --calib source).",
                                     show_default="the --calib source")
     recon_val_data: ValidationData | None = None  # --recon-val-data: the guard's own text (None: held-out share)
+    # after the loop: keep the repairs only if the whole model is better with them (jobs/model_check_stage.py)
+    model_check: str = flag(
+        MODEL_CHECK_AUTO, "--model-check", "After the loop, compare the repaired model with the same pruned model "
+        "without its repairs by next-token loss on windows of this text, and keep the better (a revert writes the "
+        f"pruned weights before repair back). auto = windows sampled from the dense model ({SELF}) when --calib is a "
+        f"text, Python standard-library source ({STDLIB_CODE}) when --calib {SELF}; or any --calib source, "
+        f"{STDLIB_CODE}, or {MODEL_CHECK_OFF}.")
+    model_check_samples: int = flag(8, "--model-check-samples", "--model-check: windows drawn (of --seq-len tokens).",
+                                    min=1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint_every", parse_checkpoint_every(self.checkpoint_every))
+        if self.model_check_samples < 1:
+            raise FlagError(JobConfig, "model_check_samples", f"must be >= 1; got {self.model_check_samples}")
+
+    @property
+    def model_check_text(self) -> str | None:
+        """The judge text of ``--model-check`` (``auto`` resolved); None when no check runs.
+
+        No check without a repair to judge (``--method none``) or with ``--model-check off``.
+        """
+        if self.recon is None or getattr(self.recon, "method", "none") == "none" or self.model_check == MODEL_CHECK_OFF:
+            return None
+        if self.model_check == MODEL_CHECK_AUTO:
+            return STDLIB_CODE if self.calib.source == SELF else SELF
+        return self.model_check
 
     @property
     def needs_dense_stream(self) -> bool:

@@ -253,8 +253,13 @@ def small_calib_file(tmp_path_factory) -> Path:
 
 def make_job(model: Path, out: Path, pruner: str, pattern: str = "unstructured", sparsity: float | None = None,
              scope: str = "row", calib: Path | str = WIKITEXT_VALID, n_samples: int = 8, seq_len: int = 32,
-             seed: int = 0, micro_batch: int = 4, recon=None):
-    """A ``JobConfig`` for an in-process CPU run of the engine."""
+             seed: int = 0, micro_batch: int = 4, recon=None, model_check: str = "off"):
+    """A ``JobConfig`` for an in-process CPU run of the engine.
+
+    ``model_check``: off unless asked for. The check after the loop (on by default for users) has its
+    own tests (``test_model_check.py``); the engine's tests compare the loop's bytes, and a check
+    that reverts the repairs of a tiny model would change them.
+    """
     from pruners.pattern import SparsityPattern
     from reconstruct.config import CalibSpec, JobConfig, PruneSpec
 
@@ -266,6 +271,7 @@ def make_job(model: Path, out: Path, pruner: str, pattern: str = "unstructured",
         recon=recon,
         device="cpu",
         micro_batch=micro_batch,
+        model_check=model_check,
     )
 
 

@@ -29,10 +29,11 @@ SHAPE = (*spec_options(PruneSpec, "pruner"), *spec_options(SparsityPattern, "spa
          *spec_options(ReconSpec, "method"))  # what to prune and how to repair it: sweep's grid axes
 SCOPE = spec_options(SparsityPattern, "scope")
 RECON = (*spec_options(ReconSpec, exclude=("method",)), *spec_options(ValidationData),
-         *spec_options(JobConfig, "track_error"))
+         *spec_options(JobConfig, "track_error", "model_check", "model_check_samples"))
 CALIB = spec_options(CalibSpec)
 PRUNE = (*spec_options(PruneSpec, exclude=("pruner",)), *spec_options(AllocationSpec))  # how the pattern is reached
-TAKEN = ("model", "out", "force", "shrink", "track_error", "retrain", "retrain_data")  # JobConfig's, in other groups
+TAKEN = ("model", "out", "force", "shrink", "track_error", "retrain", "retrain_data", "model_check",
+         "model_check_samples")  # JobConfig's, in other groups
 MACHINE = (*spec_options(JobConfig, exclude=TAKEN), *spec_options(MemoryBudget))  # where and how the job runs
 EVALUATION = (*spec_options(EvalSpec), *spec_options(TaskEvalSpec, exclude=("limit",)))  # --limit: EvalSpec's
 OUTPUT = (*spec_options(JobConfig, "out", "force"), *EVALUATION, *spec_options(JobConfig, "shrink"))

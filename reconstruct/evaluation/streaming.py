@@ -173,21 +173,31 @@ class StreamedLM:
 
     def _head_pass(self, token_sets, streams, micro_batch: int, tuple_output: bool) -> LogitsBatches:
         """Run the model's forward with every block replaying the final hidden states: final norm + head."""
-        loaded = self.loaded
-        modules = loaded.load_outside_blocks()
-        modules.append(load_head(loaded))
-        replay: dict[str, torch.Tensor] = {}
-        try:
-            with replaying_blocks(loaded.blocks, replay, tuple_output):
-                for set_index, (tokens, stream) in enumerate(zip(token_sets, streams)):
-                    for rows in _micro_batches(stream.n_samples, micro_batch):
-                        replay["hidden"] = stream.read(rows)  # (b, T, H)
-                        batch = tokens[rows].to(loaded.device)  # (b, T)
-                        output = loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-                        yield set_index, rows, output.logits
-        finally:
-            for module in modules:
-                release_module_weights(module)
+        yield from head_logits(self.loaded, token_sets, streams, micro_batch, tuple_output)
+
+
+def head_logits(loaded: LoadedModel, token_sets: list[torch.Tensor], streams: list[ActivationStream],
+                micro_batch: int, tuple_output: bool) -> LogitsBatches:
+    """``(set_index, rows, logits (b, T, V))`` of the final hidden states in ``streams`` (one per (n, T) token set).
+
+    The model's own forward runs with every block replaying those hidden states, so the final norm,
+    any output projection and the LM head are applied exactly as the model defines them; the
+    modules outside the blocks and the head are loaded for it and released after.
+    """
+    modules = loaded.load_outside_blocks()
+    modules.append(load_head(loaded))
+    replay: dict[str, torch.Tensor] = {}
+    try:
+        with replaying_blocks(loaded.blocks, replay, tuple_output):
+            for set_index, (tokens, stream) in enumerate(zip(token_sets, streams)):
+                for rows in _micro_batches(stream.n_samples, micro_batch):
+                    replay["hidden"] = stream.read(rows)  # (b, T, H)
+                    batch = tokens[rows].to(loaded.device)  # (b, T)
+                    output = loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                    yield set_index, rows, output.logits
+    finally:
+        for module in modules:
+            release_module_weights(module)
 
 
 def _micro_batches(n: int, micro_batch: int) -> Iterator[slice]:

@@ -18,8 +18,10 @@ import torch
 from safetensors import safe_open
 
 from calib.self_generated import chunk_length, generate_self_calibration
+from calib.stdlib_code import STDLIB_CODE, stdlib_code_text
 from calib.text_sources import SELF, read_text, sample_windows, tokenize_text
 from reconstruct.atomic import save_safetensors_atomic
+from reconstruct.config import MODEL_CHECK_SEED_OFFSET
 from reconstruct.jobs.job_state import JobState
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration-tokens.safetensors"
 VALIDATION_FILE = "validation-tokens.safetensors"  # --recon-val-data's windows
+MODEL_CHECK_FILE = "model-check-tokens.safetensors"  # --model-check's judge windows
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,18 @@ def validation_tokens(state: JobState, loaded: LoadedModel) -> torch.Tensor:
     return distributed.from_main(lambda: _tokens_here(state, loaded, VALIDATION_FILE, windows))
 
 
+def model_check_tokens(state: JobState, loaded: LoadedModel) -> torch.Tensor:
+    """The (m, T) judge windows of ``--model-check``: read back on resume, else built and saved.
+
+    Drawn as the calibration windows are (same length and framing) with their own seed; ``self``
+    samples the dense input model ``loaded``. Rank 0's alone (the check runs on rank 0).
+    """
+    job = state.job
+    windows = TokenWindows(job.model_check_text, job.model_check_samples, job.calib.seed + MODEL_CHECK_SEED_OFFSET,
+                           "--model-check")
+    return _tokens_here(state, loaded, MODEL_CHECK_FILE, windows)
+
+
 def _tokens_here(state: JobState, loaded: LoadedModel, name: str, windows: TokenWindows) -> torch.Tensor:
     """The (n, T) token windows saved as ``name`` in the state folder, or built from ``windows`` and saved."""
     path = state.state_dir / name
@@ -74,7 +89,8 @@ def _tokens_here(state: JobState, loaded: LoadedModel, name: str, windows: Token
     if windows.source == SELF:
         tokens = _sample_tokens(state, loaded, path, windows, framing)
     else:
-        ids = tokenize_text(read_text(windows.source), loaded.tokenizer())
+        text = stdlib_code_text() if windows.source == STDLIB_CODE else read_text(windows.source)
+        ids = tokenize_text(text, loaded.tokenizer())
         try:
             tokens = sample_windows(ids, windows.n_samples, calib.seq_len, windows.seed, framing=framing)
         except ValueError as error:

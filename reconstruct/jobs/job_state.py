@@ -24,7 +24,7 @@ from calib.activations import ActivationStream
 from reconstruct.atomic import atomic_write_json, save_safetensors_atomic, sha256_file
 from reconstruct.config import JobConfig
 from reconstruct.jobs.activation_streams import named_streams, restore_streams, stream_tier
-from reconstruct.jobs.run_fingerprint import RUN_FINGERPRINT_FLAGS, job_fingerprint
+from reconstruct.jobs.run_fingerprint import MODEL_CHECK_KEY, RUN_FINGERPRINT_FLAGS, job_fingerprint, resumed_fingerprint
 from reconstruct.modelio.folder_layout import REPORT_NAME, STATE_DIR
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.parallel import distributed
@@ -32,6 +32,7 @@ from reconstruct.state.checkpoint_policy import CheckpointPolicy
 from reconstruct.state.fingerprint import file_stat
 from reconstruct.state.job_folder import RUN_JOB, JobFolder
 from reconstruct.state.manifest import Manifest, verify_block_files
+from reconstruct.state.model_check_record import complete_pending_revert
 from reconstruct.state.retrain_stage_record import complete_pending_swap
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class JobState:
         try:
             with folder.locked():  # temp files of writes a kill interrupted are gone (an activation checkpoint's...)
                 complete_pending_swap(job.out)  # a retraining stage killed while swapping its blocks in
+                complete_pending_revert(job.out)  # a model-level check killed while writing the unrepaired blocks back
                 hashes = folder.hash_cache()
                 manifest = cls._load_or_start(job, folder, job_fingerprint(job, loaded, hashes), loaded.layout.n_blocks)
                 hashes.save()  # after _load_or_start, which empties the state folder of a new job
@@ -121,6 +123,7 @@ class JobState:
             manifest = Manifest.new(fingerprint, n_blocks)
             manifest.save(job.out)
             return manifest
+        fingerprint = resumed_fingerprint(manifest.fingerprint, fingerprint, job)
         folder.check_same_job(manifest.fingerprint, fingerprint, RUN_FINGERPRINT_FLAGS)
         if verify_block_files(manifest, job.out):
             manifest.finished = False
@@ -128,6 +131,11 @@ class JobState:
             logger.warning("%s: finished output files are missing or changed; writing them again", job.out)
             manifest.finished = False
         return manifest
+
+    @property
+    def model_check_on(self) -> bool:
+        """True when this job runs the model-level check (its recorded fingerprint has it: ``resumed_fingerprint``)."""
+        return MODEL_CHECK_KEY in self.manifest.fingerprint
 
     @property
     def finished(self) -> bool:

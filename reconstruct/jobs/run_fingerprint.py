@@ -10,10 +10,14 @@ of jobs made before a flag existed stay as they were.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import asdict
 
+from calib.stdlib_code import STDLIB_CODE, stdlib_code_text
 from pruners.pattern import SparsityPattern
-from reconstruct.config import BOS, MODEL, AllocationSpec, CalibSpec, JobConfig, PruneSpec, ValidationData
+from reconstruct.config import (BOS, MODEL, MODEL_CHECK_AUTO, AllocationSpec, CalibSpec, JobConfig, PruneSpec,
+                                ValidationData)
 from reconstruct.flags import flag_name, flag_names, spec_flags
 from reconstruct.methods.spec import ReconSpec
 from reconstruct.modelio.experts import expert_linear_names
@@ -22,6 +26,9 @@ from reconstruct.retrain.spec import RUN_SHARED_FIELDS, RetrainSpec, stage_flag_
 from reconstruct.state.fingerprint import HashCache, text_source_identity
 from reconstruct.state.job_diff import FILE_CONTENTS as CONTENTS, SETUP_FLAGS
 from reconstruct.state.job_folder import setup_fingerprint
+
+logger = logging.getLogger(__name__)
+MODEL_CHECK_KEY = "model_check"  # present only when the check runs (jobs/model_check_stage.py)
 
 
 def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | None = None) -> dict:
@@ -63,7 +70,33 @@ def job_fingerprint(job: JobConfig, loaded: LoadedModel, hashes: HashCache | Non
         "micro_batch": job.micro_batch,
         **({"track_error": True} if job.track_error else {}),  # only when set: older fingerprints stay valid
         **({"retrain": retrain_identity(job)} if job.retrain is not None else {}),  # the global stage, when asked
+        # only when the check runs: --model-check off and --method none keep the fingerprints of older jobs
+        **({MODEL_CHECK_KEY: model_check_identity(job)} if job.model_check_text is not None else {}),
     }
+
+
+def model_check_identity(job: JobConfig) -> dict:
+    """The fingerprint of ``--model-check``: its judge text (python-stdlib by its content) and window count."""
+    text = job.model_check_text
+    if text == STDLIB_CODE:  # the interpreter's own source: another Python, another text
+        source = {"name": text, "sha256": hashlib.sha256(stdlib_code_text().encode()).hexdigest()}
+    else:
+        source = text_source_identity(text)
+    return {"source": source, "n_samples": job.model_check_samples}
+
+
+def resumed_fingerprint(recorded: dict, fingerprint: dict, job: JobConfig) -> dict:
+    """``fingerprint`` as a resume of the job ``recorded`` compares it.
+
+    A job recorded without the model-level check (started before the check existed, or with
+    ``--model-check off``) and resumed with ``--model-check`` at its default continues without the
+    check: the key is dropped, and the check runs only where the manifest's fingerprint has it. A
+    judge text given explicitly is a changed job, refused naming ``--model-check``.
+    """
+    if MODEL_CHECK_KEY in fingerprint and MODEL_CHECK_KEY not in recorded and job.model_check == MODEL_CHECK_AUTO:
+        logger.info("the job in %s was started without the model-level check; it continues without it", job.out)
+        return {key: value for key, value in fingerprint.items() if key != MODEL_CHECK_KEY}
+    return fingerprint
 
 
 def retrain_identity(job: JobConfig) -> dict:
@@ -119,6 +152,9 @@ def _run_flags() -> dict[str, str]:
         "heads_per_kv_group": flag_name(JobConfig, "shrink"),  # --shrink's head selection
         "retrain": flag_name(JobConfig, "retrain"), **_retrain_flags_of_run(),
         "retrain.data": retrain_data, "retrain.data.sha256": retrain_data + CONTENTS,
+        **{MODEL_CHECK_KEY + suffix: flag_name(JobConfig, "model_check") for suffix in ("", ".source")},
+        f"{MODEL_CHECK_KEY}.source.sha256": flag_name(JobConfig, "model_check") + CONTENTS,
+        f"{MODEL_CHECK_KEY}.n_samples": flag_name(JobConfig, "model_check_samples"),
     }
 
 

@@ -18,7 +18,8 @@ from calib.activations import ActivationStream
 from calib.capture import BlockArguments
 from reconstruct.parallel import distributed
 from reconstruct.atomic import atomic_write_json
-from reconstruct.modelio.block_io import install_module_tensors, module_tensors_for_output, release_module_weights
+from reconstruct.modelio.block_io import (install_module_tensors, module_tensors_for_output, release_module_weights,
+                                          tensors_for_output)
 from reconstruct.config import JobConfig
 from reconstruct.evaluation.parity import check_streamed_forward
 from reconstruct.jobs.calibration_tokens import calibration_tokens, validation_tokens
@@ -27,6 +28,7 @@ from reconstruct.modelio.loaded import LoadedModel, load_model
 from reconstruct.loop.allocation import compute_allocation
 from reconstruct.loop.overlap import BlockReads, BlockWrite, BlockWriter, io_totals
 from reconstruct.jobs.loraprune_stage import run_stage, stored_masks
+from reconstruct.jobs.model_check_stage import run_model_check
 from reconstruct.loop.block_report import BlockReport
 from reconstruct.loop.pipeline import BlockPipeline
 from reconstruct.faults import crash_point
@@ -41,6 +43,7 @@ from reconstruct.jobs.retrain_job import check_batch_split
 from reconstruct.retrain.memory import RUN_FLAGS as RUN_RETRAIN_FLAGS, check_fits as check_retrain_memory
 from reconstruct.jobs.retrain_stage import run_retrain_stage
 from reconstruct.retrain.teacher import check_top_k
+from reconstruct.state.model_check_record import save_unrepaired
 from reconstruct.state.retrain_stage_record import read_stage
 from reconstruct.host_allocator import unpool_large_allocations
 from reconstruct.runtime import peak_gpu_mb, peak_rss_mb
@@ -142,6 +145,7 @@ def _run_blocks(job: JobConfig, loaded: LoadedModel, state: JobState) -> dict:
         split = sample_split(job, n_calib, shard.total)
         log_training_budget(job.recon, split)
     pipeline = BlockPipeline(job, layout, kwargs, loaded.device, loaded.config, split=split)
+    pipeline.keep_unrepaired = state.model_check_on and distributed.is_main()  # --model-check: rank 0 saves them
     pipeline.block_sparsities = block_sparsities(job, loaded, state, pipeline, sparse, dense, stream_args)
     if job.prune.model_level_loraprune:  # LoRAPrune over the whole model: the masks of every block, before block 0
         run_stage(job, loaded, state, pipeline, sparse)
@@ -195,6 +199,8 @@ def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: Acti
     read.tensors = {}  # the block owns them now
     block_report = step.pipeline.process(index, block, sparse, dense, stored_dtypes)
     tensors = module_tensors_for_output(block, prefix, stored_dtypes)
+    unrepaired = step.pipeline.unrepaired  # --model-check: what the repair changed, as it was before it
+    unrepaired = None if unrepaired is None else tensors_for_output(unrepaired, prefix, stored_dtypes)
     release_module_weights(block)
     tier_on_disk = sparse.tier == "disk"
     # The previous block's writes first: at most one stream copy in flight (the planner counts one), and
@@ -208,6 +214,8 @@ def run_block(step: BlockStep, index: int, sparse: ActivationStream, dense: Acti
     def write() -> None:  # in the writer's thread when the overlap is on
         crash_point(f"writer:{index}")
         write_started = time.perf_counter()
+        if unrepaired is not None:  # before the block counts as done
+            save_unrepaired(job.out, index, unrepaired)
         digest = folder.write_block(index, tensors) if distributed.is_main() else ""  # rank 0 alone writes
         stats["write_seconds"] = time.perf_counter() - write_started
         step.state.block_done(index, folder.block_file(index), digest, stats, streams)
@@ -302,7 +310,10 @@ def assemble_output(job: JobConfig, loaded: LoadedModel, state: JobState, final_
     folder.write_rest(loaded.read_outside_block_tensors())
     config = config_with_bias_flags(loaded.folder, loaded.layout.bias_flags, state.manifest.added_biases())
     written = folder.finish(loaded.folder, config)
+    check = run_model_check(loaded, state)  # --model-check, on the loadable folder: keep or revert the repairs
     report = state.final_report(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(loaded.device))
+    if check is not None:
+        report["model_check"] = check
     report["io"] = io_totals(report["blocks"], final_write_wait)  # compute vs read and write waits (loop.overlap)
     report["world_size"] = distributed.world().size  # processes that shared the calibration samples
     report["framing"] = {"calib_bos": job.calib.bos, **loaded.framing(job.calib.bos).record()}  # how windows started

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from calib.stdlib_code import STDLIB_CODE
 from calib.text_sources import HUB_DATASETS, SELF, check_dataset_available, describe_sources
 from pruners.masks import num_pruned
 from pruners.pattern import CHANNELS, HEADS, N_OF_M, UNSTRUCTURED
 from pruners.schedule import SCHEDULES
 from pruners.structured import attention_geometry, is_attention, structured_count
 from reconstruct.modelio.architecture import weight_as_out_in
-from reconstruct.config import LORAPRUNE_OBJECTIVES, JobConfig
+from reconstruct.config import LORAPRUNE_OBJECTIVES, MODEL_CHECK_OFF, JobConfig
 from reconstruct.modelio.facts import check_calib_seq_len, resolve_eval_seq_len
 from reconstruct.modelio.loaded import LoadedModel
 from reconstruct.shrink.families import check_run_shrink
@@ -41,6 +42,7 @@ def validate_job(job: JobConfig, loaded: LoadedModel) -> None:
     framing = loaded.framing(calib.bos)  # --calib-bos always needs a BOS token
     check_short_text(source, "--calib", calib.seq_len, framing.text_length(calib.seq_len), loaded)
     check_validation_data(job)
+    check_model_check_text(job, loaded)
     pattern = job.prune.pattern
     if job.shrink:
 
@@ -104,6 +106,26 @@ def check_validation_data(job: JobConfig) -> None:
         raise ValueError(f"--recon-val-data {source}: no such file; use {describe_sources()}")
     if not path.read_text(encoding="utf-8", errors="replace").strip():
         raise ValueError(f"--recon-val-data {source}: the file holds no text")
+
+
+def check_model_check_text(job: JobConfig, loaded: LoadedModel) -> None:
+    """Refuse a ``--model-check`` text that does not exist, is unreachable, or is too short for one window.
+
+    Raises:
+        ValueError: one line naming ``--model-check`` and what is allowed.
+    """
+    text = job.model_check_text
+    if text is None or text in (SELF, STDLIB_CODE):
+        return
+    if text not in HUB_DATASETS and not Path(text).expanduser().is_file():
+        raise ValueError(f"--model-check {text}: no such file; use {MODEL_CHECK_OFF}, {STDLIB_CODE}, "
+                         f"{describe_sources()}")
+    try:
+        check_dataset_available(text)
+    except ValueError as error:
+        raise ValueError(f"--model-check {text}: {error}") from None
+    framing = loaded.framing(job.calib.bos)
+    check_short_text(text, "--model-check", job.calib.seq_len, framing.text_length(job.calib.seq_len), loaded)
 
 
 def validate_prune_options(job: JobConfig, loaded: LoadedModel) -> None:

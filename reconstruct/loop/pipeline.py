@@ -31,6 +31,7 @@ from reconstruct.loop.context import BlockContext
 from reconstruct.loop.objective import UnitObjective, build_units, discover_units
 from reconstruct.loop.pruning import PruningSteps
 from reconstruct.loop.streams import run_stream
+from reconstruct.loop.unrepaired import UnrepairedCopy
 from reconstruct.methods import SampleSplit, attach_method, evaluate_error, evaluate_mse, train_reconstruction
 from reconstruct.methods.bias_norm import BIAS_METHODS, add_zero_biases
 from reconstruct.methods.snapshot import BlockSnapshot
@@ -74,6 +75,9 @@ class BlockPipeline(PruningSteps):
         self.block_sparsities: list[float] | None = None  # --allocation: each block's sparsity (None: uniform)
         # --loraprune-objective model: block index -> {name: (out, in) bool keep mask} chosen before block 0
         self.given_masks: Callable[[int], dict[str, torch.Tensor]] | None = None
+        # --model-check: keep each block's tensors that its repair changes, as they were before it
+        self.keep_unrepaired = False
+        self.unrepaired: dict[str, torch.Tensor] | None = None  # the last block's (local name → tensor)
 
     def calibration(self, stream: ActivationStream | None) -> ActivationStream | None:
         """The calibration rows of ``stream`` (all of it unless it also carries ``--recon-val-data``'s rows).
@@ -173,10 +177,13 @@ class BlockPipeline(PruningSteps):
         prune = self.job.prune
         ctx.pattern = self.block_pattern(index)
         ctx.report.target_sparsity = ctx.pattern.sparsity
+        before = None  # --model-check: the block before its (last cycle's) repair
         for cycle in range(1, prune.cycles + 1):
             ctx.cycle = cycle
             self._prune(ctx, cycle_pattern(ctx.pattern, cycle, prune.cycles, prune.cycle_schedule))
             if self.reconstructing:
+                if self.keep_unrepaired and cycle == prune.cycles:
+                    before = UnrepairedCopy(ctx.block)
                 self._reconstruct(ctx)
         if self.reconstructing and self.job.recon.method in BIAS_METHODS:
             # the config flag a kept repair switches on covers every block: zero biases where it was undone
@@ -185,7 +192,10 @@ class BlockPipeline(PruningSteps):
         if ctx.dense_copy is not None:
             self.advance(self.forward_fn(ctx.dense_copy, index), dense)
             ctx.dense_copy = ctx.objective = ctx.targets = None
-        self._propagate(ctx, self._fit_storage(ctx, stored_dtypes or {}))
+        written_dtypes = self._fit_storage(ctx, stored_dtypes or {})
+        self.unrepaired = None if before is None else before.changed(ctx.block, ctx.linears, ctx.keep_masks,
+                                                                     written_dtypes)
+        self._propagate(ctx, written_dtypes)
         ctx.report.seconds = time.perf_counter() - started
         return ctx.report
 

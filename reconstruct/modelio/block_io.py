@@ -147,9 +147,16 @@ def module_tensors_for_output(
     Tensors keep the dtype they had in the input checkpoint; tensors that did not exist there
     (biases added by reconstruction) take the dtype of the block's weights.
     """
+    return tensors_for_output(module.state_dict(), prefix, stored_dtypes)
+
+
+def tensors_for_output(
+    values: dict[str, torch.Tensor], prefix: str, stored_dtypes: dict[str, torch.dtype]
+) -> dict[str, torch.Tensor]:
+    """``values`` (local name → tensor) as :func:`module_tensors_for_output` writes a block's tensors."""
     default_dtype = next(iter(stored_dtypes.values()), None)
     tensors: dict[str, torch.Tensor] = {}
-    for local_name, value in module.state_dict().items():
+    for local_name, value in values.items():
         dtype = stored_dtypes.get(local_name, default_dtype if value.is_floating_point() else value.dtype)
         tensors[prefix + local_name] = value.detach().to("cpu", dtype).contiguous()
     return tensors

@@ -28,6 +28,9 @@ RETRAIN_CHECKPOINT_NAME = "retrain-checkpoint.safetensors"
 RETRAIN_STAGE_NAME = "retrain-stage.json"
 RETRAIN_TEACHER_NAME = "retrain-teacher-top-k.safetensors"  # distillation: the dense teacher's top-k per token
 RETRAIN_STAGING_DIR = "retrained"  # the merged model of `run --retrain-steps` before the swap
+MODEL_CHECK_NAME = "model-check.json"  # --model-check: the judge's losses, its decision, how far a revert got
+UNREPAIRED_DIR = "unrepaired"  # --model-check: each block's tensors before its repair (only those it changed)
+REVERT_STAGING_DIR = "reverted"  # --model-check: the unrepaired block shards before the swap
 
 # What a reconstruct job writes about itself (run, retrain, shrink): never carried from an input folder
 # that is itself a job's output, where it would describe the earlier job (a stale manifest would even

@@ -212,6 +212,7 @@ def _totals_section(report: dict, rows: list[dict]) -> list[str]:
         *task_rows(report.get("task_evaluation")),
         *([f"| blocks kept their repair | {kept} (the others were undone: no better on {checked_on}) |"] if kept else []),
         *([experts_row(report["experts"])] if report.get("experts") else []),
+        *model_check_rows(report.get("model_check")),
     ]
 
 
@@ -219,6 +220,17 @@ def experts_row(experts: dict) -> str:
     """The totals' row of a mixture-of-experts model: the experts that were pruned by magnitude for want of tokens."""
     return (f"| experts with few calibration tokens | {experts['few_tokens']} of {experts['experts']} experts had "
             f"fewer than {experts['min_tokens']} calibration tokens (pruned by {experts['fallback']}) |")
+
+
+def model_check_rows(check: dict | None) -> list[str]:
+    """``report.md``'s Totals row of ``--model-check``: the decision, both losses, the judge text."""
+    if not check:
+        return []
+    verdict = ("kept (the repaired model's loss is no worse)" if check["decision"] == "kept"
+               else "reverted: the unrepaired weights were written back (the repaired model's loss is worse)")
+    return [f"| model-level check | repairs {verdict}; next-token loss repaired {check['repaired_loss']:.4f}, "
+            f"without the repairs {check['unrepaired_loss']:.4f}, on {check['text']} "
+            f"({check['windows']} windows × {check['seq_len']} tokens) |"]
 
 
 def _blocks_section(report: dict, rows: list[dict]) -> list[str]:
