@@ -249,6 +249,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
 
 
+@pytest.mark.figures  # write_run_report draws here
 def test_run_report_png_gets_the_retraining_loss_curve(run_reference, tmp_path, monkeypatch):
     from reconstruct.reporting import plots
     from reconstruct.reporting.report import write_run_report
