@@ -8,6 +8,9 @@ index and the config (``reconstruct.json`` holds timings, so it is left out).
     python tools/output_hashes.py --work ../hashes-old > old.json   # at the old commit (--work: a new folder)
     python tools/output_hashes.py --work ../hashes-new > new.json   # at the new commit
     python tools/output_hashes.py --compare old.json new.json
+
+A flag the new code adds with a default that changes outputs by design (``--model-check``) is passed
+to every job of the new run only: ``--extra-flags "--model-check off"``.
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
+EXTRA_FLAGS: list[str] = []  # --extra-flags: appended to every job's command line
+
+
 def run_job(model: Path, out: Path, flags: list[str]) -> dict[str, str]:
     """Run one small CPU job through the command line and hash its output."""
     command = [sys.executable, "-m", "reconstruct", "run", "--model", str(model), "--calib", str(CALIB),
                "--n-samples", "8", "--seq-len", "32", "--recon-steps", "4", "--device", "cpu", "--seed", "1",
-               "--out", str(out), *flags]
+               "--out", str(out), *flags, *EXTRA_FLAGS]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -90,7 +96,9 @@ def main() -> None:
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"))
     parser.add_argument("--arch", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES),
                         help="only these tiny models (a quicker check)")
+    parser.add_argument("--extra-flags", default="", help="appended to every job's command line (quoted)")
     args = parser.parse_args()
+    EXTRA_FLAGS.extend(args.extra_flags.split())
     if args.compare:
         old, new = (json.loads(path.read_text()) for path in args.compare)
         sys.exit(1 if compare(old, new) else 0)
