@@ -275,6 +275,19 @@ def make_job(model: Path, out: Path, pruner: str, pattern: str = "unstructured",
     )
 
 
+@pytest.fixture(scope="module")
+def pruned_llama(tiny_model_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny LLaMA whose block linears are half zero (a retraining student; the tiny LLaMA: its teacher)."""
+    import shutil
+
+    from test_retrain import prune_folder
+
+    folder = tmp_path_factory.mktemp("pruned") / "llama"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    prune_folder(folder, "llama")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def finished_job(tiny_model_dir, small_calib_file, tmp_path_factory):
     """``finished_job(arch, pruner, pattern, sparsity, scope)`` → ``(job, report)``, run once per session."""

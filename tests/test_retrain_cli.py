@@ -19,24 +19,12 @@ from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
 from reconstruct.jobs.retrain_job import MANIFEST_NAME
 from reconstruct.faults import CRASH_ENV
 from reconstruct.state.manifest import MANIFEST_NAME as RUN_MANIFEST
-from test_retrain import prune_folder
 from test_resume import VOLATILE_BLOCK_KEYS, VOLATILE_REPORT_KEYS
 
 runner = CliRunner()
 SCHEDULE_EARLY = True  # conftest: many whole jobs, so this module starts first
 FLAGS = ["--device", "cpu", "--seq-len", "16", "--n-windows", "8", "--batch", "4", "--micro-batch", "2",
          "--steps", "4", "--method", "masklora", "--lr", "1e-2", "--eval-every", "2", "--val", "0.25"]
-
-
-@pytest.fixture(scope="module")
-def pruned_llama(tiny_model_dir, tmp_path_factory) -> Path:
-    """A copy of the tiny LLaMA whose block linears are half zero."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("pruned") / "llama"
-    shutil.copytree(tiny_model_dir("llama"), folder)
-    prune_folder(folder, "llama")
-    return folder
 
 
 def invoke(*args: str):

@@ -33,7 +33,7 @@ from reconstruct.retrain.streamed import StreamedModel
 from reconstruct.retrain.teacher import TEACHER_NAME, compute_teacher_top_k
 from reconstruct.retrain.trainables import ModelTrainables
 from reconstruct.state.fingerprint import HashCache
-from test_retrain import SEQ_LEN, prune_folder, windows
+from test_retrain import SEQ_LEN, windows
 from test_retrain_cli import invoke, model_files, one_error_line, run_job_cli
 from tolerances import assert_within, gamma
 
@@ -46,15 +46,6 @@ LM_RETRAIN_KEYS = {"method", "steps", "batch", "micro_batch", "seq_len", "lr", "
 @pytest.fixture(autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def pruned_llama(tiny_model_dir, tmp_path_factory) -> Path:
-    """A copy of the tiny LLaMA whose block linears are half zero (the student; the tiny LLaMA: its teacher)."""
-    folder = tmp_path_factory.mktemp("pruned") / "llama"
-    shutil.copytree(tiny_model_dir("llama"), folder)
-    prune_folder(folder, "llama")
-    return folder
 
 
 def kd_spec(**changes) -> RetrainSpec:
