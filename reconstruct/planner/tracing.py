@@ -20,7 +20,14 @@ from reconstruct.planner.probe import ModelProbe, in_out
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Adds up the bytes of storages created inside the mode and still alive, op by op; keeps the peak."""
+    """Adds up the bytes of storages created inside the mode and still alive, op by op; keeps the peak.
+
+    Freed storages are dropped from the count lazily, only when the count would pass the peak: the lazy
+    count is never below the exact one, so while it stays at or under the peak the exact count does too,
+    and when it passes, the freed storages are dropped and the exact count decides. The peak is the one
+    an op-by-op exact count gives, without scanning every live storage at every op (a block of 128
+    experts holds hundreds of live tensors over thousands of ops).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,17 +41,27 @@ class _LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
-        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 key = storage._cdata
-                if key not in self.live and key not in inputs:  # views and in-place results are not new
-                    self.live[key] = (self._weak(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
+                if key in inputs:  # an in-place result is not new
+                    continue
+                known = self.live.get(key)
+                if known is not None and not known[0].expired():  # a view of a live storage is not new
+                    continue
+                if known is not None:  # the address of a freed storage, reused
+                    self.current -= known[1]
+                self.live[key] = (self._weak(storage), storage.nbytes())
+                self.current += storage.nbytes()
+        if self.current > self.peak:
+            self._drop_freed()
+            self.peak = max(self.peak, self.current)
         return out
+
+    def _drop_freed(self) -> None:
+        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
 
 
 class _FusedAttention(TorchFunctionMode):
