@@ -18,8 +18,8 @@ from reconstruct.parallel import distributed
 from reconstruct.retrain.checkpoint import CHECKPOINT_NAME
 from reconstruct.jobs.retrain_job import MANIFEST_NAME, check_batch_split
 from reconstruct.reporting.status import describe_job
-from test_retrain_cli import (  # noqa: F401 (pruned_llama: a fixture)
-    comparable_report, model_files, pruned_llama, run_cli, run_job_cli,
+from test_retrain_cli import (
+    comparable_report, model_files, run_cli, run_job_cli,
 )
 
 WORLD = 2
