@@ -34,14 +34,21 @@ def window_nll(lm, windows: torch.Tensor, batch_size: int = 1) -> tuple[float, i
     """
     total, count = 0.0, 0
     for _, rows, logits in lm.logits([windows], batch_size):
-        batch = windows[rows].to(logits.device)  # (b, T)
-        logits = logits.float()  # (b, T, V)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
-        count += batch[:, 1:].numel()
+        loss, scored = next_token_nll(logits, windows[rows])
+        total += loss
+        count += scored
     return total, count
+
+
+def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of (b, T) windows from their (b, T, V) logits, in float32,
+    and the number of tokens scored (b (T - 1))."""
+    batch = batch.to(logits.device)  # (b, T)
+    logits = logits.float()  # (b, T, V)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+    )
+    return loss.item(), batch[:, 1:].numel()
 
 
 def perplexity(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from calib.activations import ActivationStream
+from reconstruct.evaluation.perplexity import next_token_nll
 from reconstruct.evaluation.streaming import head_logits
 from reconstruct.loop.streams import run_stream
 from reconstruct.modelio.block_io import install_module_tensors
@@ -53,9 +54,7 @@ def judge_losses(model: LoadedModel, tokens: torch.Tensor, micro_batch: int,
             run_stream(forward, streams[1], micro_batch, destination=streams[1])
     totals, count = [0.0, 0.0], 0
     for set_index, rows, logits in head_logits(model, [tokens, tokens], streams, micro_batch, arguments.tuple_output):
-        batch = tokens[rows].to(logits.device)  # (b, T)
-        logits = logits.float()  # (b, T, V)
-        totals[set_index] += torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel() if set_index == 0 else 0
+        loss, scored = next_token_nll(logits, tokens[rows])  # the perplexity's arithmetic
+        totals[set_index] += loss
+        count += scored if set_index == 0 else 0
     return totals[0] / count, totals[1] / count
