@@ -30,6 +30,8 @@ from transformers import (  # noqa: E402
     Qwen3MoeConfig,
 )
 
+from support import figures  # noqa: E402
+
 torch.set_num_threads(1)  # also when torch was imported first (OMP_NUM_THREADS set elsewhere)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,47 +105,29 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
 
 
 # --------------------------------------------------------------------------- figures
-# Drawing report.png (matplotlib: importing, laying out, encoding the PNG) costs a tiny job about as much
-# as its block loop, and hundreds of tests run whole jobs. Jobs run in the test processes therefore draw
-# no figures, exactly as without the optional ``plot`` extra (the report says how to get them), except
-# in the tests that check figures: a test marked ``figures``, or a module that sets ``DRAWS_FIGURES = True``
-# (its module-scoped jobs included). Jobs in subprocesses draw as a user's do.
-_FIGURES = {"on": False}
-_MATPLOTLIB_USERS = ("reconstruct.reporting.plots", "reconstruct.reporting.loraprune_report",
-                     "reconstruct.reporting.retrain_report")
-
-
+# Jobs run by the tests draw no figures unless the test checks them (tests/support/figures.py): a test
+# marked ``figures``, or a module that sets ``DRAWS_FIGURES = True`` (its module-scoped jobs included).
 @pytest.fixture(scope="session", autouse=True)
 def _figures_off_unless_tested():
-    import importlib
-
-    from reconstruct.reporting import plots
-
-    real = plots.load_matplotlib
-
-    def load_when_on():
-        return real() if _FIGURES["on"] else None
-
     with pytest.MonkeyPatch.context() as patch:
-        for name in _MATPLOTLIB_USERS:
-            patch.setattr(importlib.import_module(name), "load_matplotlib", load_when_on)
+        figures.draw_only_when(lambda: figures.WANTED["on"], patch.setattr)
         yield
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _figures_for_the_module(request, _figures_off_unless_tested):
-    before = _FIGURES["on"]
-    _FIGURES["on"] = before or bool(getattr(request.module, "DRAWS_FIGURES", False))
+    before = figures.WANTED["on"]
+    figures.WANTED["on"] = before or bool(getattr(request.module, "DRAWS_FIGURES", False))
     yield
-    _FIGURES["on"] = before
+    figures.WANTED["on"] = before
 
 
 @pytest.fixture(autouse=True)
 def _figures_for_the_test(request, _figures_for_the_module):
-    before = _FIGURES["on"]
-    _FIGURES["on"] = before or request.node.get_closest_marker("figures") is not None
+    before = figures.WANTED["on"]
+    figures.WANTED["on"] = before or request.node.get_closest_marker("figures") is not None
     yield
-    _FIGURES["on"] = before
+    figures.WANTED["on"] = before
 
 
 def pytest_collection_modifyitems(config, items):

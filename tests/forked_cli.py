@@ -6,10 +6,11 @@ fork server (``tests/support/fork_server.py``): a process that imported all that
 environment and working directory, and forks a child per run. The child is a separate process with
 its own pid, streams, environment and arguments, so what the tests check of a subprocess still holds:
 a crash point SIGKILLs it (exit -9), it takes and leaves the lock as its own pid, its stderr is
-captured. It is not a fresh interpreter in three ways: modules are imported before its environment is
+captured. It is not a fresh interpreter in four ways: modules are imported before its environment is
 set (so a server serves one environment, less ``RUNTIME_ENV``, the variables the tool reads while it
 runs), the objects those imports made are frozen out of the garbage collector (``gc.freeze``: walking
-them would copy the inherited heap page by page), and every child shares the server's string-hash seed. The tests that compare the bytes of
+them would copy the inherited heap page by page), every child shares the server's string-hash seed, and
+it draws the report's figures only where the calling test checks them (``tests/support/figures.py``). The tests that compare the bytes of
 two runs therefore keep one side a fresh ``subprocess`` (``fresh=True``), so an output that depended
 on hash order or on unseeded randomness would still differ.
 
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from support import figures
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "tests" / "support" / "fork_server.py"
@@ -51,12 +54,16 @@ class _Server:
         line = self.process.stdout.readline()
         return json.loads(line) if line else None
 
-    def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float | None):
-        """``(returncode, stdout, stderr)``, or raises ``subprocess.TimeoutExpired`` after killing the child."""
+    def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float | None, figures: bool):
+        """``(returncode, stdout, stderr)``, or raises ``subprocess.TimeoutExpired`` after killing the child.
+
+        ``figures``: whether the child's job draws the report's figures (``tests/support/figures.py``).
+        """
         command = [sys.executable, "-m", "reconstruct", *args]
         with tempfile.TemporaryDirectory(prefix="forked-cli-") as scratch:
             out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
-            request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+            request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                       "figures": figures}
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
             started = self._reply(60)
@@ -110,7 +117,11 @@ def run_reconstruct(args: list[str], env: dict[str, str] | None = None, cwd: Pat
                     fresh: bool = False) -> subprocess.CompletedProcess:
     """``subprocess.run([python, "-m", "reconstruct", *args], cwd=cwd, env=env, capture_output=True, text=True,
     timeout=timeout)``, forked from a server that already imported everything; ``fresh=True`` starts a new
-    interpreter instead (the side a byte comparison keeps fresh: see the module docstring)."""
+    interpreter instead (the side a byte comparison keeps fresh: see the module docstring).
+
+    A forked run draws the report's figures only where the calling test checks them, as jobs in the test
+    process do (``tests/support/figures.py``); a fresh interpreter draws them as a user's run does.
+    """
     args = [str(a) for a in args]
     env = dict(os.environ if env is None else env)
     command = [sys.executable, "-m", "reconstruct", *args]
@@ -118,7 +129,7 @@ def run_reconstruct(args: list[str], env: dict[str, str] | None = None, cwd: Pat
     if server is None:
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     try:
-        returncode, stdout, stderr = server.run(args, env, Path(cwd), timeout)
+        returncode, stdout, stderr = server.run(args, env, Path(cwd), timeout, figures.WANTED["on"])
     except subprocess.TimeoutExpired:
         raise
     except BaseException:

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_job
+from support import figures
 from tolerances import gamma
 from reconstruct.parallel import distributed
 from reconstruct.config import ValidationData
@@ -146,6 +147,7 @@ def _worker(rank: int, port: int, tasks: list, results: Path) -> None:
     """One of the 2 ranks: run every task (name, job, interrupt, resume-expected) in one gloo group."""
     torch.set_num_threads(1)
     os.environ["TQDM_DISABLE"] = "1"
+    figures.draw_only_when(lambda: False)  # as the in-process references: no figure is compared here
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
         timeout=datetime.timedelta(seconds=120),
@@ -218,8 +220,7 @@ def _blocks(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _files(out: Path) -> set[str]:
-    """Every file under ``out`` but the figures: the ranks (subprocesses) draw them, in-process references do not
-    (tests/conftest.py)."""
+    """Every file under ``out`` but the figures (no job here draws them: ``tests/support/figures.py``)."""
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.suffix != ".png"}
 
 

@@ -47,20 +47,8 @@ def single(pruned_llama, small_calib_file, tmp_path_factory):
     return out
 
 
-def test_retrain_with_two_processes_writes_the_bytes_of_one(single, pruned_llama, small_calib_file, tmp_path):
-    out = tmp_path / "out"
-    done = run_cli(out, pruned_llama, small_calib_file, None, "--nproc", str(WORLD))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("wrote ") == 1  # rank 0 alone reports
-    assert json.loads((out / REPORT_NAME).read_text())["job"]["fingerprint"]["world_size"] == WORLD
-    assert model_files(out) == model_files(single)
-    assert _without_world_size(comparable_report(out)) == _without_world_size(comparable_report(single))
-    assert not list(out.glob("reconstruct-rank*"))  # rank 1's scratch is never in --out
-    assert "retrain:    step 4 of 4" in describe_job(out)
-
-
-def test_retrain_with_two_processes_killed_and_rerun_gives_the_same_bytes(single, pruned_llama, small_calib_file,
-                                                                            tmp_path):
+def test_retrain_with_two_processes_killed_and_rerun_writes_the_bytes_of_one(single, pruned_llama, small_calib_file,
+                                                                              tmp_path):
     out = tmp_path / "out"
     killed = run_cli(out, pruned_llama, small_calib_file, "retrain-step:3", "--nproc", str(WORLD))
     assert killed.returncode != 0, killed.stderr[-3000:]  # torchrun: a rank was killed
@@ -68,9 +56,13 @@ def test_retrain_with_two_processes_killed_and_rerun_gives_the_same_bytes(single
     resumed = run_cli(out, pruned_llama, small_calib_file, None, "--nproc", str(WORLD))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after step 2" in resumed.stderr  # killed before step 3 was saved
+    assert resumed.stdout.count("wrote ") == 1  # rank 0 alone reports
+    assert json.loads((out / REPORT_NAME).read_text())["job"]["fingerprint"]["world_size"] == WORLD
     assert model_files(out) == model_files(single)
     assert _without_world_size(comparable_report(out)) == _without_world_size(comparable_report(single))
     assert json.loads((out / STATE_DIR / MANIFEST_NAME).read_text())["finished"]
+    assert not list(out.glob("reconstruct-rank*"))  # rank 1's scratch is never in --out
+    assert "retrain:    step 4 of 4" in describe_job(out)
 
 
 def test_run_with_retrain_steps_and_two_processes_finishes(tiny_model_dir, small_calib_file, tmp_path):

@@ -26,11 +26,12 @@ pytestmark = [
 
 
 def test_dense_perplexity_matches_the_published_figure():
-    result = perplexity("smollm2-135m", str(WIKITEXT_TEST), seq_len=512, max_windows=20, device="cpu")
-    assert result["windows"] == 20
-    # a recorded figure (about 29.2 in float32), not a rounding bound: the window is ~3% wide, far wider than
-    # what another summation order (another CPU's kernels) changes in a float32 forward
-    assert 28.5 < result["perplexity"] < 30.0
+    result = perplexity("smollm2-135m", str(WIKITEXT_TEST), seq_len=512, max_windows=8, device="cpu")
+    assert result["windows"] == 8
+    # a recorded figure (27.34 in float32 on these 8 windows; 29.2 on the first 20), not a rounding bound: the
+    # window is ~3% wide, far wider than what another summation order (another CPU's kernels) changes in a
+    # float32 forward
+    assert 26.6 < result["perplexity"] < 28.1
 
 
 def test_wanda_2of4_with_bias_ln_on_the_real_model(tmp_path):

@@ -24,6 +24,7 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import pkgutil  # noqa: E402
 import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # What a run imports, found without naming the tool's modules one by one (they move): every module of
 # its packages, the command line, and the modeling files of the families the tests build. An import
@@ -109,9 +110,21 @@ def _become(request: dict, devnull: int) -> None:
     os.chdir(request["cwd"])
     sys.path[0] = os.getcwd()
     sys.argv = ["-m", *request["args"]]
+    if not request["figures"]:  # the test checks no figure: draw none (tests/support/figures.py)
+        _figures_module().draw_only_when(lambda: False)
     random.seed()  # a fresh interpreter's generators are seeded from the OS, not copied from a parent
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
+
+
+def _figures_module():
+    """``tests/support/figures.py``, loaded from beside this file (``sys.path`` stays as ``python -m`` sets it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_support_figures", Path(__file__).with_name("figures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":
