@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from reconstruct.modelio.checkpoint import CheckpointReader
+from reconstruct.modelio.host_buffers import ReusableBuffers, aligned
 
 
 def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
@@ -25,6 +26,7 @@ def read_module_tensors(
     *,
     own: bool = False,
     pin: bool = False,
+    buffers: ReusableBuffers | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read ``module``'s tensors from the checkpoint as CPU tensors in their stored dtype.
 
@@ -39,6 +41,9 @@ def read_module_tensors(
         own: copy every tensor out of the shard's memory map, so the pages are read now and the
             reader may be closed (a background read); else the tensors may be views of the map.
         pin: with ``own``, copy into page-locked memory (fast, asynchronous copies to a GPU).
+        buffers: with ``own`` and no ``pin``, read the tensors' bytes straight into one of these
+            reused buffers and return views of it (``host_buffers``), where every tensor is stored in
+            safetensors; the same values as a copy.
 
     Returns:
         Local name → tensor, for every tensor the checkpoint holds (buffers computed at init are left out).
@@ -46,19 +51,43 @@ def read_module_tensors(
     Raises:
         ValueError: a parameter missing from the checkpoint, or a shape that differs from the model's.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    keys: dict[str, str] = {}  # local name → checkpoint key
     for local_name, current in module.state_dict(keep_vars=True).items():
         full_name = prefix + local_name
         if full_name not in key_map:
             if isinstance(current, nn.Parameter) or current.is_meta:
                 raise ValueError(f"checkpoint has no tensor for {full_name}; the checkpoint does not match its config")
             continue  # a buffer computed at init (kept as is)
-        tensor = reader.read(key_map[full_name])
-        if tensor.shape != current.shape:
-            raise ValueError(f"{full_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(current.shape)}")
+        keys[local_name] = key_map[full_name]
+        stored = reader.stored(key_map[full_name])
+        shape = stored[1] if stored is not None else tuple(reader.read(key_map[full_name]).shape)
+        if shape != tuple(current.shape):
+            raise ValueError(f"{full_name}: checkpoint shape {shape} != model shape {tuple(current.shape)}")
+    if own and not pin and buffers is not None and all(reader.stored(key) is not None for key in keys.values()):
+        return _read_into_buffer(keys, reader, buffers)
+    tensors: dict[str, torch.Tensor] = {}
+    for local_name, key in keys.items():
+        tensor = reader.read(key)
         if own:
             tensor = torch.empty_like(tensor, pin_memory=pin).copy_(tensor)  # pages read here, not at install
         tensors[local_name] = tensor
+    return tensors
+
+
+def _read_into_buffer(keys: dict[str, str], reader: CheckpointReader, buffers: ReusableBuffers) -> dict[str, torch.Tensor]:
+    """Every tensor of ``keys`` read into one buffer from ``buffers``; local name → its view of the buffer."""
+    layout: dict[str, tuple[int, torch.dtype, tuple[int, ...], int]] = {}  # name → (offset, dtype, shape, nbytes)
+    offset = 0
+    for local_name, key in keys.items():
+        dtype, shape, nbytes = reader.stored(key)
+        layout[local_name] = (offset, dtype, shape, nbytes)
+        offset += aligned(nbytes)
+    buffer = buffers.take(offset)  # (offset,) uint8
+    tensors: dict[str, torch.Tensor] = {}
+    for local_name, (start, dtype, shape, nbytes) in layout.items():
+        raw = buffer[start : start + nbytes]
+        reader.read_into(keys[local_name], raw)
+        tensors[local_name] = raw.view(dtype).view(shape)
     return tensors
 
 

@@ -1,11 +1,12 @@
 """Reading blocks' tensors ahead, in a worker thread, while another block computes.
 
 The block loop (``reconstruct.loop``) and model-level retraining's streamed path (``reconstruct.retrain``)
-both read block i+1 while block i computes: :class:`BlockReads` copies a block's tensors out of the
-shards' memory map (``block_io.read_module_tensors``; pinned memory on a GPU) in one worker thread with
-its own ``CheckpointReader``, closed after every block so the mapped pages of earlier blocks do not stay
-resident; the caller installs them (``block_io.install_module_tensors``) when it takes the block.
-safetensors reads and tensor copies release the GIL, so the read runs beside the compute. With
+both read block i+1 while block i computes: :class:`BlockReads` reads a block's tensors
+(``block_io.read_module_tensors``) in one worker thread with its own ``CheckpointReader``: into a
+reused host buffer by plain file reads (``host_buffers``), or, for a GPU, copied out of the shards'
+memory map into pinned memory, the reader closed after every block so the mapped pages of earlier
+blocks do not stay resident; the caller installs them (``block_io.install_module_tensors``) when it
+takes the block. File reads and tensor copies release the GIL, so the read runs beside the compute. With
 ``background=False`` the same reads happen in the caller's thread when it asks (the serial order).
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from reconstruct.modelio.block_io import read_module_tensors
 from reconstruct.modelio.checkpoint import CheckpointReader
+from reconstruct.modelio.host_buffers import ReusableBuffers
 from reconstruct.modelio.loaded import LoadedModel
 
 
@@ -47,6 +49,8 @@ class BlockReads:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="block-read") if background else None
         self._reader = CheckpointReader(loaded.folder) if background else None
         self._pending: dict[int, Future] = {}
+        # pinned reads keep their own copies: a reused page-locked buffer could still feed an asynchronous copy
+        self._buffers = None if self.pin else ReusableBuffers()
 
     def _read(self, index: int, reader: CheckpointReader) -> ReadBlock:
         started = time.perf_counter()
@@ -55,7 +59,7 @@ class BlockReads:
         # (a view of the memory map would be read by page faults later, inside the compute), and the
         # shards can be unmapped at once. Installing an owned tensor moves it without a second copy.
         tensors = read_module_tensors(loaded.blocks[index], loaded.layout.block_prefix(index), reader,
-                                      loaded.key_map, own=True, pin=self.pin)
+                                      loaded.key_map, own=True, pin=self.pin, buffers=self._buffers)
         reader.close()  # unmap the shards: mapped pages of earlier blocks must not stay resident
         return ReadBlock(index, tensors, time.perf_counter() - started)
 

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from reconstruct.modelio.safetensors_header import DamagedFileError, check_safetensors_file
+from reconstruct.modelio.safetensors_header import (HEADER_LENGTH_BYTES, DamagedFileError, check_safetensors_file,
+                                                    read_safetensors_header)
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# safetensors dtype names → torch dtypes, for tensors read byte for byte (``CheckpointReader.stored``)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -30,6 +36,7 @@ class CheckpointReader:
         self.folder = Path(folder)
         self.key_to_file = self._index_shards()
         self._open_files: dict[str, object] = {}
+        self._layouts: dict[str, tuple[int, dict[str, dict]]] = {}  # shard → (first data byte, header)
 
     def _index_shards(self) -> dict[str, str]:
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
@@ -89,6 +96,47 @@ class CheckpointReader:
                 self._open_files[filename] = safe_open(self.folder / filename, framework="pt")
             return self._open_files[filename].get_tensor(key)  # type: ignore[attr-defined]
         return self._bin(filename)[key]
+
+    def stored(self, key: str) -> tuple[torch.dtype, tuple[int, ...], int] | None:
+        """``(dtype, shape, nbytes)`` of a tensor stored in a safetensors shard in a dtype torch reads as
+        is, else None (a ``.bin`` shard, or a dtype ``read`` converts): such a tensor can be ``read_into`` a buffer."""
+        filename = self.key_to_file[key]
+        if not filename.endswith(".safetensors"):
+            return None
+        entry = self._layout(filename)[1][key]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            return None
+        start, end = entry["data_offsets"]
+        return dtype, tuple(entry["shape"]), end - start
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read a tensor's stored bytes into ``out``, a (nbytes,) uint8 CPU tensor (``stored`` gives nbytes).
+
+        Plain reads from the file: the bytes come from the page cache without mapping the shard.
+        """
+        filename = self.key_to_file[key]
+        data_start, header = self._layout(filename)
+        start, end = header[key]["data_offsets"]
+        view = memoryview(out.numpy()).cast("B")
+        if len(view) != end - start:
+            raise ValueError(f"{key}: a buffer of {len(view)} bytes for {end - start}")
+        with open(self.folder / filename, "rb", buffering=0) as handle:
+            handle.seek(data_start + start)
+            done = 0
+            while done < len(view):
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise DamagedFileError(self.folder / filename, f"ended inside {key} (copy or download it again)")
+                done += got
+
+    def _layout(self, filename: str) -> tuple[int, dict[str, dict]]:
+        if filename not in self._layouts:
+            path = self.folder / filename
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))
+            self._layouts[filename] = (HEADER_LENGTH_BYTES + length, read_safetensors_header(path))
+        return self._layouts[filename]
 
     def close(self) -> None:
         """Drop open handles and memory maps."""

@@ -48,6 +48,9 @@ class ZeroPatternMasks(Mapping):
             self.computed[name] = zero_pattern_mask(self.linears[name])
         return self.computed[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.linears  # Mapping's default reads the item: it would compute the mask
+
     def __iter__(self):
         return iter(self.linears)
 
