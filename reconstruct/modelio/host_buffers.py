@@ -5,7 +5,7 @@ sides cost page faults: the map's pages on first touch, and the new buffer's pag
 1 MiB and more are served by their own ``mmap``, ``host_allocator``), which the kernel also zero-fills.
 A streamed retraining step reads every block twice, so on a 2-core CPU SmolLM2's 60 reads a step made
 about 360,000 minor faults and a second of system time. ``ReusableBuffers`` keeps a few flat byte
-buffers: a block's tensors are read into one with plain ``pread`` calls (no fault on the source side:
+buffers: a block's tensors are read into one with plain file reads (no fault on the source side:
 the kernel copies from its page cache) and handed out as views of it; once nothing holds a view any
 more (the block was released and its shard written), the buffer takes the next block's bytes, its
 pages already resident. The pool holds at most ``max_buffers`` buffers (a block computing, the next one
