@@ -52,6 +52,7 @@ def read_module_tensors(
         ValueError: a parameter missing from the checkpoint, or a shape that differs from the model's.
     """
     keys: dict[str, str] = {}  # local name → checkpoint key
+    stored: dict[str, tuple | None] = {}  # local name → (dtype, shape, nbytes) when readable byte for byte
     for local_name, current in module.state_dict(keep_vars=True).items():
         full_name = prefix + local_name
         if full_name not in key_map:
@@ -59,12 +60,12 @@ def read_module_tensors(
                 raise ValueError(f"checkpoint has no tensor for {full_name}; the checkpoint does not match its config")
             continue  # a buffer computed at init (kept as is)
         keys[local_name] = key_map[full_name]
-        stored = reader.stored(key_map[full_name])
-        shape = stored[1] if stored is not None else tuple(reader.read(key_map[full_name]).shape)
+        stored[local_name] = reader.stored(keys[local_name])
+        shape = stored[local_name][1] if stored[local_name] else tuple(reader.read(keys[local_name]).shape)
         if shape != tuple(current.shape):
             raise ValueError(f"{full_name}: checkpoint shape {shape} != model shape {tuple(current.shape)}")
-    if own and not pin and buffers is not None and all(reader.stored(key) is not None for key in keys.values()):
-        return _read_into_buffer(keys, reader, buffers)
+    if own and not pin and buffers is not None and all(stored.values()):
+        return _read_into_buffer(keys, stored, reader, buffers)
     tensors: dict[str, torch.Tensor] = {}
     for local_name, key in keys.items():
         tensor = reader.read(key)
@@ -74,17 +75,19 @@ def read_module_tensors(
     return tensors
 
 
-def _read_into_buffer(keys: dict[str, str], reader: CheckpointReader, buffers: ReusableBuffers) -> dict[str, torch.Tensor]:
-    """Every tensor of ``keys`` read into one buffer from ``buffers``; local name → its view of the buffer."""
-    layout: dict[str, tuple[int, torch.dtype, tuple[int, ...], int]] = {}  # name → (offset, dtype, shape, nbytes)
-    offset = 0
-    for local_name, key in keys.items():
-        dtype, shape, nbytes = reader.stored(key)
-        layout[local_name] = (offset, dtype, shape, nbytes)
-        offset += aligned(nbytes)
-    buffer = buffers.take(offset)  # (offset,) uint8
+def _read_into_buffer(keys: dict[str, str], stored: dict[str, tuple], reader: CheckpointReader,
+                      buffers: ReusableBuffers) -> dict[str, torch.Tensor]:
+    """Every tensor of ``keys`` (``stored``: their dtype, shape, bytes) read into one buffer from ``buffers``;
+    local name → its view of the buffer."""
+    offsets: dict[str, int] = {}
+    end = 0
+    for local_name in keys:
+        offsets[local_name] = end
+        end += aligned(stored[local_name][2])
+    buffer = buffers.take(end)  # (end,) uint8
     tensors: dict[str, torch.Tensor] = {}
-    for local_name, (start, dtype, shape, nbytes) in layout.items():
+    for local_name, start in offsets.items():
+        dtype, shape, nbytes = stored[local_name]
         raw = buffer[start : start + nbytes]
         reader.read_into(keys[local_name], raw)
         tensors[local_name] = raw.view(dtype).view(shape)
